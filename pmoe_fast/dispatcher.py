@@ -1,0 +1,259 @@
+"""pMoE's dispatcher for one prompt layer, shared by all K experts (SPEC.md, "The dispatcher").
+
+For expert k, with EPTs P (K, Np, D), its prompt outputs of the previous block Z_P,k (B, Np, D;
+absent at layer 0) and its other tokens Z_k (B, T_k, D):
+
+    logits_k = f(P_k) + f(Z_P,k) + mean_t f(Z_k[:, t])      # (B, Np, K)
+    D_k      = softmax(logits_k, dim=-1)                     # weights over the K experts
+    IPT_k[b, n, :] = sum_j D_k[b, n, j] * P[j, n, :]          # integrated prompt tokens
+
+f is a token-wise MLP R^D -> R^K (Linear(D, H) -> GELU -> Linear(H, K), or Linear(D, K) when
+H = 0), the same f for the three sources unless ``separate_mlps``; kind "moe" makes f a mixture
+of M such MLPs behind a top-k router; kind "none" returns IPT_k = P_k.
+
+This module is where the semantics live: the reference model calls it, and every fast backend
+is measured against its "torch" backend, written here for reading.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("none", "mlp", "moe")
+POOLS = ("all", "patches")
+BACKENDS = ("auto", "torch")
+SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the names used by separate_mlps
+
+
+class StackedMLPs(nn.Module):
+    """M token-wise MLPs R^D -> R^K with their weights stacked (the MoE dispatcher's experts).
+
+    Parameters: fc1_weight (M, H, D), fc1_bias (M, H), fc2_weight (M, K, H), fc2_bias (M, K);
+    with H = 0 only fc2_weight (M, K, D) and fc2_bias (M, K).
+    """
+
+    def __init__(self, num_mlps: int, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.hidden = hidden
+        if hidden:
+            self.fc1_weight = nn.Parameter(torch.empty(num_mlps, hidden, dim))
+            self.fc1_bias = nn.Parameter(torch.empty(num_mlps, hidden))
+        self.fc2_weight = nn.Parameter(torch.empty(num_mlps, out, hidden or dim))
+        self.fc2_bias = nn.Parameter(torch.empty(num_mlps, out))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default initialisation, one MLP at a time.
+        for name, param in self.named_parameters():
+            fan_in = (self.fc1_weight if name.startswith("fc1") else self.fc2_weight).shape[-1]
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(param, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (R, D) -> (R, M, K): every MLP on every row."""
+        if self.hidden:
+            x = F.gelu(torch.einsum("rd,mhd->rmh", x, self.fc1_weight) + self.fc1_bias)
+            return torch.einsum("rmh,mkh->rmk", x, self.fc2_weight) + self.fc2_bias
+        return torch.einsum("rd,mkd->rmk", x, self.fc2_weight) + self.fc2_bias
+
+
+def token_fn_modules(kind: str, dim: int, hidden: int, out: int, num_mlps: int) -> dict[str, nn.Module]:
+    """The submodules of one f, named as the state_dict keys of SPEC.md: fc1/fc2 for "mlp",
+    router/experts for "moe"."""
+    if kind == "mlp":
+        if hidden:
+            return {"fc1": nn.Linear(dim, hidden), "fc2": nn.Linear(hidden, out)}
+        return {"fc2": nn.Linear(dim, out)}
+    return {"router": nn.Linear(dim, num_mlps), "experts": StackedMLPs(num_mlps, dim, hidden, out)}
+
+
+class RoutingStats:
+    """Accumulates what the Switch load-balancing loss needs over every row one MoE f routes."""
+
+    def __init__(self):
+        self.gate_sum = 0.0  # (M,) sum over rows of the router's softmax
+        self.routed = 0.0  # (M,) number of (row, top-k slot) assignments to each MLP
+        self.rows = 0
+
+    def add(self, gates: torch.Tensor, chosen: torch.Tensor) -> None:
+        M = gates.shape[-1]
+        self.gate_sum = self.gate_sum + gates.sum(0)
+        self.routed = self.routed + F.one_hot(chosen, M).sum((0, 1)).to(gates.dtype)
+        self.rows += gates.shape[0]
+
+    def loss(self, top_k: int) -> torch.Tensor:
+        """M * sum_m fraction_routed_m * mean_gate_m; 1 when routing is uniform."""
+        M = self.gate_sum.shape[0]
+        fraction = self.routed / (self.rows * top_k)
+        return M * (fraction * self.gate_sum / self.rows).sum()
+
+
+class Dispatcher(nn.Module):
+    """The dispatcher of one prompt layer.
+
+    Args:
+        dim: token width D.
+        num_experts: K, the number of frozen experts (the output width of f).
+        hidden: H, the hidden width of f; 0 makes f a single Linear(D, K).
+        kind: "mlp" (the paper's dispatcher), "moe" (Appendix B: M MLPs behind a router) or
+            "none" (IPT_k = P_k, the "EPTs without dispatcher" ablation).
+        separate_mlps: three f's, one per source (state_dict keys ``e.*``, ``p.*``, ``z.*``).
+        pool: "all" averages f over every non-prompt token; "patches" leaves the prefix tokens out.
+        num_dispatch_experts: M, the MLPs of a "moe" dispatcher.
+        top_k: how many of the M MLPs each token uses (kind "moe").
+        backend: "torch" (composite PyTorch) or "auto". ``PMOE_BACKEND`` is not read yet: the
+            torch backend is the only one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        hidden: int = 64,
+        kind: str = "mlp",
+        separate_mlps: bool = False,
+        pool: str = "all",
+        num_dispatch_experts: int = 3,
+        top_k: int = 1,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown dispatcher kind {kind!r}; choose one of {KINDS}")
+        if pool not in POOLS:
+            raise ValueError(f"unknown dispatch pool {pool!r}; choose one of {POOLS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown dispatcher backend {backend!r}; choose one of {BACKENDS}")
+        if dim < 1 or num_experts < 1:
+            raise ValueError(f"dim and num_experts must be >= 1, got dim={dim}, num_experts={num_experts}")
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0 (0: a single Linear(D, K)), got {hidden}")
+        if kind == "moe" and not 1 <= top_k <= num_dispatch_experts:
+            raise ValueError(
+                f"top_k must be in [1, num_dispatch_experts={num_dispatch_experts}], got {top_k}"
+            )
+        self.dim, self.num_experts, self.hidden = dim, num_experts, hidden
+        self.kind, self.separate_mlps, self.pool = kind, separate_mlps, pool
+        self.num_dispatch_experts, self.top_k = num_dispatch_experts, top_k
+        self.backend = "torch"
+        self.aux_loss: torch.Tensor | None = None  # MoE load-balancing loss of the last forward
+        if kind == "none":
+            return
+        if separate_mlps:
+            for source in SOURCES:
+                fn = token_fn_modules(kind, dim, hidden, num_experts, num_dispatch_experts)
+                setattr(self, source, nn.ModuleDict(fn))
+        else:
+            for name, module in token_fn_modules(kind, dim, hidden, num_experts, num_dispatch_experts).items():
+                setattr(self, name, module)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, hidden={self.hidden}, kind={self.kind!r}, "
+            f"separate_mlps={self.separate_mlps}, pool={self.pool!r}, backend={self.backend!r}"
+            + (f", num_dispatch_experts={self.num_dispatch_experts}, top_k={self.top_k}" if self.kind == "moe" else "")
+        )
+
+    def forward(
+        self,
+        prompts: torch.Tensor,
+        tokens: torch.Tensor | Sequence[torch.Tensor],
+        prompt_out: torch.Tensor | None = None,
+        num_prefix_tokens: int | Sequence[int] = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integrated prompt tokens and dispatch weights for all K experts.
+
+        Args:
+            prompts: P (K, Np, D), the EPTs of this layer.
+            tokens: Z, the non-prompt tokens of each expert: (K, B, T, D), or a list of K tensors
+                (B, T_k, D) when experts have different token counts.
+            prompt_out: Z_P (K, B, Np, D), each expert's prompt outputs of the previous block, or
+                None (layer 0).
+            num_prefix_tokens: Q_k, the prefix tokens at the start of each expert's tokens (one
+                int for all, or K ints); ``pool="patches"`` leaves them out of the mean.
+        Returns:
+            ipt (K, B, Np, D) in prompts' dtype, and weights (K, B, Np, K) in float32 (or float64
+            for float64 inputs), each row summing to 1.
+        """
+        token_list, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
+        K, Np, D = prompts.shape
+        B = token_list[0].shape[0]
+        if self.kind == "none":
+            self.aux_loss = None
+            eye = torch.eye(K, device=prompts.device, dtype=_acc_dtype(prompts))
+            return prompts.unsqueeze(1).expand(K, B, Np, D), eye[:, None, None, :].expand(K, B, Np, K)
+
+        stats = {} if self.kind == "moe" else None
+        logits = self._f("e", prompts.reshape(K * Np, D), stats).view(K, 1, Np, K)
+        if prompt_out is not None:
+            logits = logits + self._f("p", prompt_out.reshape(K * B * Np, D), stats).view(K, B, Np, K)
+        if self.pool == "patches":
+            token_list = [z[:, q:] for z, q in zip(token_list, prefix)]
+        token_means = [self._f("z", z.reshape(-1, D), stats).view(B, -1, K).mean(1) for z in token_list]
+        logits = logits + torch.stack(token_means).unsqueeze(2)  # (K, B, 1, K), broadcast over Np
+
+        acc = _acc_dtype(prompts)
+        weights = torch.softmax(logits.to(acc), dim=-1)
+        ipt = torch.einsum("kbnj,jnd->kbnd", weights, prompts.to(acc)).to(prompts.dtype)
+        self.aux_loss = self._aux_loss(stats) if stats is not None else None
+        return ipt, weights
+
+    def _f(self, source: str, x: torch.Tensor, stats: dict[str, RoutingStats] | None) -> torch.Tensor:
+        """f of one source on rows x (R, D) -> logits (R, K)."""
+        owner = getattr(self, source) if self.separate_mlps else self
+        param = next(owner.parameters())
+        x = x.to(param.dtype)
+        if self.kind == "mlp":
+            if self.hidden:
+                x = F.gelu(owner.fc1(x))
+            return owner.fc2(x)
+        gates = torch.softmax(owner.router(x), dim=-1)  # (R, M)
+        top_gates, chosen = gates.topk(self.top_k, dim=-1)  # (R, top_k), no renormalisation
+        outs = owner.experts(x)  # (R, M, K)
+        picked = outs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outs.shape[-1]))  # (R, top_k, K)
+        stats.setdefault(source if self.separate_mlps else "shared", RoutingStats()).add(gates, chosen)
+        return (top_gates.unsqueeze(-1) * picked).sum(1)
+
+    def _aux_loss(self, stats: dict[str, RoutingStats]) -> torch.Tensor:
+        """The layer's load-balancing loss: one per f over every row it routed, averaged over f's."""
+        return torch.stack([s.loss(self.top_k) for s in stats.values()]).mean()
+
+    def _check(self, prompts, tokens, prompt_out, num_prefix_tokens):
+        K, D = self.num_experts, self.dim
+        if not isinstance(prompts, torch.Tensor) or prompts.dim() != 3 or prompts.shape[0] != K or prompts.shape[2] != D:
+            got = tuple(prompts.shape) if isinstance(prompts, torch.Tensor) else type(prompts).__name__
+            raise ValueError(f"prompts must be (K={K}, Np, D={D}), got {got}")
+        Np = prompts.shape[1]
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() != 4 or tokens.shape[0] != K or tokens.shape[3] != D:
+                raise ValueError(f"tokens must be (K={K}, B, T, D={D}) or a list of K (B, T_k, D), got {tuple(tokens.shape)}")
+            token_list = list(tokens.unbind(0))
+        else:
+            token_list = list(tokens)
+            if len(token_list) != K:
+                raise ValueError(f"tokens must hold one tensor per expert (K={K}), got {len(token_list)}")
+        B = token_list[0].shape[0]
+        for k, z in enumerate(token_list):
+            if z.dim() != 3 or z.shape[0] != B or z.shape[2] != D:
+                raise ValueError(f"tokens[{k}] must be (B={B}, T_k, D={D}), got {tuple(z.shape)}")
+            if z.device != prompts.device:
+                raise ValueError(f"tokens[{k}] is on {z.device} but prompts are on {prompts.device}")
+        if prompt_out is not None and tuple(prompt_out.shape) != (K, B, Np, D):
+            raise ValueError(f"prompt_out must be (K={K}, B={B}, Np={Np}, D={D}), got {tuple(prompt_out.shape)}")
+        prefix = [num_prefix_tokens] * K if isinstance(num_prefix_tokens, int) else list(num_prefix_tokens)
+        if len(prefix) != K:
+            raise ValueError(f"num_prefix_tokens must be one int or K={K} ints, got {len(prefix)}")
+        for k, (z, q) in enumerate(zip(token_list, prefix)):
+            if not 0 <= q < z.shape[1] or (self.pool == "patches" and q >= z.shape[1]):
+                raise ValueError(f"expert {k}: num_prefix_tokens={q} leaves no tokens out of T_k={z.shape[1]}")
+        return token_list, prefix
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Softmax and fusion accumulate in float32, or float64 when the inputs are float64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

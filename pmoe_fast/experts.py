@@ -1,0 +1,150 @@
+"""Frozen pMoE experts: one adapter over timm's ``VisionTransformer`` and ``pmoe_fast.vit``'s.
+
+pMoE needs four things from each pre-trained ViT (SPEC.md, "One forward pass"): its own embedding
+of the images (patch embed, prefix tokens, position embedding, pre-norm), each block run on a
+sequence that holds prompt tokens after the prefix, its final norm and pooling with the prompts
+left out, and its shape (width, depth, prefix-token count, patch size). ``Expert`` gets them by
+calling the backbone's public pieces and looping over its blocks, so timm is never forked and a
+timm model and ours with the same ``state_dict`` behave the same.
+
+The adapter freezes the backbone in place: ``requires_grad=False`` on every weight and eval mode
+(no dropout, no drop-path). ``PMoE.train()`` keeps experts in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_POOLS = ("token", "avg")
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    """The shape of one expert, as pMoE sees it."""
+
+    embed_dim: int  # D
+    depth: int  # L
+    num_heads: int
+    num_prefix_tokens: int  # Q_k: class token + register tokens
+    num_patches: int  # N_k
+    patch_size: int
+    img_size: tuple[int, int]
+    in_chans: int
+    global_pool: str  # "token" or "avg"
+
+
+def _missing(obj: object, names: tuple[str, ...]) -> list[str]:
+    return [n for n in names if not hasattr(obj, n)]
+
+
+class Expert:
+    """A frozen ViT as a pMoE expert. Holds a reference to the module; it is not a module itself,
+    so the backbone's ``state_dict`` keys stay timm's own under ``experts.{k}``.
+
+    Args:
+        model: a timm ``VisionTransformer`` or a ``pmoe_fast.vit.VisionTransformer``.
+    """
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"an expert must be an nn.Module (a ViT), got {type(model).__name__}")
+        missing = _missing(
+            model,
+            ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head", "num_prefix_tokens", "embed_dim"),
+        )
+        if missing:
+            raise TypeError(
+                f"{type(model).__name__} is not a ViT pMoE can use as an expert: it lacks {missing}. "
+                "Use timm's VisionTransformer or pmoe_fast.vit.VisionTransformer."
+            )
+        pool = getattr(model, "global_pool", "token")
+        if getattr(model, "attn_pool", None) is not None or pool not in SUPPORTED_POOLS:
+            raise ValueError(
+                f"expert pooling {pool!r} is not supported; pMoE pools each expert with "
+                f"one of {SUPPORTED_POOLS} (create the model with global_pool='token' or 'avg')"
+            )
+        if getattr(model, "dynamic_img_size", False):
+            raise ValueError("experts with dynamic_img_size=True are not supported; create them with a fixed img_size")
+        for i, block in enumerate(model.blocks):
+            lacks = _missing(block, ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"))
+            lacks += [f"attn.{n}" for n in _missing(block.attn, ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim"))]
+            if lacks or getattr(block.attn, "gate", None) is not None:
+                raise TypeError(
+                    f"block {i} of {type(model).__name__} ({type(block).__name__}) is not a pre-norm ViT "
+                    f"block pMoE supports (missing {lacks or ['an ungated attention']})"
+                )
+
+        model.requires_grad_(False)
+        model.eval()
+        self.module = model
+        pe = model.patch_embed
+        self.info = ExpertInfo(
+            embed_dim=int(model.embed_dim),
+            depth=len(model.blocks),
+            num_heads=int(model.blocks[0].attn.num_heads) if len(model.blocks) else 0,
+            num_prefix_tokens=int(model.num_prefix_tokens),
+            num_patches=int(pe.num_patches),
+            patch_size=int(pe.patch_size[0]),
+            img_size=tuple(int(s) for s in pe.img_size),
+            in_chans=int(pe.proj.in_channels),
+            global_pool=pool,
+        )
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a ValueError naming the problem when ``images`` cannot go through this expert."""
+        info = self.info
+        expected = f"(B, {info.in_chans}, {info.img_size[0]}, {info.img_size[1]})"
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a 4-D tensor {expected}, got {got}")
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be floating point, got {images.dtype}: convert them with "
+                "images.float() and normalise them as the experts expect"
+            )
+        if images.shape[1] != info.in_chans or tuple(images.shape[2:]) != info.img_size:
+            raise ValueError(f"images must have shape {expected}, got {tuple(images.shape)}")
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Z^0: the backbone's own embedding. images (B, C, H, W) -> (B, Q + N, D)."""
+        m = self.module
+        x = m.patch_embed(images)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x) if hasattr(m, "patch_drop") else x
+        return m.norm_pre(x) if hasattr(m, "norm_pre") else x
+
+    def block(self, index: int, x: torch.Tensor, attn_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Run block ``index`` on x (B, T, D). ``attn_scale`` replaces the softmax scale
+        head_dim**-0.5 (GaPT's temperature divides it); None runs the block's own forward."""
+        block = self.module.blocks[index]
+        if attn_scale is None:
+            return block(x)
+        x = x + block.drop_path1(block.ls1(attention(block.attn, block.norm1(x), attn_scale)))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and pooling of the non-prompt tokens x (B, Q + N, D) -> (B, D)."""
+        return self.module.forward_head(self.module.norm(x), pre_logits=True)
+
+
+def attention(attn: nn.Module, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """timm's Attention forward (eval mode) with the softmax scale given: x (B, T, D) -> (B, T, D).
+
+    A tensor scale (a learnable temperature) is applied to q so that it receives a gradient;
+    scaled_dot_product_attention's own ``scale`` argument takes only a Python float.
+    """
+    B, T, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if isinstance(scale, torch.Tensor):
+        out = F.scaled_dot_product_attention(q * scale.to(q.dtype), k, v, scale=1.0)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = out.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim)
+    out = attn.norm(out) if hasattr(attn, "norm") else out
+    return attn.proj_drop(attn.proj(out))

@@ -1,0 +1,83 @@
+"""Small experts and an independent re-derivation of pMoE from SPEC.md, shared by the tests."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+
+IMG = 112  # divisible by 16 (7x7 patches) and by 14 (8x8 patches)
+
+
+def small_vit(kind: str = "p16", dim: int = 48, depth: int = 3, heads: int = 3, **kwargs):
+    """A small timm ViT with random weights: 'p16' (class token), 'p14reg' (DINOv2 style: class
+    token + 4 registers, no_embed_class, layer scale) or 'clip' (/16, pre-norm, avg pool)."""
+    kwargs.setdefault("img_size", IMG)
+    common = dict(pretrained=False, embed_dim=dim, depth=depth, num_heads=heads, **kwargs)
+    if kind == "p16":
+        model = timm.create_model("vit_base_patch16_224", **common)
+    elif kind == "p14reg":
+        model = timm.create_model("vit_small_patch14_reg4_dinov2", **common)
+    elif kind == "clip":
+        model = timm.create_model("vit_base_patch16_clip_224", global_pool="avg", **common)
+    else:
+        raise ValueError(kind)
+    # Random, non-trivial norms and layer scales so that tests see every parameter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ls" in name or "token" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def spec_dispatch(sd: dict, prefix: str, P, Z_P, Z, pool_prefix, hidden: bool):
+    """SPEC.md's dispatcher for kind "mlp" with one shared f, from state_dict tensors alone.
+
+    P (K, Np, D); Z_P (K, B, Np, D) or None; Z list of K (B, T_k, D); pool_prefix: K ints of
+    prefix tokens to leave out of the mean (zeros for pool "all"). Returns (ipt, weights)."""
+
+    def f(x):
+        if hidden:
+            x = F.gelu(F.linear(x, sd[prefix + "fc1.weight"], sd[prefix + "fc1.bias"]))
+        return F.linear(x, sd[prefix + "fc2.weight"], sd[prefix + "fc2.bias"])
+
+    K, Np, _ = P.shape
+    ipts, ws = [], []
+    for k in range(K):
+        logits = f(P[k]).unsqueeze(0)  # (1, Np, K)
+        if Z_P is not None:
+            logits = logits + f(Z_P[k])  # (B, Np, K)
+        logits = logits + f(Z[k][:, pool_prefix[k]:]).mean(1, keepdim=True)  # (B, 1, K)
+        w = torch.softmax(logits, dim=-1)
+        ipts.append(torch.einsum("bnj,jnd->bnd", w, P))
+        ws.append(w)
+    return torch.stack(ipts), torch.stack(ws)
+
+
+def spec_forward(experts, sd: dict, images, num_prompts: int, prompt_layers: int, hidden: bool, pool: str = "all"):
+    """The pooled, expert-averaged features of pMoE (VPT base, kind "mlp" or "none") computed from
+    timm's own modules and a PMoE state_dict, with no pmoe_fast code.
+
+    ``sd`` without "dispatchers.*" keys means dispatcher "none" (IPT_k = P_k)."""
+    K, Np = len(experts), num_prompts
+    Q = [m.num_prefix_tokens for m in experts]
+    P_all = sd["prompts"]
+    Z = [m.norm_pre(m._pos_embed(m.patch_embed(images))) for m in experts]
+    Z_P = None
+    for l in range(len(experts[0].blocks)):
+        if l < prompt_layers:
+            if any(k.startswith(f"dispatchers.{l}.") for k in sd):
+                pool_prefix = Q if pool == "patches" else [0] * K
+                entering, _ = spec_dispatch(sd, f"dispatchers.{l}.", P_all[l], Z_P, Z, pool_prefix, hidden)
+            else:
+                B = images.shape[0]
+                entering = P_all[l].unsqueeze(1).expand(K, B, Np, -1)
+        else:
+            entering = Z_P
+        outs = []
+        for k, m in enumerate(experts):
+            x = m.blocks[l](torch.cat([Z[k][:, : Q[k]], entering[k], Z[k][:, Q[k]:]], 1))
+            outs.append(x[:, Q[k] : Q[k] + Np])
+            Z[k] = torch.cat([x[:, : Q[k]], x[:, Q[k] + Np :]], 1)
+        Z_P = torch.stack(outs)
+    return torch.stack([m.forward_head(m.norm(z), pre_logits=True) for m, z in zip(experts, Z)]).mean(0)
