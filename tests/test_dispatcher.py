@@ -1,0 +1,106 @@
+"""The Dispatcher module's contract: shapes, input forms, kinds and errors (torch backend)."""
+
+import pytest
+import torch
+
+from pmoe_fast.dispatcher import Dispatcher
+
+K, B, NP, D, T = 3, 2, 3, 20, 7
+
+
+def inputs(dtype=torch.float32):
+    prompts = torch.randn(K, NP, D, dtype=dtype)
+    tokens = torch.randn(K, B, T, D, dtype=dtype)
+    prompt_out = torch.randn(K, B, NP, D, dtype=dtype)
+    return prompts, tokens, prompt_out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "moe"])
+@pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
+def test_stacked_tokens_list_and_strided_view_agree(kind, separate):
+    disp = Dispatcher(D, K, hidden=8, kind=kind, separate_mlps=separate, pool="patches")
+    prompts, tokens, prompt_out = inputs()
+    ipt, w = disp(prompts, tokens, prompt_out, num_prefix_tokens=2)
+    assert ipt.shape == (K, B, NP, D) and w.shape == (K, B, NP, K)
+    ipt_list, w_list = disp(prompts, list(tokens), prompt_out, num_prefix_tokens=[2, 2, 2])
+    torch.testing.assert_close(ipt_list, ipt)
+    torch.testing.assert_close(w_list, w)
+    # The non-prompt tokens as a strided view of a longer sequence, as a fast model holds them.
+    seq = torch.cat([torch.randn(K, B, NP, D), tokens], dim=2)
+    ipt_view, _ = disp(prompts, seq[:, :, NP:], prompt_out, num_prefix_tokens=2)
+    torch.testing.assert_close(ipt_view, ipt)
+
+
+def test_weights_are_a_distribution_and_ipt_their_mixture():
+    disp = Dispatcher(D, K, hidden=0)
+    prompts, tokens, prompt_out = inputs()
+    ipt, w = disp(prompts, tokens, prompt_out)
+    torch.testing.assert_close(w.sum(-1), torch.ones(K, B, NP))
+    torch.testing.assert_close(ipt, torch.einsum("kbnj,jnd->kbnd", w, prompts))
+
+
+def test_kind_none_returns_each_experts_prompts():
+    disp = Dispatcher(D, K, kind="none")
+    prompts, tokens, _ = inputs()
+    ipt, w = disp(prompts, tokens)
+    assert list(disp.parameters()) == []
+    torch.testing.assert_close(ipt, prompts.unsqueeze(1).expand(K, B, NP, D))
+    torch.testing.assert_close(w, torch.eye(K)[:, None, None].expand(K, B, NP, K))
+
+
+def test_softmax_is_stable_for_large_logits():
+    disp = Dispatcher(D, K, hidden=0)
+    with torch.no_grad():
+        disp.fc2.weight.mul_(1e4)
+    prompts, tokens, prompt_out = inputs()
+    ipt, w = disp(prompts, 100 * tokens, 100 * prompt_out)
+    assert torch.isfinite(w).all() and torch.isfinite(ipt).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(K, B, NP))
+
+
+def test_gradients_match_finite_differences_in_float64():
+    disp = Dispatcher(D, K, hidden=4).double()
+    prompts, tokens, prompt_out = (t.requires_grad_() for t in inputs(torch.float64))
+    assert torch.autograd.gradcheck(lambda p, z, zp: disp(p, z, zp, 1)[0], (prompts, tokens, prompt_out))
+
+
+def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
+    disp = Dispatcher(D, K, hidden=4)
+    prompts, tokens, prompt_out = inputs()
+    ipt, w = disp(prompts.half(), tokens.half(), prompt_out.half())
+    assert ipt.dtype == torch.float16 and w.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda d, p, z, zp: d(p[:2], z, zp), r"prompts must be \(K=3, Np, D=20\)"),
+        (lambda d, p, z, zp: d(p, z[..., :5], zp), r"tokens must be \(K=3, B, T, D=20\)"),
+        (lambda d, p, z, zp: d(p, list(z)[:2], zp), "one tensor per expert"),
+        (lambda d, p, z, zp: d(p, [z[0], z[1][:1], z[2]], zp), r"tokens\[1\] must be \(B=2"),
+        (lambda d, p, z, zp: d(p, z, zp[:, :, :2]), r"prompt_out must be \(K=3, B=2, Np=3, D=20\)"),
+        (lambda d, p, z, zp: d(p, z, zp, [1, 1]), "one int or K=3 ints"),
+        (lambda d, p, z, zp: d(p, z, zp, T), "leaves no tokens"),
+    ],
+    ids=["prompts", "tokens-width", "tokens-count", "tokens-batch", "prompt-out", "prefix-count", "prefix-too-long"],
+)
+def test_bad_inputs_raise_clear_errors(call, match):
+    disp = Dispatcher(D, K, hidden=4)
+    with pytest.raises(ValueError, match=match):
+        call(disp, *inputs())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kind="attention"), "unknown dispatcher kind"),
+        (dict(pool="cls"), "unknown dispatch pool"),
+        (dict(backend="cuda"), "unknown dispatcher backend"),
+        (dict(hidden=-1), "hidden must be >= 0"),
+        (dict(kind="moe", num_dispatch_experts=2, top_k=3), "top_k"),
+    ],
+    ids=["kind", "pool", "backend", "hidden", "top-k"],
+)
+def test_bad_configs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Dispatcher(D, K, **kwargs)

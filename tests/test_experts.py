@@ -1,0 +1,76 @@
+"""The expert adapter serves timm's ViT and ours alike, frozen, with timm's state_dict keys."""
+
+import pytest
+import torch
+from helpers import IMG, small_vit
+
+from pmoe_fast import vit
+from pmoe_fast.experts import Expert, attention
+from pmoe_fast.reference import PMoE
+
+
+def our_twin(timm_model, **kwargs):
+    """pmoe_fast.vit's model with the same configuration and weights as a small_vit()."""
+    ours = vit.VisionTransformer(img_size=IMG, embed_dim=48, depth=3, num_heads=3, **kwargs)
+    ours.load_state_dict(timm_model.state_dict(), strict=True)
+    return ours.eval()
+
+
+TWINS = {
+    "p16": dict(),
+    "p14reg": dict(patch_size=14, reg_tokens=4, no_embed_class=True, init_values=1e-5, num_classes=0),
+    "clip": dict(pre_norm=True, global_pool="avg", norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-5)),
+}
+
+
+@pytest.mark.parametrize("kind", list(TWINS))
+def test_adapter_sees_timm_and_ours_alike(kind):
+    theirs = small_vit(kind)
+    ours = our_twin(theirs, **TWINS[kind])
+    a, b = Expert(theirs), Expert(ours)
+    assert a.info == b.info
+    x = torch.randn(2, 3, IMG, IMG)
+    za, zb = a.embed(x), b.embed(x)
+    torch.testing.assert_close(za, zb)
+    for i in range(a.info.depth):
+        za, zb = a.block(i, za), b.block(i, zb)
+    torch.testing.assert_close(a.pool(za), b.pool(zb))
+
+
+def test_pmoe_over_our_vits_matches_pmoe_over_timm():
+    timm_experts = [small_vit("p16"), small_vit("p14reg")]
+    ours = [our_twin(m, **TWINS[k]) for m, k in zip(timm_experts, ("p16", "p14reg"))]
+    ref_timm = PMoE(timm_experts, num_classes=3, num_prompts=3, dispatcher_hidden=8)
+    ref_ours = PMoE(ours, num_classes=3, num_prompts=3, dispatcher_hidden=8)
+    ref_ours.load_state_dict(ref_timm.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG)
+    torch.testing.assert_close(ref_ours(x), ref_timm(x))
+
+
+def test_attention_with_the_default_scale_is_the_blocks_own():
+    m = small_vit("p14reg")
+    block = m.blocks[0]
+    x = torch.randn(2, 69, 48)
+    torch.testing.assert_close(attention(block.attn, x, block.attn.head_dim**-0.5), block.attn(x))
+    e = Expert(m)
+    torch.testing.assert_close(e.block(0, x, torch.tensor(block.attn.head_dim**-0.5)), block(x))
+
+
+def test_adapter_freezes_in_place():
+    m = small_vit("p16").train()
+    Expert(m)
+    assert not m.training and not any(p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: torch.nn.Linear(4, 4), "not a ViT"),
+        (lambda: vit.VisionTransformer(img_size=IMG, embed_dim=48, depth=1, num_heads=3, global_pool=""), "pooling"),
+        (lambda: "vit_base_patch16_224", "nn.Module"),
+    ],
+    ids=["linear", "no-pool", "name"],
+)
+def test_adapter_rejects_what_it_cannot_serve(make, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        Expert(make())
