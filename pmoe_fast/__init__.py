@@ -1,3 +1,13 @@
-"""pmoe_fast: fast kernels and models for pMoE, Mixture-of-Experts prompt tuning of frozen ViTs."""
+"""pmoe_fast: fast kernels and models for pMoE, Mixture-of-Experts prompt tuning of frozen ViTs.
+
+``import pmoe_fast`` works on any machine: without the compiled extension it warns once, and the
+ops that need it raise an error that says how to build it.
+"""
 
 __version__ = "0.1.0"
+
+from . import experts, fusion, reference, vit
+from ._ext import extension_status
+from .dispatcher import Dispatcher
+
+__all__ = ["Dispatcher", "experts", "extension_status", "fusion", "reference", "vit"]
