@@ -13,3 +13,20 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which kernel paths this machine let the suite run, and which it could not."""
+    from pmoe_fast._ext import extension_status
+
+    ext = extension_status()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    lines = [
+        f"C++ CPU ops: {'ran' if ext['loaded'] else 'NOT AVAILABLE: ' + str(ext['error'])}",
+        f"CUDA sources: {'compiled, linked and imported' if ext['cuda'] else 'not built'}; "
+        f"CUDA kernels {'ran on ' + gpu if gpu and ext['cuda'] else 'not executed (no GPU)'}",
+        f"Triton: {'interpreter (TRITON_INTERPRET=1)' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}",
+    ]
+    terminalreporter.section("pmoe_fast kernel paths")
+    for line in lines:
+        terminalreporter.write_line(line)
