@@ -1,0 +1,1201 @@
+"""The pMoE dispatcher of one prompt layer (kind "mlp"), fused in Triton for all K experts.
+
+For expert k, batch row b and prompt n (SPEC.md, "The dispatcher"; notation of its table):
+
+    logits[k, b, n] = f_e(P[k, n]) + f_p(Z_P[k, b, n]) + mean_{t in [start_k, end_k)} f_z(Z[k, b, t])
+    weights[k, b, n] = softmax(logits[k, b, n])                        # over the K experts
+    ipt[k, b, n, :] = sum_j weights[k, b, n, j] * P[j, n, :]
+
+with f_s(x) = W2_s gelu(W1_s x + b1_s) + b2_s (exact GELU), or W2_s x + b2_s when H = 0.
+
+The file reads top to bottom as the whole op: the reference in plain PyTorch, the kernels, the
+launchers that pick block sizes and grids, the autograd Function and the functional entry point,
+then what the launchers can run (``triton_not_supported_reasons``) and every variant they compile
+(``KERNEL_VARIANTS``).
+
+Design. The tokens Z (K, B, T, D) dominate the bytes: at the GPU target (K=6, B=32, T=197,
+D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
+
+* Forward, ONE launch, grid (K, B): program (k, b) streams its T x D tokens once, keeping only the
+  sum over tokens of the hidden activations (H floats): mean_t f(z_t) = W2 mean_t gelu(h_t) + b2,
+  so the second layer runs once per (k, b), not per token. It then evaluates f_e and f_p on its
+  prompts, takes the softmax over K and writes weights and ipt. Reads K*B*T*D (tokens) +
+  K*B*Np*D (Z_P) + K*B*(K+1)*Np*D (P, L2-resident) elements; writes K*B*Np*(D+K).
+* Backward, THREE launches:
+  1. grid (K, B): dlogits = weights * (dweights - <weights, dweights>), with
+     dweights[j] = <grad_ipt, P[j]>. Reads grad_ipt once (K*B*Np*D) and P (L2); writes
+     K*B*Np*K floats.
+  2. grid (S_D, K*S_B + S_N), S_D = ceil(D / BLOCK_DW): the MLP backward of every row and the
+     fusion gradient of P. Program (d-tile, k, group of batch rows) recomputes the hidden
+     activations of its rows of Z_P and Z (instead of saving K*B*T*H of them in the forward)
+     and writes dZ_P and dZ for its d-tile, plus its share of the weight gradients; program
+     (d-tile, group of prompts) does the same for the rows P[:, n] and adds the fusion gradient
+     sum_{k,b} weights[k, b, n, :] grad_ipt[k, b, n, d-tile], a GEMM over the K*B rows.
+     Recomputing h needs all of D, so the S_D programs of one row group each read its full rows;
+     they have adjacent program ids and run together, so DRAM serves the tokens once and L2
+     S_D times. Reads K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*Np*D (grad_ipt); writes as much
+     (dZ, dZ_P, dP), and R x C floats of partial weight gradients: one row per row group,
+     R = K*S_B (f_z) + K*S_B (f_p) + S_N (f_e), C = H*D + H + K*H + K. The number of groups
+     trades parallelism against these bytes: at the target (H100, H=64, Np=10) S_D=6, S_B=7,
+     R=94 rows of C=49606, 19 MB, against the 116 MB of tokens read and dZ written.
+  3. grid (ceil(C / BLOCK_C), G): sums the partial rows of each parameter group in a fixed order
+     (deterministic, where atomics would not be) and writes the gradients in the parameters'
+     dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
+     gradients are summed here rather than by autograd.
+  Allocations aside, no other torch op runs (tests check it). The gradient of tokens that need
+  none (those of a first prompt layer, from a frozen embedding) is not written.
+
+Numerics. Every reduction accumulates in float32. Matrix products take their operands in the
+parameters' dtype, as ``Dispatcher`` does (``x.to(param.dtype)``): fp32 parameters with bf16
+tokens multiply in fp32, using ``input_precision="tf32x3"`` (about fp32 accuracy on tensor cores;
+plain tf32 would give 1e-3 relative errors). Softmax subtracts the row maximum; softmax and
+fusion run in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR = None
+except ImportError as exc:
+    # The module stays importable without Triton so that triton_not_supported_reasons() can say
+    # so; the kernels below are then plain Python functions that nothing calls.
+    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    triton = types.SimpleNamespace(jit=lambda fn=None, **options: fn or (lambda f: f))
+    tl = types.SimpleNamespace(constexpr=None)
+
+Params = tuple  # (W1 (H, D) or None, b1 (H,) or None, W2 (K, H) or (K, D), b2 (K,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def dispatch_reference(
+    prompts: torch.Tensor,
+    tokens: torch.Tensor,
+    tok_start,
+    tok_end,
+    prompt_out: torch.Tensor | None,
+    params_e: Params,
+    params_p: Params,
+    params_z: Params,
+    *,
+    mlp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op written out in plain PyTorch; differentiable.
+
+    The MLPs run in ``mlp_dtype``: float32 by default (float64 when the prompts are float64).
+    ``mlp_dtype=torch.float16`` computes what ``Dispatcher`` does with fp16 parameters, the
+    baseline the tests hold the kernels to. Softmax and fusion run in float32, or float64 for
+    float64 prompts. Returns ipt (K, B, Np, D) in the prompts' dtype and weights (K, B, Np, K).
+    """
+    acc = torch.float64 if prompts.dtype == torch.float64 else torch.float32
+    mlp_dtype = mlp_dtype or acc
+
+    def f(x, params):
+        w1, b1, w2, b2 = (None if p is None else p.to(mlp_dtype) for p in params)
+        x = x.to(mlp_dtype)
+        if w1 is not None:
+            x = F.gelu(F.linear(x, w1, b1))
+        return F.linear(x, w2, b2)
+
+    logits = f(prompts, params_e).unsqueeze(1)  # (K, 1, Np, K)
+    if prompt_out is not None:
+        logits = logits + f(prompt_out, params_p)  # (K, B, Np, K)
+    token_means = torch.stack(
+        [f(tokens[k, :, s:e], params_z).mean(1) for k, (s, e) in enumerate(zip(tok_start, tok_end))]
+    )  # (K, B, K)
+    logits = logits + token_means.unsqueeze(2)
+    weights = torch.softmax(logits.to(acc), dim=-1)
+    ipt = torch.einsum("kbnj,jnd->kbnd", weights, prompts.to(acc)).to(prompts.dtype)
+    return ipt, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gelu(h):
+    # Exact GELU, as torch.nn.functional.gelu's default.
+    return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(h):
+    # d/dh [h Phi(h)] = Phi(h) + h phi(h), Phi and phi the standard normal CDF and density.
+    cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
+    return cdf + h * pdf
+
+
+@triton.jit
+def _hidden_preact(
+    x_ptrs,  # (BLOCK_R,) pointers to the first element of each row, each row D contiguous
+    row_mask,  # (BLOCK_R,)
+    w1_ptr,  # (H, D)
+    stride_w1_h,
+    b1_ptr,  # (H,)
+    D,
+    H,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """x W1^T + b1 for one tile of rows: (BLOCK_R, BLOCK_H) float32, zero in padded columns."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        x = tl.load(x_ptrs[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w1t = tl.load(
+            w1_ptr + offs_h[None, :] * stride_w1_h + d[:, None],
+            mask=h_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_H), W1 transposed
+        # Operands in the parameters' dtype, as Dispatcher computes x.to(param.dtype).
+        acc = tl.dot(x.to(w1t.dtype), w1t, acc, input_precision="tf32x3")
+    b1 = tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0)
+    return acc + b1.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _mlp_logits(
+    x_ptrs,  # (BLOCK_R,) pointers to the first element of each row
+    row_mask,  # (BLOCK_R,)
+    w1_ptr,  # (H, D)
+    stride_w1_h,
+    b1_ptr,  # (H,)
+    w2_ptr,  # (K, H), or (K, D) when H = 0
+    stride_w2_k,
+    b2_ptr,  # (K,)
+    K,
+    D,
+    H,
+    HAS_HIDDEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """f(x) for one tile of rows: (BLOCK_R, BLOCK_K) float32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    if HAS_HIDDEN:
+        offs_h = tl.arange(0, BLOCK_H)
+        a = _gelu(_hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H))
+        w2t = tl.load(
+            w2_ptr + offs_k[None, :] * stride_w2_k + offs_h[:, None],
+            mask=k_mask[None, :] & (offs_h[:, None] < H),
+            other=0.0,
+        )  # (BLOCK_H, BLOCK_K)
+        out = tl.dot(a.to(w2t.dtype), w2t, input_precision="tf32x3")
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        out = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_mask = d < D
+            x = tl.load(x_ptrs[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            w2t = tl.load(
+                w2_ptr + offs_k[None, :] * stride_w2_k + d[:, None],
+                mask=k_mask[None, :] & d_mask[:, None],
+                other=0.0,
+            )  # (BLOCK_D, BLOCK_K)
+            out = tl.dot(x.to(w2t.dtype), w2t, out, input_precision="tf32x3")
+    b2 = tl.load(b2_ptr + offs_k, mask=k_mask, other=0.0)
+    return out + b2.to(tl.float32)[None, :]
+
+
+# Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
+@triton.jit(do_not_specialize=["has_prompt_out"])
+def _dispatch_fwd_kernel(
+    prompts_ptr,  # (K, Np, D) P
+    tokens_ptr,  # (K, B, T, D) Z, any strides with stride(-1) == 1
+    prompt_out_ptr,  # (K, B, Np, D) Z_P; a placeholder when has_prompt_out is 0
+    tok_range_ptr,  # (K, 2) int32: expert k averages f_z over tokens [start_k, end_k)
+    w1e_ptr,  # (H, D) f_e; W1 and b1 are placeholders when HAS_HIDDEN is False
+    b1e_ptr,  # (H,)
+    w2e_ptr,  # (K, H), or (K, D) when H = 0
+    b2e_ptr,  # (K,)
+    w1p_ptr,  # (H, D) f_p, shapes as f_e
+    b1p_ptr,  # (H,)
+    w2p_ptr,  # (K, H) or (K, D)
+    b2p_ptr,  # (K,)
+    w1z_ptr,  # (H, D) f_z, shapes as f_e
+    b1z_ptr,  # (H,)
+    w2z_ptr,  # (K, H) or (K, D)
+    b2z_ptr,  # (K,)
+    ipt_ptr,  # (K, B, Np, D) out, contiguous, the prompts' dtype
+    weights_ptr,  # (K, B, Np, K) out, contiguous, float32
+    stride_prompts_k,
+    stride_prompts_n,
+    stride_tokens_k,
+    stride_tokens_b,
+    stride_tokens_t,
+    stride_prompt_out_k,
+    stride_prompt_out_b,
+    stride_prompt_out_n,
+    stride_w1e_h,
+    stride_w2e_k,
+    stride_w1p_h,
+    stride_w2p_k,
+    stride_w1z_h,
+    stride_w2z_k,
+    B,
+    K,
+    Np,
+    D,
+    H,
+    has_prompt_out,  # 0 or 1, a run-time switch: one compiled variant serves both cases
+    HAS_HIDDEN: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program (k, b): the weights and ipt of expert k, batch row b, all Np prompts."""
+    pid_k = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    start = tl.load(tok_range_ptr + 2 * pid_k)
+    end = tl.load(tok_range_ptr + 2 * pid_k + 1)
+    count = (end - start).to(tl.float32)
+    tok_base = tokens_ptr + pid_k * stride_tokens_k + pid_b * stride_tokens_b
+
+    # 1. mean_t f_z(Z[k, b, t]): the only pass over the tokens.
+    if HAS_HIDDEN:
+        # f is affine after the GELU, so the mean commutes with W2: sum the activations (H
+        # floats) over tokens and apply the second layer once.
+        a_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + offs_t
+            t_mask = t < end
+            h = _hidden_preact(
+                tok_base + t * stride_tokens_t, t_mask, w1z_ptr, stride_w1z_h, b1z_ptr, D, H, BLOCK_T, BLOCK_D, BLOCK_H
+            )
+            a_sum += tl.sum(tl.where(t_mask[:, None], _gelu(h), 0.0), axis=0)
+        offs_h = tl.arange(0, BLOCK_H)
+        w2 = tl.load(
+            w2z_ptr + offs_k[:, None] * stride_w2z_k + offs_h[None, :],
+            mask=k_mask[:, None] & (offs_h[None, :] < H),
+            other=0.0,
+        ).to(tl.float32)
+        token_logits = tl.sum(w2 * a_sum[None, :], axis=1) / count
+    else:
+        # f is affine: the mean of f is f of the mean token, summed one D-chunk at a time.
+        token_logits = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            d_mask = d < D
+            x_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for t0 in range(start, end, BLOCK_T):
+                t = t0 + offs_t
+                x = tl.load(
+                    tok_base + t[:, None] * stride_tokens_t + d[None, :],
+                    mask=(t[:, None] < end) & d_mask[None, :],
+                    other=0.0,
+                )
+                x_sum += tl.sum(x.to(tl.float32), axis=0)
+            w2 = tl.load(
+                w2z_ptr + offs_k[:, None] * stride_w2z_k + d[None, :],
+                mask=k_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            token_logits += tl.sum(w2 * x_sum[None, :], axis=1)
+        token_logits = token_logits / count
+    token_logits += tl.load(b2z_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+
+    # 2. Per tile of prompts: logits, softmax over the K experts, and the mixture of the EPTs.
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(0, Np, BLOCK_N):
+        n = n0 + offs_n
+        n_mask = n < Np
+        logits = token_logits[None, :] + _mlp_logits(
+            prompts_ptr + pid_k * stride_prompts_k + n * stride_prompts_n,
+            n_mask,
+            w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k, b2e_ptr,
+            K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
+        )
+        if has_prompt_out:
+            logits += _mlp_logits(
+                prompt_out_ptr + pid_k * stride_prompt_out_k + pid_b * stride_prompt_out_b + n * stride_prompt_out_n,
+                n_mask,
+                w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k, b2p_ptr,
+                K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
+            )
+        logits = tl.where(k_mask[None, :], logits, float("-inf"))
+        w = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        w = w / tl.sum(w, axis=1)[:, None]
+        row = (pid_k * B + pid_b) * Np + n  # (BLOCK_N,) row of (K, B, Np)
+        tl.store(weights_ptr + row[:, None] * K + offs_k[None, :], w, mask=n_mask[:, None] & k_mask[None, :])
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            mask = n_mask[:, None] & (d[None, :] < D)
+            acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            for j in range(K):
+                w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
+                p_j = tl.load(
+                    prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :], mask=mask, other=0.0
+                )
+                acc += w_j[:, None] * p_j.to(tl.float32)
+            tl.store(ipt_ptr + row[:, None] * D + d[None, :], acc.to(ipt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dispatch_bwd_softmax_kernel(
+    grad_ipt_ptr,  # (K, B, Np, D) dL/d ipt, any strides
+    prompts_ptr,  # (K, Np, D)
+    weights_ptr,  # (K, B, Np, K) float32, contiguous, saved by the forward
+    dlogits_ptr,  # (K, B, Np, K) out, float32, contiguous: dL/d logits
+    stride_grad_k,
+    stride_grad_b,
+    stride_grad_n,
+    stride_grad_d,  # autograd may hand over any strides: .sum()'s gradient is an expand, stride 0
+    stride_prompts_k,
+    stride_prompts_n,
+    B,
+    K,
+    Np,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program (k, b): dlogits = w * (dw - <w, dw>) with dw[j] = <grad_ipt, P[j]>, in float32."""
+    pid_k = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    grad_base = grad_ipt_ptr + pid_k * stride_grad_k + pid_b * stride_grad_b
+    for n0 in range(0, Np, BLOCK_N):
+        n = n0 + offs_n
+        n_mask = n < Np
+        dw = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            mask = n_mask[:, None] & (d[None, :] < D)
+            g = tl.load(grad_base + n[:, None] * stride_grad_n + d[None, :] * stride_grad_d, mask=mask, other=0.0)
+            g = g.to(tl.float32)
+            for j in range(K):
+                p_j = tl.load(
+                    prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :], mask=mask, other=0.0
+                )
+                dw += tl.where(offs_k[None, :] == j, tl.sum(g * p_j.to(tl.float32), axis=1)[:, None], 0.0)
+        row = (pid_k * B + pid_b) * Np + n
+        mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(weights_ptr + row[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+        dl = w * (dw - tl.sum(w * dw, axis=1)[:, None])
+        tl.store(dlogits_ptr + row[:, None] * K + offs_k[None, :], dl, mask=mask)
+
+
+@triton.jit
+def _grad_accumulators(
+    HAS_HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DW: tl.constexpr
+):
+    """Zeroed float32 accumulators of one program's share of (dW1, db1, dW2, db2)."""
+    acc_w1 = tl.zeros((BLOCK_H, BLOCK_DW), dtype=tl.float32)  # columns of the program's d-tile
+    acc_b1 = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    if HAS_HIDDEN:
+        acc_w2 = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
+    else:
+        acc_w2 = tl.zeros((BLOCK_K, BLOCK_DW), dtype=tl.float32)  # W2 is (K, D): the d-tile
+    acc_b2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    return acc_w1, acc_b1, acc_w2, acc_b2
+
+
+@triton.jit
+def _mlp_bwd_tile(
+    x_ptrs,  # (BLOCK_R,) pointers to the first element of each row
+    row_mask,  # (BLOCK_R,)
+    dl,  # (BLOCK_R, BLOCK_K) float32 dL/d f(x), zero in masked rows and columns
+    offs_dw,  # (BLOCK_DW,) the columns of x this program owns
+    w1_ptr,  # (H, D)
+    stride_w1_h,
+    b1_ptr,  # (H,)
+    w2_ptr,  # (K, H), or (K, D) when H = 0
+    stride_w2_k,
+    acc_w1,  # (BLOCK_H, BLOCK_DW) float32
+    acc_b1,  # (BLOCK_H,)
+    acc_w2,  # (BLOCK_K, BLOCK_H), or (BLOCK_K, BLOCK_DW) when H = 0
+    acc_b2,  # (BLOCK_K,)
+    K,
+    D,
+    H,
+    HAS_HIDDEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Backward of f over one tile of rows: dL/dx for the columns offs_dw, (BLOCK_R, BLOCK_DW)
+    float32, and the accumulators plus this tile's weight gradients."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    dw_mask = offs_dw < D
+    x = tl.load(x_ptrs[:, None] + offs_dw[None, :], mask=row_mask[:, None] & dw_mask[None, :], other=0.0)
+    acc_b2 += tl.sum(dl, axis=0)
+    if HAS_HIDDEN:
+        offs_h = tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        # Recompute the pre-activations from all of D (cheaper than storing K*B*T*H of them).
+        h = _hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H)
+        w2 = tl.load(
+            w2_ptr + offs_k[:, None] * stride_w2_k + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0
+        )  # (BLOCK_K, BLOCK_H)
+        dl_c = dl.to(w2.dtype)
+        da = tl.dot(dl_c, w2, input_precision="tf32x3")  # (BLOCK_R, BLOCK_H)
+        a = tl.where(row_mask[:, None], _gelu(h), 0.0)
+        dh = tl.where(row_mask[:, None], da * _gelu_grad(h), 0.0)
+        acc_w2 = tl.dot(tl.trans(dl_c), a.to(w2.dtype), acc_w2, input_precision="tf32x3")
+        acc_b1 += tl.sum(dh, axis=0)
+        w1 = tl.load(
+            w1_ptr + offs_h[:, None] * stride_w1_h + offs_dw[None, :], mask=h_mask[:, None] & dw_mask[None, :], other=0.0
+        )  # (BLOCK_H, BLOCK_DW); reloaded per tile from L1/L2 rather than held in registers
+        dh_c = dh.to(w1.dtype)
+        dx = tl.dot(dh_c, w1, input_precision="tf32x3")
+        acc_w1 = tl.dot(tl.trans(dh_c), x.to(w1.dtype), acc_w1, input_precision="tf32x3")
+    else:
+        w2 = tl.load(
+            w2_ptr + offs_k[:, None] * stride_w2_k + offs_dw[None, :], mask=k_mask[:, None] & dw_mask[None, :], other=0.0
+        )  # (BLOCK_K, BLOCK_DW)
+        dl_c = dl.to(w2.dtype)
+        dx = tl.dot(dl_c, w2, input_precision="tf32x3")
+        acc_w2 = tl.dot(tl.trans(dl_c), x.to(w2.dtype), acc_w2, input_precision="tf32x3")
+    return dx, acc_w1, acc_b1, acc_w2, acc_b2
+
+
+@triton.jit
+def _store_partial(
+    partial_ptr,  # (C,) float32: this program's row of the partial-gradient buffer
+    acc_w1,
+    acc_b1,
+    acc_w2,
+    acc_b2,
+    offs_dw,
+    is_first_d_tile,
+    K,
+    D,
+    H,
+    HAS_HIDDEN: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Writes the accumulators into the packed row [W1 (H*D) | b1 (H) | W2 (K*H or K*D) | b2 (K)].
+
+    Every program of a row group computes the same b1, b2 and (with a hidden layer) W2
+    gradients; the one owning the first d-tile writes them, so every column is written once."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    h_mask = offs_h < H
+    k_mask = offs_k < K
+    dw_mask = offs_dw < D
+    off_w2 = H * D + H
+    if HAS_HIDDEN:
+        off_b2 = off_w2 + K * H
+        tl.store(partial_ptr + offs_h[:, None] * D + offs_dw[None, :], acc_w1, mask=h_mask[:, None] & dw_mask[None, :])
+        if is_first_d_tile:
+            tl.store(partial_ptr + H * D + offs_h, acc_b1, mask=h_mask)
+            tl.store(
+                partial_ptr + off_w2 + offs_k[:, None] * H + offs_h[None, :],
+                acc_w2,
+                mask=k_mask[:, None] & h_mask[None, :],
+            )
+    else:
+        off_b2 = off_w2 + K * D
+        tl.store(
+            partial_ptr + off_w2 + offs_k[:, None] * D + offs_dw[None, :], acc_w2, mask=k_mask[:, None] & dw_mask[None, :]
+        )
+    if is_first_d_tile:
+        tl.store(partial_ptr + off_b2 + offs_k, acc_b2, mask=k_mask)
+
+
+# Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
+@triton.jit(do_not_specialize=["has_prompt_out", "need_grad_tokens"])
+def _dispatch_bwd_kernel(
+    prompts_ptr,  # (K, Np, D)
+    tokens_ptr,  # (K, B, T, D), any strides with stride(-1) == 1
+    prompt_out_ptr,  # (K, B, Np, D); a placeholder when has_prompt_out is 0
+    tok_range_ptr,  # (K, 2) int32
+    grad_ipt_ptr,  # (K, B, Np, D) dL/d ipt, any strides
+    weights_ptr,  # (K, B, Np, K) float32, contiguous
+    dlogits_ptr,  # (K, B, Np, K) float32, contiguous, from _dispatch_bwd_softmax_kernel
+    w1e_ptr,  # (H, D) f_e; W1 and b1 are placeholders when HAS_HIDDEN is False
+    b1e_ptr,  # (H,)
+    w2e_ptr,  # (K, H), or (K, D) when H = 0
+    w1p_ptr,  # (H, D) f_p
+    b1p_ptr,  # (H,)
+    w2p_ptr,  # (K, H) or (K, D)
+    w1z_ptr,  # (H, D) f_z
+    b1z_ptr,  # (H,)
+    w2z_ptr,  # (K, H) or (K, D)
+    grad_prompts_ptr,  # (K, Np, D) out, contiguous, the prompts' dtype
+    grad_tokens_ptr,  # (K, B, T, D) out, contiguous, the tokens' dtype; a placeholder unless need_grad_tokens
+    grad_prompt_out_ptr,  # (K, B, Np, D) out, contiguous, the tokens' dtype; a placeholder without prompt_out
+    partials_ptr,  # (R, C) out, float32: one row of weight gradients per row group
+    stride_prompts_k,
+    stride_prompts_n,
+    stride_tokens_k,
+    stride_tokens_b,
+    stride_tokens_t,
+    stride_prompt_out_k,
+    stride_prompt_out_b,
+    stride_prompt_out_n,
+    stride_grad_k,
+    stride_grad_b,
+    stride_grad_n,
+    stride_grad_d,  # autograd may hand over any strides: .sum()'s gradient is an expand, stride 0
+    stride_w1e_h,
+    stride_w2e_k,
+    stride_w1p_h,
+    stride_w2p_k,
+    stride_w1z_h,
+    stride_w2z_k,
+    B,
+    K,
+    Np,
+    T,
+    D,
+    H,
+    C,  # columns of a partial row: H*D + H + K*H + K, or K*D + K when H = 0
+    B_PER_PROG,  # batch rows per expert program: K * ceil(B / B_PER_PROG) row groups per source
+    N_PER_PROG,  # prompts per prompt program
+    row_p0,  # first partial row of f_p (one per expert row group)
+    row_z0,  # first partial row of f_z
+    row_e0,  # first partial row of f_e (one per prompt group)
+    has_prompt_out,  # 0 or 1, a run-time switch: one compiled variant serves both cases
+    need_grad_tokens,  # 0 or 1: 0 skips writing dZ (K*B*T*D elements) when the tokens need none
+    HAS_HIDDEN: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_KB: tl.constexpr,
+):
+    """Program (d-tile, group). The first K * ceil(B / B_PER_PROG) groups are (expert k, batch
+    rows): the backward of f_p over Z_P and of f_z over Z. The others are groups of prompts:
+    the backward of f_e over P[:, n] and the fusion gradient of P[:, n]."""
+    pid_d = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs_dw = pid_d * BLOCK_DW + tl.arange(0, BLOCK_DW)
+    dw_mask = offs_dw < D
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    is_first_d_tile = pid_d == 0
+    b_groups = tl.cdiv(B, B_PER_PROG)
+    if pid_g < K * b_groups:
+        k = pid_g // b_groups
+        b_lo = (pid_g % b_groups) * B_PER_PROG
+        b_hi = tl.minimum(b_lo + B_PER_PROG, B)
+        offs_n = tl.arange(0, BLOCK_N)
+        if has_prompt_out:
+            acc_w1, acc_b1, acc_w2, acc_b2 = _grad_accumulators(HAS_HIDDEN, BLOCK_H, BLOCK_K, BLOCK_DW)
+            for b in range(b_lo, b_hi):
+                for n0 in range(0, Np, BLOCK_N):
+                    n = n0 + offs_n
+                    n_mask = n < Np
+                    row = (k * B + b) * Np + n
+                    dl = tl.load(
+                        dlogits_ptr + row[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
+                    )
+                    dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
+                        prompt_out_ptr + k * stride_prompt_out_k + b * stride_prompt_out_b + n * stride_prompt_out_n,
+                        n_mask, dl, offs_dw,
+                        w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
+                        acc_w1, acc_b1, acc_w2, acc_b2,
+                        K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
+                    )
+                    tl.store(
+                        grad_prompt_out_ptr + row[:, None] * D + offs_dw[None, :],
+                        dx.to(grad_prompt_out_ptr.dtype.element_ty),
+                        mask=n_mask[:, None] & dw_mask[None, :],
+                    )
+            _store_partial(
+                partials_ptr + (row_p0 + pid_g) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
+                K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
+            )
+
+        # f_z: every token of (k, b) in [start, end) receives the same dL/d f = sum_n dlogits / count.
+        start = tl.load(tok_range_ptr + 2 * k)
+        end = tl.load(tok_range_ptr + 2 * k + 1)
+        count = (end - start).to(tl.float32)
+        offs_t = tl.arange(0, BLOCK_T)
+        acc_w1, acc_b1, acc_w2, acc_b2 = _grad_accumulators(HAS_HIDDEN, BLOCK_H, BLOCK_K, BLOCK_DW)
+        for b in range(b_lo, b_hi):
+            dl_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for n0 in range(0, Np, BLOCK_N):
+                n = n0 + offs_n
+                row = (k * B + b) * Np + n
+                dl = tl.load(
+                    dlogits_ptr + row[:, None] * K + offs_k[None, :], mask=(n < Np)[:, None] & k_mask[None, :], other=0.0
+                )
+                dl_sum += tl.sum(dl, axis=0)
+            dl_token = dl_sum / count
+            tok_base = tokens_ptr + k * stride_tokens_k + b * stride_tokens_b
+            grad_base = grad_tokens_ptr + (k * B + b) * T * D
+            for t0 in range(start, end, BLOCK_T):
+                t = t0 + offs_t
+                t_mask = t < end
+                dl = tl.where(t_mask[:, None], dl_token[None, :], 0.0)
+                dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
+                    tok_base + t * stride_tokens_t, t_mask, dl, offs_dw,
+                    w1z_ptr, stride_w1z_h, b1z_ptr, w2z_ptr, stride_w2z_k,
+                    acc_w1, acc_b1, acc_w2, acc_b2,
+                    K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_K,
+                )
+                if need_grad_tokens:
+                    tl.store(
+                        grad_base + t[:, None] * D + offs_dw[None, :],
+                        dx.to(grad_tokens_ptr.dtype.element_ty),
+                        mask=t_mask[:, None] & dw_mask[None, :],
+                    )
+            if need_grad_tokens:
+                # Tokens outside [start, end) do not enter the mean: their gradient is zero.
+                # Writing it here saves zero-filling all of dZ beforehand.
+                zeros = tl.zeros((BLOCK_T, BLOCK_DW), dtype=grad_tokens_ptr.dtype.element_ty)
+                for t0 in range(0, start, BLOCK_T):
+                    t = t0 + offs_t
+                    mask = (t < start)[:, None] & dw_mask[None, :]
+                    tl.store(grad_base + t[:, None] * D + offs_dw[None, :], zeros, mask=mask)
+                for t0 in range(end, T, BLOCK_T):
+                    t = t0 + offs_t
+                    mask = (t < T)[:, None] & dw_mask[None, :]
+                    tl.store(grad_base + t[:, None] * D + offs_dw[None, :], zeros, mask=mask)
+        _store_partial(
+            partials_ptr + (row_z0 + pid_g) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
+            K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
+        )
+    else:
+        group = pid_g - K * b_groups
+        n_lo = group * N_PER_PROG
+        n_hi = tl.minimum(n_lo + N_PER_PROG, Np)
+        offs_kb = tl.arange(0, BLOCK_KB)
+        acc_w1, acc_b1, acc_w2, acc_b2 = _grad_accumulators(HAS_HIDDEN, BLOCK_H, BLOCK_K, BLOCK_DW)
+        for n in range(n_lo, n_hi):
+            # f_e on the K rows P[:, n] (padded to BLOCK_K >= 16 rows for tl.dot): its dL/d f is
+            # the sum over the batch of dlogits[k, b, n].
+            dl = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+            for b in range(0, B):
+                row = (offs_k * B + b) * Np + n
+                dl += tl.load(
+                    dlogits_ptr + row[:, None] * K + offs_k[None, :], mask=k_mask[:, None] & k_mask[None, :], other=0.0
+                )
+            dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
+                prompts_ptr + offs_k * stride_prompts_k + n * stride_prompts_n, k_mask, dl, offs_dw,
+                w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k,
+                acc_w1, acc_b1, acc_w2, acc_b2,
+                K, D, H, HAS_HIDDEN, BLOCK_K, BLOCK_D, BLOCK_H, BLOCK_K,
+            )
+            # Fusion: dP[j, n, :] += sum_{k,b} weights[k, b, n, j] grad_ipt[k, b, n, :], a GEMM
+            # (BLOCK_K x K*B) @ (K*B x BLOCK_DW) over the rows of prompt n. In float32, as the
+            # reference mixes in float32.
+            for kb0 in range(0, K * B, BLOCK_KB):
+                kb = kb0 + offs_kb
+                kb_mask = kb < K * B
+                w_t = tl.load(
+                    weights_ptr + (kb[None, :] * Np + n) * K + offs_k[:, None],
+                    mask=kb_mask[None, :] & k_mask[:, None],
+                    other=0.0,
+                )  # (BLOCK_K, BLOCK_KB)
+                g = tl.load(
+                    grad_ipt_ptr + (kb // B)[:, None] * stride_grad_k + (kb % B)[:, None] * stride_grad_b
+                    + n * stride_grad_n + offs_dw[None, :] * stride_grad_d,
+                    mask=kb_mask[:, None] & dw_mask[None, :],
+                    other=0.0,
+                )  # (BLOCK_KB, BLOCK_DW)
+                dx = tl.dot(w_t, g.to(tl.float32), dx, input_precision="tf32x3")
+            tl.store(
+                grad_prompts_ptr + (offs_k[:, None] * Np + n) * D + offs_dw[None, :],
+                dx.to(grad_prompts_ptr.dtype.element_ty),
+                mask=k_mask[:, None] & dw_mask[None, :],
+            )
+        _store_partial(
+            partials_ptr + (row_e0 + group) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
+            K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
+        )
+
+
+@triton.jit
+def _dispatch_bwd_reduce_kernel(
+    partials_ptr,  # (R, C) float32
+    out_ptr,  # (G, C) out, the parameters' dtype: packed [W1 | b1 | W2 | b2] gradients per group
+    C,
+    row_e0,  # f_e's partial rows are [row_e0, row_e1), f_p's [row_p0, row_p1), f_z's [row_z0, row_z1)
+    row_e1,
+    row_p0,
+    row_p1,
+    row_z0,
+    row_z1,
+    group_e,  # the output row each source's gradients add into (the same row for shared MLPs)
+    group_p,
+    group_z,
+    BLOCK_C: tl.constexpr,
+):
+    """Program (column block, group): sums the partial rows of every source in the group, in a
+    fixed order, so the weight gradients are bitwise reproducible."""
+    pid_c = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if group_e == group:
+        for r in range(row_e0, row_e1):
+            acc += tl.load(partials_ptr + r * C + cols, mask=mask, other=0.0)
+    if group_p == group:
+        for r in range(row_p0, row_p1):
+            acc += tl.load(partials_ptr + r * C + cols, mask=mask, other=0.0)
+    if group_z == group:
+        for r in range(row_z0, row_z1):
+            acc += tl.load(partials_ptr + r * C + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + group * C + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+MAX_EXPERTS = 16  # K: the logits tile is BLOCK_K = 16 wide, the minimum tl.dot takes
+MAX_HIDDEN = 128  # H: BLOCK_H is 64 or 128; each wider one is one more variant per dtype to build
+BLOCK_ENV = "PMOE_TRITON_BLOCKS"
+_NUM_WARPS = {"fwd": 4, "bwd_softmax": 4, "bwd": 8, "bwd_reduce": 4}
+
+
+def _hidden_blocks(H: int) -> int:
+    """BLOCK_H: 64 or 128 (H <= 64 pads to 64: one compiled variant serves every small H,
+    and the dot over a padded hidden tile costs little in these memory-bound kernels); 16, unused,
+    without a hidden layer."""
+    return 16 if H == 0 else max(64, triton.next_power_of_2(H))
+
+
+def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> dict[str, int]:
+    """Block sizes and work split for one shape, without autotuning."""
+    block_h = _hidden_blocks(H)
+    # Registers of the backward: dW1's accumulator (BLOCK_H x BLOCK_DW) stays at 8192 floats,
+    # 32 a thread at 8 warps, beside the hidden tile (BLOCK_T=32 x BLOCK_H).
+    block_dw = 8192 // max(block_h, 64)
+    # The W1 tile (BLOCK_D x BLOCK_H) of the D loop is pipelined through shared memory, three
+    # stages deep: 4096 elements a stage (16 KB in fp32) keep every variant at 74 KB of shared
+    # memory or less on sm_90 (BLOCK_D=64 with BLOCK_H=128 and fp32 parameters took 122 KB).
+    block_d = 4096 // max(block_h, 64)
+    d_tiles = triton.cdiv(D, block_dw)
+    if device.type == "cuda":
+        # Two programs per SM: enough to hide memory latency, few enough that the partial weight
+        # gradients (one C-float row per row group) stay small next to the tokens.
+        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        b_groups = max(1, min(B, programs // (K * d_tiles)))
+        n_groups = max(1, min(Np, programs // d_tiles))
+    else:
+        # The interpreter: a small grid that still splits the batch and the prompts, so the
+        # tests cover the partial-gradient reduction.
+        b_groups, n_groups = min(B, 2), min(Np, 2)
+    return {
+        "BLOCK_T": 32,
+        "BLOCK_N": 16,
+        "BLOCK_D": block_d,
+        "BLOCK_DW": block_dw,
+        "BLOCK_H": block_h,
+        "BLOCK_KB": 32,
+        "BLOCK_C": 512,
+        "B_PER_PROG": triton.cdiv(B, b_groups),
+        "N_PER_PROG": triton.cdiv(Np, n_groups),
+    }
+
+
+def dispatch_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> dict[str, int]:
+    """The block sizes the launchers use: ``default_blocks``, with any of them pinned by
+    ``PMOE_TRITON_BLOCKS="BLOCK_D=32,B_PER_PROG=1"`` for debugging (tl.dot needs BLOCK_T,
+    BLOCK_N, BLOCK_D, BLOCK_DW, BLOCK_H and BLOCK_KB >= 16 on a GPU)."""
+    blocks = default_blocks(K, B, Np, D, H, device)
+    pinned = os.environ.get(BLOCK_ENV, "").strip()
+    if pinned:
+        for item in pinned.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in blocks or not value.strip().isdigit():
+                raise ValueError(f"{BLOCK_ENV}: cannot read {item!r}; expected KEY=INT with KEY one of {tuple(blocks)}")
+            blocks[key] = int(value)
+    return blocks
+
+
+def _hidden_width(params: Params) -> int:
+    w1 = params[0]
+    return 0 if w1 is None else w1.shape[0]
+
+
+def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z) -> int:
+    """Raises ValueError for arguments that do not form the op; returns H."""
+    if prompts.dim() != 3 or tokens.dim() != 4:
+        raise ValueError(
+            f"prompts must be (K, Np, D) and tokens (K, B, T, D), got {tuple(prompts.shape)} and {tuple(tokens.shape)}"
+        )
+    K, Np, D = prompts.shape
+    _, B, T, _ = tokens.shape
+    if tokens.shape[0] != K or tokens.shape[3] != D:
+        raise ValueError(f"tokens must be (K={K}, B, T, D={D}), got {tuple(tokens.shape)}")
+    if prompt_out is not None and tuple(prompt_out.shape) != (K, B, Np, D):
+        raise ValueError(f"prompt_out must be (K={K}, B={B}, Np={Np}, D={D}), got {tuple(prompt_out.shape)}")
+    if len(tok_start) != K or len(tok_end) != K:
+        raise ValueError(f"tok_start and tok_end must hold K={K} ints, got {len(tok_start)} and {len(tok_end)}")
+    for k, (s, e) in enumerate(zip(tok_start, tok_end)):
+        if not 0 <= s < e <= T:
+            raise ValueError(f"expert {k}: the token range [{s}, {e}) must satisfy 0 <= start < end <= T={T}")
+    H = _hidden_width(params_e)
+    for name, params in (("params_e", params_e), ("params_p", params_p), ("params_z", params_z)):
+        expected = ((H, D), (H,), (K, H), (K,)) if H else (None, None, (K, D), (K,))
+        got = tuple(None if p is None else tuple(p.shape) for p in params)
+        if got != expected:
+            raise ValueError(f"{name} must be (W1, b1, W2, b2) shaped {expected} (H={H} as params_e), got {got}")
+    return H
+
+
+_TOKEN_RANGES: dict = {}
+
+
+def _token_ranges(tok_start, tok_end, device: torch.device) -> torch.Tensor:
+    """(K, 2) int32 [start, end) per expert on the device, uploaded once per distinct ranges (a
+    model has one or two): a host-to-device copy on every call would be one more launch."""
+    key = (device, tuple(tok_start), tuple(tok_end))
+    if key not in _TOKEN_RANGES:
+        ranges = [[s, e] for s, e in zip(tok_start, tok_end)]
+        _TOKEN_RANGES[key] = torch.tensor(ranges, dtype=torch.int32, device=device)
+    return _TOKEN_RANGES[key]
+
+
+def _param_pointers(params: Params):
+    """(W1, b1, W2) and the row strides of W1 and W2; without a hidden layer W1 and b1 are
+    placeholders the kernels never read."""
+    w1, b1, w2, _ = params
+    if w1 is None:
+        return (w2, w2, w2), (0, w2.stride(0))
+    return (w1, b1, w2), (w1.stride(0), w2.stride(0))
+
+
+def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z):
+    """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype and weights (K, B, Np, K) float32."""
+    H = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
+    K, Np, D = prompts.shape
+    B = tokens.shape[1]
+    blocks = dispatch_blocks(K, B, Np, D, H, prompts.device)
+    ipt = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=prompts.device)
+    weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=prompts.device)
+    has_prompt_out = prompt_out is not None
+    pout = prompt_out if has_prompt_out else tokens
+    pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
+    ptrs_e, strides_e = _param_pointers(params_e)
+    ptrs_p, strides_p = _param_pointers(params_p)
+    ptrs_z, strides_z = _param_pointers(params_z)
+    _dispatch_fwd_kernel[(K, B)](
+        prompts, tokens, pout, _token_ranges(tok_start, tok_end, prompts.device),
+        *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
+        ipt, weights,
+        *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides,
+        *strides_e, *strides_p, *strides_z,
+        B, K, Np, D, H,
+        int(has_prompt_out), HAS_HIDDEN=H > 0,
+        BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
+        BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, num_warps=_NUM_WARPS["fwd"],
+    )
+    return ipt, weights
+
+
+def _param_groups(sources: list[tuple[str, Params]]) -> dict[str, int]:
+    """Output row of each source's gradients: sources passing the very same tensors share one."""
+    groups: dict[str, int] = {}
+    firsts: list[Params] = []
+    for name, params in sources:
+        same = [g for g, first in enumerate(firsts) if all(a is b for a, b in zip(first, params))]
+        groups[name] = same[0] if same else len(firsts)
+        if not same:
+            firsts.append(params)
+    return groups
+
+
+def dispatch_bwd(
+    grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights, params_e, params_p, params_z,
+    need_grad_tokens: bool = True,
+):
+    """Three launches. Returns (dprompts, dtokens or None, dprompt_out or None, grads_e, grads_p,
+    grads_z), each grads_s a (dW1, db1, dW2, db2) tuple, or None for a source that shares its
+    parameters with an earlier one (its gradient is in the earlier one's) or that did not run
+    (f_p without prompt_out). ``need_grad_tokens=False`` skips dZ, the largest write: the tokens
+    of a first prompt layer come from a frozen embedding and need no gradient."""
+    K, Np, D = prompts.shape
+    B, T = tokens.shape[1:3]
+    H = _hidden_width(params_e)
+    device = prompts.device
+    blocks = dispatch_blocks(K, B, Np, D, H, device)
+    has_prompt_out = prompt_out is not None
+    C = H * D + H + K * H + K if H else K * D + K
+
+    dlogits = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
+    _dispatch_bwd_softmax_kernel[(K, B)](
+        grad_ipt, prompts, weights, dlogits,
+        *grad_ipt.stride(), *prompts.stride()[:2],
+        B, K, Np, D,
+        BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16, num_warps=_NUM_WARPS["bwd_softmax"],
+    )
+
+    b_groups = triton.cdiv(B, blocks["B_PER_PROG"])
+    n_groups = triton.cdiv(Np, blocks["N_PER_PROG"])
+    row_p0 = 0
+    row_z0 = K * b_groups if has_prompt_out else 0
+    row_e0 = row_z0 + K * b_groups
+    partials = torch.empty((row_e0 + n_groups, C), dtype=torch.float32, device=device)
+    grad_prompts = torch.empty((K, Np, D), dtype=prompts.dtype, device=device)
+    placeholder = torch.empty(0, dtype=tokens.dtype, device=device)  # for outputs not written
+    grad_tokens = torch.empty((K, B, T, D), dtype=tokens.dtype, device=device) if need_grad_tokens else None
+    grad_prompt_out = torch.empty((K, B, Np, D), dtype=prompt_out.dtype, device=device) if has_prompt_out else None
+    pout = prompt_out if has_prompt_out else tokens
+    pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
+    (w1e, b1e, w2e), strides_e = _param_pointers(params_e)
+    (w1p, b1p, w2p), strides_p = _param_pointers(params_p)
+    (w1z, b1z, w2z), strides_z = _param_pointers(params_z)
+    grid = (triton.cdiv(D, blocks["BLOCK_DW"]), K * b_groups + n_groups)
+    _dispatch_bwd_kernel[grid](
+        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits,
+        w1e, b1e, w2e, w1p, b1p, w2p, w1z, b1z, w2z,
+        grad_prompts, placeholder if grad_tokens is None else grad_tokens,
+        placeholder if grad_prompt_out is None else grad_prompt_out, partials,
+        *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides, *grad_ipt.stride(),
+        *strides_e, *strides_p, *strides_z,
+        B, K, Np, T, D, H, C, blocks["B_PER_PROG"], blocks["N_PER_PROG"], row_p0, row_z0, row_e0,
+        int(has_prompt_out), int(need_grad_tokens), HAS_HIDDEN=H > 0,
+        BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
+        BLOCK_DW=blocks["BLOCK_DW"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, BLOCK_KB=blocks["BLOCK_KB"],
+        num_warps=_NUM_WARPS["bwd"],
+    )
+
+    sources = [("e", params_e)] + ([("p", params_p)] if has_prompt_out else []) + [("z", params_z)]
+    groups = _param_groups(sources)
+    num_groups = max(groups.values()) + 1
+    out = torch.empty((num_groups, C), dtype=params_e[2].dtype, device=device)
+    _dispatch_bwd_reduce_kernel[(triton.cdiv(C, blocks["BLOCK_C"]), num_groups)](
+        partials, out, C,
+        row_e0, row_e0 + n_groups, row_p0, row_p0 + (K * b_groups if has_prompt_out else 0), row_z0, row_z0 + K * b_groups,
+        groups["e"], groups.get("p", -1), groups["z"],
+        BLOCK_C=blocks["BLOCK_C"], num_warps=_NUM_WARPS["bwd_reduce"],
+    )
+
+    def unpack(row: torch.Tensor) -> tuple:
+        if not H:
+            return None, None, row[: K * D].view(K, D), row[K * D :]
+        return row[: H * D].view(H, D), row[H * D : H * D + H], row[H * D + H : C - K].view(K, H), row[C - K :]
+
+    grads, seen = {}, set()
+    for name, _ in sources:
+        if groups[name] not in seen:
+            seen.add(groups[name])
+            grads[name] = unpack(out[groups[name]])
+    return grad_prompts, grad_tokens, grad_prompt_out, grads.get("e"), grads.get("p"), grads.get("z")
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd and the functional entry point
+# ---------------------------------------------------------------------------------------------
+
+
+class FusedDispatch(torch.autograd.Function):
+    """Differentiable in prompts, tokens, prompt_out and every W/b; ``weights`` is marked
+    non-differentiable: it is returned for inspection (SPEC.md: exposed after a forward for
+    visualisation), and a loss on it would need its own backward term, which the kernels do not
+    compute. The parameters come flattened (four per source) because autograd only tracks
+    tensors passed directly."""
+
+    @staticmethod
+    def forward(ctx, prompts, tokens, tok_start, tok_end, prompt_out, *params):
+        params_e, params_p, params_z = params[0:4], params[4:8], params[8:12]
+        ipt, weights = dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
+        ctx.mark_non_differentiable(weights)
+        # No zero-filled gradient for weights: it would be one more launch, and unused.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(prompts, tokens, prompt_out, weights, *params)
+        ctx.tok_range = (tuple(tok_start), tuple(tok_end))
+        return ipt, weights
+
+    @staticmethod
+    def backward(ctx, grad_ipt, _grad_weights):
+        if grad_ipt is None:
+            return (None,) * (5 + 12)
+        prompts, tokens, prompt_out, weights, *params = ctx.saved_tensors
+        grad_prompts, grad_tokens, grad_prompt_out, grads_e, grads_p, grads_z = dispatch_bwd(
+            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, weights,
+            tuple(params[0:4]), tuple(params[4:8]), tuple(params[8:12]), need_grad_tokens=ctx.needs_input_grad[1],
+        )
+        none = (None,) * 4
+        # A source without its own gradients shares the tensors of an earlier source, whose
+        # gradient already holds its contribution; None adds nothing to those tensors.
+        return (
+            grad_prompts, grad_tokens, None, None, grad_prompt_out,
+            *(grads_e or none), *(grads_p or none), *(grads_z or none),
+        )
+
+
+def fused_dispatch(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z):
+    """ipt (K, B, Np, D) in the prompts' dtype and weights (K, B, Np, K) float32, non-differentiable.
+
+    prompts P (K, Np, D); tokens Z (K, B, T, D), any strides with stride(-1) == 1 (a view into a
+    longer sequence is read in place); tok_start, tok_end: K ints, expert k averages f_z over
+    tokens [start_k, end_k); prompt_out Z_P (K, B, Np, D) or None; params_s = (W1 (H, D), b1 (H,),
+    W2 (K, H), b2 (K,)), or (None, None, W2 (K, D), b2 (K,)) for H = 0. The three tuples may
+    hold the very same tensors (one shared MLP).
+    """
+    return FusedDispatch.apply(
+        prompts, tokens, tuple(tok_start), tuple(tok_end), prompt_out, *params_e, *params_p, *params_z
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the kernels can run, and what they compile to
+# ---------------------------------------------------------------------------------------------
+
+_HALF = (torch.float16, torch.bfloat16)
+_INTERPRETED = type(_dispatch_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def triton_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p, params_z) -> list[str]:
+    """Why the Triton kernels cannot run these inputs; empty when they can."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return [f"Triton cannot be imported ({_TRITON_IMPORT_ERROR})."]
+    reasons = []
+    named = [("prompts", prompts), ("tokens", tokens), ("prompt_out", prompt_out)]
+    for source, params in (("e", params_e), ("p", params_p), ("z", params_z)):
+        named += [(f"params_{source}[{i}]", p) for i, p in enumerate(params)]
+    tensors = [(name, t) for name, t in named if t is not None]
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        reasons.append(f"The inputs are on several devices ({sorted(map(str, devices))}); the kernels need one.")
+    for device in devices:
+        if device.type == "cpu" and not _INTERPRETED:
+            reasons.append(
+                "The inputs are on the CPU and Triton's interpreter is off: set TRITON_INTERPRET=1 "
+                "before pmoe_fast.kernels.dispatch is imported, or move the inputs to a CUDA device."
+            )
+        elif device.type not in ("cpu", "cuda"):
+            reasons.append(f"The inputs are on {device.type}; the kernels run on CUDA devices (or the CPU interpreter).")
+    for name, t in tensors:
+        if t.dtype not in (torch.float32, *_HALF):
+            reasons.append(f"{name} is {t.dtype}; the kernels take float32, float16 or bfloat16.")
+        elif t.dtype == torch.bfloat16 and _INTERPRETED:
+            reasons.append(f"{name} is bfloat16, which Triton's interpreter computes wrongly (it reads bits as integers).")
+        if t.dim() and t.stride(-1) != 1:
+            reasons.append(f"{name} has stride {t.stride(-1)} in its last dimension; the kernels need 1 (a contiguous D).")
+        if t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31:
+            reasons.append(f"{name} spans 2**31 elements or more; the kernels index with 32-bit offsets.")
+    # Two dtypes at most: one for the parameters (prompts and every W/b), one for the activations.
+    param_dtype = params_e[2].dtype
+    for name, t in tensors:
+        if name.startswith("params") or name == "prompts":
+            if t.dtype != param_dtype:
+                reasons.append(
+                    f"{name} is {t.dtype} but params_e[2] is {param_dtype}: prompts and every W/b must share one dtype."
+                )
+    if prompt_out is not None and prompt_out.dtype != tokens.dtype:
+        reasons.append(f"prompt_out is {prompt_out.dtype} but tokens are {tokens.dtype}: they must share one dtype.")
+    if tokens.dtype != param_dtype and param_dtype != torch.float32:
+        reasons.append(
+            f"tokens are {tokens.dtype} but the parameters {param_dtype}: mixed precision needs float32 parameters."
+        )
+    K = prompts.shape[0]
+    if K > MAX_EXPERTS:
+        reasons.append(f"K={K} experts is more than {MAX_EXPERTS}: the logits tile is BLOCK_K=16 columns wide.")
+    H = _hidden_width(params_e)
+    if H > MAX_HIDDEN:
+        reasons.append(f"The hidden width H={H} is more than {MAX_HIDDEN}, the widest the kernels are built for.")
+    return reasons
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (parameter dtype: prompts and every W/b, activation dtype: tokens and prompt_out), as
+# triton_not_supported_reasons allows them.
+DTYPE_SIGNATURES = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"), ("fp32", "bf16")]
+# The dtype of each pointer argument: "param", "act", or a fixed Triton type.
+_POINTER_DTYPES = {
+    "prompts_ptr": "param", "tokens_ptr": "act", "prompt_out_ptr": "act", "tok_range_ptr": "i32",
+    "w1e_ptr": "param", "b1e_ptr": "param", "w2e_ptr": "param", "b2e_ptr": "param",
+    "w1p_ptr": "param", "b1p_ptr": "param", "w2p_ptr": "param", "b2p_ptr": "param",
+    "w1z_ptr": "param", "b1z_ptr": "param", "w2z_ptr": "param", "b2z_ptr": "param",
+    "ipt_ptr": "param", "weights_ptr": "fp32", "grad_ipt_ptr": "param", "dlogits_ptr": "fp32",
+    "grad_prompts_ptr": "param", "grad_tokens_ptr": "act", "grad_prompt_out_ptr": "act",
+    "partials_ptr": "fp32", "out_ptr": "param",
+}
+
+
+def _variant(kernel, name: str, param: str, act: str, num_warps: int, **constexprs) -> dict:
+    """One compiled variant: the signature ASTSource takes (pointers typed, every other
+    non-constexpr argument an i32) and the constexpr values."""
+    dtypes = {"param": param, "act": act}
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*" + dtypes.get(_POINTER_DTYPES[arg], _POINTER_DTYPES[arg])
+        else:
+            signature[arg] = "i32"
+    return {
+        "name": f"{name}[{param}-params,{act}-tokens," + ",".join(f"{k}={v}" for k, v in constexprs.items()) + "]",
+        "kernel": kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": num_warps,
+    }
+
+
+def _kernel_variants() -> list[dict]:
+    """Every (kernel, constexprs, dtype signature) the launchers produce on a GPU with the default
+    block sizes: BLOCK_H (and with it BLOCK_T and BLOCK_DW) takes one of three values (H = 0,
+    H <= 64, H <= 128), the dtypes one of DTYPE_SIGNATURES; BLOCK_K, BLOCK_N, BLOCK_D,
+    BLOCK_KB and BLOCK_C are fixed, and prompt_out is a run-time switch. Triton specialises
+    integer arguments further at run time (a value of 1 becomes a constant, multiples of 16 an
+    alignment hint); these variants are the generic ones, the same code without those hints."""
+    variants = {}
+    for param, act in DTYPE_SIGNATURES:
+        for H in (0, 64, 128):
+            # K, B, Np and D do not change the constexprs (BLOCK_K is always 16).
+            b = default_blocks(K=6, B=32, Np=16, D=768, H=H, device=torch.device("cpu"))
+            common = dict(HAS_HIDDEN=H > 0, BLOCK_T=b["BLOCK_T"], BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"])
+            found = [
+                _variant(
+                    _dispatch_fwd_kernel, "fwd", param, act, _NUM_WARPS["fwd"],
+                    **common, BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
+                ),
+                _variant(
+                    _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"],
+                    **common, BLOCK_DW=b["BLOCK_DW"], BLOCK_H=b["BLOCK_H"], BLOCK_K=16, BLOCK_KB=b["BLOCK_KB"],
+                ),
+            ]
+            # These two see no activations: the fp32-parameter signatures share one variant.
+            found.append(_variant(
+                _dispatch_bwd_softmax_kernel, "bwd_softmax", param, param, _NUM_WARPS["bwd_softmax"],
+                BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_K=16,
+            ))
+            found.append(_variant(
+                _dispatch_bwd_reduce_kernel, "bwd_reduce", param, param, _NUM_WARPS["bwd_reduce"], BLOCK_C=b["BLOCK_C"]
+            ))
+            variants.update((v["name"], v) for v in found)
+    return list(variants.values())
+
+
+KERNEL_VARIANTS = _kernel_variants() if _TRITON_IMPORT_ERROR is None else []

@@ -1,0 +1,430 @@
+"""The fused Triton dispatcher (kernels/dispatch.py): forward and every gradient against its
+reference, the Dispatcher module, what it refuses, and that every variant builds for an H100.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET
+before this module imports them); on a GPU the same tests run compiled, plus the bf16 cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pmoe_fast.dispatcher import Dispatcher
+from pmoe_fast.kernels import dispatch as kd
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# err(kernel) <= 2 * err(plain PyTorch at the test dtype) + FLOOR * max|truth|, both errors
+# measured against float64.
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+
+
+@dataclasses.dataclass
+class Case:
+    K: int = 3
+    B: int = 2
+    Np: int = 3
+    T: int = 37
+    D: int = 100
+    H: int = 24
+    prompt_out: bool = True
+    shared: bool = True
+    dtype: torch.dtype = torch.float32  # prompts and every W/b
+    act_dtype: torch.dtype | None = None  # tokens and prompt_out; None: dtype
+    starts: tuple | None = None  # None: every token
+    ends: tuple | None = None
+    strided: bool = False  # tokens (and prompt_out) are views into one longer sequence
+    w2_scale: float = 1.0
+    blocks: str = ""  # PMOE_TRITON_BLOCKS
+
+
+CASES = {
+    "odd-shared": Case(),
+    "odd-separate": Case(shared=False),
+    "fp16-shared": Case(dtype=torch.float16),
+    "fp16-separate": Case(dtype=torch.float16, shared=False),
+    "fp32-params-fp16-tokens": Case(act_dtype=torch.float16, shared=False),
+    "linear-separate": Case(H=0, shared=False),
+    "linear-fp16": Case(H=0, dtype=torch.float16),
+    "layer0": Case(prompt_out=False, shared=False),
+    "K1-B1": Case(K=1, B=1, T=9),
+    "patches": Case(starts=(1, 5, 0), ends=(37, 37, 30), shared=False),
+    # Logits in the thousands: the softmax saturates (its gradients underflow to zero in fp32,
+    # as in PyTorch), and must stay finite.
+    "large-logits": Case(w2_scale=1e3),
+    "logits-x20": Case(w2_scale=20.0, shared=False),
+    "strided": Case(strided=True, starts=(1, 1, 1), ends=(37, 37, 37)),
+    "hidden-128": Case(H=100, K=2, T=20),
+    "small-tiles": Case(
+        Np=20, B=3, D=48, shared=False,
+        blocks="BLOCK_T=16,BLOCK_N=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=1,N_PER_PROG=3",
+    ),
+    "small-tiles-linear": Case(
+        H=0, Np=20, B=3, D=48, blocks="BLOCK_T=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=2,N_PER_PROG=7"
+    ),
+}
+if DEVICE.type == "cuda":
+    CASES["bf16-shared"] = Case(dtype=torch.bfloat16)
+    CASES["fp32-params-bf16-tokens"] = Case(act_dtype=torch.bfloat16, shared=False)
+
+
+def make_params(K, D, H, dtype, w2_scale=1.0):
+    """(W1, b1, W2, b2) with nn.Linear's scale, W2 scaled by w2_scale."""
+    w2_in = H or D
+    w1 = (torch.rand(H, D, dtype=torch.float64) * 2 - 1) / D**0.5 if H else None
+    b1 = (torch.rand(H, dtype=torch.float64) * 2 - 1) / D**0.5 if H else None
+    w2 = (torch.rand(K, w2_in, dtype=torch.float64) * 2 - 1) / w2_in**0.5 * 3 * w2_scale
+    b2 = torch.rand(K, dtype=torch.float64) * 2 - 1
+    return tuple(None if p is None else p.to(dtype) for p in (w1, b1, w2, b2))
+
+
+def make_inputs(case: Case) -> dict:
+    """Leaves (tensors to differentiate) and the op's arguments built from them, at test dtypes."""
+    K, B, Np, T, D, H = case.K, case.B, case.Np, case.T, case.D, case.H
+    act = case.act_dtype or case.dtype
+    prompts = torch.randn(K, Np, D, dtype=torch.float64).to(case.dtype)
+    if case.strided:
+        # One sequence [prompt slots, tokens] per expert, as a fast model holds it.
+        seq = torch.randn(K, B, Np + T, D, dtype=torch.float64).to(act)
+        seq_leaves = [seq]
+    else:
+        tokens = torch.randn(K, B, T, D, dtype=torch.float64).to(act)
+        prompt_out = torch.randn(K, B, Np, D, dtype=torch.float64).to(act) if case.prompt_out else None
+        seq_leaves = [t for t in (tokens, prompt_out) if t is not None]
+    sources = 1 if case.shared else 3
+    params = [make_params(K, D, H, case.dtype, case.w2_scale) for _ in range(sources)]
+    leaves = [prompts, *seq_leaves] + [p for ps in params for p in ps if p is not None]
+    return {
+        "leaves": leaves,
+        "build": lambda ls: _build(case, ls, len(seq_leaves), sources),
+        "starts": case.starts or (0,) * K,
+        "ends": case.ends or (T,) * K,
+    }
+
+
+def _build(case: Case, leaves: list, n_seq: int, sources: int):
+    """(prompts, tokens, prompt_out, params_e, params_p, params_z) from leaves, in make_inputs' order."""
+    prompts, seq = leaves[0], leaves[1 : 1 + n_seq]
+    if case.strided:
+        tokens = seq[0][:, :, case.Np :]
+        prompt_out = seq[0][:, :, : case.Np] if case.prompt_out else None
+    else:
+        tokens, prompt_out = seq[0], (seq[1] if case.prompt_out else None)
+    rest = iter(leaves[1 + n_seq :])
+    params = [tuple(next(rest) if (case.H or i >= 2) else None for i in range(4)) for _ in range(sources)]
+    params_e, params_p, params_z = params * 3 if sources == 1 else params
+    return prompts, tokens, prompt_out, params_e, params_p, params_z
+
+
+def run(fn, inputs, leaves, grad_ipt, **kwargs):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    prompts, tokens, prompt_out, pe, pp, pz = inputs["build"](leaves)
+    ipt, weights = fn(prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz, **kwargs)
+    # allow_unused: f_p's parameters do not take part without prompt_out.
+    grads = torch.autograd.grad(ipt, leaves, grad_ipt.to(ipt.dtype), allow_unused=True)
+    return ipt, weights, grads
+
+
+def assert_within_rule(name, kernel, baseline, truth):
+    err_kernel = (kernel.double() - truth).abs().max().item()
+    err_baseline = (baseline.double() - truth).abs().max().item()
+    bound = 2 * err_baseline + FLOOR[kernel.dtype] * truth.abs().max().item()
+    assert err_kernel <= bound, (
+        f"{name}: error {err_kernel:.3g} vs float64 exceeds 2 x {err_baseline:.3g} (PyTorch at "
+        f"{baseline.dtype}) + floor = {bound:.3g}"
+    )
+
+
+def leaf_names(case: Case) -> list[str]:
+    seq = ["seq"] if case.strided else ["tokens"] + (["prompt_out"] if case.prompt_out else [])
+    param_names = ["W1", "b1", "W2", "b2"] if case.H else ["W2", "b2"]
+    sources = ["shared"] if case.shared else ["e", "p", "z"]
+    return ["prompts", *seq] + [f"{n}_{s}" for s in sources for n in param_names]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_every_gradient_match_float64(name, monkeypatch):
+    case = CASES[name]
+    monkeypatch.setenv(kd.BLOCK_ENV, case.blocks)
+    inputs = make_inputs(case)
+    leaves = [t.to(DEVICE) for t in inputs["leaves"]]
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE).to(case.dtype)
+    # The truth from the very same (rounded) inputs in float64, and PyTorch at the test dtype:
+    # the MLPs in the parameters' dtype, as Dispatcher computes them.
+    truth = run(kd.dispatch_reference, inputs, [t.double() for t in leaves], grad_ipt)
+    baseline = run(kd.dispatch_reference, inputs, leaves, grad_ipt, mlp_dtype=case.dtype)
+    kernel = run(kd.fused_dispatch, inputs, leaves, grad_ipt)
+
+    assert kernel[0].dtype == case.dtype and kernel[1].dtype == torch.float32
+    assert all(t.isfinite().all() for t in (*kernel[:2], *kernel[2]) if t is not None)
+    assert_within_rule("ipt", kernel[0], baseline[0], truth[0])
+    assert_within_rule("weights", kernel[1], baseline[1], truth[1])
+    torch.testing.assert_close(kernel[1].sum(-1), torch.ones_like(kernel[1][..., 0]))
+    for leaf, k, b, t in zip(leaf_names(case), kernel[2], baseline[2], truth[2]):
+        if t is None:
+            assert k is None and b is None, leaf
+            continue
+        assert k.dtype == b.dtype and k.shape == t.shape, leaf
+        assert_within_rule(f"grad {leaf}", k, b, t)
+
+
+def test_tokens_without_grad_get_none():
+    case = CASES["odd-separate"]
+    inputs = make_inputs(case)
+    leaves = [t.to(DEVICE) for t in inputs["leaves"]]
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
+    full = run(kd.fused_dispatch, inputs, leaves, grad_ipt)[2]
+    leaves = [t.clone().requires_grad_(i != 1) for i, t in enumerate(leaves)]  # leaf 1: tokens
+    prompts, tokens, prompt_out, pe, pp, pz = inputs["build"](leaves)
+    ipt, _ = kd.fused_dispatch(prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz)
+    ipt.backward(grad_ipt)
+    assert tokens.grad is None
+    for i, (leaf, g) in enumerate(zip(leaves, full)):
+        if i != 1:
+            assert torch.equal(leaf.grad, g)
+
+
+def test_backward_is_deterministic():
+    case = CASES["small-tiles"]
+    inputs = make_inputs(case)
+    leaves = [t.to(DEVICE) for t in inputs["leaves"]]
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
+    first = run(kd.fused_dispatch, inputs, leaves, grad_ipt)[2]
+    second = run(kd.fused_dispatch, inputs, leaves, grad_ipt)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def module_params(disp: Dispatcher, source: str):
+    owner = getattr(disp, source) if disp.separate_mlps else disp
+    fc1 = (owner.fc1.weight, owner.fc1.bias) if disp.hidden else (None, None)
+    return (*fc1, owner.fc2.weight, owner.fc2.bias)
+
+
+@pytest.mark.parametrize("hidden", [0, 16], ids=["linear", "hidden16"])
+@pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
+def test_matches_dispatcher_module(hidden, separate):
+    K, B, Np, T, D, Q = 3, 2, 4, 11, 40, 2
+    disp = Dispatcher(D, K, hidden=hidden, separate_mlps=separate, pool="patches", backend="torch").to(DEVICE)
+    prompts = torch.randn(K, Np, D, device=DEVICE, requires_grad=True)
+    tokens = torch.randn(K, B, T, D, device=DEVICE)
+    prompt_out = torch.randn(K, B, Np, D, device=DEVICE)
+    grad_ipt = torch.randn(K, B, Np, D, device=DEVICE)
+    wanted = list(disp.parameters()) + [prompts]
+
+    ipt_ref, w_ref = disp(prompts, tokens, prompt_out, num_prefix_tokens=Q)
+    grads_ref = torch.autograd.grad(ipt_ref, wanted, grad_ipt)
+    ipt, w = kd.fused_dispatch(
+        prompts, tokens, [Q] * K, [T] * K, prompt_out, *(module_params(disp, s) for s in "epz")
+    )
+    grads = torch.autograd.grad(ipt, wanted, grad_ipt)
+
+    torch.testing.assert_close(ipt, ipt_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+    for (name, _), g, g_ref in zip(list(disp.named_parameters()) + [("prompts", None)], grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_weights_are_not_differentiable():
+    case = Case(K=2, B=1, Np=2, T=5, D=16, H=0)
+    inputs = make_inputs(case)
+    leaves = [t.to(DEVICE).requires_grad_(True) for t in inputs["leaves"]]
+    prompts, tokens, prompt_out, pe, pp, pz = inputs["build"](leaves)
+    ipt, weights = kd.fused_dispatch(prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz)
+    assert ipt.requires_grad and not weights.requires_grad
+
+
+def test_bad_arguments_raise():
+    P = torch.randn(2, 3, 16, device=DEVICE)
+    Z = torch.randn(2, 1, 5, 16, device=DEVICE)
+    params = make_params(2, 16, 0, torch.float32)
+    params = tuple(None if p is None else p.to(DEVICE) for p in params)
+    with pytest.raises(ValueError, match="token range"):
+        kd.fused_dispatch(P, Z, (0, 3), (5, 3), None, params, params, params)
+    with pytest.raises(ValueError, match="prompt_out"):
+        kd.fused_dispatch(P, Z, (0, 0), (5, 5), Z, params, params, params)
+
+
+def test_pinned_blocks_are_read_and_checked(monkeypatch):
+    monkeypatch.setenv(kd.BLOCK_ENV, "BLOCK_D=16, B_PER_PROG=1")
+    blocks = kd.dispatch_blocks(K=3, B=4, Np=5, D=100, H=24, device=DEVICE)
+    assert blocks["BLOCK_D"] == 16 and blocks["B_PER_PROG"] == 1
+    monkeypatch.setenv(kd.BLOCK_ENV, "BLOCK_Q=16")
+    with pytest.raises(ValueError, match="BLOCK_Q"):
+        kd.dispatch_blocks(K=3, B=4, Np=5, D=100, H=24, device=DEVICE)
+
+
+# --- what the kernels refuse ----------------------------------------------------------------
+
+
+def reason_inputs(dtype=torch.float32, act_dtype=None, K=2, H=8, device="cpu"):
+    prompts = torch.randn(K, 3, 16, dtype=dtype, device=device)
+    tokens = torch.randn(K, 2, 5, 16, dtype=act_dtype or dtype, device=device)
+    params = tuple(None if p is None else p.to(device) for p in make_params(K, 16, H, dtype))
+    return prompts, tokens, None, params, params, params
+
+
+def test_reasons_empty_when_supported():
+    assert kd.triton_not_supported_reasons(*reason_inputs(device=DEVICE)) == []
+    assert kd.triton_not_supported_reasons(*reason_inputs(act_dtype=torch.float16, device=DEVICE)) == []
+
+
+def test_reasons_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setattr(kd, "_INTERPRETED", False)
+    reasons = kd.triton_not_supported_reasons(*reason_inputs())
+    assert len(reasons) == 1 and "CPU" in reasons[0] and "TRITON_INTERPRET=1" in reasons[0]
+
+
+def test_reasons_bf16_in_interpreter(monkeypatch):
+    monkeypatch.setattr(kd, "_INTERPRETED", True)
+    reasons = kd.triton_not_supported_reasons(*reason_inputs(dtype=torch.bfloat16))
+    assert reasons and all("bfloat16" in r and "interpreter" in r for r in reasons)
+
+
+def test_reasons_last_stride(monkeypatch):
+    prompts, tokens, _, *params = reason_inputs(device=DEVICE)
+    tokens = tokens.transpose(-1, -2).contiguous().transpose(-1, -2)
+    reasons = kd.triton_not_supported_reasons(prompts, tokens, None, *params)
+    assert len(reasons) == 1 and reasons[0].startswith("tokens has stride 5 in its last dimension")
+
+
+def test_reasons_dtypes_and_sizes():
+    reasons = kd.triton_not_supported_reasons(*reason_inputs(dtype=torch.float64, device=DEVICE))
+    assert any("prompts is torch.float64" in r for r in reasons)
+    reasons = kd.triton_not_supported_reasons(*reason_inputs(dtype=torch.float16, act_dtype=torch.float32, device=DEVICE))
+    assert reasons == [
+        "tokens are torch.float32 but the parameters torch.float16: mixed precision needs float32 parameters."
+    ]
+    assert "K=17 experts" in " ".join(kd.triton_not_supported_reasons(*reason_inputs(K=17, device=DEVICE)))
+    assert "H=129" in " ".join(kd.triton_not_supported_reasons(*reason_inputs(H=129, device=DEVICE)))
+
+
+# --- the variants the launchers produce, and that each builds for sm_90 ---------------------
+
+
+def _call_signature(kernel, args, kwargs):
+    """(kernel name, signature, constexprs, num_warps) of one launch, in KERNEL_VARIANTS' terms."""
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
+    signature = {}
+    for arg, value in zip(kernel.arg_names, args):
+        signature[arg] = "*" + names[value.dtype] if isinstance(value, torch.Tensor) else "i32"
+    constexprs = {k: v for k, v in kwargs.items() if k != "num_warps"}
+    signature.update({k: "constexpr" for k in constexprs})
+    return kernel.__name__, signature, constexprs, kwargs["num_warps"]
+
+
+class WorkLog(TorchDispatchMode):
+    """The torch ops that do work (beyond allocating and viewing) while it is active."""
+
+    FREE = {
+        "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor", "aten.select.int"
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) not in self.FREE:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(H=0, prompt_out=False), Case(H=24), Case(H=100, act_dtype=torch.float16, shared=False), Case(dtype=torch.float16)],
+    ids=["linear-layer0", "hidden24", "hidden100-mixed", "fp16"],
+)
+def test_one_launch_forward_three_backward_all_listed_variants(case, monkeypatch):
+    """Records the launches instead of running them (only their count and signatures matter),
+    and every torch op beyond allocation and views: there must be none."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(_call_signature(self.kernel, args, kwargs))
+
+    kernels = ("_dispatch_fwd_kernel", "_dispatch_bwd_softmax_kernel", "_dispatch_bwd_kernel", "_dispatch_bwd_reduce_kernel")
+    for name in kernels:
+        monkeypatch.setattr(kd, name, Recorder(getattr(kd, name)))
+    inputs = make_inputs(dataclasses.replace(case, K=2, B=1, Np=2, T=5, D=16))
+    leaves = [t.to(DEVICE).requires_grad_(True) for t in inputs["leaves"]]
+    prompts, tokens, prompt_out, pe, pp, pz = inputs["build"](leaves)
+    args = (prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz)
+    kd.fused_dispatch(*args)  # uploads the token ranges once; later calls reuse them
+    launches.clear()
+    with WorkLog() as work:
+        ipt, _ = kd.fused_dispatch(*args)
+        torch.autograd.grad(ipt, leaves, torch.empty_like(ipt), allow_unused=True)
+    assert work.ops == []
+    assert [launch[0] for launch in launches] == list(kernels)
+    listed = [(v["kernel"].__name__, v["signature"], v["constexprs"], v["num_warps"]) for v in kd.KERNEL_VARIANTS]
+    for launch in launches:
+        assert launch in listed, f"{launch[0]} launched with a variant KERNEL_VARIANTS does not list: {launch[2]}"
+
+
+COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, traceback
+    from concurrent.futures import ProcessPoolExecutor
+
+    def build(index):
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from pmoe_fast.kernels.dispatch import KERNEL_VARIANTS
+
+        v = KERNEL_VARIANTS[index]
+        assert type(v["kernel"]).__name__ == "JITFunction", type(v["kernel"])
+        try:
+            compiled = triton.compile(
+                ASTSource(v["kernel"], v["signature"], v["constexprs"]),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": v["num_warps"]},
+            )
+        except Exception:
+            return v["name"], traceback.format_exc()
+        return v["name"], {"shared": compiled.metadata.shared, "ptx": len(compiled.asm["ptx"])}
+
+    if __name__ == "__main__":
+        from pmoe_fast.kernels.dispatch import KERNEL_VARIANTS
+
+        with ProcessPoolExecutor(2) as pool:
+            results = dict(pool.map(build, range(len(KERNEL_VARIANTS))))
+        json.dump(results, sys.stdout)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def compiled_variants(tmp_path_factory):
+    """Compiles every variant for sm_90 in a subprocess without TRITON_INTERPRET (there the
+    kernels are real JITFunctions, here they are the interpreter's wrappers), two at a time."""
+    script = tmp_path_factory.mktemp("compile") / "compile_variants.py"
+    script.write_text(COMPILE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [v["name"] for v in kd.KERNEL_VARIANTS])
+def test_variant_compiles_for_sm90(name, compiled_variants):
+    result = compiled_variants[name]
+    assert isinstance(result, dict), f"{name} does not compile for sm_90:\n{result}"
+    # The H100 gives a block at most 227 KB of shared memory; two programs an SM want half.
+    assert result["shared"] <= 114 * 1024, f"{name} needs {result['shared']} bytes of shared memory"
+    assert result["ptx"] > 0
