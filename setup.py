@@ -121,7 +121,7 @@ def extension_modules():
         sys.exit(f"pmoe_fast setup: PMOE_FAST_FORCE_CUDA_BUILD=1 but the CUDA part cannot be built: {reason}")
 
     cap_max_jobs()
-    cpu_sources = ["csrc/pmoe_ops.cpp", "csrc/bindings.cpp"]
+    cpu_sources = ["csrc/pmoe_ops.cpp", "csrc/dispatch_cpu.cpp", "csrc/bindings.cpp"]
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
 

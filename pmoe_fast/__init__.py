@@ -6,8 +6,8 @@ ops that need it raise an error that says how to build it.
 
 __version__ = "0.1.0"
 
-from . import experts, fusion, reference, vit
+from . import experts, fused_dispatch, fusion, reference, vit
 from ._ext import extension_status
 from .dispatcher import Dispatcher
 
-__all__ = ["Dispatcher", "experts", "extension_status", "fusion", "reference", "vit"]
+__all__ = ["Dispatcher", "experts", "extension_status", "fused_dispatch", "fusion", "reference", "vit"]

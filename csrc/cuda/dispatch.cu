@@ -1,0 +1,820 @@
+// CUDA implementations of pmoe_fast::dispatch_mlp and dispatch_mlp_backward (schemas in
+// ../dispatch_cpu.cpp; notation and formulas in ../dispatch.h).
+//
+// Written to be correct by construction and to be read, not tuned: FMAs on CUDA cores over
+// shared-memory tiles (no tensor cores), no atomics, every reduction in a fixed order, so results
+// are bitwise reproducible. Arithmetic is in acc_t = at::opmath_type of the tokens' dtype (float,
+// or double for fp64); prompts, prompt_out, parameters and grad_ipt are converted to acc_t up
+// front (small tensors), the tokens are read in place through their strides (fp64 runs convert
+// non-fp64 tokens to fp64 first: fp64 is for checking, not speed).
+//
+// Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB):
+//  * forward, ONE launch, grid K*B, block 256: block (k, b) streams its token rows once per chunk
+//    of 64 hidden units (once for H <= 64), computing W1_z Z + b1_z tile by tile (32 tokens x
+//    64 units, D in chunks of 32 through shared memory), writes them to z_act and keeps only
+//    their mean gelu; then runs f_e and f_p on its Np prompt rows, adds the three logits, takes
+//    the softmax and mixes the prompts. Reads the tokens once (29 MB) and W1 once per tile of
+//    32 tokens (from L2); writes z_act (2.4 MB) and the small outputs. 0.93 GFLOP, recomputing
+//    f_e once per image (Np/T of that).
+//  * backward, THREE launches:
+//    1. grid K*B: dL/dweights and the softmax backward of its Np rows, then dL/dZ = dA W1_z for
+//       its tokens (dA = coef * gelu'(z_act), recomputed per 64-column tile of D) and dL/dZ_P.
+//       Reads z_act (2.4 MB, D/64 times, mostly from L2), writes dL/dZ (29 MB).
+//    2. grid K*Np: block (j, n) owns dL/dP[j, n]: the mixture part, sum_{k,b} weights[k, b, n, j]
+//       grad_ipt[k, b, n], and source e's part through f_e.
+//    3. grid (tiles + 1, 3 sources): each block owns a 32 x 64 tile of dL/dW1_s (its column D is
+//       dL/db1_s: a constant-1 input) and sums it over all of the source's rows in order; the
+//       last block of each source computes dL/dW2_s and dL/db2_s. Reads the tokens ceil(H/32)
+//       times (58 MB) and z_act once per 64-column tile. This launch is the long pole: at the
+//       shape above it has only 2 x 13 tiles for source z, each summing 9456 rows; splitting
+//       the rows with a fixed-order second pass is the next step if it shows up in a profile.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../dispatch.h"
+
+namespace pmoe_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// A product tile is kTileRows x kTileCols outputs, reduced kTileK at a time through shared
+// memory. Thread t owns column t % kTileCols and rows t / kTileCols + kRowGroups * i.
+constexpr int kTileRows = 32;
+constexpr int kTileCols = 64;
+constexpr int kTileK = 32;
+constexpr int kRowGroups = kThreads / kTileCols;
+constexpr int kRowsPerThread = kTileRows / kRowGroups;
+// The token ranges of all experts travel in the launch arguments (no host-to-device copy).
+constexpr int kMaxExperts = 64;
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+
+// ---- Device helpers ----------------------------------------------------------------------
+
+__device__ inline float erf_(float x) { return erff(x); }
+__device__ inline double erf_(double x) { return erf(x); }
+__device__ inline float exp_(float x) { return expf(x); }
+__device__ inline double exp_(double x) { return exp(x); }
+
+// Exact (erf) GELU and its derivative, as torch.nn.functional.gelu(approximate="none").
+template <typename acc_t>
+__device__ acc_t gelu(acc_t a) {
+  return acc_t(0.5) * a * (acc_t(1) + erf_(a * acc_t(0.70710678118654752)));
+}
+
+template <typename acc_t>
+__device__ acc_t gelu_grad(acc_t a) {
+  const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_(a * acc_t(0.70710678118654752)));
+  const acc_t pdf = acc_t(0.39894228040143268) * exp_(acc_t(-0.5) * a * a);  // 1 / sqrt(2 pi)
+  return cdf + a * pdf;
+}
+
+// f's hidden activation, or the identity when f has no hidden layer (H = 0).
+template <typename acc_t>
+__device__ acc_t activation(acc_t a, bool hidden) {
+  return hidden ? gelu(a) : a;
+}
+
+// Sum over the 32 lanes of a warp, every lane getting the total; a fixed butterfly order.
+template <typename acc_t>
+__device__ acc_t warp_sum(acc_t v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ inline int tile_rows(int64_t begin, int64_t end) {
+  return static_cast<int>(end - begin < kTileRows ? end - begin : kTileRows);
+}
+
+// ---- Kernel arguments --------------------------------------------------------------------
+
+// One source's f, in acc_t, contiguous.
+template <typename acc_t>
+struct Mlp {
+  const acc_t* w1;  // (H, D); nullptr when H = 0
+  const acc_t* b1;  // (H)
+  const acc_t* w2;  // (K, Hz)
+  const acc_t* b2;  // (K)
+};
+
+template <typename scalar_t, typename acc_t>
+struct Inputs {
+  const acc_t* prompts;     // (K, Np, D)
+  const scalar_t* tokens;   // (K, B, T, D), strides below, unit stride along D
+  int64_t stride_z_k, stride_z_b, stride_z_t;
+  const acc_t* prompt_out;  // (K, B, Np, D), or nullptr
+  Mlp<acc_t> f[kNumSources];
+  int64_t K, B, Np, T, D, H, Hz;
+  int64_t tok_start[kMaxExperts], tok_end[kMaxExperts];
+
+  __device__ const scalar_t* token_row(int64_t k, int64_t b, int64_t t) const {
+    return tokens + k * stride_z_k + b * stride_z_b + t * stride_z_t;
+  }
+};
+
+// Parameter gradients in acc_t, one pointer per source.
+template <typename acc_t>
+struct ParamGrads {
+  acc_t* w1[kNumSources];  // (H, D); unused when H = 0
+  acc_t* b1[kNumSources];  // (H)
+  acc_t* w2[kNumSources];  // (K, Hz)
+  acc_t* b2[kNumSources];  // (K)
+};
+
+// Intermediate results the three backward launches hand each other, in acc_t.
+template <typename acc_t>
+struct Scratch {
+  acc_t* dlogits;  // (K, B, Np, K)  dL/dlogits
+  acc_t* dl_z;     // (K, B, K)      its sum over n: the gradient of mean_t f_z
+  acc_t* coef_z;   // (K, B, Hz)     W2_z^T dl_z / count: dL/d(features) of each token
+  acc_t* pre_p;    // (K, B, Np, H)  pre-activations of source p
+  acc_t* da_p;     // (K, B, Np, H)  their gradient
+  acc_t* dl_e;     // (K, Np, K)     sum over b of dL/dlogits: the gradient of f_e
+  acc_t* pre_e;    // (K, Np, H)     pre-activations of source e
+  acc_t* da_e;     // (K, Np, H)     their gradient
+};
+
+// ---- Tiles -------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct Tile {
+  acc_t a[kTileRows][kTileK + 1];  // left operand chunk [row][reduction]; +1: no bank conflicts
+  acc_t b[kTileK][kTileCols + 1];  // right operand chunk [reduction][column]
+};
+
+// acc[i] += sum_{r < len} A(row_i, r) * B(r, col) for this thread's outputs of a tile. load_a(row,
+// r) and load_b(r, col) return the operands (0 outside the matrices). kATransposed: A is stored
+// with rows contiguous along `row`, so consecutive threads load consecutive rows (coalesced).
+template <bool kATransposed, typename acc_t, typename LoadA, typename LoadB>
+__device__ void tile_product(int64_t len, const LoadA& load_a, const LoadB& load_b, Tile<acc_t>& sm,
+                             acc_t (&acc)[kRowsPerThread]) {
+  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
+  for (int64_t r0 = 0; r0 < len; r0 += kTileK) {
+    for (int idx = threadIdx.x; idx < kTileRows * kTileK; idx += kThreads) {
+      const int row = kATransposed ? idx % kTileRows : idx / kTileK;
+      const int r = kATransposed ? idx / kTileRows : idx % kTileK;
+      sm.a[row][r] = r0 + r < len ? load_a(row, r0 + r) : acc_t(0);
+    }
+    for (int idx = threadIdx.x; idx < kTileK * kTileCols; idx += kThreads) {
+      const int r = idx / kTileCols, c = idx % kTileCols;
+      sm.b[r][c] = r0 + r < len ? load_b(r0 + r, c) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int r = 0; r < kTileK; ++r) {
+      const acc_t bv = sm.b[r][col];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) acc[i] += sm.a[group + kRowGroups * i][r] * bv;
+    }
+    __syncthreads();
+  }
+}
+
+// This thread's pre-activations of features h0 + col for rows row_i < rows of x (row stride
+// stride_x): W1 x + b1, or x itself when H = 0 (f = Linear(D, K): its features are its inputs).
+// Zero for rows >= rows and features >= Hz. Every thread of the block must call it.
+template <typename x_t, typename acc_t>
+__device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, const Mlp<acc_t>& f,
+                                    int64_t H, int64_t D, int64_t h0, Tile<acc_t>& sm,
+                                    acc_t (&pre)[kRowsPerThread]) {
+  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
+  const int64_t h = h0 + col;
+  for (int i = 0; i < kRowsPerThread; ++i) pre[i] = acc_t(0);
+  if (H == 0) {
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int row = group + kRowGroups * i;
+      if (row < rows && h < D) pre[i] = static_cast<acc_t>(x[row * stride_x + h]);
+    }
+    return;
+  }
+  tile_product<false>(
+      D,
+      [&](int row, int64_t d) { return row < rows ? static_cast<acc_t>(x[row * stride_x + d]) : acc_t(0); },
+      [&](int64_t d, int c) { return h0 + c < H ? f.w1[(h0 + c) * D + d] : acc_t(0); }, sm, pre);
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    if (group + kRowGroups * i < rows && h < H) pre[i] += f.b1[h];
+  }
+}
+
+// ---- Forward -----------------------------------------------------------------------------
+
+// Grid K * B, block kThreads: block (k, b) computes everything of expert k's image b.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_mlp_fwd_kernel(const Inputs<scalar_t, acc_t> in,
+                            acc_t* __restrict__ ipt_ptr,      // (K, B, Np, D)
+                            acc_t* __restrict__ weights_ptr,  // (K, B, Np, K): logits, then softmax
+                            acc_t* __restrict__ z_act_ptr,    // (K, B, T, H)
+                            acc_t* __restrict__ z_mean_ptr) { // (K, B, Hz)
+  __shared__ Tile<acc_t> tile;
+  __shared__ acc_t features[kTileRows][kTileCols + 1];  // activated tile, read across columns
+  __shared__ acc_t partial[kRowGroups][kTileCols];      // per row group sums over tokens
+  __shared__ acc_t mean[kTileCols];
+  __shared__ acc_t logits_z[kMaxExperts];  // W2_z mean_t gelu(z_act), summed over chunks
+
+  const int64_t kb = blockIdx.x, k = kb / in.B, b = kb % in.B;
+  const int64_t K = in.K, Np = in.Np, D = in.D, H = in.H, Hz = in.Hz;
+  const bool hidden = H > 0;
+  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
+  acc_t* logits = weights_ptr + kb * Np * K;
+  acc_t pre[kRowsPerThread];
+
+  for (int64_t idx = threadIdx.x; idx < Np * K; idx += kThreads) {
+    const int64_t j = idx % K;
+    logits[idx] = in.f[0].b2[j] + in.f[2].b2[j] + (in.prompt_out ? in.f[1].b2[j] : acc_t(0));
+  }
+  for (int j = threadIdx.x; j < K; j += kThreads) logits_z[j] = acc_t(0);
+
+  // Source z: z_act outside the token range is zero.
+  const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
+  acc_t* z_act = z_act_ptr + kb * in.T * H;
+  for (int64_t idx = threadIdx.x; idx < (in.T - count) * H; idx += kThreads) {
+    const int64_t t = idx / H;
+    z_act[(t < start ? t : t + count) * H + idx % H] = acc_t(0);
+  }
+  __syncthreads();
+  for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
+    const int64_t h = h0 + col;
+    acc_t sum = 0;  // over this thread's rows of every token tile: a fixed order
+    for (int64_t t0 = start; t0 < end; t0 += kTileRows) {
+      const int rows = tile_rows(t0, end);
+      pre_activation_tile(in.token_row(k, b, t0), in.stride_z_t, rows, in.f[2], H, D, h0, tile, pre);
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const int row = group + kRowGroups * i;
+        if (row < rows && h < Hz) {
+          if (hidden) z_act[(t0 + row) * H + h] = pre[i];
+          sum += activation(pre[i], hidden);
+        }
+      }
+    }
+    partial[group][col] = sum;
+    __syncthreads();
+    if (threadIdx.x < kTileCols) {
+      acc_t total = 0;
+      for (int g = 0; g < kRowGroups; ++g) total += partial[g][threadIdx.x];
+      mean[threadIdx.x] = total / acc_t(count);
+      if (h0 + threadIdx.x < Hz) z_mean_ptr[kb * Hz + h0 + threadIdx.x] = mean[threadIdx.x];
+    }
+    __syncthreads();
+    // mean_t f_z = W2_z mean_t gelu(.) + b2_z: the second layer runs once, on the mean.
+    for (int j = threadIdx.x; j < K; j += kThreads) {
+      acc_t s = 0;
+      for (int c = 0; c < kTileCols && h0 + c < Hz; ++c) s += in.f[2].w2[j * Hz + h0 + c] * mean[c];
+      logits_z[j] += s;
+    }
+    __syncthreads();
+  }
+
+  // Sources e (P[k, n]) and p (Z_P[k, b, n]): logits[n, j] += sum_h W2[j, h] act(pre[n, h]).
+  for (int s = 0; s < 2; ++s) {
+    if (s == 1 && in.prompt_out == nullptr) continue;
+    const acc_t* x = s == 0 ? in.prompts + k * Np * D : in.prompt_out + kb * Np * D;
+    const Mlp<acc_t>& f = in.f[s];
+    for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
+      for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
+        const int rows = tile_rows(n0, Np);
+        pre_activation_tile(x + n0 * D, D, rows, f, H, D, h0, tile, pre);
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          features[group + kRowGroups * i][col] = activation(pre[i], hidden);  // 0 outside
+        }
+        __syncthreads();
+        for (int64_t idx = threadIdx.x; idx < rows * K; idx += kThreads) {
+          const int64_t row = idx / K, j = idx % K;
+          acc_t sum = 0;
+          for (int c = 0; c < kTileCols && h0 + c < Hz; ++c) sum += f.w2[j * Hz + h0 + c] * features[row][c];
+          logits[(n0 + row) * K + j] += sum;
+        }
+        __syncthreads();
+      }
+    }
+  }
+
+  // Softmax over the K experts, one thread per row n, subtracting the row max.
+  for (int64_t n = threadIdx.x; n < Np; n += kThreads) {
+    acc_t* row = logits + n * K;
+    acc_t top = row[0] + logits_z[0];
+    for (int64_t j = 0; j < K; ++j) {
+      row[j] += logits_z[j];
+      top = row[j] > top ? row[j] : top;
+    }
+    acc_t total = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      row[j] = exp_(row[j] - top);
+      total += row[j];
+    }
+    for (int64_t j = 0; j < K; ++j) row[j] /= total;
+  }
+  __syncthreads();
+
+  // ipt[n, d] = sum_j weights[n, j] P[j, n, d]; consecutive threads on consecutive d.
+  for (int64_t idx = threadIdx.x; idx < Np * D; idx += kThreads) {
+    const int64_t n = idx / D, d = idx % D;
+    acc_t sum = 0;
+    for (int64_t j = 0; j < K; ++j) sum += logits[n * K + j] * in.prompts[(j * Np + n) * D + d];
+    ipt_ptr[kb * Np * D + idx] = sum;
+  }
+}
+
+// ---- Backward ----------------------------------------------------------------------------
+
+// Launch 1. Grid K * B, block kThreads: block (k, b) takes its Np rows through the mixture and
+// the softmax, then source z's tokens and source p's prompt outputs through their f.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_mlp_bwd_rows_kernel(const Inputs<scalar_t, acc_t> in,
+                                 const acc_t* __restrict__ grad_ipt_ptr,  // (K, B, Np, D)
+                                 const acc_t* __restrict__ weights_ptr,   // (K, B, Np, K)
+                                 const acc_t* __restrict__ z_act_ptr,     // (K, B, T, H)
+                                 const Scratch<acc_t> scratch,
+                                 scalar_t* __restrict__ grad_tokens_ptr,    // (K, B, T, D) or null
+                                 acc_t* __restrict__ grad_prompt_out_ptr) {  // (K, B, Np, D) or null
+  __shared__ Tile<acc_t> tile;
+  __shared__ acc_t dl_z[kMaxExperts];
+
+  const int64_t kb = blockIdx.x, k = kb / in.B, b = kb % in.B;
+  const int64_t K = in.K, Np = in.Np, T = in.T, D = in.D, H = in.H, Hz = in.Hz;
+  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const acc_t* grad = grad_ipt_ptr + kb * Np * D;
+  const acc_t* w = weights_ptr + kb * Np * K;
+  acc_t* dl = scratch.dlogits + kb * Np * K;
+
+  // dL/dweights[n, j] = <grad_ipt[n, :], P[j, n, :]>: a warp per (n, j), lanes along D.
+  for (int64_t nj = warp; nj < Np * K; nj += kWarps) {
+    const int64_t n = nj / K, j = nj % K;
+    acc_t sum = 0;
+    for (int64_t d = lane; d < D; d += 32) sum += grad[n * D + d] * in.prompts[(j * Np + n) * D + d];
+    sum = warp_sum(sum);
+    if (lane == 0) dl[nj] = sum;
+  }
+  __syncthreads();
+  // Softmax backward: dL/dlogits = w * (dL/dw - <w, dL/dw>).
+  for (int64_t n = threadIdx.x; n < Np; n += kThreads) {
+    acc_t dot = 0;
+    for (int64_t j = 0; j < K; ++j) dot += w[n * K + j] * dl[n * K + j];
+    for (int64_t j = 0; j < K; ++j) dl[n * K + j] = w[n * K + j] * (dl[n * K + j] - dot);
+  }
+  __syncthreads();
+
+  // Source z: its logits were shared by the Np rows, so their gradient is the sum over n.
+  for (int64_t j = threadIdx.x; j < K; j += kThreads) {
+    acc_t sum = 0;
+    for (int64_t n = 0; n < Np; ++n) sum += dl[n * K + j];
+    dl_z[j] = sum;
+    scratch.dl_z[kb * K + j] = sum;
+  }
+  __syncthreads();
+  const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
+  acc_t* coef = scratch.coef_z + kb * Hz;
+  for (int64_t h = threadIdx.x; h < Hz; h += kThreads) {
+    acc_t sum = 0;
+    for (int64_t j = 0; j < K; ++j) sum += in.f[2].w2[j * Hz + h] * dl_z[j];
+    coef[h] = sum / acc_t(count);
+  }
+  __syncthreads();
+
+  if (grad_tokens_ptr != nullptr) {
+    scalar_t* gz = grad_tokens_ptr + kb * T * D;
+    for (int64_t idx = threadIdx.x; idx < (T - count) * D; idx += kThreads) {
+      const int64_t t = idx / D;
+      gz[(t < start ? t : t + count) * D + idx % D] = static_cast<scalar_t>(acc_t(0));
+    }
+    if (H == 0) {  // f_z = Linear(D, K): every token of the range gets coef
+      for (int64_t idx = threadIdx.x; idx < count * D; idx += kThreads) {
+        gz[start * D + idx] = static_cast<scalar_t>(coef[idx % D]);
+      }
+    } else {  // dL/dZ[t] = W1_z^T (coef * gelu'(z_act[t]))
+      const acc_t* z_act = z_act_ptr + kb * T * H;
+      const acc_t* w1 = in.f[2].w1;
+      for (int64_t t0 = start; t0 < end; t0 += kTileRows) {
+        const int rows = tile_rows(t0, end);
+        for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
+          acc_t acc[kRowsPerThread] = {};
+          tile_product<false>(
+              H,
+              [&](int row, int64_t h) {
+                return row < rows ? coef[h] * gelu_grad(z_act[(t0 + row) * H + h]) : acc_t(0);
+              },
+              [&](int64_t h, int c) { return d0 + c < D ? w1[h * D + d0 + c] : acc_t(0); }, tile, acc);
+          for (int i = 0; i < kRowsPerThread; ++i) {
+            const int row = group + kRowGroups * i;
+            if (row < rows && d0 + col < D) gz[(t0 + row) * D + d0 + col] = static_cast<scalar_t>(acc[i]);
+          }
+        }
+      }
+    }
+  }
+
+  // Source p: one row per prompt output Z_P[k, b, n], with the gradient dl[n].
+  if (in.prompt_out == nullptr) return;
+  const acc_t* x = in.prompt_out + kb * Np * D;
+  const Mlp<acc_t>& f = in.f[1];
+  acc_t* gzp = grad_prompt_out_ptr != nullptr ? grad_prompt_out_ptr + kb * Np * D : nullptr;
+  if (H == 0) {
+    if (gzp == nullptr) return;
+    for (int64_t idx = threadIdx.x; idx < Np * D; idx += kThreads) {
+      const int64_t n = idx / D, d = idx % D;
+      acc_t sum = 0;
+      for (int64_t j = 0; j < K; ++j) sum += dl[n * K + j] * f.w2[j * D + d];
+      gzp[idx] = sum;
+    }
+    return;
+  }
+  acc_t* pre_p = scratch.pre_p + kb * Np * H;
+  acc_t* da_p = scratch.da_p + kb * Np * H;
+  acc_t pre[kRowsPerThread];
+  for (int64_t h0 = 0; h0 < H; h0 += kTileCols) {
+    for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
+      const int rows = tile_rows(n0, Np);
+      pre_activation_tile(x + n0 * D, D, rows, f, H, D, h0, tile, pre);
+      const int64_t h = h0 + col;
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const int64_t n = n0 + group + kRowGroups * i;
+        if (n - n0 < rows && h < H) {
+          acc_t up = 0;  // (W2_p^T dl[n])[h]
+          for (int64_t j = 0; j < K; ++j) up += f.w2[j * H + h] * dl[n * K + j];
+          pre_p[n * H + h] = pre[i];
+          da_p[n * H + h] = up * gelu_grad(pre[i]);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (gzp == nullptr) return;
+  for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
+    const int rows = tile_rows(n0, Np);
+    for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
+      acc_t acc[kRowsPerThread] = {};
+      tile_product<false>(
+          H, [&](int row, int64_t h) { return row < rows ? da_p[(n0 + row) * H + h] : acc_t(0); },
+          [&](int64_t h, int c) { return d0 + c < D ? f.w1[h * D + d0 + c] : acc_t(0); }, tile, acc);
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const int row = group + kRowGroups * i;
+        if (row < rows && d0 + col < D) gzp[(n0 + row) * D + d0 + col] = acc[i];
+      }
+    }
+  }
+}
+
+// Launch 2. Grid K * Np, block kThreads: block (j, n) owns prompt P[j, n]: source e's backward
+// for it, and its gradient (the mixture's part plus f_e's).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_mlp_bwd_prompts_kernel(const Inputs<scalar_t, acc_t> in,
+                                    const acc_t* __restrict__ grad_ipt_ptr,  // (K, B, Np, D)
+                                    const acc_t* __restrict__ weights_ptr,   // (K, B, Np, K)
+                                    const Scratch<acc_t> scratch,
+                                    acc_t* __restrict__ grad_prompts_ptr) {  // (K, Np, D) or null
+  __shared__ acc_t dl_e[kMaxExperts];
+  const int64_t jn = blockIdx.x, j = jn / in.Np, n = jn % in.Np;
+  const int64_t K = in.K, B = in.B, Np = in.Np, D = in.D, H = in.H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Mlp<acc_t>& f = in.f[0];
+  const acc_t* p = in.prompts + jn * D;
+
+  // f_e(P[j, n]) entered the logits of every image of expert j.
+  for (int64_t i = threadIdx.x; i < K; i += kThreads) {
+    acc_t sum = 0;
+    for (int64_t b = 0; b < B; ++b) sum += scratch.dlogits[((j * B + b) * Np + n) * K + i];
+    dl_e[i] = sum;
+    scratch.dl_e[jn * K + i] = sum;
+  }
+  __syncthreads();
+  if (H > 0) {  // a warp per hidden unit h
+    for (int64_t h = warp; h < H; h += kWarps) {
+      acc_t sum = 0;
+      for (int64_t d = lane; d < D; d += 32) sum += f.w1[h * D + d] * p[d];
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const acc_t pre = sum + f.b1[h];
+        acc_t up = 0;
+        for (int64_t i = 0; i < K; ++i) up += f.w2[i * H + h] * dl_e[i];
+        scratch.pre_e[jn * H + h] = pre;
+        scratch.da_e[jn * H + h] = up * gelu_grad(pre);
+      }
+    }
+    __syncthreads();
+  }
+  if (grad_prompts_ptr == nullptr) return;
+  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+    acc_t sum = 0;
+    for (int64_t kb = 0; kb < K * B; ++kb) {  // the mixture: ipt[k, b, n] used P[j, n]
+      sum += weights_ptr[(kb * Np + n) * K + j] * grad_ipt_ptr[(kb * Np + n) * D + d];
+    }
+    if (H > 0) {
+      for (int64_t h = 0; h < H; ++h) sum += f.w1[h * D + d] * scratch.da_e[jn * H + h];
+    } else {
+      for (int64_t i = 0; i < K; ++i) sum += f.w2[i * D + d] * dl_e[i];
+    }
+    grad_prompts_ptr[jn * D + d] = sum;
+  }
+}
+
+// Launch 3. Grid (H-tiles * (D+1)-tiles + 1, 3), block kThreads; blockIdx.y is the source. A
+// tile block sums dL/dW1_s[h, d] = sum_rows dA[row, h] x[row, d] over all of the source's rows
+// (column d = D has input 1: dL/db1_s). The last block computes dL/dW2_s and dL/db2_s.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_mlp_bwd_params_kernel(const Inputs<scalar_t, acc_t> in,
+                                   const acc_t* __restrict__ z_act_ptr,   // (K, B, T, H)
+                                   const acc_t* __restrict__ z_mean_ptr,  // (K, B, Hz)
+                                   const Scratch<acc_t> scratch, const ParamGrads<acc_t> grads) {
+  __shared__ Tile<acc_t> tile;
+  const int s = blockIdx.y;
+  const int64_t K = in.K, B = in.B, Np = in.Np, T = in.T, D = in.D, H = in.H, Hz = in.Hz;
+  const bool hidden = H > 0;
+  const int64_t d_tiles = (D + 1 + kTileCols - 1) / kTileCols;
+  const int64_t w1_tiles = hidden ? (H + kTileRows - 1) / kTileRows * d_tiles : 0;
+  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
+
+  if (blockIdx.x < w1_tiles) {
+    const int64_t h0 = blockIdx.x / d_tiles * kTileRows, d0 = blockIdx.x % d_tiles * kTileCols;
+    acc_t acc[kRowsPerThread] = {};
+    if (s == 2) {  // rows (k, b, t) over each token range, dA = coef * gelu'(z_act)
+      for (int64_t kb = 0; kb < K * B; ++kb) {
+        const int64_t k = kb / B, b = kb % B, start = in.tok_start[k];
+        const acc_t* a = z_act_ptr + (kb * T + start) * H;
+        const acc_t* c = scratch.coef_z + kb * Hz;
+        const scalar_t* x = in.token_row(k, b, start);
+        tile_product<true>(
+            in.tok_end[k] - start,
+            [&](int row, int64_t t) { return h0 + row < H ? c[h0 + row] * gelu_grad(a[t * H + h0 + row]) : acc_t(0); },
+            [&](int64_t t, int cc) {
+              const int64_t d = d0 + cc;
+              return d < D ? static_cast<acc_t>(x[t * in.stride_z_t + d]) : acc_t(d == D);
+            },
+            tile, acc);
+      }
+    } else {  // rows (k, n) of P, or (k, b, n) of Z_P
+      const int64_t rows = s == 0 ? K * Np : (in.prompt_out != nullptr ? K * B * Np : 0);
+      const acc_t* x = s == 0 ? in.prompts : in.prompt_out;
+      const acc_t* da = s == 0 ? scratch.da_e : scratch.da_p;
+      tile_product<true>(
+          rows, [&](int row, int64_t r) { return h0 + row < H ? da[r * H + h0 + row] : acc_t(0); },
+          [&](int64_t r, int cc) {
+            const int64_t d = d0 + cc;
+            return d < D ? x[r * D + d] : acc_t(d == D);
+          },
+          tile, acc);
+    }
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int64_t h = h0 + group + kRowGroups * i, d = d0 + col;
+      if (h < H && d < D) grads.w1[s][h * D + d] = acc[i];
+      if (h < H && d == D) grads.b1[s][h] = acc[i];
+    }
+    return;
+  }
+
+  // dL/dW2_s[j, h] = sum_rows dl[row, j] * features[row, h]; column h = Hz (input 1) is dL/db2_s.
+  // One thread per output, rows in order. Features: act(pre) of e and p, or their inputs when
+  // H = 0; z_mean for z.
+  int64_t rows = 0;
+  const acc_t* dl = nullptr;
+  const acc_t* pre = nullptr;
+  const acc_t* inputs = nullptr;
+  if (s == 0) {
+    rows = K * Np, dl = scratch.dl_e, pre = scratch.pre_e, inputs = in.prompts;
+  } else if (s == 1) {
+    rows = in.prompt_out != nullptr ? K * B * Np : 0;
+    dl = scratch.dlogits, pre = scratch.pre_p, inputs = in.prompt_out;
+  } else {
+    rows = K * B, dl = scratch.dl_z;
+  }
+  for (int64_t idx = threadIdx.x; idx < K * (Hz + 1); idx += kThreads) {
+    const int64_t j = idx / (Hz + 1), h = idx % (Hz + 1);
+    acc_t sum = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t feature = 1;
+      if (h < Hz) {
+        feature = s == 2 ? z_mean_ptr[r * Hz + h] : hidden ? gelu(pre[r * H + h]) : inputs[r * D + h];
+      }
+      sum += dl[r * K + j] * feature;
+    }
+    if (h < Hz) {
+      grads.w2[s][j * Hz + h] = sum;
+    } else {
+      grads.b2[s][j] = sum;
+    }
+  }
+}
+
+// ---- Host side ---------------------------------------------------------------------------
+
+void check_cuda_limits(const char* op, const DispatchSizes& s) {
+  TORCH_CHECK(s.K <= kMaxExperts, op, ": the CUDA kernels take at most ", kMaxExperts,
+              " experts, got K = ", s.K);
+  TORCH_CHECK(s.K * s.B <= kMaxGridX && s.K * s.Np <= kMaxGridX, op,
+              ": problem too large for the CUDA launch grid (K * B = ", s.K * s.B, ")");
+}
+
+// The inputs as the kernels read them, kept alive until the launches are queued.
+struct KernelTensors {
+  at::Tensor prompts, tokens, prompt_out;  // prompts, prompt_out: acc, contiguous; tokens: strided
+  at::Tensor w1[kNumSources], b1[kNumSources], w2[kNumSources], b2[kNumSources];
+};
+
+at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+
+KernelTensors kernel_tensors(at::ScalarType acc, const at::Tensor& prompts, const at::Tensor& tokens,
+                             const std::optional<at::Tensor>& prompt_out,
+                             const OptionalTensorList& w1, const OptionalTensorList& b1,
+                             at::TensorList w2, at::TensorList b2) {
+  KernelTensors kt;
+  kt.prompts = to_acc(prompts, acc);
+  kt.tokens = acc == at::kDouble ? tokens.to(at::kDouble) : tokens;
+  if (prompt_out.has_value()) kt.prompt_out = to_acc(*prompt_out, acc);
+  for (int s = 0; s < kNumSources; ++s) {
+    const std::optional<at::Tensor> w = w1.get(s), b = b1.get(s);
+    if (w.has_value()) {
+      kt.w1[s] = to_acc(*w, acc);
+      kt.b1[s] = to_acc(*b, acc);
+    }
+    kt.w2[s] = to_acc(w2[s], acc);
+    kt.b2[s] = to_acc(b2[s], acc);
+  }
+  return kt;
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+template <typename scalar_t, typename acc_t>
+Inputs<scalar_t, acc_t> kernel_inputs(const KernelTensors& kt, const DispatchSizes& s,
+                                      at::IntArrayRef tok_start, at::IntArrayRef tok_end) {
+  Inputs<scalar_t, acc_t> in{};
+  in.prompts = kt.prompts.const_data_ptr<acc_t>();
+  in.tokens = kt.tokens.const_data_ptr<scalar_t>();
+  in.stride_z_k = kt.tokens.stride(0);
+  in.stride_z_b = kt.tokens.stride(1);
+  in.stride_z_t = kt.tokens.stride(2);
+  in.prompt_out = ptr_or_null<acc_t>(kt.prompt_out);
+  for (int i = 0; i < kNumSources; ++i) {
+    in.f[i] = {ptr_or_null<acc_t>(kt.w1[i]), ptr_or_null<acc_t>(kt.b1[i]),
+               kt.w2[i].const_data_ptr<acc_t>(), kt.b2[i].const_data_ptr<acc_t>()};
+  }
+  in.K = s.K, in.B = s.B, in.Np = s.Np, in.T = s.T, in.D = s.D, in.H = s.H, in.Hz = s.features();
+  for (int64_t k = 0; k < s.K; ++k) {
+    in.tok_start[k] = tok_start[k];
+    in.tok_end[k] = tok_end[k];
+  }
+  return in;
+}
+
+// Same contract as dispatch_mlp_cpu (dispatch_cpu.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cuda(
+    const at::Tensor& prompts, const at::Tensor& tokens, at::IntArrayRef tok_start,
+    at::IntArrayRef tok_end, const std::optional<at::Tensor>& prompt_out,
+    const OptionalTensorList& w1, const OptionalTensorList& b1, at::TensorList w2,
+    at::TensorList b2) {
+  const char* op = "dispatch_mlp";
+  const DispatchSizes s =
+      check_dispatch_inputs(op, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2);
+  check_cuda_limits(op, s);
+  const c10::cuda::CUDAGuard guard(prompts.device());
+  const at::ScalarType acc = dispatch_acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2);
+  const KernelTensors kt = kernel_tensors(acc, prompts, tokens, prompt_out, w1, b1, w2, b2);
+  const at::TensorOptions options = prompts.options().dtype(acc);
+  at::Tensor ipt = at::empty({s.K, s.B, s.Np, s.D}, options);
+  at::Tensor weights = at::empty({s.K, s.B, s.Np, s.K}, options);
+  at::Tensor z_act = at::empty({s.K, s.B, s.T, s.H}, options);
+  at::Tensor z_mean = at::empty({s.K, s.B, s.features()}, options);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
+    dispatch_mlp_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.K * s.B), kThreads, 0, stream>>>(
+        in, ipt.mutable_data_ptr<acc_t>(), weights.mutable_data_ptr<acc_t>(),
+        z_act.mutable_data_ptr<acc_t>(), z_mean.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // ipt is accumulated in acc; prompts in another dtype cost one conversion kernel here.
+  return {ipt.to(prompts.scalar_type()), weights, z_act, z_mean};
+}
+
+// Same contract as dispatch_mlp_backward_cpu (dispatch_cpu.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>, std::vector<at::Tensor>>
+dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts,
+                           const at::Tensor& tokens, at::IntArrayRef tok_start,
+                           at::IntArrayRef tok_end, const std::optional<at::Tensor>& prompt_out,
+                           const OptionalTensorList& w1, const OptionalTensorList& b1,
+                           at::TensorList w2, at::TensorList b2, const at::Tensor& weights,
+                           const at::Tensor& z_act, const at::Tensor& z_mean,
+                           std::array<bool, 3> output_mask) {
+  const char* op = "dispatch_mlp_backward";
+  const DispatchSizes s =
+      check_dispatch_inputs(op, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2);
+  check_cuda_limits(op, s);
+  const at::ScalarType acc = dispatch_acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2);
+  check_dispatch_saved(op, s, acc, grad_ipt, weights, z_act, z_mean, prompts);
+  const c10::cuda::CUDAGuard guard(prompts.device());
+  const auto [need_prompts, need_tokens, need_prompt_out] = output_mask;
+  const KernelTensors kt = kernel_tensors(acc, prompts, tokens, prompt_out, w1, b1, w2, b2);
+  const at::Tensor grad = to_acc(grad_ipt, acc);
+  const at::Tensor w = weights.contiguous(), a = z_act.contiguous(), m = z_mean.contiguous();
+  const int64_t Hz = s.features();
+  const at::TensorOptions options = prompts.options().dtype(acc);
+
+  const at::Tensor dlogits = at::empty({s.K, s.B, s.Np, s.K}, options);
+  const at::Tensor dl_z = at::empty({s.K, s.B, s.K}, options);
+  const at::Tensor coef_z = at::empty({s.K, s.B, Hz}, options);
+  const at::Tensor pre_p = at::empty({s.K, s.B, s.Np, s.H}, options);
+  const at::Tensor da_p = at::empty({s.K, s.B, s.Np, s.H}, options);
+  const at::Tensor dl_e = at::empty({s.K, s.Np, s.K}, options);
+  const at::Tensor pre_e = at::empty({s.K, s.Np, s.H}, options);
+  const at::Tensor da_e = at::empty({s.K, s.Np, s.H}, options);
+  // dL/dZ in the dtype the kernels read the tokens in; outputs are converted at the end.
+  at::Tensor grad_tokens = need_tokens ? at::empty({s.K, s.B, s.T, s.D}, kt.tokens.options()) : at::Tensor();
+  at::Tensor grad_prompts = need_prompts ? at::empty({s.K, s.Np, s.D}, options) : at::Tensor();
+  at::Tensor grad_prompt_out =
+      s.has_prompt_out && need_prompt_out ? at::empty({s.K, s.B, s.Np, s.D}, options) : at::Tensor();
+  std::vector<at::Tensor> gw1, gb1, gw2, gb2;
+  for (int i = 0; i < kNumSources; ++i) {
+    if (s.H > 0) {
+      gw1.push_back(at::empty({s.H, s.D}, options));
+      gb1.push_back(at::empty({s.H}, options));
+    }
+    gw2.push_back(at::empty({s.K, Hz}, options));
+    gb2.push_back(at::empty({s.K}, options));
+  }
+
+  const int64_t d_tiles = (s.D + 1 + kTileCols - 1) / kTileCols;
+  const int64_t w1_tiles = s.H > 0 ? (s.H + kTileRows - 1) / kTileRows * d_tiles : 0;
+  TORCH_CHECK(w1_tiles + 1 <= kMaxGridX, op, ": problem too large for the CUDA launch grid");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
+    const Scratch<acc_t> scratch{
+        dlogits.mutable_data_ptr<acc_t>(), dl_z.mutable_data_ptr<acc_t>(),
+        coef_z.mutable_data_ptr<acc_t>(),  pre_p.mutable_data_ptr<acc_t>(),
+        da_p.mutable_data_ptr<acc_t>(),    dl_e.mutable_data_ptr<acc_t>(),
+        pre_e.mutable_data_ptr<acc_t>(),   da_e.mutable_data_ptr<acc_t>()};
+    ParamGrads<acc_t> param_grads{};
+    for (int i = 0; i < kNumSources; ++i) {
+      if (s.H > 0) {
+        param_grads.w1[i] = gw1[i].mutable_data_ptr<acc_t>();
+        param_grads.b1[i] = gb1[i].mutable_data_ptr<acc_t>();
+      }
+      param_grads.w2[i] = gw2[i].mutable_data_ptr<acc_t>();
+      param_grads.b2[i] = gb2[i].mutable_data_ptr<acc_t>();
+    }
+    dispatch_mlp_bwd_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.K * s.B), kThreads, 0, stream>>>(
+        in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), scratch,
+        grad_tokens.defined() ? grad_tokens.mutable_data_ptr<scalar_t>() : nullptr,
+        grad_prompt_out.defined() ? grad_prompt_out.mutable_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_mlp_bwd_prompts_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.K * s.Np), kThreads, 0, stream>>>(
+        in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), scratch,
+        grad_prompts.defined() ? grad_prompts.mutable_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 grid(static_cast<unsigned>(w1_tiles + 1), kNumSources);
+    dispatch_mlp_bwd_params_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+        in, a.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), scratch, param_grads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // Outputs in their inputs' dtypes (no-ops when those are the accumulation dtype).
+  grad_prompts = need_prompts ? grad_prompts.to(prompts.scalar_type()) : at::empty({0}, prompts.options());
+  grad_tokens = need_tokens ? grad_tokens.to(tokens.scalar_type()) : at::empty({0}, tokens.options());
+  if (!s.has_prompt_out) {
+    grad_prompt_out = at::empty({0}, prompts.options());
+  } else {
+    grad_prompt_out = need_prompt_out ? grad_prompt_out.to(prompt_out->scalar_type())
+                                      : at::empty({0}, prompt_out->options());
+  }
+  for (int i = 0; i < kNumSources; ++i) {
+    if (s.H > 0) {
+      gw1[i] = gw1[i].to(w1.get(i)->scalar_type());
+      gb1[i] = gb1[i].to(b1.get(i)->scalar_type());
+    }
+    gw2[i] = gw2[i].to(w2[i].scalar_type());
+    gb2[i] = gb2[i].to(b2[i].scalar_type());
+  }
+  return {grad_prompts, grad_tokens, grad_prompt_out, gw1, gb1, gw2, gb2};
+}
+
+}  // namespace
+}  // namespace pmoe_fast
+
+TORCH_LIBRARY_IMPL(pmoe_fast, CUDA, m) {
+  m.impl("dispatch_mlp", &pmoe_fast::dispatch_mlp_cuda);
+  m.impl("dispatch_mlp_backward", &pmoe_fast::dispatch_mlp_backward_cuda);
+}
