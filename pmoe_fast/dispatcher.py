@@ -13,11 +13,26 @@ of M such MLPs behind a top-k router; kind "none" returns IPT_k = P_k.
 
 This module is where the semantics live: the reference model calls it, and every fast backend
 is measured against its "torch" backend, written here for reading.
+
+Backends (kind "mlp"; kinds "moe" and "none" run on "torch"):
+
+| backend | where | code |
+| --- | --- | --- |
+| torch | any device | ``Dispatcher._forward_torch`` below, the ground truth |
+| triton | CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``) | ``kernels/dispatch.py`` |
+| cuda | CUDA tensors | ``csrc/cuda/dispatch.cu`` via ``pmoe_fast.fused_dispatch`` |
+| cpp | CPU tensors | ``csrc/dispatch_cpu.cpp`` via ``pmoe_fast.fused_dispatch`` |
+
+The backend is chosen when the module is built: the ``backend`` argument, or ``PMOE_BACKEND``
+when the argument is "auto". "auto" takes, on each call, the first backend of ``AUTO_ORDER`` for
+the inputs' device that can serve them, quietly; an explicit backend that cannot serve raises with
+every reason. ``last_backend`` says which one ran.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -26,7 +41,10 @@ from torch import nn
 
 KINDS = ("none", "mlp", "moe")
 POOLS = ("all", "patches")
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+# What "auto" tries, by device. The Triton interpreter is for tests, so "auto" never picks Triton
+# for CPU tensors. Triton leads on GPUs: its kernels use tensor cores (tl.dot).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the names used by separate_mlps
 
 
@@ -106,8 +124,8 @@ class Dispatcher(nn.Module):
         pool: "all" averages f over every non-prompt token; "patches" leaves the prefix tokens out.
         num_dispatch_experts: M, the MLPs of a "moe" dispatcher.
         top_k: how many of the M MLPs each token uses (kind "moe").
-        backend: "torch" (composite PyTorch) or "auto". ``PMOE_BACKEND`` is not read yet: the
-            torch backend is the only one.
+        backend: "auto", "torch", "triton", "cuda" or "cpp" (module docstring); with "auto",
+            the environment variable ``PMOE_BACKEND`` picks one instead when it is set.
     """
 
     def __init__(
@@ -127,8 +145,10 @@ class Dispatcher(nn.Module):
             raise ValueError(f"unknown dispatcher kind {kind!r}; choose one of {KINDS}")
         if pool not in POOLS:
             raise ValueError(f"unknown dispatch pool {pool!r}; choose one of {POOLS}")
+        if backend == "auto":
+            backend = os.environ.get("PMOE_BACKEND", "auto")
         if backend not in BACKENDS:
-            raise ValueError(f"unknown dispatcher backend {backend!r}; choose one of {BACKENDS}")
+            raise ValueError(f"unknown dispatcher backend {backend!r}; choose one of {BACKENDS} (argument or PMOE_BACKEND)")
         if dim < 1 or num_experts < 1:
             raise ValueError(f"dim and num_experts must be >= 1, got dim={dim}, num_experts={num_experts}")
         if hidden < 0:
@@ -140,7 +160,8 @@ class Dispatcher(nn.Module):
         self.dim, self.num_experts, self.hidden = dim, num_experts, hidden
         self.kind, self.separate_mlps, self.pool = kind, separate_mlps, pool
         self.num_dispatch_experts, self.top_k = num_dispatch_experts, top_k
-        self.backend = "torch"
+        self.backend = backend
+        self.last_backend: str | None = None  # the backend that ran the last forward
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing loss of the last forward
         if kind == "none":
             return
@@ -183,11 +204,22 @@ class Dispatcher(nn.Module):
         token_list, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
         K, Np, D = prompts.shape
         B = token_list[0].shape[0]
+        self.aux_loss = None
         if self.kind == "none":
-            self.aux_loss = None
+            self.last_backend = "torch"
             eye = torch.eye(K, device=prompts.device, dtype=_acc_dtype(prompts))
             return prompts.unsqueeze(1).expand(K, B, Np, D), eye[:, None, None, :].expand(K, B, Np, K)
+        self.last_backend = self._choose_backend(prompts, tokens, prompt_out)
+        if self.last_backend == "torch":
+            return self._forward_torch(prompts, token_list, prompt_out, prefix)
+        start = prefix if self.pool == "patches" else [0] * K
+        end = [tokens.shape[2]] * K
+        return _fused_op(self.last_backend)(prompts, tokens, start, end, prompt_out, *self.source_params())
 
+    def _forward_torch(self, prompts, token_list, prompt_out, prefix):
+        """The dispatcher in composite PyTorch: the definition every fused backend must match."""
+        K, Np, D = prompts.shape
+        B = token_list[0].shape[0]
         stats = {} if self.kind == "moe" else None
         logits = self._f("e", prompts.reshape(K * Np, D), stats).view(K, 1, Np, K)
         if prompt_out is not None:
@@ -202,6 +234,56 @@ class Dispatcher(nn.Module):
         ipt = torch.einsum("kbnj,jnd->kbnd", weights, prompts.to(acc)).to(prompts.dtype)
         self.aux_loss = self._aux_loss(stats) if stats is not None else None
         return ipt, weights
+
+    def source_params(self) -> tuple[tuple, tuple, tuple]:
+        """(W1 or None, b1 or None, W2, b2) of f for each source (e, p, z), as the fused ops take
+        them: the same tensors three times for a shared f (kind "mlp")."""
+        def params(owner):
+            fc1 = getattr(owner, "fc1", None)
+            return (fc1.weight if fc1 else None, fc1.bias if fc1 else None, owner.fc2.weight, owner.fc2.bias)
+
+        if self.separate_mlps:
+            return tuple(params(getattr(self, source)) for source in SOURCES)
+        return (params(self),) * 3
+
+    def not_supported_reasons(self, backend, prompts, tokens, prompt_out=None) -> list[str]:
+        """Why ``backend`` cannot run this dispatcher on these inputs, one sentence each."""
+        if backend == "torch" or self.kind == "none":
+            return []
+        if backend not in BACKENDS[1:]:
+            return [f"{backend!r} is not a backend; choose one of {BACKENDS[1:]}"]
+        reasons = []
+        if self.kind != "mlp":
+            reasons.append(f"the {self.kind!r} dispatcher runs on the torch backend only")
+        if not isinstance(tokens, torch.Tensor):
+            reasons.append(
+                "tokens come as a list of per-expert tensors; the fused kernels take one (K, B, T, D) "
+                "tensor (a strided view of the experts' sequences is read in place)"
+            )
+        if reasons:
+            return reasons
+        K, T = tokens.shape[0], tokens.shape[2]
+        params = self.source_params()
+        if backend == "triton":
+            from pmoe_fast.kernels.dispatch import triton_not_supported_reasons
+
+            return triton_not_supported_reasons(prompts, tokens, prompt_out, *params)
+        from pmoe_fast import fused_dispatch
+
+        check = fused_dispatch.cuda_not_supported_reasons if backend == "cuda" else fused_dispatch.cpp_not_supported_reasons
+        return check(prompts, tokens, [0] * K, [T] * K, prompt_out, *params)
+
+    def _choose_backend(self, prompts, tokens, prompt_out) -> str:
+        if self.backend == "auto":
+            order = AUTO_ORDER.get(prompts.device.type, ("torch",))
+            return next(b for b in order if not self.not_supported_reasons(b, prompts, tokens, prompt_out))
+        reasons = self.not_supported_reasons(self.backend, prompts, tokens, prompt_out)
+        if reasons:
+            raise RuntimeError(
+                f"dispatcher backend {self.backend!r} cannot serve these inputs: " + "; ".join(reasons)
+                + ". Use backend='auto' to fall back to one that can."
+            )
+        return self.backend
 
     def _f(self, source: str, x: torch.Tensor, stats: dict[str, RoutingStats] | None) -> torch.Tensor:
         """f of one source on rows x (R, D) -> logits (R, K)."""
@@ -252,6 +334,18 @@ class Dispatcher(nn.Module):
             if not 0 <= q < z.shape[1] or (self.pool == "patches" and q >= z.shape[1]):
                 raise ValueError(f"expert {k}: num_prefix_tokens={q} leaves no tokens out of T_k={z.shape[1]}")
         return token_list, prefix
+
+
+def _fused_op(backend: str):
+    """The functional fused op of a backend; imported on first use so that importing pmoe_fast
+    never needs Triton or the extension."""
+    if backend == "triton":
+        from pmoe_fast.kernels.dispatch import fused_dispatch
+
+        return fused_dispatch
+    from pmoe_fast.fused_dispatch import dispatch_mlp
+
+    return dispatch_mlp
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

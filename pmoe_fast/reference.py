@@ -118,6 +118,7 @@ class PMoE(nn.Module):
             Dispatcher(
                 D, K, hidden=dispatcher_hidden, kind=dispatcher, separate_mlps=separate_mlps,
                 pool=dispatch_pool, num_dispatch_experts=num_dispatch_experts, top_k=top_k,
+                backend="torch",  # the reference is the ground truth: never a kernel
             )
             for _ in range(self.prompt_layers)
         )

@@ -18,7 +18,7 @@ def inputs(dtype=torch.float32):
 @pytest.mark.parametrize("kind", ["mlp", "moe"])
 @pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
 def test_stacked_tokens_list_and_strided_view_agree(kind, separate):
-    disp = Dispatcher(D, K, hidden=8, kind=kind, separate_mlps=separate, pool="patches")
+    disp = Dispatcher(D, K, hidden=8, kind=kind, separate_mlps=separate, pool="patches", backend="torch")
     prompts, tokens, prompt_out = inputs()
     ipt, w = disp(prompts, tokens, prompt_out, num_prefix_tokens=2)
     assert ipt.shape == (K, B, NP, D) and w.shape == (K, B, NP, K)
@@ -32,7 +32,7 @@ def test_stacked_tokens_list_and_strided_view_agree(kind, separate):
 
 
 def test_weights_are_a_distribution_and_ipt_their_mixture():
-    disp = Dispatcher(D, K, hidden=0)
+    disp = Dispatcher(D, K, hidden=0, backend="torch")
     prompts, tokens, prompt_out = inputs()
     ipt, w = disp(prompts, tokens, prompt_out)
     torch.testing.assert_close(w.sum(-1), torch.ones(K, B, NP))
@@ -40,7 +40,7 @@ def test_weights_are_a_distribution_and_ipt_their_mixture():
 
 
 def test_kind_none_returns_each_experts_prompts():
-    disp = Dispatcher(D, K, kind="none")
+    disp = Dispatcher(D, K, kind="none", backend="torch")
     prompts, tokens, _ = inputs()
     ipt, w = disp(prompts, tokens)
     assert list(disp.parameters()) == []
@@ -49,7 +49,7 @@ def test_kind_none_returns_each_experts_prompts():
 
 
 def test_softmax_is_stable_for_large_logits():
-    disp = Dispatcher(D, K, hidden=0)
+    disp = Dispatcher(D, K, hidden=0, backend="torch")
     with torch.no_grad():
         disp.fc2.weight.mul_(1e4)
     prompts, tokens, prompt_out = inputs()
@@ -59,13 +59,13 @@ def test_softmax_is_stable_for_large_logits():
 
 
 def test_gradients_match_finite_differences_in_float64():
-    disp = Dispatcher(D, K, hidden=4).double()
+    disp = Dispatcher(D, K, hidden=4, backend="torch").double()
     prompts, tokens, prompt_out = (t.requires_grad_() for t in inputs(torch.float64))
     assert torch.autograd.gradcheck(lambda p, z, zp: disp(p, z, zp, 1)[0], (prompts, tokens, prompt_out))
 
 
 def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
-    disp = Dispatcher(D, K, hidden=4)
+    disp = Dispatcher(D, K, hidden=4, backend="torch")
     prompts, tokens, prompt_out = inputs()
     ipt, w = disp(prompts.half(), tokens.half(), prompt_out.half())
     assert ipt.dtype == torch.float16 and w.dtype == torch.float32
@@ -85,7 +85,7 @@ def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
     ids=["prompts", "tokens-width", "tokens-count", "tokens-batch", "prompt-out", "prefix-count", "prefix-too-long"],
 )
 def test_bad_inputs_raise_clear_errors(call, match):
-    disp = Dispatcher(D, K, hidden=4)
+    disp = Dispatcher(D, K, hidden=4, backend="torch")
     with pytest.raises(ValueError, match=match):
         call(disp, *inputs())
 
@@ -95,7 +95,7 @@ def test_bad_inputs_raise_clear_errors(call, match):
     [
         (dict(kind="attention"), "unknown dispatcher kind"),
         (dict(pool="cls"), "unknown dispatch pool"),
-        (dict(backend="cuda"), "unknown dispatcher backend"),
+        (dict(backend="cudnn"), "unknown dispatcher backend"),
         (dict(hidden=-1), "hidden must be >= 0"),
         (dict(kind="moe", num_dispatch_experts=2, top_k=3), "top_k"),
     ],

@@ -1,0 +1,107 @@
+"""Dispatcher backends through the module: which one runs, why one cannot, and parity with the
+torch backend computed in float64 (the dtype-tied rule of STYLE.md)."""
+
+import pytest
+import torch
+
+from pmoe_fast._ext import extension_status
+from pmoe_fast.dispatcher import Dispatcher
+
+K, B, NP, D, T, H = 3, 2, 3, 100, 37, 24
+# The fused backends that can run on this machine's CPU tensors: the C++ op, and Triton's
+# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
+CPU_BACKENDS = ["cpp", "triton"] if not torch.cuda.is_available() else ["cpp"]
+
+
+def make_inputs(prefix_slots=NP, grad=True):
+    """prompts, tokens as a strided view of a longer sequence (as a model holds them), prompt_out."""
+    prompts = torch.randn(K, NP, D, dtype=torch.float64)
+    seq = torch.randn(K, B, prefix_slots + T, D, dtype=torch.float64)
+    prompt_out = torch.randn(K, B, NP, D, dtype=torch.float64)
+    return prompts, seq, prompt_out
+
+
+def run(disp, prompts, seq, prompt_out, dtype, use_prompt_out, prefix):
+    """Forward and backward at `dtype`; returns (ipt, weights, grads of inputs and parameters)."""
+    d = disp.to(dtype)
+    # detach(): .to() of a tensor already at `dtype` is the tensor itself, shared between runs.
+    p = prompts.detach().to(dtype).requires_grad_()
+    s = seq.detach().to(dtype).requires_grad_()
+    zp = prompt_out.detach().to(dtype).requires_grad_() if use_prompt_out else None
+    d.zero_grad()
+    ipt, w = d(p, s[:, :, NP:], zp, prefix)
+    (ipt * torch.linspace(-1, 1, D, dtype=dtype)).sum().backward()
+    grads = [p.grad, s.grad] + ([zp.grad] if use_prompt_out else []) + [q.grad for q in d.parameters()]
+    return [ipt, w] + grads
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "hidden,separate,pool,use_prompt_out",
+    [(H, False, "all", True), (H, True, "patches", True), (0, False, "patches", False), (H, True, "all", False)],
+    ids=["H24-shared-all", "H24-separate-patches", "H0-no-prompt-out", "separate-layer0"],
+)
+def test_fused_backend_matches_torch_in_float64(backend, hidden, separate, pool, use_prompt_out):
+    torch.manual_seed(0)
+    ref = Dispatcher(D, K, hidden=hidden, separate_mlps=separate, pool=pool, backend="torch")
+    fused = Dispatcher(D, K, hidden=hidden, separate_mlps=separate, pool=pool, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    inputs = make_inputs()
+    gold = run(ref, *inputs, torch.float64, use_prompt_out, 2)
+    plain = run(ref, *inputs, torch.float32, use_prompt_out, 2)
+    out = run(fused, *inputs, torch.float32, use_prompt_out, 2)
+    assert fused.last_backend == backend
+    names = ["ipt", "weights", "prompts", "tokens"] + (["prompt_out"] if use_prompt_out else []) + [
+        n for n, _ in fused.named_parameters()
+    ]
+    for name, g, p, o in zip(names, gold, plain, out):
+        if g is None:  # a source f that got no input (the prompt-output MLP without prompt_out)
+            assert p is None and (o is None or not o.abs().any()), name
+            continue
+        err_plain = (p.double() - g).abs().max().item()
+        err = (o.double() - g).abs().max().item()
+        assert err <= 2 * err_plain + 1e-6 * g.abs().max().item() + 1e-12, f"{name}: {err:.3g} vs torch fp32 {err_plain:.3g}"
+
+
+def test_auto_picks_the_cpp_op_on_cpu_when_built():
+    disp = Dispatcher(D, K, hidden=H)
+    prompts, seq, prompt_out = make_inputs()
+    disp.double()(prompts, seq[:, :, NP:], prompt_out, 1)
+    assert disp.last_backend == ("cpp" if extension_status()["loaded"] else "torch")
+
+
+def test_auto_falls_back_to_torch_quietly():
+    prompts, seq, _ = make_inputs()
+    moe = Dispatcher(D, K, hidden=H, kind="moe").double()
+    moe(prompts, seq[:, :, NP:])
+    assert moe.last_backend == "torch"
+    mlp = Dispatcher(D, K, hidden=H).double()
+    mlp(prompts, [seq[k, :, NP:] for k in range(K)])  # a list of per-expert tensors
+    assert mlp.last_backend == "torch"
+
+
+@pytest.mark.parametrize(
+    "kwargs,tokens_as_list,match",
+    [
+        (dict(backend="cuda"), False, "CUDA"),
+        (dict(backend="cpp", kind="moe"), False, "torch backend only"),
+        (dict(backend="cpp"), True, "list of per-expert tensors"),
+    ],
+    ids=["cuda-on-cpu", "moe-on-cpp", "list-on-cpp"],
+)
+def test_explicit_backend_that_cannot_serve_raises_every_reason(kwargs, tokens_as_list, match):
+    disp = Dispatcher(D, K, hidden=H, **kwargs).double()
+    prompts, seq, _ = make_inputs()
+    tokens = [seq[k, :, NP:] for k in range(K)] if tokens_as_list else seq[:, :, NP:]
+    with pytest.raises(RuntimeError, match=match) as info:
+        disp(prompts, tokens)
+    assert f"backend {kwargs['backend']!r} cannot serve" in str(info.value)
+
+
+def test_environment_variable_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv("PMOE_BACKEND", "torch")
+    assert Dispatcher(D, K).backend == "torch"
+    assert Dispatcher(D, K, backend="cpp").backend == "cpp"
+    monkeypatch.setenv("PMOE_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="PMOE_BACKEND"):
+        Dispatcher(D, K)
