@@ -145,10 +145,6 @@ class Dispatcher(nn.Module):
             raise ValueError(f"unknown dispatcher kind {kind!r}; choose one of {KINDS}")
         if pool not in POOLS:
             raise ValueError(f"unknown dispatch pool {pool!r}; choose one of {POOLS}")
-        if backend == "auto":
-            backend = os.environ.get("PMOE_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown dispatcher backend {backend!r}; choose one of {BACKENDS} (argument or PMOE_BACKEND)")
         if dim < 1 or num_experts < 1:
             raise ValueError(f"dim and num_experts must be >= 1, got dim={dim}, num_experts={num_experts}")
         if hidden < 0:
@@ -160,7 +156,7 @@ class Dispatcher(nn.Module):
         self.dim, self.num_experts, self.hidden = dim, num_experts, hidden
         self.kind, self.separate_mlps, self.pool = kind, separate_mlps, pool
         self.num_dispatch_experts, self.top_k = num_dispatch_experts, top_k
-        self.backend = backend
+        self.set_backend(backend)
         self.last_backend: str | None = None  # the backend that ran the last forward
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing loss of the last forward
         if kind == "none":
@@ -172,6 +168,14 @@ class Dispatcher(nn.Module):
         else:
             for name, module in token_fn_modules(kind, dim, hidden, num_experts, num_dispatch_experts).items():
                 setattr(self, name, module)
+
+    def set_backend(self, backend: str) -> None:
+        """Choose the backend: one of BACKENDS; "auto" defers to PMOE_BACKEND when it is set."""
+        if backend == "auto":
+            backend = os.environ.get("PMOE_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown dispatcher backend {backend!r}; choose one of {BACKENDS} (argument or PMOE_BACKEND)")
+        self.backend = backend
 
     def extra_repr(self) -> str:
         return (

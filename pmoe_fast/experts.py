@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from . import attention as attention_backends
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -117,13 +118,22 @@ class Expert:
         x = m.patch_drop(x) if hasattr(m, "patch_drop") else x
         return m.norm_pre(x) if hasattr(m, "norm_pre") else x
 
-    def block(self, index: int, x: torch.Tensor, attn_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    def block(
+        self,
+        index: int,
+        x: torch.Tensor,
+        attn_scale: float | torch.Tensor | None = None,
+        attn_backend: str | None = None,
+    ) -> torch.Tensor:
         """Run block ``index`` on x (B, T, D). ``attn_scale`` replaces the softmax scale
-        head_dim**-0.5 (GaPT's temperature divides it); None runs the block's own forward."""
+        head_dim**-0.5 (GaPT's temperature divides it) and ``attn_backend`` picks the attention
+        kernel (``pmoe_fast.attention``); with neither, the block runs its own forward."""
         block = self.module.blocks[index]
-        if attn_scale is None:
+        if attn_scale is None and attn_backend is None:
             return block(x)
-        x = x + block.drop_path1(block.ls1(attention(block.attn, block.norm1(x), attn_scale)))
+        scale = block.attn.head_dim**-0.5 if attn_scale is None else attn_scale
+        h = attention(block.attn, block.norm1(x), scale, attn_backend or "sdpa")
+        x = x + block.drop_path1(block.ls1(h))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,20 +141,14 @@ class Expert:
         return self.module.forward_head(self.module.norm(x), pre_logits=True)
 
 
-def attention(attn: nn.Module, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """timm's Attention forward (eval mode) with the softmax scale given: x (B, T, D) -> (B, T, D).
-
-    A tensor scale (a learnable temperature) is applied to q so that it receives a gradient;
-    scaled_dot_product_attention's own ``scale`` argument takes only a Python float.
-    """
+def attention(attn: nn.Module, x: torch.Tensor, scale: float | torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """timm's Attention forward (eval mode) with the softmax scale and the attention backend
+    given: x (B, T, D) -> (B, T, D)."""
     B, T, _ = x.shape
     qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if isinstance(scale, torch.Tensor):
-        out = F.scaled_dot_product_attention(q * scale.to(q.dtype), k, v, scale=1.0)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = attention_backends.attention(q, k, v, scale, backend)
     out = out.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim)
     out = attn.norm(out) if hasattr(attn, "norm") else out
     return attn.proj_drop(attn.proj(out))
