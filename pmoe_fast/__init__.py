@@ -9,5 +9,6 @@ __version__ = "0.1.0"
 from . import experts, fused_dispatch, fusion, reference, vit
 from ._ext import extension_status
 from .dispatcher import Dispatcher
+from .model import PMoE
 
-__all__ = ["Dispatcher", "experts", "extension_status", "fused_dispatch", "fusion", "reference", "vit"]
+__all__ = ["Dispatcher", "PMoE", "experts", "extension_status", "fused_dispatch", "fusion", "reference", "vit"]

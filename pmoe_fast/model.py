@@ -1,0 +1,312 @@
+"""The fast pMoE: ``pmoe_fast.PMoE``, a drop-in for ``pmoe_fast.reference.PMoE``.
+
+Same constructor arguments, parameters and ``state_dict`` as the reference (it subclasses it), so
+``fast.load_state_dict(reference.state_dict(), strict=True)`` and the reverse work. What differs is
+how the forward runs, chosen once when the model is built and reported by ``execution_plan()``:
+
+- execution: "batched" runs every block once for all K experts when they share an architecture
+  (same depth, width, heads, token count): their frozen weights are stacked once and each expert's
+  parameters become views into the stacks (no second copy), every linear layer is one batched
+  matmul and attention one call over K x B sequences. "streams" runs each expert's block on its
+  own CUDA stream (in sequence on a CPU), for experts that differ. "sequential" runs them one by one.
+- attention: "sdpa", "xformers" or "math" (``pmoe_fast.attention``).
+- dispatcher_backend: "torch", "triton", "cuda" or "cpp" (``pmoe_fast.dispatcher``).
+- checkpoint: 0 (off), or recompute activations in backward in segments of that many layers
+  (non-reentrant ``torch.utils.checkpoint``).
+- expert_dtype: the frozen experts' dtype (e.g. ``torch.bfloat16``); prompts, dispatchers and
+  head stay in float32, and the dispatcher accumulates in float32.
+
+Inside, each expert's sequence is laid out [prompts, prefix tokens, patch tokens] rather than
+SPEC.md's [prefix, prompts, patches]. Transformer blocks are equivariant to the order of tokens
+(position embeddings are added before the first block, and attention has no mask), so the result
+is the same function; the prompt-first layout makes the non-prompt tokens one strided view,
+which the fused dispatcher kernels read in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from . import attention as attention_backends
+from .reference import PMoE as ReferencePMoE
+
+EXECUTIONS = ("auto", "batched", "streams", "sequential")
+EXPERT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Submodules of a block that the batched path replaces by its own arithmetic; each must be a
+# plain (parameter-free) identity where the path assumes one.
+IDENTITY_PARTS = ("attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm", "mlp.drop1", "mlp.drop2")
+
+
+class PMoE(ReferencePMoE):
+    """Fast pMoE. Arguments as ``pmoe_fast.reference.PMoE``, plus (keyword only):
+
+    Args:
+        execution: "auto" (batched when the experts share an architecture, else streams),
+            "batched", "streams" or "sequential".
+        attention: "auto" (SDPA), "sdpa", "xformers" or "math".
+        dispatcher_backend: "auto", "torch", "triton", "cuda" or "cpp"; "auto" defers to
+            ``PMOE_BACKEND`` when set, then picks per device.
+        checkpoint: 0 for none, n >= 1 to checkpoint every segment of n layers.
+        expert_dtype: None (keep the experts' dtype), torch.float32, torch.bfloat16 or torch.float16.
+    """
+
+    def __init__(
+        self,
+        experts,
+        num_classes: int,
+        *args,
+        execution: str = "auto",
+        attention: str = "auto",
+        dispatcher_backend: str = "auto",
+        checkpoint: int = 0,
+        expert_dtype: torch.dtype | None = None,
+        **kwargs,
+    ):
+        super().__init__(experts, num_classes, *args, **kwargs)
+        if execution not in EXECUTIONS:
+            raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
+        if attention not in attention_backends.BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; choose one of {attention_backends.BACKENDS}")
+        if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
+            raise ValueError(f"checkpoint must be an int >= 0 (0: off; n: segments of n layers), got {checkpoint!r}")
+        if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype must be None or one of {EXPERT_DTYPES}, got {expert_dtype}")
+        for d in self.dispatchers:
+            d.set_backend(dispatcher_backend)
+        if expert_dtype is not None:
+            self.experts.to(expert_dtype)
+        self.attention = attention
+        self.checkpoint = checkpoint
+        self.execution, self._execution_why = self._choose_execution(execution)
+        self._stack_names: list[list[str]] = []
+        self._streams: list[torch.cuda.Stream] = []
+        if self.execution == "batched":
+            self._stack_expert_weights()
+
+    # -- the plan -------------------------------------------------------------------------------
+
+    def execution_plan(self) -> dict[str, Any]:
+        """What this model runs, and why. Dispatcher and attention backends that depend on the
+        inputs' device report what ran in the last forward (None before the first)."""
+        return {
+            "execution": self.execution,
+            "why": self._execution_why,
+            "attention": self.attention,
+            "dispatcher_backend": self.dispatchers[0].backend,
+            "dispatcher_backend_last_run": self.dispatchers[0].last_backend,
+            "checkpoint": f"every {self.checkpoint} layer(s)" if self.checkpoint else "off",
+            "expert_dtype": str(self._expert_dtype()),
+        }
+
+    def batched_reasons(self) -> list[str]:
+        """Why the experts cannot run horizontally batched; empty when they can."""
+        if self.num_experts == 1:
+            return ["there is one expert: nothing to batch"]
+        reasons = []
+        shapes = {self._architecture(k) for k in range(self.num_experts)}
+        if len(shapes) > 1:
+            reasons.append(
+                "the experts differ in architecture (prefix tokens, patch count, heads, block parameters "
+                "or layers): " + "; ".join(f"expert {k}: {self._adapters[k].info}" for k in range(self.num_experts))
+            )
+        for part in IDENTITY_PARTS:
+            for block in self.experts[0].blocks:
+                module = block.get_submodule(part) if _has_submodule(block, part) else nn.Identity()
+                if not isinstance(module, (nn.Identity, nn.Dropout)):
+                    reasons.append(f"block part {part} is a {type(module).__name__}; the batched path needs an identity")
+                    break
+        return reasons
+
+    def _choose_execution(self, requested: str) -> tuple[str, str]:
+        reasons = self.batched_reasons()
+        if requested == "auto":
+            if not reasons:
+                return "batched", "the experts share one architecture"
+            return "streams", "not batched: " + "; ".join(reasons)
+        if requested == "batched" and reasons:
+            raise ValueError("execution='batched' cannot serve these experts: " + "; ".join(reasons))
+        return requested, "requested"
+
+    def _architecture(self, k: int) -> tuple:
+        """What the batched path needs equal across experts."""
+        m = self.experts[k]
+        info = self._adapters[k].info
+        blocks = tuple(
+            tuple((name, tuple(p.shape)) for name, p in b.named_parameters())
+            + (type(b.mlp.act).__name__, b.norm1.eps, b.norm2.eps, b.attn.num_heads)
+            for b in m.blocks
+        )
+        return info.num_prefix_tokens, info.num_patches, info.embed_dim, blocks
+
+    def _expert_dtype(self) -> torch.dtype:
+        return next(self.experts.parameters()).dtype
+
+    # -- stacked weights (batched execution) ----------------------------------------------------
+
+    def _stack_expert_weights(self) -> None:
+        """Stack each block parameter over experts into a non-persistent buffer and make every
+        expert's parameter a view of its row: one copy of the weights, timm's state_dict keys."""
+        for l, block in enumerate(self.experts[0].blocks):
+            names = [name for name, _ in block.named_parameters()]
+            for name in names:
+                rows = [self.experts[k].blocks[l].get_parameter(name).detach() for k in range(self.num_experts)]
+                self.register_buffer(_buffer_name(l, name), torch.stack(rows), persistent=False)
+            self._stack_names.append(names)
+        self._tie_experts_to_stacks()
+
+    def _tie_experts_to_stacks(self) -> None:
+        for l, names in enumerate(self._stack_names):
+            for name in names:
+                stack = self.get_buffer(_buffer_name(l, name))
+                for k in range(self.num_experts):
+                    self.experts[k].blocks[l].get_parameter(name).data = stack[k]
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() convert parameters and buffers separately: re-point the
+        # experts' parameters at the converted stacks, dropping the converted copies.
+        super()._apply(fn, recurse)
+        if self._stack_names:
+            self._tie_experts_to_stacks()
+        return self
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        dtype = self._expert_dtype()
+        tokens = [a.embed(images.to(dtype)) for a in self._adapters]  # Z_k^0 (B, Q_k + N_k, D)
+        if self.execution == "batched":
+            tokens = torch.stack(tokens)  # (K, B, T, D)
+        state = (tokens, None, None)  # (tokens, prompt outputs Z_P, prompts that entered the last block)
+        weights, aux = [], []
+        step = self.checkpoint or self.depth
+        for first in range(0, self.depth, step):
+            layers = range(first, min(first + step, self.depth))
+            if self.checkpoint and torch.is_grad_enabled():
+                state, w, a = torch_checkpoint(self._layers, layers, state, use_reentrant=False)
+            else:
+                state, w, a = self._layers(layers, state)
+            weights += w
+            aux += a
+        self.last_dispatch_weights = weights
+        self.last_aux_loss = torch.stack(aux).mean() if aux[0] is not None else None
+        tokens = state[0]
+        pooled = torch.stack([a.pool(tokens[k]) for k, a in enumerate(self._adapters)])
+        return pooled.mean(0).to(self.head.weight.dtype)
+
+    def _layers(self, layers: range, state: tuple) -> tuple[tuple, list, list]:
+        """Run prompt dispatch and the experts' blocks for ``layers``. state = (tokens, Z_P,
+        entering): tokens (K, B, T, D) when batched, else a list of K (B, T_k, D)."""
+        tokens, prompt_out, entering = state
+        Np = self.num_prompts
+        weights, aux = [], []
+        for l in layers:
+            if l < self.prompt_layers:
+                disp_tokens = tokens if isinstance(tokens, torch.Tensor) else _stack_if_equal(tokens)
+                entering, w = self.dispatchers[l](self.prompts[l], disp_tokens, prompt_out, self._prefix())
+                weights.append(w.detach())
+                aux.append(self.dispatchers[l].aux_loss)
+            elif self.base == "gapt" and l - 1 < self.gates.shape[0]:
+                g = torch.sigmoid(self.gates[l - 1])
+                entering = g * prompt_out + (1 - g) * entering
+            else:
+                entering = prompt_out
+            scale = self._attn_scale(self._adapters[0], l)
+            if isinstance(tokens, torch.Tensor):
+                seq = torch.cat([entering.to(tokens.dtype), tokens], dim=2)  # prompt-first
+                seq = self._batched_block(l, seq, scale)
+                prompt_out, tokens = seq[:, :, :Np], seq[:, :, Np:]
+            else:
+                seqs = [torch.cat([entering[k].to(t.dtype), t], dim=1) for k, t in enumerate(tokens)]
+                seqs = self._expert_blocks(l, seqs)
+                prompt_out = torch.stack([s[:, :Np] for s in seqs])
+                tokens = [s[:, Np:] for s in seqs]
+        return (tokens, prompt_out, entering), weights, aux
+
+    def _prefix(self) -> list[int]:
+        return [a.info.num_prefix_tokens for a in self._adapters]
+
+    def _expert_blocks(self, l: int, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block l of every expert, each on its own CUDA stream under "streams" on a GPU."""
+        backend = attention_backends.resolve(self.attention, seqs[0])
+
+        def run(k: int) -> torch.Tensor:
+            adapter = self._adapters[k]
+            return adapter.block(l, seqs[k], self._attn_scale(adapter, l), backend)
+
+        if self.execution != "streams" or seqs[0].device.type != "cuda":
+            return [run(k) for k in range(self.num_experts)]
+        main = torch.cuda.current_stream()
+        if len(self._streams) != self.num_experts or self._streams[0].device != seqs[0].device:
+            self._streams = [torch.cuda.Stream(seqs[0].device) for _ in range(self.num_experts)]
+        outs = []
+        for k, stream in enumerate(self._streams):
+            stream.wait_stream(main)  # its input was made on the main stream
+            with torch.cuda.stream(stream):
+                seqs[k].record_stream(stream)
+                outs.append(run(k))
+        for out, stream in zip(outs, self._streams):
+            main.wait_stream(stream)
+            out.record_stream(main)  # freed later on the main stream's schedule
+        return outs
+
+    def _batched_block(self, l: int, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Block l of all K experts at once. x (K, B, T, D) -> (K, B, T, D)."""
+        K, B, T, D = x.shape
+        block = self.experts[0].blocks[l]  # structure and hyper-parameters; weights from the stacks
+        attn = block.attn
+        W = {name: self.get_buffer(_buffer_name(l, name)) for name in self._stack_names[l]}
+        heads, hd = attn.num_heads, attn.head_dim
+
+        h = _layer_norm(x, W, "norm1", block.norm1.eps).view(K, B * T, D)
+        qkv = _linear(h, W, "attn.qkv").view(K * B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (K * B, heads, T, hd): one attention call over K x B sequences
+        backend = attention_backends.resolve(self.attention, q)
+        o = attention_backends.attention(q, k, v, hd**-0.5 if scale is None else scale, backend)
+        o = _linear(o.transpose(1, 2).reshape(K, B * T, heads * hd), W, "attn.proj")
+        x = x + _layer_scale(o, W, "ls1").view(K, B, T, D)
+
+        h = _layer_norm(x, W, "norm2", block.norm2.eps).view(K, B * T, D)
+        h = _linear(block.mlp.act(_linear(h, W, "mlp.fc1")), W, "mlp.fc2")
+        return x + _layer_scale(h, W, "ls2").view(K, B, T, D)
+
+
+def _buffer_name(layer: int, name: str) -> str:
+    return f"_stacked_{layer}_{name.replace('.', '_')}"
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _stack_if_equal(tokens: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One (K, B, T, D) tensor for the fused dispatcher when every expert has T tokens."""
+    return torch.stack(tokens) if len({t.shape for t in tokens}) == 1 else tokens
+
+
+def _linear(x: torch.Tensor, W: dict, name: str) -> torch.Tensor:
+    """Per-expert linear layer: x (K, R, in) @ weight (K, out, in)^T + bias (K, out)."""
+    bias = W.get(f"{name}.bias")
+    weight = W[f"{name}.weight"].transpose(1, 2)
+    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+
+def _layer_norm(x: torch.Tensor, W: dict, name: str, eps: float) -> torch.Tensor:
+    """LayerNorm with each expert's own affine parameters: x (K, B, T, D)."""
+    weight, bias = W[f"{name}.weight"], W[f"{name}.bias"]
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * weight[:, None, None] + bias[:, None, None]
+
+
+def _layer_scale(x: torch.Tensor, W: dict, name: str) -> torch.Tensor:
+    """timm's LayerScale (gamma per channel) when the block has one: x (K, R, D)."""
+    gamma = W.get(f"{name}.gamma")
+    return x if gamma is None else x * gamma.unsqueeze(1)

@@ -1,0 +1,179 @@
+"""The fast pmoe_fast.PMoE against the reference: every execution path that runs on this machine,
+after a strict state_dict load; outputs and the gradient of every trainable parameter.
+
+Tolerance (STYLE.md): the reference computed in float64 is the truth; the fast model in float32
+may be off by at most twice what the reference itself is off in float32, plus a small floor."""
+
+import pytest
+import torch
+from helpers import IMG, small_vit
+
+from pmoe_fast import PMoE
+from pmoe_fast.reference import PMoE as Reference
+
+CONFIG = dict(num_classes=4, num_prompts=3, dispatcher_hidden=8)
+FUSED_CPU_BACKENDS = ["cpp", "triton"] if not torch.cuda.is_available() else ["cpp"]
+
+
+def same_arch(k=3):
+    return [small_vit("p16") for _ in range(k)]
+
+
+def mixed():
+    """A /16 expert, a /14 DINOv2-style expert with 4 registers, a CLIP-style avg-pool expert."""
+    return [small_vit("p16"), small_vit("p14reg"), small_vit("clip")]
+
+
+def outputs_and_grads(model, x):
+    model.zero_grad()
+    logits = model(x)
+    loss = (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum()
+    if model.last_aux_loss is not None:
+        loss = loss + model.last_aux_loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def assert_matches_reference(experts, config=CONFIG, batch=2, **options):
+    torch.manual_seed(1)
+    ref = Reference(experts, **config)
+    fast = PMoE(experts, **config, **options)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(batch, 3, IMG, IMG)
+    got, got_grads = outputs_and_grads(fast, x)
+    plain, plain_grads = outputs_and_grads(ref, x)
+    gold, gold_grads = outputs_and_grads(ref.double(), x.double())
+    ref.float()
+    assert set(got_grads) == set(gold_grads)
+    for name, g, p, o in [("logits", gold, plain, got)] + [
+        (n, gold_grads[n], plain_grads[n], got_grads[n]) for n in gold_grads
+    ]:
+        err_plain = (p.double() - g).abs().max().item()
+        err = (o.double() - g).abs().max().item()
+        assert err <= 2 * err_plain + 1e-6 * g.abs().max().item() + 1e-10, f"{name}: {err:.3g} vs reference fp32 {err_plain:.3g}"
+    return fast
+
+
+@pytest.mark.parametrize("execution", ["batched", "sequential", "streams"])
+@pytest.mark.parametrize("checkpoint", [0, 1, 2], ids=["no-ckpt", "ckpt1", "ckpt2"])
+def test_execution_paths_match_reference(execution, checkpoint):
+    fast = assert_matches_reference(same_arch(), execution=execution, checkpoint=checkpoint)
+    assert fast.execution_plan()["execution"] == execution
+
+
+def test_batched_dinov2_style_experts_with_layer_scale_and_registers():
+    fast = assert_matches_reference([small_vit("p14reg"), small_vit("p14reg")], config=dict(CONFIG, dispatch_pool="patches"))
+    assert fast.execution == "batched"
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED_CPU_BACKENDS)
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_dispatcher_backends_inside_the_model(backend, execution):
+    fast = assert_matches_reference(same_arch(), execution=execution, dispatcher_backend=backend)
+    assert fast.execution_plan()["dispatcher_backend_last_run"] == backend
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_attention_backends(attention):
+    assert_matches_reference(same_arch(), attention=attention)
+
+
+@pytest.mark.parametrize("checkpoint", [0, 1])
+def test_mixed_patch_sizes_and_prefix_tokens(checkpoint):
+    fast = assert_matches_reference(mixed(), checkpoint=checkpoint)
+    assert fast.execution == "streams" and "differ in architecture" in fast.execution_plan()["why"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(CONFIG, base="gapt"),
+        dict(CONFIG, dispatcher="moe", separate_mlps=True, top_k=2),
+        dict(CONFIG, dispatcher="none", prompt_layers=2),
+        dict(CONFIG, dispatcher_hidden=0, dispatch_pool="patches", prompt_layers="shallow"),
+    ],
+    ids=["gapt", "moe-separate", "no-dispatcher", "H0-patches-shallow"],
+)
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_model_options(config, execution):
+    assert_matches_reference(same_arch(2), config=config, execution=execution, checkpoint=1)
+
+
+def test_single_expert_batch_of_one():
+    fast = assert_matches_reference(same_arch(1), batch=1)
+    assert fast.execution == "streams" and "one expert" in fast.execution_plan()["why"]
+
+
+def test_state_dict_moves_both_ways():
+    ref = Reference(same_arch(), **CONFIG)
+    fast = PMoE(same_arch(), **CONFIG)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    ref2 = Reference(same_arch(), **CONFIG)
+    ref2.load_state_dict(fast.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG)
+    torch.testing.assert_close(ref2(x), ref(x))
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_batched_experts_share_one_copy_of_their_weights():
+    fast = PMoE(same_arch(), **CONFIG, execution="batched")
+    stack = fast.get_buffer("_stacked_1_attn_qkv_weight")
+    for k in range(3):
+        p = fast.experts[k].blocks[1].attn.qkv.weight
+        assert p.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+        assert torch.equal(p, stack[k])
+    fast.double()  # conversions keep the experts tied to the converted stacks
+    stack = fast.get_buffer("_stacked_1_attn_qkv_weight")
+    assert stack.dtype == torch.float64
+    assert fast.experts[2].blocks[1].attn.qkv.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+
+
+def test_frozen_experts_bit_identical_after_a_step():
+    fast = PMoE(same_arch(), **CONFIG, checkpoint=1)
+    frozen = {k: v.clone() for k, v in fast.state_dict().items() if k.startswith("experts.")}
+    stacks = {n: b.clone() for n, b in fast.named_buffers() if n.startswith("_stacked")}
+    opt = torch.optim.AdamW(fast.trainable_parameters(), lr=1e-2)
+    fast.train()
+    fast(torch.randn(2, 3, IMG, IMG)).sum().backward()
+    opt.step()
+    assert all(p.grad is None for p in fast.experts.parameters())
+    assert all(torch.equal(v, frozen[k]) for k, v in fast.state_dict().items() if k.startswith("experts."))
+    assert all(torch.equal(b, stacks[n]) for n, b in fast.named_buffers() if n.startswith("_stacked"))
+
+
+def test_bf16_experts_keep_fp32_trainables():
+    ref = Reference(same_arch(), **CONFIG)
+    fast = PMoE(same_arch(), **CONFIG, expert_dtype=torch.bfloat16)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    assert all(p.dtype == torch.bfloat16 for p in fast.experts.parameters())
+    assert all(p.dtype == torch.float32 for p in fast.trainable_parameters())
+    x = torch.randn(2, 3, IMG, IMG)
+    logits = fast(x)
+    logits.sum().backward()
+    assert logits.dtype == torch.float32 and fast.prompts.grad.dtype == torch.float32
+    # bf16 experts: about 3 significant digits per operation, a few percent after 3 blocks.
+    torch.testing.assert_close(logits, ref(x), rtol=0.1, atol=0.05 * ref(x).abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: PMoE(mixed(), **CONFIG, execution="batched"), "cannot serve these experts"),
+        (lambda: PMoE(same_arch(), **CONFIG, execution="parallel"), "unknown execution"),
+        (lambda: PMoE(same_arch(), **CONFIG, attention="flash"), "unknown attention backend"),
+        (lambda: PMoE(same_arch(), **CONFIG, checkpoint=-1), "checkpoint must be"),
+        (lambda: PMoE(same_arch(), **CONFIG, expert_dtype=torch.int8), "expert_dtype"),
+        (lambda: PMoE(same_arch(), **CONFIG, dispatcher_backend="tpu"), "unknown dispatcher backend"),
+    ],
+    ids=["batched-mixed", "execution", "attention", "checkpoint", "dtype", "dispatcher-backend"],
+)
+def test_bad_options_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_xformers_says_why_it_cannot_serve_on_cpu():
+    fast = PMoE(same_arch(), **CONFIG, attention="xformers")
+    with pytest.raises(RuntimeError, match="attention backend 'xformers' cannot serve: xformers attention runs on CUDA tensors"):
+        fast(torch.randn(1, 3, IMG, IMG))
