@@ -9,6 +9,9 @@ how the forward runs, chosen once when the model is built and reported by ``exec
   parameters become views into the stacks (no second copy), every linear layer is one batched
   matmul and attention one call over K x B sequences. "streams" runs each expert's block on its
   own CUDA stream (in sequence on a CPU), for experts that differ. "sequential" runs them one by one.
+  "auto" decides by the device of each forward: on CUDA, batched when the experts can be, else
+  streams; on a CPU, sequential, where kernel launches cost little and one large batched matmul
+  measured slower than K plain ones (a ViT-tiny training step, K = 3, B = 8: 1.46 s against 1.22 s).
 - attention: "sdpa", "xformers" or "math" (``pmoe_fast.attention``).
 - dispatcher_backend: "torch", "triton", "cuda" or "cpp" (``pmoe_fast.dispatcher``).
 - checkpoint: 0 (off), or recompute activations in backward in segments of that many layers
@@ -46,8 +49,7 @@ class PMoE(ReferencePMoE):
     """Fast pMoE. Arguments as ``pmoe_fast.reference.PMoE``, plus (keyword only):
 
     Args:
-        execution: "auto" (batched when the experts share an architecture, else streams),
-            "batched", "streams" or "sequential".
+        execution: "auto" (by device, module docstring), "batched", "streams" or "sequential".
         attention: "auto" (SDPA), "sdpa", "xformers" or "math".
         dispatcher_backend: "auto", "torch", "triton", "cuda" or "cpp"; "auto" defers to
             ``PMOE_BACKEND`` when set, then picks per device.
@@ -82,10 +84,14 @@ class PMoE(ReferencePMoE):
             self.experts.to(expert_dtype)
         self.attention = attention
         self.checkpoint = checkpoint
-        self.execution, self._execution_why = self._choose_execution(execution)
+        self.execution = execution
+        self._batched_reasons = self.batched_reasons()
+        if execution == "batched" and self._batched_reasons:
+            raise ValueError("execution='batched' cannot serve these experts: " + "; ".join(self._batched_reasons))
+        self.last_execution: str | None = None  # what the last forward ran
         self._stack_names: list[list[str]] = []
         self._streams: list[torch.cuda.Stream] = []
-        if self.execution == "batched":
+        if execution in ("auto", "batched") and not self._batched_reasons:
             self._stack_expert_weights()
 
     # -- the plan -------------------------------------------------------------------------------
@@ -95,7 +101,10 @@ class PMoE(ReferencePMoE):
         inputs' device report what ran in the last forward (None before the first)."""
         return {
             "execution": self.execution,
-            "why": self._execution_why,
+            "execution_on_cuda": self.execution_for("cuda"),
+            "execution_on_cpu": self.execution_for("cpu"),
+            "why": "; ".join(self._batched_reasons) or "the experts share one architecture",
+            "execution_last_run": self.last_execution,
             "attention": self.attention,
             "dispatcher_backend": self.dispatchers[0].backend,
             "dispatcher_backend_last_run": self.dispatchers[0].last_backend,
@@ -122,15 +131,13 @@ class PMoE(ReferencePMoE):
                     break
         return reasons
 
-    def _choose_execution(self, requested: str) -> tuple[str, str]:
-        reasons = self.batched_reasons()
-        if requested == "auto":
-            if not reasons:
-                return "batched", "the experts share one architecture"
-            return "streams", "not batched: " + "; ".join(reasons)
-        if requested == "batched" and reasons:
-            raise ValueError("execution='batched' cannot serve these experts: " + "; ".join(reasons))
-        return requested, "requested"
+    def execution_for(self, device_type: str) -> str:
+        """The execution a forward on ``device_type`` ("cuda" or "cpu") runs."""
+        if self.execution != "auto":
+            return self.execution
+        if device_type != "cuda":
+            return "sequential"
+        return "streams" if self._batched_reasons else "batched"
 
     def _architecture(self, k: int) -> tuple:
         """What the batched path needs equal across experts."""
@@ -180,7 +187,8 @@ class PMoE(ReferencePMoE):
         self._check_images(images)
         dtype = self._expert_dtype()
         tokens = [a.embed(images.to(dtype)) for a in self._adapters]  # Z_k^0 (B, Q_k + N_k, D)
-        if self.execution == "batched":
+        self.last_execution = self.execution_for(images.device.type)
+        if self.last_execution == "batched":
             tokens = torch.stack(tokens)  # (K, B, T, D)
         state = (tokens, None, None)  # (tokens, prompt outputs Z_P, prompts that entered the last block)
         weights, aux = [], []
@@ -239,7 +247,7 @@ class PMoE(ReferencePMoE):
             adapter = self._adapters[k]
             return adapter.block(l, seqs[k], self._attn_scale(adapter, l), backend)
 
-        if self.execution != "streams" or seqs[0].device.type != "cuda":
+        if self.last_execution != "streams" or seqs[0].device.type != "cuda":
             return [run(k) for k in range(self.num_experts)]
         main = torch.cuda.current_stream()
         if len(self._streams) != self.num_experts or self._streams[0].device != seqs[0].device:

@@ -59,12 +59,14 @@ def assert_matches_reference(experts, config=CONFIG, batch=2, **options):
 @pytest.mark.parametrize("checkpoint", [0, 1, 2], ids=["no-ckpt", "ckpt1", "ckpt2"])
 def test_execution_paths_match_reference(execution, checkpoint):
     fast = assert_matches_reference(same_arch(), execution=execution, checkpoint=checkpoint)
-    assert fast.execution_plan()["execution"] == execution
+    assert fast.execution_plan()["execution_last_run"] == execution
 
 
 def test_batched_dinov2_style_experts_with_layer_scale_and_registers():
-    fast = assert_matches_reference([small_vit("p14reg"), small_vit("p14reg")], config=dict(CONFIG, dispatch_pool="patches"))
-    assert fast.execution == "batched"
+    fast = assert_matches_reference(
+        [small_vit("p14reg"), small_vit("p14reg")], config=dict(CONFIG, dispatch_pool="patches"), execution="batched"
+    )
+    assert fast.execution_plan()["execution_last_run"] == "batched"
 
 
 @pytest.mark.parametrize("backend", ["torch"] + FUSED_CPU_BACKENDS)
@@ -82,7 +84,9 @@ def test_attention_backends(attention):
 @pytest.mark.parametrize("checkpoint", [0, 1])
 def test_mixed_patch_sizes_and_prefix_tokens(checkpoint):
     fast = assert_matches_reference(mixed(), checkpoint=checkpoint)
-    assert fast.execution == "streams" and "differ in architecture" in fast.execution_plan()["why"]
+    plan = fast.execution_plan()
+    assert plan["execution_on_cuda"] == "streams" and "differ in architecture" in plan["why"]
+    assert plan["execution_last_run"] == "sequential"
 
 
 @pytest.mark.parametrize(
@@ -102,7 +106,12 @@ def test_model_options(config, execution):
 
 def test_single_expert_batch_of_one():
     fast = assert_matches_reference(same_arch(1), batch=1)
-    assert fast.execution == "streams" and "one expert" in fast.execution_plan()["why"]
+    assert fast.execution_plan()["execution_on_cuda"] == "streams" and "one expert" in fast.execution_plan()["why"]
+
+
+def test_auto_execution_by_device():
+    plan = PMoE(same_arch(), **CONFIG).execution_plan()
+    assert (plan["execution_on_cuda"], plan["execution_on_cpu"]) == ("batched", "sequential")
 
 
 def test_state_dict_moves_both_ways():
