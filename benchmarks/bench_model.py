@@ -73,7 +73,7 @@ def test_model(benchmark, provider, mode, case):
     run()  # first call: compilation for the compiled provider, kernel selection for the others
     if GPU:
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(run, warmup_rounds=1, rounds=10 if GPU else 3, iterations=1)
+    benchmark.pedantic(run, warmup_rounds=1, rounds=10 if GPU else 7, iterations=1)
     benchmark.extra_info.update(
         K=K, B=B, Np=10, arch=ARCH.__name__, provider=provider, mode=mode,
         images_per_s=B / benchmark.stats.stats.median,

@@ -17,7 +17,7 @@ def demo(args: argparse.Namespace) -> None:
     """Two small random-weight experts (a /16 ViT and a /14 ViT with 4 register tokens), pMoE over
     them, a few AdamW steps on a fixed random batch: forward, backward, optimizer, and the
     dispatcher's weights. The experts are untrained, so this shows the machinery, not accuracy."""
-    from .reference import PMoE
+    from .model import PMoE
     from .vit import vit_tiny_patch14_224, vit_tiny_patch16_224
 
     torch.manual_seed(args.seed)
@@ -48,6 +48,9 @@ def demo(args: argparse.Namespace) -> None:
         print(f"step {step}: loss {loss.item():.4f}")
     elapsed = time.perf_counter() - start
     print(f"{args.steps} training steps at batch {args.batch}: {args.steps * args.batch / elapsed:.1f} images/s on CPU")
+    plan = model.execution_plan()
+    print(f"execution: {plan['execution_last_run']}, dispatcher backend: {plan['dispatcher_backend_last_run']}, "
+          f"attention: {plan['attention']}")
     print("mean dispatch weight each expert's prompts receive, per prompt layer (rows: layer; cols: expert):")
     for l, w in enumerate(model.last_dispatch_weights):
         print(f"  layer {l}: " + "  ".join(f"{v:.3f}" for v in w.mean((0, 1, 2)).tolist()))
