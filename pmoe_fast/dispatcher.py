@@ -14,12 +14,12 @@ of M such MLPs behind a top-k router; kind "none" returns IPT_k = P_k.
 This module is where the semantics live: the reference model calls it, and every fast backend
 is measured against its "torch" backend, written here for reading.
 
-Backends (kind "mlp"; kinds "moe" and "none" run on "torch"):
+Backends (kind "mlp"; kind "moe" runs on "torch" and "triton", kind "none" on "torch"):
 
 | backend | where | code |
 | --- | --- | --- |
 | torch | any device | ``Dispatcher._forward_torch`` below, the ground truth |
-| triton | CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``) | ``kernels/dispatch.py`` |
+| triton | CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``) | ``kernels/dispatch.py``; kind "moe": ``kernels/dispatch_moe.py`` |
 | cuda | CUDA tensors | ``csrc/cuda/dispatch.cu`` via ``pmoe_fast.fused_dispatch`` |
 | cpp | CPU tensors | ``csrc/dispatch_cpu.cpp`` via ``pmoe_fast.fused_dispatch`` |
 
@@ -218,6 +218,11 @@ class Dispatcher(nn.Module):
             return self._forward_torch(prompts, token_list, prompt_out, prefix)
         start = prefix if self.pool == "patches" else [0] * K
         end = [tokens.shape[2]] * K
+        if self.kind == "moe":
+            ipt, weights, self.aux_loss = _fused_op(self.last_backend, "moe")(
+                prompts, tokens, start, end, prompt_out, *self.source_params(), self.top_k
+            )
+            return ipt, weights
         return _fused_op(self.last_backend)(prompts, tokens, start, end, prompt_out, *self.source_params())
 
     def _forward_torch(self, prompts, token_list, prompt_out, prefix):
@@ -240,9 +245,14 @@ class Dispatcher(nn.Module):
         return ipt, weights
 
     def source_params(self) -> tuple[tuple, tuple, tuple]:
-        """(W1 or None, b1 or None, W2, b2) of f for each source (e, p, z), as the fused ops take
-        them: the same tensors three times for a shared f (kind "mlp")."""
+        """The parameters of f for each source (e, p, z), as the fused ops take them: the same
+        tensors three times for a shared f. Kind "mlp": (W1 or None, b1 or None, W2, b2); kind
+        "moe": (router weight, router bias, W1 or None, b1 or None, W2, b2), W's stacked over M."""
         def params(owner):
+            if self.kind == "moe":
+                ex = owner.experts
+                fc1 = (ex.fc1_weight, ex.fc1_bias) if self.hidden else (None, None)
+                return (owner.router.weight, owner.router.bias, *fc1, ex.fc2_weight, ex.fc2_bias)
             fc1 = getattr(owner, "fc1", None)
             return (fc1.weight if fc1 else None, fc1.bias if fc1 else None, owner.fc2.weight, owner.fc2.bias)
 
@@ -257,8 +267,8 @@ class Dispatcher(nn.Module):
         if backend not in BACKENDS[1:]:
             return [f"{backend!r} is not a backend; choose one of {BACKENDS[1:]}"]
         reasons = []
-        if self.kind != "mlp":
-            reasons.append(f"the {self.kind!r} dispatcher runs on the torch backend only")
+        if self.kind == "moe" and backend != "triton":
+            reasons.append("the 'moe' dispatcher runs on the triton backend or the torch backend only")
         if not isinstance(tokens, torch.Tensor):
             reasons.append(
                 "tokens come as a list of per-expert tensors; the fused kernels take one (K, B, T, D) "
@@ -268,6 +278,10 @@ class Dispatcher(nn.Module):
             return reasons
         K, T = tokens.shape[0], tokens.shape[2]
         params = self.source_params()
+        if backend == "triton" and self.kind == "moe":
+            from pmoe_fast.kernels.dispatch_moe import moe_not_supported_reasons
+
+            return moe_not_supported_reasons(prompts, tokens, prompt_out, *params)
         if backend == "triton":
             from pmoe_fast.kernels.dispatch import triton_not_supported_reasons
 
@@ -340,9 +354,13 @@ class Dispatcher(nn.Module):
         return token_list, prefix
 
 
-def _fused_op(backend: str):
+def _fused_op(backend: str, kind: str = "mlp"):
     """The functional fused op of a backend; imported on first use so that importing pmoe_fast
     never needs Triton or the extension."""
+    if backend == "triton" and kind == "moe":
+        from pmoe_fast.kernels.dispatch_moe import fused_dispatch_moe
+
+        return fused_dispatch_moe
     if backend == "triton":
         from pmoe_fast.kernels.dispatch import fused_dispatch
 
