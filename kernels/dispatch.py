@@ -1074,52 +1074,60 @@ _HALF = (torch.float16, torch.bfloat16)
 _INTERPRETED = type(_dispatch_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def triton_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p, params_z) -> list[str]:
-    """Why the Triton kernels cannot run these inputs; empty when they can."""
+def input_reasons(prompts, tokens, prompt_out, sources, interpreted: bool, module: str) -> list[str]:
+    """What every dispatcher kernel of this package needs of its inputs, as sentences: Triton,
+    one device (CUDA, or the CPU under the interpreter), float32/float16/bfloat16 (bfloat16 not in
+    the interpreter), a contiguous last dimension, 32-bit offsets, and two dtypes at most: one for
+    the prompts and every parameter, one for the activations (tokens and prompt_out). ``sources``
+    holds the parameter tuples of f_e, f_p and f_z; ``module`` names the kernels' module."""
     if _TRITON_IMPORT_ERROR is not None:
         return [f"Triton cannot be imported ({_TRITON_IMPORT_ERROR})."]
     reasons = []
     named = [("prompts", prompts), ("tokens", tokens), ("prompt_out", prompt_out)]
-    for source, params in (("e", params_e), ("p", params_p), ("z", params_z)):
+    for source, params in zip(("e", "p", "z"), sources):
         named += [(f"params_{source}[{i}]", p) for i, p in enumerate(params)]
     tensors = [(name, t) for name, t in named if t is not None]
     devices = {t.device for _, t in tensors}
     if len(devices) > 1:
         reasons.append(f"The inputs are on several devices ({sorted(map(str, devices))}); the kernels need one.")
     for device in devices:
-        if device.type == "cpu" and not _INTERPRETED:
+        if device.type == "cpu" and not interpreted:
             reasons.append(
                 "The inputs are on the CPU and Triton's interpreter is off: set TRITON_INTERPRET=1 "
-                "before pmoe_fast.kernels.dispatch is imported, or move the inputs to a CUDA device."
+                f"before {module} is imported, or move the inputs to a CUDA device."
             )
         elif device.type not in ("cpu", "cuda"):
             reasons.append(f"The inputs are on {device.type}; the kernels run on CUDA devices (or the CPU interpreter).")
     for name, t in tensors:
         if t.dtype not in (torch.float32, *_HALF):
             reasons.append(f"{name} is {t.dtype}; the kernels take float32, float16 or bfloat16.")
-        elif t.dtype == torch.bfloat16 and _INTERPRETED:
+        elif t.dtype == torch.bfloat16 and interpreted:
             reasons.append(f"{name} is bfloat16, which Triton's interpreter computes wrongly (it reads bits as integers).")
         if t.dim() and t.stride(-1) != 1:
             reasons.append(f"{name} has stride {t.stride(-1)} in its last dimension; the kernels need 1 (a contiguous D).")
         if t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31:
             reasons.append(f"{name} spans 2**31 elements or more; the kernels index with 32-bit offsets.")
-    # Two dtypes at most: one for the parameters (prompts and every W/b), one for the activations.
-    param_dtype = params_e[2].dtype
+    param_dtype = prompts.dtype
     for name, t in tensors:
-        if name.startswith("params") or name == "prompts":
-            if t.dtype != param_dtype:
-                reasons.append(
-                    f"{name} is {t.dtype} but params_e[2] is {param_dtype}: prompts and every W/b must share one dtype."
-                )
+        if name.startswith("params") and t.dtype != param_dtype:
+            reasons.append(f"{name} is {t.dtype} but prompts are {param_dtype}: prompts and every parameter must share one dtype.")
     if prompt_out is not None and prompt_out.dtype != tokens.dtype:
         reasons.append(f"prompt_out is {prompt_out.dtype} but tokens are {tokens.dtype}: they must share one dtype.")
     if tokens.dtype != param_dtype and param_dtype != torch.float32:
         reasons.append(
             f"tokens are {tokens.dtype} but the parameters {param_dtype}: mixed precision needs float32 parameters."
         )
-    K = prompts.shape[0]
-    if K > MAX_EXPERTS:
-        reasons.append(f"K={K} experts is more than {MAX_EXPERTS}: the logits tile is BLOCK_K=16 columns wide.")
+    if prompts.shape[0] > MAX_EXPERTS:
+        reasons.append(f"K={prompts.shape[0]} experts is more than {MAX_EXPERTS}: the logits tile is BLOCK_K=16 columns wide.")
+    return reasons
+
+
+def triton_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p, params_z) -> list[str]:
+    """Why the Triton kernels cannot run these inputs; empty when they can."""
+    sources = (params_e, params_p, params_z)
+    reasons = input_reasons(prompts, tokens, prompt_out, sources, _INTERPRETED, "pmoe_fast.kernels.dispatch")
+    if _TRITON_IMPORT_ERROR is not None:
+        return reasons
     H = _hidden_width(params_e)
     if H > MAX_HIDDEN:
         reasons.append(f"The hidden width H={H} is more than {MAX_HIDDEN}, the widest the kernels are built for.")

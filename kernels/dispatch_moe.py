@@ -1263,57 +1263,15 @@ def fused_dispatch_moe(prompts, tokens, tok_start, tok_end, prompt_out, params_e
 # What the kernels can run, and what they compile to
 # ---------------------------------------------------------------------------------------------
 
-_HALF = (torch.float16, torch.bfloat16)
 _INTERPRETED = type(_dispatch_moe_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def moe_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p, params_z) -> list[str]:
     """Why the Triton MoE kernels cannot run these inputs; empty when they can."""
+    sources = (params_e, params_p, params_z)
+    reasons = kd.input_reasons(prompts, tokens, prompt_out, sources, _INTERPRETED, "pmoe_fast.kernels.dispatch_moe")
     if _TRITON_IMPORT_ERROR is not None:
-        return [f"Triton cannot be imported ({_TRITON_IMPORT_ERROR})."]
-    reasons = []
-    named = [("prompts", prompts), ("tokens", tokens), ("prompt_out", prompt_out)]
-    for source, params in (("e", params_e), ("p", params_p), ("z", params_z)):
-        named += [(f"params_{source}[{i}]", p) for i, p in enumerate(params)]
-    tensors = [(name, t) for name, t in named if t is not None]
-    devices = {t.device for _, t in tensors}
-    if len(devices) > 1:
-        reasons.append(f"The inputs are on several devices ({sorted(map(str, devices))}); the kernels need one.")
-    for device in devices:
-        if device.type == "cpu" and not _INTERPRETED:
-            reasons.append(
-                "The inputs are on the CPU and Triton's interpreter is off: set TRITON_INTERPRET=1 "
-                "before pmoe_fast.kernels.dispatch_moe is imported, or move the inputs to a CUDA device."
-            )
-        elif device.type not in ("cpu", "cuda"):
-            reasons.append(f"The inputs are on {device.type}; the kernels run on CUDA devices (or the CPU interpreter).")
-    for name, t in tensors:
-        if t.dtype not in (torch.float32, *_HALF):
-            reasons.append(f"{name} is {t.dtype}; the kernels take float32, float16 or bfloat16.")
-        elif t.dtype == torch.bfloat16 and _INTERPRETED:
-            reasons.append(f"{name} is bfloat16, which Triton's interpreter computes wrongly (it reads bits as integers).")
-        if t.dim() and t.stride(-1) != 1:
-            reasons.append(
-                f"{name} has stride {t.stride(-1)} in its last dimension; the kernels need 1 (a contiguous last dimension)."
-            )
-        if t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31:
-            reasons.append(f"{name} spans 2**31 elements or more; the kernels index with 32-bit offsets.")
-    # Two dtypes at most: one for the parameters (prompts and every weight), one for the activations.
-    param_dtype = params_e[0].dtype
-    for name, t in tensors:
-        if (name.startswith("params") or name == "prompts") and t.dtype != param_dtype:
-            reasons.append(
-                f"{name} is {t.dtype} but params_e[0] is {param_dtype}: prompts and every parameter must share one dtype."
-            )
-    if prompt_out is not None and prompt_out.dtype != tokens.dtype:
-        reasons.append(f"prompt_out is {prompt_out.dtype} but tokens are {tokens.dtype}: they must share one dtype.")
-    if tokens.dtype != param_dtype and param_dtype != torch.float32:
-        reasons.append(
-            f"tokens are {tokens.dtype} but the parameters {param_dtype}: mixed precision needs float32 parameters."
-        )
-    K = prompts.shape[0]
-    if K > kd.MAX_EXPERTS:
-        reasons.append(f"K={K} experts is more than {kd.MAX_EXPERTS}: the logits tile is BLOCK_K=16 columns wide.")
+        return reasons
     M, H = _moe_sizes(params_e)
     if M > MAX_DISPATCH_EXPERTS:
         reasons.append(
