@@ -186,3 +186,17 @@ def test_xformers_says_why_it_cannot_serve_on_cpu():
     fast = PMoE(same_arch(), **CONFIG, attention="xformers")
     with pytest.raises(RuntimeError, match="attention backend 'xformers' cannot serve: xformers attention runs on CUDA tensors"):
         fast(torch.randn(1, 3, IMG, IMG))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_inference(mode):
+    """The inference path compiles (reduce-overhead captures CUDA graphs on a GPU; on a CPU it
+    compiles without them) and matches eager."""
+    model = PMoE(same_arch(2), **CONFIG).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, mode=mode)
+        compiled(x)
+        torch.testing.assert_close(compiled(x), expected)
