@@ -844,8 +844,9 @@ def _hidden_width(params: Params) -> int:
     return 0 if w1 is None else w1.shape[0]
 
 
-def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z) -> int:
-    """Raises ValueError for arguments that do not form the op; returns H."""
+def check_shapes(prompts, tokens, tok_start, tok_end, prompt_out) -> tuple[int, int, int, int, int]:
+    """Raises ValueError unless prompts (K, Np, D), tokens (K, B, T, D), prompt_out (K, B, Np, D) or
+    None and the K token ranges fit together; returns (K, B, Np, T, D)."""
     if prompts.dim() != 3 or tokens.dim() != 4:
         raise ValueError(
             f"prompts must be (K, Np, D) and tokens (K, B, T, D), got {tuple(prompts.shape)} and {tuple(tokens.shape)}"
@@ -861,6 +862,12 @@ def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, param
     for k, (s, e) in enumerate(zip(tok_start, tok_end)):
         if not 0 <= s < e <= T:
             raise ValueError(f"expert {k}: the token range [{s}, {e}) must satisfy 0 <= start < end <= T={T}")
+    return K, B, Np, T, D
+
+
+def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z) -> int:
+    """Raises ValueError for arguments that do not form the op; returns H."""
+    K, _, _, _, D = check_shapes(prompts, tokens, tok_start, tok_end, prompt_out)
     H = _hidden_width(params_e)
     for name, params in (("params_e", params_e), ("params_p", params_p), ("params_z", params_z)):
         expected = ((H, D), (H,), (K, H), (K,)) if H else (None, None, (K, D), (K,))

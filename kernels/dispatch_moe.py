@@ -1006,21 +1006,7 @@ def _is_shared(params_e: MoEParams, params_p: MoEParams, params_z: MoEParams) ->
 
 def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k) -> tuple[int, int]:
     """Raises ValueError for arguments that do not form the op; returns (M, H)."""
-    if prompts.dim() != 3 or tokens.dim() != 4:
-        raise ValueError(
-            f"prompts must be (K, Np, D) and tokens (K, B, T, D), got {tuple(prompts.shape)} and {tuple(tokens.shape)}"
-        )
-    K, Np, D = prompts.shape
-    _, B, T, _ = tokens.shape
-    if tokens.shape[0] != K or tokens.shape[3] != D:
-        raise ValueError(f"tokens must be (K={K}, B, T, D={D}), got {tuple(tokens.shape)}")
-    if prompt_out is not None and tuple(prompt_out.shape) != (K, B, Np, D):
-        raise ValueError(f"prompt_out must be (K={K}, B={B}, Np={Np}, D={D}), got {tuple(prompt_out.shape)}")
-    if len(tok_start) != K or len(tok_end) != K:
-        raise ValueError(f"tok_start and tok_end must hold K={K} ints, got {len(tok_start)} and {len(tok_end)}")
-    for k, (s, e) in enumerate(zip(tok_start, tok_end)):
-        if not 0 <= s < e <= T:
-            raise ValueError(f"expert {k}: the token range [{s}, {e}) must satisfy 0 <= start < end <= T={T}")
+    K, _, _, _, D = kd.check_shapes(prompts, tokens, tok_start, tok_end, prompt_out)
     if len(params_e) != 6:
         raise ValueError(f"params_e must be (router_w, router_b, W1, b1, W2, b2), got {len(params_e)} tensors")
     M, H = _moe_sizes(params_e)

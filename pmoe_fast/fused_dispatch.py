@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from pmoe_fast._ext import extension_status, require_extension
+from pmoe_fast.fusion import _check_dtype, _check_same_device
 
 SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the order of every parameter list
 # The CUDA kernels keep the token ranges of all experts in their launch arguments.
@@ -108,20 +109,6 @@ def cuda_not_supported_reasons(
 # 2. Fake implementations -------------------------------------------------------------------
 # The same checks and messages as csrc/dispatch.h, so a traced program fails the way an eager one
 # does. torch._check keeps them valid for symbolic (dynamic) shapes.
-
-
-def _check_dtype(op: str, name: str, t: torch.Tensor) -> None:
-    torch._check(
-        t.dtype in _SUPPORTED_DTYPES,
-        lambda: f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}",
-    )
-
-
-def _check_same_device(op: str, name: str, t: torch.Tensor, prompts: torch.Tensor) -> None:
-    torch._check(
-        t.device == prompts.device,
-        lambda: f"{op}: {name} and prompts must be on the same device, got {t.device} and {prompts.device}",
-    )
 
 
 def _check_sizes(op: str, name: str, t: torch.Tensor, expected: tuple, layout: str) -> None:
