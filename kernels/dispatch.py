@@ -994,28 +994,39 @@ def dispatch_bwd(
         num_warps=_NUM_WARPS["bwd"],
     )
 
-    sources = [("e", params_e)] + ([("p", params_p)] if has_prompt_out else []) + [("z", params_z)]
-    groups = _param_groups(sources)
-    num_groups = max(groups.values()) + 1
-    out = torch.empty((num_groups, C), dtype=params_e[2].dtype, device=device)
-    _dispatch_bwd_reduce_kernel[(triton.cdiv(C, blocks["BLOCK_C"]), num_groups)](
-        partials, out, C,
-        row_e0, row_e0 + n_groups, row_p0, row_p0 + (K * b_groups if has_prompt_out else 0), row_z0, row_z0 + K * b_groups,
-        groups["e"], groups.get("p", -1), groups["z"],
-        BLOCK_C=blocks["BLOCK_C"], num_warps=_NUM_WARPS["bwd_reduce"],
-    )
-
     def unpack(row: torch.Tensor) -> tuple:
         if not H:
             return None, None, row[: K * D].view(K, D), row[K * D :]
         return row[: H * D].view(H, D), row[H * D : H * D + H], row[H * D + H : C - K].view(K, H), row[C - K :]
 
+    sources = [("e", params_e)] + ([("p", params_p)] if has_prompt_out else []) + [("z", params_z)]
+    row_ranges = {"e": (row_e0, row_e0 + n_groups), "p": (row_p0, row_p0 + K * b_groups), "z": (row_z0, row_z0 + K * b_groups)}
+    grads = reduce_param_grads(partials, C, params_e[2].dtype, sources, row_ranges, blocks, unpack)
+    return grad_prompts, grad_tokens, grad_prompt_out, grads.get("e"), grads.get("p"), grads.get("z")
+
+
+def reduce_param_grads(partials, C: int, dtype, sources, row_ranges, blocks, unpack) -> dict:
+    """The third backward launch of every dispatcher kernel family: sum each parameter group's
+    partial rows (partials (R, C) float32) in a fixed order into (groups, C) in ``dtype``, then
+    ``unpack`` each group's row into its parameter gradients. ``sources`` lists (name, params) of
+    the sources that got input; sources sharing one f share a group, whose gradient is reported
+    once (under its first source), as autograd adds it up for tensors passed more than once.
+    ``row_ranges`` maps each source to the [first, last) partial rows it wrote."""
+    groups = _param_groups(sources)
+    num_groups = max(groups.values()) + 1
+    out = torch.empty((num_groups, C), dtype=dtype, device=partials.device)
+    rows = [row_ranges[name] if name in groups else (0, 0) for name in ("e", "p", "z")]
+    _dispatch_bwd_reduce_kernel[(triton.cdiv(C, blocks["BLOCK_C"]), num_groups)](
+        partials, out, C, *rows[0], *rows[1], *rows[2],
+        groups["e"], groups.get("p", -1), groups["z"],
+        BLOCK_C=blocks["BLOCK_C"], num_warps=_NUM_WARPS["bwd_reduce"],
+    )
     grads, seen = {}, set()
     for name, _ in sources:
         if groups[name] not in seen:
             seen.add(groups[name])
             grads[name] = unpack(out[groups[name]])
-    return grad_prompts, grad_tokens, grad_prompt_out, grads.get("e"), grads.get("p"), grads.get("z")
+    return grads
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1155,17 +1155,6 @@ def dispatch_moe_bwd(
         BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, BLOCK_M=BLOCK_M, num_warps=_NUM_WARPS["bwd"],
     )
 
-    sources = [("e", params_e)] + ([("p", params_p)] if has_prompt_out else []) + [("z", params_z)]
-    groups = kd._param_groups(sources)
-    num_groups = max(groups.values()) + 1
-    out = torch.empty((num_groups, C), dtype=params_e[0].dtype, device=device)
-    kd._dispatch_bwd_reduce_kernel[(triton.cdiv(C, blocks["BLOCK_C"]), num_groups)](
-        partials, out, C,
-        row_e0, row_e0 + n_groups, row_p0, row_p0 + (K * b_groups if has_prompt_out else 0), row_z0, row_z0 + K * b_groups,
-        groups["e"], groups.get("p", -1), groups["z"],
-        BLOCK_C=blocks["BLOCK_C"], num_warps=kd._NUM_WARPS["bwd_reduce"],
-    )
-
     def unpack(row: torch.Tensor) -> tuple:
         # [R (M*D) | r (M) | W1 (M*H*D) | b1 (M*H) | W2 (M*K*H or M*K*D) | b2 (M*K)]: views.
         sizes = [M * D, M, M * H * D, M * H, M * K * (H or D), M * K]
@@ -1175,11 +1164,9 @@ def dispatch_moe_bwd(
             parts[2] = parts[3] = None
         return tuple(parts)
 
-    grads, seen = {}, set()
-    for name, _ in sources:
-        if groups[name] not in seen:
-            seen.add(groups[name])
-            grads[name] = unpack(out[groups[name]])
+    sources = [("e", params_e)] + ([("p", params_p)] if has_prompt_out else []) + [("z", params_z)]
+    row_ranges = {"e": (row_e0, row_e0 + n_groups), "p": (row_p0, row_p0 + K * b_groups), "z": (row_z0, row_z0 + K * b_groups)}
+    grads = kd.reduce_param_grads(partials, C, params_e[0].dtype, sources, row_ranges, blocks, unpack)
     return grad_prompts, grad_tokens, grad_prompt_out, grads.get("e"), grads.get("p"), grads.get("z")
 
 
