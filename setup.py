@@ -171,7 +171,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pmoe_fast", "pmoe_fast.*"]) + ["pmoe_fast.kernels"],
     package_dir={"pmoe_fast.kernels": "kernels"},
-    install_requires=["torch", "numpy", "safetensors"],
+    install_requires=["torch", "numpy", "safetensors", "matplotlib", "scikit-learn", "tqdm"],
     extras_require={"timm": ["timm"], "dev": ["pytest", "pytest-benchmark", "timm"]},
     entry_points={"console_scripts": ["pmoe-fast = pmoe_fast.cli:main"]},
     ext_modules=ext_modules,
