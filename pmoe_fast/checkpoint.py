@@ -1,0 +1,365 @@
+"""Tuned checkpoints: the trainable parameters, the run's state and the experts' identities.
+
+A pMoE run tunes prompts, dispatchers, the head and the base method's extras; the experts stay
+frozen and may be gigabytes. A tuned checkpoint therefore holds only the trainable parameters
+(named as in the model's ``state_dict``: ``prompts``, ``dispatchers.0.fc1.weight``, ``head.bias``,
+...), plus what is needed to rebuild the model and to continue the run exactly. One
+``.safetensors`` file:
+
+| tensors | what |
+| --- | --- |
+| ``<name>`` | each trainable parameter |
+| ``optimizer/<name>/<key>`` | the optimizer's state for that parameter (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``) |
+| ``rng/torch``, ``rng/cuda/<i>``, ``rng/numpy`` | random number generator states |
+
+| metadata key (JSON strings) | what |
+| --- | --- |
+| ``format`` | ``"pmoe_fast.tuned/1"`` |
+| ``pmoe_fast_version`` | the library version that wrote it |
+| ``config`` | the configuration the model was built from (``pmoe_fast.training.build_model``) |
+| ``experts`` | per expert: name, weight file, kwargs, architecture summary, sha256 of its weights |
+| ``state`` | epoch, step, position in the epoch, learning-rate schedule, optimizer hyper-parameters, history |
+| ``rng`` | Python's ``random`` state and the scalar part of NumPy's |
+
+Files are written atomically (``save``): to a temporary file in the same directory, flushed to
+disk, then renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
+``check_experts`` compares the recorded experts with the ones a model was built with and raises
+``ExpertMismatchError`` listing every difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "pmoe_fast.tuned/1"
+OPTIMIZER_PREFIX = "optimizer/"
+RNG_PREFIX = "rng/"
+
+
+class ExpertMismatchError(ValueError):
+    """The experts a checkpoint was tuned on differ from the ones given; the message lists how."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded tuned checkpoint.
+
+    Attributes:
+        params: trainable parameters by ``state_dict`` name.
+        optimizer: per parameter name, its optimizer state tensors by key.
+        config: the configuration the model was built from ({} if none was recorded).
+        experts: recorded expert identities (``expert_identities``).
+        state: epoch, step, schedule, optimizer hyper-parameters, history ({} if none).
+        rng: RNG states to restore with ``restore_rng`` (None if none were saved).
+        version: the pmoe_fast version that wrote it.
+    """
+
+    params: dict[str, torch.Tensor]
+    optimizer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    experts: list[dict[str, Any]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] | None = None
+    version: str = ""
+
+
+# -- what is trained, and what is frozen ----------------------------------------------------------
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for what a run tunes: ``model.trainable_parameters()`` when the model has
+    it (pMoE), else every parameter with ``requires_grad``; names as in ``model.state_dict()``."""
+    if hasattr(model, "trainable_parameters"):
+        ids = {id(p) for p in model.trainable_parameters()}
+        return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's ``state_dict``: every key, dtype, shape and the tensor bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def architecture(module: nn.Module) -> dict[str, Any]:
+    """A short summary of an expert's shape: width, depth, patches, prefix tokens, image size,
+    parameter count (what ``check_experts`` names when two experts differ in shape)."""
+    from .experts import Expert
+
+    info = Expert(module).info
+    return {
+        "embed_dim": info.embed_dim,
+        "depth": info.depth,
+        "num_heads": info.num_heads,
+        "patch_size": info.patch_size,
+        "num_prefix_tokens": info.num_prefix_tokens,
+        "img_size": list(info.img_size),
+        "num_params": sum(p.numel() for p in module.parameters()),
+    }
+
+
+def expert_identities(experts: list[nn.Module], specs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One record per expert: its spec (name, weight file, kwargs; empty when not given), its
+    architecture summary and its weights' fingerprint. Compute it from the experts as built,
+    before any dtype conversion, so that it names the weights themselves."""
+    specs = specs if specs is not None else [{} for _ in experts]
+    if len(specs) != len(experts):
+        raise ValueError(f"{len(specs)} expert specs for {len(experts)} experts")
+    return [
+        {
+            "name": spec.get("name"),
+            "weights": spec.get("weights"),
+            "kwargs": spec.get("kwargs", {}),
+            "architecture": architecture(m),
+            "sha256": fingerprint(m),
+        }
+        for m, spec in zip(experts, specs)
+    ]
+
+
+def model_expert_identities(model: nn.Module) -> list[dict[str, Any]]:
+    """The model's expert identities: ``model.expert_identities`` when the builder recorded them
+    (``pmoe_fast.training.build_model`` does, before converting the experts' dtype), else computed
+    from ``model.experts``; [] for a model without experts."""
+    recorded = getattr(model, "expert_identities", None)
+    if recorded is not None:
+        return recorded
+    experts = getattr(model, "experts", None)
+    return expert_identities(list(experts)) if experts is not None else []
+
+
+def check_experts(recorded: list[dict[str, Any]], actual: list[dict[str, Any]]) -> None:
+    """Raise ``ExpertMismatchError`` listing every difference between the experts a checkpoint
+    recorded and those of the model at hand (count, name, architecture, weights)."""
+    problems = []
+    if len(recorded) != len(actual):
+        problems.append(f"the checkpoint has {len(recorded)} experts, the model {len(actual)}")
+    for k, (want, got) in enumerate(zip(recorded, actual)):
+        label = f"expert {k}"
+        if want.get("name") and got.get("name") and want["name"] != got["name"]:
+            problems.append(f"{label}: name {want['name']!r} in the checkpoint, {got['name']!r} here")
+        arch_w, arch_g = want.get("architecture", {}), got.get("architecture", {})
+        shape = [f"{key} {arch_w[key]} vs {arch_g[key]}" for key in arch_w if key in arch_g and arch_w[key] != arch_g[key]]
+        if shape:
+            problems.append(f"{label}: shape differs (checkpoint vs here: {', '.join(shape)})")
+        if want.get("sha256") != got.get("sha256"):
+            where = f" (checkpoint: weights {want.get('weights')!r}; here: {got.get('weights')!r})"
+            problems.append(f"{label}: the frozen weights differ, sha256 {want.get('sha256', '?')[:12]}... "
+                            f"vs {got.get('sha256', '?')[:12]}...{where}")
+    if problems:
+        raise ExpertMismatchError(
+            "the checkpoint was tuned on other experts:\n  " + "\n  ".join(problems)
+            + "\nBuild the model with the experts (names, weight files, kwargs) the checkpoint records."
+        )
+
+
+# -- random number generators ---------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The states of torch (CPU and every CUDA device), NumPy and Python's ``random``, as
+    (tensors, JSON-able values)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda/{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    values = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, values
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Set the generators to the states ``rng_state`` returned (``Checkpoint.rng``)."""
+    tensors, values = rng["tensors"], rng["values"]
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda/{i}"] for i in range(len(tensors)) if f"cuda/{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    kind, pos, has_gauss, cached = values["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = values["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# -- saving and loading ---------------------------------------------------------------------------
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The optimizer's per-parameter tensors keyed ``optimizer/<name>/<key>``, and its parameter
+    groups' hyper-parameters with parameter names in place of indices. ``names`` names the
+    optimizer's parameters in the order it was given them."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"{OPTIMIZER_PREFIX}{names[index]}/{key}"] = value
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], ckpt: Checkpoint) -> None:
+    """Restore ``optimizer`` (built over the parameters ``names`` names, in that order) from a
+    checkpoint; its parameter groups must cover the same names."""
+    groups = ckpt.state.get("optimizer_groups")
+    if groups is None:
+        raise ValueError("the checkpoint holds no optimizer state (it was saved without an optimizer)")
+    index = {n: i for i, n in enumerate(names)}
+    saved = sorted(n for g in groups for n in g["params"])
+    if saved != sorted(names):
+        raise ValueError(f"the checkpoint's optimizer tunes {saved}, this one {sorted(names)}")
+    state = {index[n]: dict(ckpt.optimizer[n]) for n in names if n in ckpt.optimizer}
+    param_groups = [{**g, "params": [index[n] for n in g["params"]]} for g in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def save(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    config: dict[str, Any] | None = None,
+    experts: list[dict[str, Any]] | None = None,
+    state: dict[str, Any] | None = None,
+    rng: bool = False,
+) -> None:
+    """Write a tuned checkpoint of ``model`` to ``path`` atomically (see the module docstring).
+
+    Args:
+        optimizer: also save its state (it must have been built over
+            ``trainable_named_parameters(model)``, in that order).
+        config: the model's configuration, JSON-able.
+        experts: expert identities; None computes them (``model_expert_identities``).
+        state: the run's position (epoch, step, schedule, history), JSON-able.
+        rng: also save the random number generators' states.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    named = trainable_named_parameters(model)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in named}
+    state = dict(state or {})
+    if optimizer is not None:
+        opt_tensors, groups = optimizer_state(optimizer, [n for n, _ in named])
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
+        state["optimizer_groups"] = groups
+    rng_values = None
+    if rng:
+        rng_tensors, rng_values = rng_state()
+        tensors.update({RNG_PREFIX + k: v.contiguous() for k, v in rng_tensors.items()})
+    metadata = {
+        "format": FORMAT,
+        "pmoe_fast_version": __version__,
+        "config": json.dumps(config or {}),
+        "experts": json.dumps(model_expert_identities(model) if experts is None else experts),
+        "state": json.dumps(state),
+    }
+    if rng_values is not None:
+        metadata["rng"] = json.dumps(rng_values)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, flush it to disk, then rename
+    it over ``path``. If anything fails the temporary file is removed and ``path`` is untouched."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read a tuned checkpoint (CPU tensors). Raises a ValueError when the file is not one."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not a pmoe_fast tuned checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r}); "
+            "to load a backbone's weights use pmoe_fast.vit.load_weights"
+        )
+    params, optimizer, rng_tensors = {}, {}, {}
+    for key, tensor in tensors.items():
+        if key.startswith(OPTIMIZER_PREFIX):
+            name, _, state_key = key[len(OPTIMIZER_PREFIX):].rpartition("/")
+            optimizer.setdefault(name, {})[state_key] = tensor
+        elif key.startswith(RNG_PREFIX):
+            rng_tensors[key[len(RNG_PREFIX):]] = tensor
+        else:
+            params[key] = tensor
+    rng = {"tensors": rng_tensors, "values": json.loads(metadata["rng"])} if "rng" in metadata else None
+    return Checkpoint(
+        params=params,
+        optimizer=optimizer,
+        config=json.loads(metadata.get("config", "{}")),
+        experts=json.loads(metadata.get("experts", "[]")),
+        state=json.loads(metadata.get("state", "{}")),
+        rng=rng,
+        version=metadata.get("pmoe_fast_version", ""),
+    )
+
+
+def load_into(model: nn.Module, ckpt: Checkpoint, *, check: bool = True) -> None:
+    """Copy a checkpoint's trainable parameters into ``model``. With ``check`` (the default) the
+    recorded experts must match the model's (``check_experts``). The parameter names and shapes
+    must match the model's trainable parameters exactly; the error lists what differs."""
+    if check and ckpt.experts:
+        check_experts(ckpt.experts, model_expert_identities(model))
+    named = dict(trainable_named_parameters(model))
+    missing = sorted(set(named) - set(ckpt.params))
+    unexpected = sorted(set(ckpt.params) - set(named))
+    shapes = [f"{n}: {tuple(ckpt.params[n].shape)} in the checkpoint, {tuple(p.shape)} here"
+              for n, p in named.items() if n in ckpt.params and ckpt.params[n].shape != p.shape]
+    if missing or unexpected or shapes:
+        parts = ([f"missing from the checkpoint: {missing}"] if missing else []) + (
+            [f"not in the model: {unexpected}"] if unexpected else []) + shapes
+        raise ValueError("the checkpoint does not fit this model's trainable parameters: " + "; ".join(parts)
+                         + ". Build the model with the configuration the checkpoint records (Checkpoint.config).")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(ckpt.params[n])
