@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,3 +175,35 @@ def save_png(
     fig.suptitle(title or "pMoE dispatch weights per prompt layer (red: most-weighted expert)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .evaluate import add_checkpoint_arguments
+
+    add_checkpoint_arguments(p)
+    p.add_argument("--per-class", action="store_true", help="one heatmap and path per class")
+    p.add_argument("--output", required=True, metavar="PNG", help="where the figure goes")
+    p.add_argument("--title", help="the figure's title")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Rebuild the model from the checkpoint, collect its dispatch weights on the chosen split, draw them."""
+    from .evaluate import load_for_eval
+
+    model, saved, dataset, data, source = load_for_eval(args, "plot-dispatch")
+    if saved.config.get("dispatcher") == "none":
+        raise SystemExit("pmoe-fast plot-dispatch: this model was trained with dispatcher 'none': "
+                         "each expert keeps its own prompts, there are no dispatch weights to draw")
+    stats = collect(model, dataset, batch_size=args.batch_size, device=args.device, per_class=args.per_class)
+    names = [e.get("name") or f"expert {k}" for k, e in enumerate(saved.config["experts"])]
+    names = [f"{k}: {n}" for k, n in enumerate(names)]
+    title = args.title or f"{os.path.basename(args.checkpoint)} on {os.path.basename(str(source).rstrip('/'))} ({args.split})"
+    save_png(stats, args.output, title=title, expert_names=names, class_names=data.classes)
+    if stats.per_class:  # the whole set: the class means weighted by their images
+        weights = np.nansum(stats.weights * stats.counts[:, None, None], axis=0) / stats.counts.sum()
+    else:
+        weights = stats.weights
+    print(f"{len(dataset)} images; mean dispatch weight per prompt layer (columns: {', '.join(names)}):")
+    for l, row in enumerate(weights):
+        print(f"  layer {l}: " + "  ".join(f"{v:.3f}" for v in row))
+    print(f"wrote {args.output}")

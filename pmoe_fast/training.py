@@ -412,3 +412,165 @@ def fit(
 def _write_text(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
+
+
+# -- building the model from a configuration ------------------------------------------------------
+
+# Every key ``build_model`` and ``pmoe-fast train`` read, with its default. A configuration file
+# (JSON or YAML) gives any of them; the command line overrides the file.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "experts": [],  # [{"name": ..., "weights": path or None, "kwargs": {...}}], K >= 1
+    "expert_args": {},  # kwargs for every expert (e.g. img_size, depth); an expert's own kwargs win
+    "pretrained": False,  # let timm download pre-trained weights for experts without a weight file
+    "data": None,  # an image folder, or "demo"
+    "val_fraction": 0.2,
+    "mean": None,  # input normalisation; None: the experts' pretrained configuration, else ImageNet's
+    "std": None,
+    "prompts": 10,  # Np
+    "prompt_layers": None,  # "deep", "shallow" or an int; None: the base method's own
+    "dispatcher": "mlp",
+    "dispatcher_hidden": 64,
+    "dispatch_experts": 3,  # M of the "moe" dispatcher
+    "top_k": 1,
+    "base": "vpt",
+    "pmoe_args": {},  # further pmoe_fast.PMoE arguments (separate_mlps, dispatch_pool, gate_layers, ...)
+    "execution": "auto",
+    "attention": "auto",
+    "dispatcher_backend": "auto",
+    "grad_checkpoint": 0,  # PMoE(checkpoint=...): 0 off, n: recompute activations in segments of n layers
+    "precision": "fp32",  # "bf16": experts in bfloat16 and the forward under autocast
+    "memory_budget": None,  # e.g. "16GiB": let pmoe_fast.memory pick grad_checkpoint and precision
+    "epochs": PAPER_DEFAULTS["epochs"],
+    "batch_size": PAPER_DEFAULTS["batch_size"],
+    "lr": PAPER_DEFAULTS["lr"],
+    "weight_decay": PAPER_DEFAULTS["weight_decay"],
+    "aux_weight": 0.01,
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "seed": 0,
+    "workers": 0,
+    "save_every": 0,
+    "device": None,
+    "output": None,
+}
+
+
+def parse_expert(text: str) -> dict[str, Any]:
+    """``"NAME[:PATH]"`` -> ``{"name": NAME, "weights": PATH or None, "kwargs": {}}``. A timm
+    ``hf-hub:`` name keeps its prefix (``hf-hub:timm/vit_small_patch16_224:w.safetensors``)."""
+    prefix = ""
+    for hub in ("hf-hub:", "hf_hub:"):
+        if text.startswith(hub):
+            prefix, text = hub, text[len(hub):]
+    name, sep, path = text.partition(":")
+    if not name or (sep and not path):
+        raise ValueError(f"expert {prefix + text!r} must be NAME or NAME:PATH, e.g. vit_small_patch16_224:weights/a.safetensors")
+    return {"name": prefix + name, "weights": path or None, "kwargs": {}}
+
+
+def build_expert(name: str, weights: str | None = None, kwargs: dict[str, Any] | None = None,
+                 pretrained: bool = False) -> nn.Module:
+    """One frozen-to-be expert without a head (``num_classes=0``).
+
+    The name resolves through ``pmoe_fast.vit.create_model`` (our ViTs), then
+    ``timm.create_model``; ``pretrained`` asks timm to download its weights (only for experts
+    without a weight file; needs network access). ``weights`` is a .safetensors or .pth file in
+    timm's key names (``pmoe_fast.vit.load_weights``); a classifier head in it is ignored.
+    """
+    from . import vit
+
+    kwargs = {**(kwargs or {}), "num_classes": 0}
+    if name in vit._MODEL_ARGS and not (pretrained and weights is None):
+        model = vit.create_model(name, **kwargs)
+    else:
+        try:
+            import timm
+        except ImportError as e:
+            raise ValueError(f"expert {name!r} is not one of pmoe_fast.vit's models ({', '.join(vit._MODEL_ARGS)}) "
+                             "and timm is not installed") from e
+        try:
+            model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" not in str(e):
+                raise
+            raise ValueError(f"unknown expert architecture {name!r}: neither pmoe_fast.vit "
+                             f"({', '.join(vit._MODEL_ARGS)}) nor timm (timm.list_models()) has it") from e
+    if weights is not None:
+        try:
+            result = vit.load_weights(model, weights, strict=False)
+        except RuntimeError as e:  # shape mismatches: load_state_dict lists them
+            raise ValueError(f"weights {weights} do not fit expert {name} with kwargs {kwargs}: {e}. "
+                             "Give the expert the arguments its weights were trained with (--expert-args).") from e
+        unexpected = [k for k in result.unexpected_keys if not k.startswith("head.")]
+        if result.missing_keys or unexpected:
+            raise ValueError(
+                f"weights {weights} do not fit expert {name} with kwargs {kwargs}: "
+                f"missing {result.missing_keys[:8]}, unexpected {unexpected[:8]}. Give the expert the "
+                "architecture its weights were saved from (name and --expert-args)."
+            )
+    return model
+
+
+def build_experts(config: dict[str, Any]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+    """The configured experts (``build_expert``) and their identities (spec, architecture,
+    sha256 of their weights as loaded, before any dtype conversion)."""
+    cfg = {**DEFAULT_CONFIG, **config}
+    if not cfg["experts"]:
+        raise ValueError("no experts: give at least one, e.g. --expert vit_small_patch16_224:weights/a.safetensors")
+    specs = [{**spec, "kwargs": {**cfg["expert_args"], **spec.get("kwargs", {})}} for spec in cfg["experts"]]
+    experts = [build_expert(s["name"], s.get("weights"), s["kwargs"], cfg["pretrained"]) for s in specs]
+    return experts, ckpt_io.expert_identities(experts, specs)
+
+
+def build_model(config: dict[str, Any], num_classes: int | None = None, *,
+                experts: tuple[list[nn.Module], list[dict[str, Any]]] | None = None) -> nn.Module:
+    """The fast ``pmoe_fast.PMoE`` a configuration describes (keys: ``DEFAULT_CONFIG``).
+
+    ``num_classes`` defaults to ``config["num_classes"]``; ``experts`` takes what
+    ``build_experts(config)`` returned, when the caller built them already. The experts'
+    identities are recorded in ``model.expert_identities`` for tuned checkpoints.
+    """
+    from .model import PMoE
+
+    cfg = {**DEFAULT_CONFIG, **config}
+    num_classes = num_classes if num_classes is not None else cfg.get("num_classes")
+    if not num_classes:
+        raise ValueError("the number of classes is unknown: give num_classes or config['num_classes']")
+    if cfg["precision"] not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg['precision']!r}; choose one of {PRECISIONS}")
+    modules, identities = experts if experts is not None else build_experts(cfg)
+    prompt_layers = cfg["prompt_layers"]
+    if isinstance(prompt_layers, str) and prompt_layers.isdigit():
+        prompt_layers = int(prompt_layers)
+    model = PMoE(
+        modules, num_classes, num_prompts=cfg["prompts"], prompt_layers=prompt_layers, dispatcher=cfg["dispatcher"],
+        dispatcher_hidden=cfg["dispatcher_hidden"], num_dispatch_experts=cfg["dispatch_experts"], top_k=cfg["top_k"],
+        base=cfg["base"], **cfg["pmoe_args"],
+        execution=cfg["execution"], attention=cfg["attention"], dispatcher_backend=cfg["dispatcher_backend"],
+        checkpoint=int(cfg["grad_checkpoint"]), expert_dtype=torch.bfloat16 if cfg["precision"] == "bf16" else None,
+    )
+    model.expert_identities = identities
+    return model
+
+
+def model_from_checkpoint(path: str | os.PathLike, experts: list[dict[str, Any]] | None = None,
+                          **overrides) -> tuple[nn.Module, ckpt_io.Checkpoint]:
+    """Rebuild the model a tuned checkpoint records and load its parameters.
+
+    The experts come from their recorded names, kwargs and weight files (``experts`` replaces
+    them, e.g. after moving the weight files); their weights must match the recorded
+    fingerprints (``checkpoint.ExpertMismatchError`` lists what differs). ``overrides`` replace
+    configuration keys that do not change the function (execution, attention, precision, ...).
+    """
+    saved = ckpt_io.load(path)
+    if not saved.config.get("experts"):
+        raise ValueError(f"{path} records no model configuration; it was not written by pmoe-fast train")
+    config = {**saved.config, **overrides}
+    if experts is not None:
+        if len(experts) != len(saved.experts):
+            raise ValueError(f"{path} was tuned on {len(saved.experts)} experts; {len(experts)} given")
+        config["experts"] = [{**old, **{k: v for k, v in new.items() if v}}
+                             for old, new in zip(saved.config["experts"], experts)]
+    model = build_model(config)
+    ckpt_io.load_into(model, saved)
+    return model, saved

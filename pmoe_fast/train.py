@@ -1,0 +1,272 @@
+"""Train pMoE on an image folder (or the demo set): prompts, dispatchers and head; experts frozen.
+
+    pmoe-fast train --expert vit_small_patch16_224:weights/a.safetensors \\
+                    --expert vit_small_patch16_224:weights/b.safetensors \\
+                    --data images/ --output runs/a
+    pmoe-fast train --resume runs/a/last.safetensors          # after a stop (Ctrl-C) or a crash
+
+Defaults are the paper's: AdamW, lr 1e-4, weight decay 1e-5, batch 32, 30 epochs, constant
+learning rate. Every option can come from a YAML or JSON file (``--config FILE``; keys are the
+long option names, with _ or -; ``experts`` is a list of "NAME[:PATH]" strings or of
+{name, weights, kwargs}); options on the command line override the file. --output receives
+last.safetensors (every epoch, and on Ctrl-C: the step in progress finishes, the state is saved,
+the run stops), best.safetensors (best validation accuracy) and metrics.jsonl. A resumed run
+continues exactly: same batches, optimizer, schedule and random state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any
+
+from . import training
+from .training import DEFAULT_CONFIG
+
+# Options that may change when resuming: they do not alter the run's arithmetic.
+RESUMABLE = ("epochs", "device", "workers", "output", "save_every", "execution", "attention", "dispatcher_backend")
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"16GiB"``, ``"500MB"``, ``"2e9"`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in SIZE_UNITS:
+        raise ValueError(f"cannot read the size {text!r}; write e.g. 16GiB, 500MB or 2e9")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Expert and pMoE options (train; eval and plot-dispatch take the expert ones to relocate weights)."""
+    g = p.add_argument_group("experts")
+    g.add_argument("--expert", action="append", metavar="NAME[:PATH]",
+                   help="an expert, repeated for K experts: a pmoe_fast.vit or timm architecture name, and a "
+                        ".safetensors/.pth file of its weights in timm's key names")
+    g.add_argument("--expert-args", type=json.loads, metavar="JSON",
+                   help='keyword arguments for every expert\'s constructor, e.g. \'{"img_size": 64, "depth": 4}\'')
+    g.add_argument("--pretrained", action="store_true", default=None,
+                   help="let timm download pre-trained weights for experts given without a file (needs network)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULT_CONFIG
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of the options below")
+    p.add_argument("--resume", metavar="CKPT", help="continue the run a last.safetensors records")
+    add_model_arguments(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="DIR", help="image folder (DIR/<class>/*.png, or DIR/train/<class> + DIR/val/<class>), or 'demo'")
+    g.add_argument("--val-fraction", type=float, help=f"validation share of a folder without train/ and val/ (default {d['val_fraction']})")
+    g.add_argument("--mean", type=_floats, metavar="R,G,B", help="input normalisation mean (default: the experts' pretrained configuration, else ImageNet's)")
+    g.add_argument("--std", type=_floats, metavar="R,G,B", help="input normalisation std")
+    g = p.add_argument_group("pMoE")
+    g.add_argument("--prompts", type=int, help=f"prompt tokens per expert per layer, Np (default {d['prompts']})")
+    g.add_argument("--prompt-layers", help="'deep', 'shallow' or a number (default: the base method's)")
+    g.add_argument("--dispatcher", choices=("mlp", "moe", "none"), help=f"(default {d['dispatcher']})")
+    g.add_argument("--dispatcher-hidden", type=int, help=f"hidden width of the dispatcher MLP (default {d['dispatcher_hidden']})")
+    g.add_argument("--dispatch-experts", type=int, help=f"MLPs of the 'moe' dispatcher (default {d['dispatch_experts']})")
+    g.add_argument("--top-k", type=int, help=f"top-k of the 'moe' dispatcher (default {d['top_k']})")
+    g.add_argument("--base", choices=("vpt", "gapt"), help=f"base prompt method (default {d['base']})")
+    g.add_argument("--pmoe-args", type=json.loads, metavar="JSON", help="further pmoe_fast.PMoE arguments, e.g. '{\"dispatch_pool\": \"patches\"}'")
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--execution", choices=("auto", "batched", "streams", "sequential"), help="(default auto)")
+    g.add_argument("--attention", choices=("auto", "sdpa", "xformers", "math"), help="(default auto)")
+    g.add_argument("--dispatcher-backend", choices=("auto", "torch", "triton", "cuda", "cpp"), help="(default auto)")
+    g.add_argument("--grad-checkpoint", type=int, metavar="N", help="recompute activations in backward, segments of N layers (default 0: off)")
+    g.add_argument("--precision", choices=training.PRECISIONS, help="bf16: experts in bfloat16, forward under autocast (default fp32)")
+    g.add_argument("--memory-budget", metavar="SIZE", help="e.g. 16GiB: pick --grad-checkpoint and --precision to fit (pmoe_fast.memory)")
+    g.add_argument("--device", help="default: cuda when available, else cpu")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help=f"(default {d['epochs']})")
+    g.add_argument("--batch-size", type=int, help=f"(default {d['batch_size']})")
+    g.add_argument("--lr", type=float, help=f"(default {d['lr']})")
+    g.add_argument("--weight-decay", type=float, help=f"(default {d['weight_decay']})")
+    g.add_argument("--schedule", choices=training.SCHEDULES, help="learning-rate schedule (default constant)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    g.add_argument("--aux-weight", type=float, help=f"weight of the 'moe' dispatcher's balancing loss (default {d['aux_weight']})")
+    g.add_argument("--seed", type=int, help="seeds initialisation, data split and order (default 0)")
+    g.add_argument("--workers", type=int, help="data loader processes (default 0)")
+    g.add_argument("--save-every", type=int, metavar="STEPS", help="also save last.safetensors every STEPS steps (default: each epoch)")
+    g.add_argument("--output", metavar="DIR", help="where checkpoints and metrics.jsonl go (required unless resuming)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _floats(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",")]
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers (R,G,B), got {text!r}")
+    return values
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML or JSON file of options -> {key: value} with keys as in ``DEFAULT_CONFIG``."""
+    import yaml  # a timm dependency; YAML is a superset of JSON
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise SystemExit(f"pmoe-fast train: cannot read the config file: {e}")
+    except yaml.YAMLError as e:
+        raise SystemExit(f"pmoe-fast train: {path} is not valid YAML or JSON: {e}")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SystemExit(f"pmoe-fast train: {path} must hold a mapping of options, got {type(raw).__name__}")
+    config = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    if "expert" in config:
+        config["experts"] = config.pop("expert")
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise SystemExit(f"pmoe-fast train: unknown option(s) in {path}: {unknown}; known: {sorted(DEFAULT_CONFIG)}")
+    if "experts" in config:
+        config["experts"] = [_expert_spec(e, path) for e in config["experts"]]
+    return config
+
+
+def _expert_spec(entry: Any, where: str) -> dict[str, Any]:
+    if isinstance(entry, str):
+        return training.parse_expert(entry)
+    if isinstance(entry, dict) and "name" in entry and set(entry) <= {"name", "weights", "kwargs"}:
+        return {"name": entry["name"], "weights": entry.get("weights"), "kwargs": dict(entry.get("kwargs") or {})}
+    raise SystemExit(f"pmoe-fast train: an expert in {where} must be 'NAME[:PATH]' or {{name, weights, kwargs}}, got {entry!r}")
+
+
+def resolve_config(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then a resumed run's recorded configuration, then --config, then the flags given.
+
+    When resuming, only ``RESUMABLE`` options may differ from the recorded ones."""
+    config = dict(DEFAULT_CONFIG)
+    if recorded:
+        config.update(recorded)
+    given = read_config_file(args.config) if args.config else {}
+    for key in DEFAULT_CONFIG:
+        value = getattr(args, key, None)
+        if key == "experts" and args.expert:
+            value = [training.parse_expert(e) for e in args.expert]
+        if value is not None:
+            given[key] = value
+    if recorded:
+        changed = [f"{k} ({recorded.get(k)!r} -> {v!r})" for k, v in given.items()
+                   if k not in RESUMABLE and _normalised(k, v) != recorded.get(k)]
+        if changed:
+            raise SystemExit("pmoe-fast train: a resumed run keeps its recorded settings; these differ: "
+                             + ", ".join(changed) + f". Only {', '.join(RESUMABLE)} may change.")
+    config.update(given)
+    return _absolute_paths(config)
+
+
+def _normalised(key: str, value: Any) -> Any:
+    return _absolute_paths({key: value})[key] if key in ("experts", "data") else value
+
+
+def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """Weight files and the data folder as absolute paths, so eval finds them from anywhere."""
+    config = dict(config)
+    config["experts"] = [{**e, "weights": os.path.abspath(e["weights"]) if e.get("weights") else None}
+                         for e in config["experts"]]
+    if config.get("data") and config["data"] != "demo":
+        config["data"] = os.path.abspath(config["data"])
+    return config
+
+
+def apply_memory_budget(config: dict[str, Any], experts) -> str:
+    """Let ``pmoe_fast.memory.recommend`` choose gradient checkpointing and the experts' dtype for
+    the budget; updates ``config`` and returns a line saying what it chose."""
+    from . import memory
+
+    rec = memory.recommend(experts, batch_size=config["batch_size"], budget_bytes=parse_bytes(config["memory_budget"]),
+                           num_prompts=config["prompts"])
+    config["grad_checkpoint"] = int(rec.checkpoint)
+    config["precision"] = "bf16" if str(rec.expert_dtype).endswith("bfloat16") else "fp32"
+    return f"memory budget {config['memory_budget']}: {rec}"
+
+
+def run(args: argparse.Namespace) -> None:
+    """Build the model and data the options describe, then ``training.fit``."""
+    from . import checkpoint as ckpt_io
+    from .data import DataError, normalization, open_data
+
+    saved = None
+    if args.resume:
+        try:
+            saved = ckpt_io.load(args.resume)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"pmoe-fast train: {e}")
+        if not saved.config.get("experts"):
+            raise SystemExit(f"pmoe-fast train: {args.resume} records no configuration to resume")
+    config = resolve_config(args, saved.config if saved else None)
+    if saved is not None and not config.get("output"):
+        config["output"] = os.path.dirname(os.path.abspath(args.resume))
+    if not config["experts"]:
+        raise SystemExit("pmoe-fast train: give at least one --expert NAME[:PATH] (or 'experts' in --config)")
+    if not config["data"]:
+        raise SystemExit("pmoe-fast train: give --data DIR (one sub-folder per class) or --data demo")
+    if not config["output"]:
+        raise SystemExit("pmoe-fast train: give --output DIR for the checkpoints and metrics")
+
+    try:
+        experts = training.build_experts(config)
+        names = [e["name"] for e in config["experts"]]
+        if config["mean"] is None or config["std"] is None:
+            mean, std, source = normalization(experts[0], names)
+            config["mean"], config["std"] = config["mean"] or list(mean), config["std"] or list(std)
+        else:
+            source = "recorded in the checkpoint" if saved else "given"
+        img_size = tuple(experts[0][0].patch_embed.img_size)
+        data = open_data(config["data"], img_size=img_size, mean=config["mean"], std=config["std"],
+                         val_fraction=config["val_fraction"], seed=config["seed"],
+                         classes=saved.config["classes"] if saved else None)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"pmoe-fast train: {e}")
+    config["classes"], config["num_classes"] = data.classes, len(data.classes)
+    if config["memory_budget"] and saved is None:
+        print(apply_memory_budget(config, experts[0]))
+    try:
+        model = training.build_model(config, experts=experts)
+    except ValueError as e:
+        raise SystemExit(f"pmoe-fast train: {e}")
+
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    frozen = sum(p.numel() for p in model.experts.parameters())
+    print(f"data: {data.description}")
+    if config["data"] != "demo":
+        print(f"normalisation: mean {_fmt(config['mean'])}, std {_fmt(config['std'])} ({source})")
+    print(f"pMoE: K={model.num_experts} experts ({', '.join(names)}), D={model.embed_dim}, L={model.depth}, "
+          f"Lp={model.prompt_layers}, Np={model.num_prompts}, dispatcher={config['dispatcher']!r}, base={config['base']!r}")
+    print(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
+    device = training.resolve_device(config["device"])
+    plan = model.execution_plan()
+    execution = model.execution_for(device.type)
+    why = plan["why"] if device.type == "cuda" else "on a CPU"
+    print(f"device {device}: execution {execution}" + (f" (auto: {why})" if config["execution"] == "auto" else "")
+          + f", attention {plan['attention']}, "
+          f"dispatcher backend {plan['dispatcher_backend']}, checkpointing {plan['checkpoint']}, "
+          f"precision {config['precision']}")
+    if config["precision"] == "bf16" and device.type == "cpu":
+        print("note: bf16 on a CPU is much slower than fp32 (no bf16 matrix units); use --precision fp32 there")
+    try:
+        training.fit(
+            model, data.train, data.val, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
+            weight_decay=config["weight_decay"], aux_weight=config["aux_weight"], schedule=config["schedule"],
+            warmup_steps=config["warmup_steps"], device=device, seed=config["seed"], progress=not args.no_progress,
+            output_dir=config["output"], resume=args.resume, config=config, precision=config["precision"],
+            num_workers=config["workers"], save_every=config["save_every"], log=None if not args.no_progress else print,
+        )
+    except training.TrainingInterrupted as e:
+        print(f"\nstopped after epoch {e.epoch} + {e.batch} batches; the state is in {e.path}. "
+              f"Continue with: pmoe-fast train --resume {e.path}", file=sys.stderr)
+        raise SystemExit(130)
+    except ValueError as e:
+        raise SystemExit(f"pmoe-fast train: {e}")
+    print(f"checkpoints: {os.path.join(config['output'], 'last.safetensors')}, "
+          f"{os.path.join(config['output'], 'best.safetensors')}; metrics: {os.path.join(config['output'], 'metrics.jsonl')}")
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
