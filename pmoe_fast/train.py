@@ -23,6 +23,8 @@ import re
 import sys
 from typing import Any
 
+import torch
+
 from . import training
 from .training import DEFAULT_CONFIG
 
@@ -210,6 +212,7 @@ def run(args: argparse.Namespace) -> None:
     if not config["output"]:
         raise SystemExit("pmoe-fast train: give --output DIR for the checkpoints and metrics")
 
+    torch.manual_seed(config["seed"])  # the initial prompts, dispatchers and head; experts without weight files
     try:
         experts = training.build_experts(config)
         names = [e["name"] for e in config["experts"]]

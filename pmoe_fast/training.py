@@ -571,6 +571,7 @@ def model_from_checkpoint(path: str | os.PathLike, experts: list[dict[str, Any]]
             raise ValueError(f"{path} was tuned on {len(saved.experts)} experts; {len(experts)} given")
         config["experts"] = [{**old, **{k: v for k, v in new.items() if v}}
                              for old, new in zip(saved.config["experts"], experts)]
+    torch.manual_seed(config.get("seed", 0))  # as pmoe-fast train did: experts without weight files are its seed's
     model = build_model(config)
     ckpt_io.load_into(model, saved)
     return model, saved
