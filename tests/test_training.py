@@ -84,12 +84,22 @@ def test_fit_reports_each_epoch_and_learns(tmp_path):
     assert ckpt_io.load(tmp_path / "last.safetensors").state["epoch"] == 3
 
 
-def test_two_epochs_equal_one_then_resume(tmp_path):
-    straight = tiny_model(dispatcher="moe")
+def vit_with_dropout():
+    """A plain ViT whose head trains behind dropout: its resume needs the RNG state restored."""
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny_patch16_224", num_classes=2, drop_rate=0.5, **EXPERT_ARGS)
+    vit.requires_grad_(False)
+    vit.head.requires_grad_(True)
+    return vit
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_model(dispatcher="moe"), vit_with_dropout], ids=["pmoe-moe", "vit-dropout"])
+def test_two_epochs_equal_one_then_resume(tmp_path, build):
+    straight = build()
     fit(straight, Blobs(), 2)
-    resumed = tiny_model(dispatcher="moe")
+    resumed = build()
     fit(resumed, Blobs(), 1, checkpoint_path=tmp_path / "last.safetensors")
-    again = tiny_model(dispatcher="moe")  # a fresh process would rebuild the model
+    again = build()  # a fresh process would rebuild the model
     torch.manual_seed(1234)  # and its RNG would be elsewhere
     fit(again, Blobs(), 2, resume=tmp_path / "last.safetensors")
     a, b = trainable(straight), trainable(again)
@@ -118,10 +128,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_fit_trains_a_plain_vit_with_a_head():
-    torch.manual_seed(0)
-    vit = create_model("vit_tiny_patch16_224", num_classes=2, **EXPERT_ARGS)
-    vit.requires_grad_(False)
-    vit.head.requires_grad_(True)
+    vit = vit_with_dropout()
     frozen = vit.blocks[0].attn.qkv.weight.clone()
     head = vit.head.weight.clone()
     history = fit(vit, Blobs(), 1)
