@@ -243,7 +243,8 @@ def fit(
         checkpoint_path: write the run's state there (atomically) after every epoch, every
             ``save_every`` steps, and on Ctrl-C; resume from it with ``resume=``.
         output_dir: writes ``last.safetensors`` (= checkpoint_path unless given),
-            ``best.safetensors`` (best validation accuracy) and ``metrics.jsonl``.
+            ``best.safetensors`` (best validation accuracy; with a validation set) and
+            ``metrics.jsonl`` (the history, one JSON object per epoch).
         resume: a checkpoint written by ``fit``: the parameters, optimizer, schedule, position in
             the run and RNG states are restored, and training continues where it stopped. The
             run's settings (batch size, lr, seed, ...) must be the recorded ones.
@@ -317,7 +318,8 @@ def fit(
         epoch, batch_in_epoch, step = state["epoch"], state["batch"], state["step"]
         running, history, best = state["running"], state["history"], state["best"]
         ckpt_io.restore_rng(saved.rng)
-        log(f"resumed from {resume}: epoch {epoch} done" + (f" + {batch_in_epoch} batches" if batch_in_epoch else ""))
+        log(f"resumed from {resume}: epoch {epoch} done" + (f" + {batch_in_epoch} batches" if batch_in_epoch else "")
+            + ("" if epoch < epochs else f"; the run is complete ({epochs} epochs): nothing to do"))
     else:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
@@ -488,13 +490,19 @@ def build_expert(name: str, weights: str | None = None, kwargs: dict[str, Any] |
         except ImportError as e:
             raise ValueError(f"expert {name!r} is not one of pmoe_fast.vit's models ({', '.join(vit._MODEL_ARGS)}) "
                              "and timm is not installed") from e
+        download = pretrained and weights is None
         try:
-            model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+            model = timm.create_model(name, pretrained=download, **kwargs)
         except RuntimeError as e:
             if "Unknown model" not in str(e):
                 raise
             raise ValueError(f"unknown expert architecture {name!r}: neither pmoe_fast.vit "
                              f"({', '.join(vit._MODEL_ARGS)}) nor timm (timm.list_models()) has it") from e
+        except Exception as e:  # network and hub errors come in many types
+            if not download:
+                raise
+            raise ValueError(f"timm could not get pre-trained weights for {name!r} ({type(e).__name__}: {e}); "
+                             f"without network access give a weight file: --expert {name}:PATH") from e
     if weights is not None:
         try:
             result = vit.load_weights(model, weights, strict=False)
