@@ -13,7 +13,7 @@ import platform
 import torch
 
 # command -> module in pmoe_fast
-COMMANDS = {"demo": "demo", "train": "train", "eval": "evaluate", "plot-dispatch": "dispatch_plot"}
+COMMANDS = {"demo": "demo", "train": "train", "eval": "evaluate", "plot-dispatch": "dispatch_plot", "bench": "bench"}
 
 
 def info(args: argparse.Namespace) -> None:
