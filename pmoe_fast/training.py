@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import threading
 import time
@@ -323,8 +324,6 @@ def fit(
     else:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
-        import random
-
         random.seed(seed)
 
     def run_state() -> dict[str, Any]:
