@@ -1,0 +1,844 @@
+"""Training memory of the fast pMoE: measure one step, predict it, and plan a run that fits.
+
+    profile = measure_step(model, images, labels, optimizer)      # one step, measured
+    estimate = predict(experts, batch_size=32, checkpoint=1)       # the same split, computed
+    rec = recommend(experts, batch_size=32, budget_bytes=parse_bytes("24GiB"))
+
+Both split the peak of a training step (forward, cross-entropy, backward, optimizer step) into
+frozen expert weights, trainable state (prompts, dispatchers and head with their gradients and
+optimizer state) and activations: the peak minus those two, i.e. what the step needs on top of
+what stays resident (saved activations, gradients in flight, optimizer temporaries, the batch).
+
+The file reads top to bottom: byte sizes and budgets, the two result types, measuring
+(``LiveTensorTracker``, ``measure_step``), predicting (the activation model, ``predict``) and
+planning (``recommend``).
+
+How a step is measured. On CUDA, from the caching allocator: ``max_memory_allocated`` over the
+step, so every tensor on that device counts, workspaces included, the CUDA context and cached but
+unallocated blocks not. On a CPU there is no allocator counter, so ``LiveTensorTracker`` (a
+``TorchDispatchMode``) follows tensor storages: it starts from the step's inputs and the model's
+and optimizer's tensors, then adds each storage an ATen operator returns (backward and optimizer
+included: CPU autograd runs on the calling thread, under the mode) and subtracts it when it is
+freed. It does not see memory an operator allocates and frees inside itself (BLAS packing,
+attention workspaces), allocator fragmentation, or memory that is not a tensor.
+
+Both measure the steady state: when the optimizer has no state yet, one step runs first, unmeasured
+(``warmup``), so that the measured step holds the optimizer state throughout, as every step after
+the first does. Gradients are set to None before the step, as ``optimizer.zero_grad()`` does.
+
+How a step is predicted: ``predict`` counts the tensors autograd keeps for backward in the fast
+model's forward, per block and per dispatcher, derived from what each operator saves (and checked
+against ``LiveTensorTracker`` in tests/test_memory.py). For one block of R = B x (Np + Q + N)
+token rows of width D, MLP width F, h heads, in the experts' dtype (e bytes):
+
+| tensor | kept by | bytes |
+| --- | --- | --- |
+| block input (the concatenated sequence) | norm1 | R D e |
+| qkv | attention (q, k, v are views of it) | 3 R D e |
+| attention output, log-sum-exp | attention | R D e + 4 R h |
+| residual after attention | norm2 | R D e |
+| fc1 output | GELU (QuickGELU keeps two) | R F e |
+| means and inverse deviations of both norms | norm1, norm2 | 4 R (e on a CPU, 4 on CUDA) |
+
+The linear layers keep nothing of their own: their weights are frozen, so autograd keeps only
+what the input's gradient needs (the weight). Each dispatcher keeps the tokens it averaged
+(a view of the previous block's output for the fused kernels; an fp32 copy, with f's hidden
+activations, for the torch backend), its prompt-output rows and its (K, B, Np, K) weights.
+
+The peak is the largest of: the end of forward; the backward of the first block it reaches,
+which adds two (R, F) gradients of the MLP to everything kept (checkpointing: the segment
+inputs, plus one segment recomputed); the optimizer step (AdamW: one temporary the size of all
+trainable parameters with CUDA's foreach implementation, two the size of the largest on a CPU).
+
+Assumptions, each a measured behaviour of the current code paths (a different kernel choice
+changes them): attention through SDPA or xformers. On a CPU, PyTorch's flash kernel keeps
+q, k, v, the output and a (B, h, T) fp32 log-sum-exp. On CUDA: the flash kernel in 16-bit, the
+memory-efficient kernel in fp32 (its log-sum-exp padded to 32 rows); both keep the same set.
+On CUDA each stream that runs matrix products holds a cuBLAS workspace
+(``CUBLAS_WORKSPACE_BYTES``, PyTorch's default on Hopper), and every allocation is rounded up to
+512 bytes, as the caching allocator does. The CUDA model is derived from those kernels' saved
+tensors and has not yet been checked against a GPU measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# -- byte sizes and budgets ---------------------------------------------------------------------
+
+_UNITS = {
+    "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+BYTES_FORMS = "a number and a unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 24GiB, 24GB, 24000MiB"
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24 GB', '24000MiB', '1.5TiB' -> bytes. Raises ValueError naming the accepted forms."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]+)\s*", str(text))
+    unit = match and match.group(2).upper()
+    if not match or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a memory size; write {BYTES_FORMS}")
+    value = float(match.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise ValueError(f"a memory budget must be positive, got {text!r}")
+    return int(value)
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in binary units, three significant figures: 1536 -> '1.50 KiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if abs(n) / size < 1000 else f"{n / size:.0f} {unit}"
+    return f"{n} B"
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """A measured step. ``peak_bytes = frozen_bytes + trainable_bytes + activation_bytes``.
+
+    frozen_bytes: expert weights and buffers (every storage once).
+    trainable_bytes: trainable parameters, their gradients and the optimizer state after the step
+        (0 gradients and state for mode "infer").
+    activation_bytes: peak minus the two above: what the step needed on top of them.
+    peak_bytes: the step's peak.
+    source: how it was measured.
+    """
+
+    frozen_bytes: int
+    trainable_bytes: int
+    activation_bytes: int
+    peak_bytes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A predicted training step of the fast ``pmoe_fast.PMoE``; fields as ``MemoryProfile``.
+
+    phase: where the peak falls: "forward", "backward", "recomputation" (of a checkpointed
+        segment, in backward) or "optimizer step".
+    breakdown: named parts in bytes (the activation terms of the module docstring's model).
+    The remaining fields record the configuration it is for.
+    """
+
+    frozen_bytes: int
+    trainable_bytes: int
+    activation_bytes: int
+    peak_bytes: int
+    phase: str
+    batch_size: int
+    num_experts: int
+    checkpoint: int
+    expert_dtype: torch.dtype
+    execution: str
+    device: str
+    breakdown: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+TRACKER_SOURCE = (
+    "live tensor storages (LiveTensorTracker, a TorchDispatchMode): the step's inputs, the model's "
+    "parameters and buffers, gradients, optimizer state and every storage an ATen operator returned "
+    "during the step, each once, until freed; not memory an operator uses and frees inside itself "
+    "(BLAS or attention workspaces), allocator fragmentation, or non-tensor memory"
+)
+CUDA_SOURCE = (
+    "CUDA caching allocator (max_memory_allocated): every tensor allocated on the device during the "
+    "step, workspaces included; not the CUDA context or cached, unallocated blocks"
+)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    st = t.untyped_storage()
+    return (t.device.type, st.data_ptr() or st._cdata)
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Bytes of live tensor storage, and their peak, while the mode is active.
+
+    ``track(tensor)`` adds a storage that exists already (parameters, the batch); inside the mode
+    every storage an operator returns is added on its own. A storage counts once however many
+    views share it, and is subtracted when freed. ``current`` and ``peak`` are in bytes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._live: dict[tuple[str, int], tuple[weakref.ref, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = _storage_key(tensor)
+        if key in self._live:
+            return
+        size = storage.nbytes()
+        self._live[key] = (weakref.ref(storage, lambda _, key=key: self._free(key)), size)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, key) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[1]
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.track(t)
+        return out
+
+
+def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            seen[_storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
+    return [p for p in params if p.requires_grad]
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def _loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(model(images), labels)
+    aux = getattr(model, "last_aux_loss", None)
+    return loss if aux is None else loss + 0.01 * aux
+
+
+def measure_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    mode: str = "train",
+    warmup: bool = True,
+) -> MemoryProfile:
+    """Run one step and measure its memory (module docstring: how, on CUDA and on a CPU).
+
+    Args:
+        model: a pMoE model (or any module whose frozen part is its parameters without
+            ``requires_grad`` and its buffers; ``trainable_parameters()`` is used when present).
+        images, labels: one batch, on the model's device.
+        optimizer: what ``optimizer.step()`` runs; None makes an AdamW over the trainable
+            parameters (lr 1e-4, weight decay 1e-5).
+        mode: "train" (forward, cross-entropy + 0.01 x ``model.last_aux_loss`` when not None,
+            backward, optimizer step) or "infer" (forward under ``torch.no_grad``).
+        warmup: in "train" mode, when the optimizer holds no state for some trainable parameter,
+            run one unmeasured step first, so the measured one is a steady-state step.
+    """
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("images and labels must be tensors (one batch on the model's device)")
+    trainable = _trainable(model)
+    if mode == "train":
+        if not trainable:
+            raise ValueError("the model has no trainable parameters: nothing to train (use mode='infer')")
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-5)
+        model.train()
+        if warmup and any(p not in optimizer.state for p in trainable):
+            _step(model, images, labels, optimizer)
+    else:
+        model.eval()
+    for p in model.parameters():
+        p.grad = None
+
+    def run():
+        if mode == "train":
+            _step(model, images, labels, optimizer)
+        else:
+            with torch.no_grad():
+                model(images)
+
+    device = images.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        peak, source = torch.cuda.max_memory_allocated(device), CUDA_SOURCE
+    else:
+        tracker = LiveTensorTracker()
+        state = _optimizer_tensors(optimizer) if mode == "train" else []
+        for t in [*model.parameters(), *model.buffers(), *state, images, labels]:
+            tracker.track(t)
+        tracker.reset_peak()
+        with tracker:
+            run()
+        peak, source = tracker.peak, TRACKER_SOURCE
+
+    frozen_ids = {id(p) for p in trainable}
+    frozen = _unique_bytes([p for p in model.parameters() if id(p) not in frozen_ids] + list(model.buffers()))
+    resident = list(trainable)
+    if mode == "train":
+        resident += [p.grad for p in trainable if p.grad is not None] + _optimizer_tensors(optimizer)
+    trainable_bytes = _unique_bytes(resident)
+    return MemoryProfile(frozen, trainable_bytes, peak - frozen - trainable_bytes, peak, source)
+
+
+def _step(model, images, labels, optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    _loss(model, images, labels).backward()
+    optimizer.step()
+
+
+# -- predicting ---------------------------------------------------------------------------------
+
+# PyTorch's cuBLAS workspace per stream on Hopper GPUs (CUBLAS_WORKSPACE_CONFIG=:4096:8), allocated
+# through the caching allocator the first time a stream runs a matrix product, and kept.
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+CUDA_ALLOCATION_ROUND = 512  # the caching allocator rounds every block up to this
+# Optimizer -> (state tensors per parameter, temporaries of its step: "all" = one the size of all
+# trainable parameters (CUDA foreach), "largest" = two the size of the largest (CPU), "none").
+OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1}
+EXPERT_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class _Description:
+    """What the activation model needs to know of a pMoE over some experts, batch size aside."""
+
+    num_experts: int  # K
+    dim: int  # D
+    depth: int  # L
+    mlp_hidden: int  # F
+    heads: tuple[int, ...]  # h of each expert
+    tokens: tuple[int, ...]  # T_k = Q_k + N_k
+    prefix: tuple[int, ...]  # Q_k
+    image_numel: int  # C x H x W of one image
+    act_keeps: int  # tensors of width F the MLP activation keeps for backward
+    final_keeps: tuple[bool, ...]  # the expert's final norm keeps its last block output
+    trainable: tuple[int, ...]  # numel of each trainable parameter (fp32)
+    frozen: tuple[tuple[int, bool], ...]  # (numel, floating) of each expert tensor, stacks merged
+    frozen_itemsize: tuple[int, ...]  # the experts' own bytes per element, for expert_dtype=None
+    batchable: bool  # the experts can run batched (PMoE.batched_reasons() is empty)
+    num_prompts: int  # Np
+    prompt_layers: int  # Lp
+    kind: str  # dispatcher kind
+    hidden: int  # H
+    num_dispatch_experts: int  # M
+    top_k: int
+    pool_patches: bool  # dispatch_pool == "patches"
+    backend: str  # the dispatcher backend requested ("auto" resolves per device)
+    num_classes: int
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are meta tensors: no memory, no side
+    effects on the original (building a PMoE freezes its experts in place)."""
+    memo = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_layers, dispatcher, dispatcher_hidden,
+              dispatcher_backend, model_kwargs) -> _Description:
+    from .model import PMoE
+
+    if not isinstance(experts, (list, tuple)) or not experts:
+        raise ValueError("experts must be a non-empty list of ViT modules (meta-device modules are fine)")
+    if model_kwargs.get("base", "vpt") != "vpt":
+        raise ValueError("the memory model covers base='vpt' (VPT-deep/shallow + pMoE); GaPT is not modelled")
+    copies = [_meta_copy(m) for m in experts]
+    with torch.device("meta"):
+        model = PMoE(
+            copies, num_classes, num_prompts, prompt_layers, dispatcher, dispatcher_hidden,
+            execution="sequential", dispatcher_backend=dispatcher_backend, **model_kwargs,
+        )
+    infos = [a.info for a in model._adapters]
+    block = copies[0].blocks[0]
+    act = block.mlp.act
+    if not isinstance(act, nn.GELU) and type(act).__name__ != "QuickGELU":
+        raise ValueError(f"the memory model covers GELU and QuickGELU MLPs, got {type(act).__name__}")
+    for m in copies:
+        for b in m.blocks:
+            if not isinstance(b.attn.q_norm, nn.Identity):
+                raise ValueError("the memory model covers blocks without qk_norm")
+    frozen: dict[tuple, tuple[int, bool]] = {}
+    batchable = not model.batched_reasons()
+    for k, m in enumerate(copies):
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            # Batched execution stacks block l's tensor `name` of every expert into one buffer.
+            key = ("stack", name) if batchable and name.startswith("blocks.") else (k, name)
+            numel, floating = frozen.get(key, (0, t.is_floating_point()))
+            frozen[key] = (numel + t.numel(), floating)
+    return _Description(
+        num_experts=len(copies),
+        dim=infos[0].embed_dim,
+        depth=infos[0].depth,
+        mlp_hidden=block.mlp.fc1.out_features,
+        heads=tuple(i.num_heads for i in infos),
+        tokens=tuple(i.num_prefix_tokens + i.num_patches for i in infos),
+        prefix=tuple(i.num_prefix_tokens for i in infos),
+        image_numel=infos[0].in_chans * infos[0].img_size[0] * infos[0].img_size[1],
+        act_keeps=1 if isinstance(act, nn.GELU) else 2,
+        final_keeps=tuple(isinstance(m.norm, nn.LayerNorm) for m in copies),
+        trainable=tuple(p.numel() for p in model.trainable_parameters()),
+        frozen=tuple(frozen.values()),
+        frozen_itemsize=tuple(sorted({p.element_size() for m in experts for p in m.parameters()})),
+        batchable=batchable,
+        num_prompts=num_prompts,
+        prompt_layers=model.prompt_layers,
+        kind=dispatcher,
+        hidden=dispatcher_hidden,
+        num_dispatch_experts=model_kwargs.get("num_dispatch_experts", 3),
+        top_k=model_kwargs.get("top_k", 1),
+        pool_patches=model_kwargs.get("dispatch_pool", "all") == "patches",
+        backend=model.dispatchers[0].backend,
+        num_classes=num_classes,
+    )
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """One configuration to estimate: a description plus the per-step choices, resolved."""
+
+    d: _Description
+    batch: int
+    itemsize: int  # e: bytes per element of the experts' activations
+    device: str  # "cpu" or "cuda"
+    execution: str  # "batched", "sequential" or "streams"
+    backend: str  # "torch", "cpp", "cuda", "triton" or "none"
+    checkpoint: int
+    lse_rows: Callable[[int], int]  # log-sum-exp rows the attention keeps for T rows
+
+    def size(self, numel: int, itemsize: int) -> int:
+        """Bytes of one tensor, as the device's allocator counts them."""
+        n = numel * itemsize
+        if self.device == "cuda" and n:
+            return -(-n // CUDA_ALLOCATION_ROUND) * CUDA_ALLOCATION_ROUND
+        return n
+
+    @property
+    def stats_itemsize(self) -> int:
+        """Norm means and inverse deviations: float32 on CUDA, the input's dtype on a CPU."""
+        return 4 if self.device == "cuda" else self.itemsize
+
+    @property
+    def per_expert(self) -> bool:
+        return self.execution != "batched"
+
+    def groups(self) -> list[tuple[object, list[int]]]:
+        """The expert groups one tensor covers: each expert alone, or all K at once (batched)."""
+        K = self.d.num_experts
+        return [(k, [k]) for k in range(K)] if self.per_expert else [("all", list(range(K)))]
+
+
+def _resolve_backend(d: _Description, device: str, execution: str) -> str:
+    """The dispatcher backend the model would run (``Dispatcher._choose_backend``'s rules)."""
+    from ._ext import extension_status
+    from .kernels import has_triton
+
+    if d.kind == "none":
+        return "none"
+    stacked = execution == "batched" or len(set(d.tokens)) == 1  # fused kernels take one (K, B, T, D)
+    ext = extension_status()
+
+    def reasons(backend: str) -> list[str]:
+        why = []
+        if backend != "torch" and not stacked:
+            why.append("the experts' token counts differ, so the tokens come as a list")
+        if backend == "triton" and (device != "cuda" or not has_triton()):
+            why.append("triton runs on CUDA with the triton package installed")
+        if backend in ("cuda", "cpp") and d.kind != "mlp":
+            why.append(f"the {backend} backend serves kind 'mlp' only")
+        if backend == "cuda" and device != "cuda":
+            why.append("the cuda backend runs on CUDA")
+        if backend == "cpp" and (device != "cpu" or not ext["loaded"]):
+            why.append("the cpp backend runs on a CPU with pmoe_fast._C built")
+        return why
+
+    if d.backend == "auto":
+        order = ("triton", "cuda", "torch") if device == "cuda" else ("cpp", "torch")
+        return next(b for b in order if not reasons(b))
+    why = reasons(d.backend)
+    if why:
+        raise ValueError(f"dispatcher backend {d.backend!r} cannot serve this setup: " + "; ".join(why))
+    return d.backend
+
+
+def _embedding(s: _Setup) -> dict:
+    """Z^0: each expert's embedded tokens (stacked into one tensor when batched)."""
+    d, B, e = s.d, s.batch, s.itemsize
+    return {("z0", g): s.size(sum(B * d.tokens[k] for k in ks) * d.dim, e) for g, ks in s.groups()}
+
+
+def _block_output(s: _Setup, layer: int) -> dict:
+    """The output of block ``layer`` (prompt rows included), one storage per group."""
+    d, B, e = s.d, s.batch, s.itemsize
+    return {
+        ("out", layer, g): s.size(sum(B * (d.num_prompts + d.tokens[k]) for k in ks) * d.dim, e)
+        for g, ks in s.groups()
+    }
+
+
+def _prompt_out(s: _Setup, layer: int) -> dict:
+    """Z_P after block ``layer``: a view of its output when batched, else a stacked copy."""
+    d = s.d
+    if not s.per_expert:
+        return _block_output(s, layer)
+    return {("prompt_out", layer): s.size(d.num_experts * s.batch * d.num_prompts * d.dim, s.itemsize)}
+
+
+def _block_saved(s: _Setup, layer: int) -> dict:
+    """What one block keeps for backward (table in the module docstring)."""
+    d, B, e = s.d, s.batch, s.itemsize
+    saved = {}
+    for g, ks in s.groups():
+        rows = sum(B * (d.num_prompts + d.tokens[k]) for k in ks)
+        lse = sum(B * d.heads[k] * s.lse_rows(d.num_prompts + d.tokens[k]) for k in ks)
+        width = {"input": d.dim, "qkv": 3 * d.dim, "attn_out": d.dim, "residual": d.dim}
+        for name, w in width.items():
+            saved[(name, layer, g)] = s.size(rows * w, e)
+        saved[("lse", layer, g)] = s.size(lse, 4)
+        for i in range(d.act_keeps):
+            saved[("fc1", layer, g, i)] = s.size(rows * d.mlp_hidden, e)
+        for i in range(4):  # mean and rstd of norm1 and norm2
+            saved[("norm_stats", layer, g, i)] = s.size(rows, s.stats_itemsize)
+    return saved
+
+
+def _f_rows(s: _Setup, key: tuple, rows: int) -> dict:
+    """What the torch backend's f keeps per row beyond its input: hidden activations (MLP), or
+    the router's gates, top-k picks and every MLP's outputs (MoE)."""
+    d = s.d
+    H, M, K, top = d.hidden, d.num_dispatch_experts, d.num_experts, d.top_k
+    if d.kind == "mlp":
+        return {(*key, "hidden", i): s.size(rows * H, 4) for i in range(2 if H else 0)}
+    parts = {"gates": (M, 4), "outs": (M * K, 4), "top_gates": (top, 4), "top_index": (top, 8), "picked": (top * K, 4)}
+    if H:
+        parts.update(hidden_pre=(M * H, 4), hidden_act=(M * H, 4))
+    return {(*key, name): s.size(rows * w, size) for name, (w, size) in parts.items()}
+
+
+def _dispatch_saved(s: _Setup, layer: int) -> dict:
+    """What the dispatcher of prompt layer ``layer`` keeps for backward."""
+    d, B, e = s.d, s.batch, s.itemsize
+    K, Np, D = d.num_experts, d.num_prompts, d.dim
+    if s.backend == "none":
+        return {}
+    saved = {("weights", layer): s.size(K * B * Np * K, 4)}
+    stacked_tokens = {("stack", layer): s.size(K * B * d.tokens[0] * D, e)}  # _stack_if_equal
+    if s.backend != "torch":
+        if s.per_expert:
+            saved.update(stacked_tokens)
+        else:  # a view of the tokens in place
+            saved.update(_embedding(s) if layer == 0 else _block_output(s, layer - 1))
+        if layer > 0:
+            saved.update(_prompt_out(s, layer - 1))
+        rows = K * B * d.tokens[0]
+        if s.backend in ("cpp", "cuda"):  # z_act (K, B, T, H) and z_mean (K, B, H or D)
+            saved[("z_act", layer)] = s.size(rows * d.hidden, 4)
+            saved[("z_mean", layer)] = s.size(K * B * (d.hidden or D), 4)
+        if s.backend == "triton" and d.kind == "moe":  # router gates of every row
+            M = d.num_dispatch_experts
+            saved[("gates_z", layer)] = s.size(rows * M, 4)
+            saved[("gates_p", layer)] = s.size(K * B * Np * M, 4) if layer > 0 else 0
+        return saved
+
+    # torch backend: f's input rows (fp32: a view where they are contiguous fp32 already, else a
+    # copy), then f's own activations; for the prompts P, the prompt outputs Z_P and the tokens Z.
+    saved.update(_f_rows(s, ("f_prompts", layer), K * Np))
+    if layer > 0:
+        rows = K * B * Np
+        if s.per_expert and e == 4:
+            saved.update(_prompt_out(s, layer - 1))
+        else:
+            saved[("f_in_prompt_out", layer)] = s.size(rows * D, 4)
+        saved.update(_f_rows(s, ("f_prompt_out", layer), rows))
+    equal = len(set(d.tokens)) == 1
+    for k in range(K):
+        rows = B * (d.tokens[k] - (d.prefix[k] if d.pool_patches else 0))
+        contiguous = (layer == 0 or (s.per_expert and equal)) and not (d.pool_patches and d.prefix[k])
+        if contiguous and e == 4:
+            saved.update(_embedding(s) if layer == 0 and not (s.per_expert and equal) else stacked_tokens)
+        else:
+            saved[("f_in_tokens", layer, k)] = s.size(rows * D, 4)
+        saved.update(_f_rows(s, ("f_tokens", layer, k), rows))
+    return saved
+
+
+def _layer_saved(s: _Setup, layer: int) -> dict:
+    saved = _dispatch_saved(s, layer) if layer < s.d.prompt_layers else {}
+    saved.update(_block_saved(s, layer))
+    return saved
+
+
+def _segment_input(s: _Setup, first: int) -> dict:
+    """What a checkpointed segment starting at layer ``first`` keeps as its input: (tokens,
+    Z_P, the prompts that entered the previous block)."""
+    d = s.d
+    if first == 0:
+        return _embedding(s)
+    kept = _block_output(s, first - 1)
+    kept.update(_prompt_out(s, first - 1))
+    if first - 1 < d.prompt_layers:
+        if s.backend != "none":  # the dispatcher's IPT, in the prompts' dtype
+            kept[("ipt", first - 1)] = s.size(d.num_experts * s.batch * d.num_prompts * d.dim, 4)
+    else:  # VPT carries Z_P of the block before
+        kept.update(_prompt_out(s, first - 2))
+    return kept
+
+
+def _final(s: _Setup) -> dict:
+    """What pooling keeps: the last block's output and norm statistics where the expert's final
+    norm is a LayerNorm over its tokens, else the pooled (B, D) features through fc_norm."""
+    d, B = s.d, s.batch
+    kept = {}
+    for k in range(d.num_experts):
+        if d.final_keeps[k]:
+            kept.update({key: v for key, v in _block_output(s, d.depth - 1).items() if key[2] in (k, "all")})
+            for i in range(2):
+                kept[("final_stats", k, i)] = s.size(B * d.tokens[k], s.stats_itemsize)
+        else:
+            kept[("fc_norm_in", k)] = s.size(B * d.dim, s.itemsize)
+            for i in range(2):
+                kept[("final_stats", k, i)] = s.size(B, s.stats_itemsize)
+    kept[("head_in",)] = s.size(B * d.dim, 4)
+    kept[("log_softmax",)] = s.size(B * d.num_classes, 4)
+    return kept
+
+
+def _block_forward(s: _Setup, layer: int, kept: dict, *, embedding: bool, fc2: bool) -> int:
+    """Live bytes in the forward (or the recomputation) of block ``layer`` of the last expert group
+    to run, once its MLP activation has run (and fc2, with ``fc2``): what is kept so far, the
+    previous block's output, Z_P, the IPT entering and the dispatcher's stacked tokens (locals of
+    the layer loop), the earlier groups' outputs of this block, and in the block the attention
+    projection's output and norm2's output (a local and a call argument until the block
+    returns), the activation's output and fc2's. ``embedding``: forward_features' local still
+    holds Z^0."""
+    d, B, e = s.d, s.batch, s.itemsize
+    live = {**kept, **(_embedding(s) if embedding or layer == 0 else {})}
+    if layer >= 1:
+        live.update({**_block_output(s, layer - 1), **_prompt_out(s, layer - 1)})
+    if layer < d.prompt_layers and s.per_expert and len(set(d.tokens)) == 1:  # _stack_if_equal's copy
+        live[("stack", layer)] = s.size(d.num_experts * B * d.tokens[0] * d.dim, e)
+    if layer < d.prompt_layers and s.backend != "none":
+        live[("ipt", layer)] = s.size(d.num_experts * B * d.num_prompts * d.dim, 4)
+    groups = s.groups()
+    live.update({key: v for key, v in _block_output(s, layer).items() if key[2] != groups[-1][0]})
+    rows = sum(B * (d.num_prompts + d.tokens[k]) for k in groups[-1][1])
+    return sum(live.values()) + s.size(rows * d.mlp_hidden, e) + (3 if fc2 else 2) * s.size(rows * d.dim, e)
+
+
+def _backward_transient(s: _Setup) -> dict:
+    """Gradients in flight at the first block backward reaches: the gradient of the residual
+    stream of every expert, and two (R, F) gradients in the MLP of the block being processed
+    (one expert at a time unless batched; three with QuickGELU, whose backward is a product)."""
+    d, B, e = s.d, s.batch, s.itemsize
+    grads = {("grad_residual", g): s.size(sum(B * (d.num_prompts + d.tokens[k]) for k in ks) * d.dim, e)
+             for g, ks in s.groups()}
+    rows = max(sum(B * (d.num_prompts + d.tokens[k]) for k in ks) for _, ks in s.groups())
+    for i in range(2 if d.act_keeps == 1 else 3):
+        grads[("grad_mlp", i)] = s.size(rows * d.mlp_hidden, e)
+    return grads
+
+
+def _lse_rows(device: str, itemsize: int, head_dim: int) -> Callable[[int], int]:
+    """Rows of log-sum-exp the attention kernel keeps for a sequence of T tokens."""
+    flash = device == "cpu" or (itemsize == 2 and head_dim % 8 == 0 and head_dim <= 256)
+    return (lambda T: T) if flash else (lambda T: -(-T // 32) * 32)  # memory-efficient: padded to 32
+
+
+def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype: torch.dtype, optimizer: str,
+              execution: str, device: str) -> MemoryEstimate:
+    """The arithmetic of ``predict`` for one configuration (arguments checked there)."""
+    K, L = d.num_experts, d.depth
+    itemsize = expert_dtype.itemsize
+    if execution == "auto":
+        execution = ("batched" if d.batchable else "streams") if device == "cuda" else "sequential"
+    if execution == "batched" and not d.batchable:
+        raise ValueError("execution='batched' needs experts of one architecture; these differ (use 'auto')")
+    s = _Setup(d, batch_size, itemsize, device, execution, _resolve_backend(d, device, execution), checkpoint,
+               _lse_rows(device, itemsize, d.dim // d.heads[0]))
+
+    frozen = sum(s.size(n, itemsize if floating else 4) for n, floating in d.frozen)
+    states, step_tensor = OPTIMIZERS[optimizer], optimizer in ("adam", "adamw") and device == "cpu"
+    params = sum(s.size(n, 4) for n in d.trainable)
+    trainable = params * (2 + states) + (4 * len(d.trainable) if step_tensor else 0)
+    inputs = s.size(batch_size * d.image_numel, 4) + s.size(batch_size, 8)
+    workspaces = CUBLAS_WORKSPACE_BYTES * (K + 1 if execution == "streams" else 1) if device == "cuda" else 0
+    always = inputs + workspaces  # present through the whole step, besides the resident state
+
+    # Gradients present from the first block backward reaches: the head's (its weight and bias are
+    # the last trainable parameters), then the prompts' (one tensor) once a dispatcher is passed.
+    head_grads = sum(s.size(n, 4) for n in d.trainable[-2:])
+    prompt_grads = s.size(d.trainable[0], 4)
+    transient = _backward_transient(s)
+    grad_residual = sum(v for key, v in transient.items() if key[0] == "grad_residual")
+    peaks = {"optimizer step": params + _optimizer_temporaries(s, optimizer)}
+    if checkpoint:
+        # Forward keeps each segment's input (and last_dispatch_weights); backward recomputes one
+        # segment at a time, up to the last tensor it saves (the last MLP's activation input).
+        kept = {("weights_kept", l): s.size(K * batch_size * d.num_prompts * K, 4)
+                for l in range(d.prompt_layers) if s.backend != "none"}
+        peaks["optimizer step"] += sum(kept.values())
+        segments = [range(f, min(f + checkpoint, L)) for f in range(0, L, checkpoint)]
+        backward = recompute = 0
+        for i, seg in enumerate(segments):
+            kept.update(_segment_input(s, seg.start))
+            saved = {}
+            for l in seg:
+                saved.update(_layer_saved(s, l))
+            grads = head_grads + (prompt_grads if i < len(segments) - 1 else 0)
+            backward = max(backward, sum({**kept, **saved}.values()) + grads)
+            recompute = max(recompute, _block_forward(s, seg[-1], {**kept, **saved}, embedding=False, fc2=False)
+                            + grad_residual + grads)
+        forward = kept
+        peaks["recomputation"] = recompute
+    else:
+        forward = {}
+        for l in range(L):
+            forward.update(_layer_saved(s, l))
+        backward = sum(forward.values()) + head_grads
+    # The last block's output, kept by the final norm, is freed as its gradient (in the transient) appears.
+    peaks["forward"] = max(sum({**forward, **_final(s)}.values()),
+                           _block_forward(s, L - 1, forward, embedding=not checkpoint, fc2=True))
+    peaks["backward"] = backward + sum(transient.values())
+    phase = max(peaks, key=peaks.get)
+    resident = frozen + params * (1 + states) + (4 * len(d.trainable) if step_tensor else 0)
+    peak = resident + always + peaks[phase]
+    breakdown = (
+        ("kept through forward", sum(forward.values())),
+        ("backward transient", transient),
+        ("batch", inputs),
+        ("cuBLAS workspaces", workspaces),
+    )
+    return MemoryEstimate(
+        frozen_bytes=frozen,
+        trainable_bytes=trainable,
+        activation_bytes=peak - frozen - trainable,
+        peak_bytes=peak,
+        phase=phase,
+        batch_size=batch_size,
+        num_experts=K,
+        checkpoint=checkpoint,
+        expert_dtype=expert_dtype,
+        execution=execution,
+        device=device,
+        breakdown=breakdown,
+    )
+
+
+def _optimizer_temporaries(s: _Setup, optimizer: str) -> int:
+    """Bytes the optimizer step allocates and frees. Adam(W): exp_avg_sq.sqrt() and its quotient
+    per parameter on a CPU (single-tensor implementation: two of the largest at a time); one
+    sqrt per parameter, all at once, with CUDA's foreach implementation. SGD: none."""
+    if optimizer == "sgd":
+        return 0
+    sizes = [s.size(n, 4) for n in s.d.trainable]
+    return sum(sizes) if s.device == "cuda" else 2 * max(sizes)
+
+
+EXECUTIONS = ("auto", "batched", "streams", "sequential")
+
+
+def predict(
+    experts: Sequence[nn.Module],
+    *,
+    batch_size: int,
+    num_prompts: int = 10,
+    num_classes: int = 100,
+    prompt_layers: int | str | None = None,
+    dispatcher: str = "mlp",
+    dispatcher_hidden: int = 64,
+    checkpoint: int = 0,
+    expert_dtype: torch.dtype | None = None,
+    optimizer: str = "adamw",
+    execution: str = "auto",
+    device: str | torch.device = "cuda",
+    attention: str = "auto",
+    dispatcher_backend: str = "auto",
+    **model_kwargs,
+) -> MemoryEstimate:
+    """Predict the peak memory of one training step of ``pmoe_fast.PMoE(experts, ...)``.
+
+    Nothing runs and nothing is allocated: ``experts`` may live on the meta device
+    (``with torch.device("meta"): vit.create_model(...)``) and are not modified. The step is
+    ``measure_step``'s, in its steady state (optimizer state present); the model is the module
+    docstring's.
+
+    Args:
+        experts: the K expert ViTs (timm's or ``pmoe_fast.vit``'s), on any device.
+        batch_size: B.
+        num_prompts, num_classes, prompt_layers, dispatcher, dispatcher_hidden: as ``PMoE``.
+        checkpoint: as ``PMoE``: 0, or segments of that many layers recomputed in backward.
+        expert_dtype: as ``PMoE``; None keeps the experts' dtype.
+        optimizer: "adamw" or "adam" (two state tensors per parameter), or "sgd" (SGD with
+            momentum: one).
+        execution, attention, dispatcher_backend: as ``PMoE``, resolved for ``device`` as the
+            model resolves them ("auto": batched on CUDA when the experts share an architecture,
+            else streams; sequential on a CPU). Attention "math" is not modelled.
+        device: "cuda" (the GPU the step will run on) or "cpu".
+        **model_kwargs: further ``PMoE`` options (separate_mlps, dispatch_pool,
+            num_dispatch_experts, top_k); base="gapt" is not modelled.
+    """
+    d = _describe(experts, num_prompts, num_classes, prompt_layers, dispatcher, dispatcher_hidden,
+                  dispatcher_backend, model_kwargs)
+    return _estimate(d, **_check_step(d, batch_size, checkpoint, expert_dtype, optimizer, execution, device, attention))
+
+
+def _check_step(d: _Description, batch_size, checkpoint, expert_dtype, optimizer, execution, device, attention) -> dict:
+    """predict's per-step arguments, checked, as ``_estimate`` takes them."""
+    from .model import EXPERT_DTYPES
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
+        raise ValueError(f"checkpoint must be an int >= 0 (0: off; n: segments of n layers), got {checkpoint!r}")
+    if expert_dtype is None:
+        if len(d.frozen_itemsize) != 1:
+            raise ValueError("the experts have mixed dtypes: pass expert_dtype")
+        expert_dtype = {4: torch.float32, 2: torch.bfloat16}[d.frozen_itemsize[0]]
+    elif expert_dtype not in EXPERT_DTYPES:
+        raise ValueError(f"expert_dtype must be None or one of {EXPERT_DTYPES}, got {expert_dtype}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; the model knows {tuple(OPTIMIZERS)}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if attention == "math":
+        raise ValueError("attention='math' keeps the (T x T) attention scores, which the memory model does not "
+                         "cover; predict the default attention ('auto' = SDPA) or 'xformers'")
+    if attention not in ("auto", "sdpa", "xformers"):
+        raise ValueError(f"unknown attention {attention!r}; the memory model covers 'auto', 'sdpa' and 'xformers'")
+    if attention == "xformers" and device_type != "cuda":
+        raise ValueError("attention='xformers' runs on CUDA only")
+    return dict(batch_size=batch_size, checkpoint=checkpoint, expert_dtype=expert_dtype, optimizer=optimizer,
+                execution=execution, device=device_type)
