@@ -339,6 +339,7 @@ class _Description:
     image_numel: int  # C x H x W of one image
     act_keeps: int  # tensors of width F the MLP activation keeps for backward
     final_keeps: tuple[bool, ...]  # the expert's final norm keeps its last block output
+    layer_scale: tuple[bool, ...]  # the expert's blocks scale the MLP's output (LayerScale ls2)
     trainable: tuple[int, ...]  # numel of each trainable parameter (fp32)
     frozen: tuple[tuple[int, bool], ...]  # (numel, floating) of each expert tensor, stacks merged
     frozen_itemsize: tuple[int, ...]  # the experts' own bytes per element, for expert_dtype=None
@@ -407,6 +408,7 @@ def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_lay
         image_numel=infos[0].in_chans * infos[0].img_size[0] * infos[0].img_size[1],
         act_keeps=1 if isinstance(act, nn.GELU) else 2,
         final_keeps=tuple(isinstance(m.norm, nn.LayerNorm) for m in copies),
+        layer_scale=tuple(not isinstance(m.blocks[-1].ls2, nn.Identity) for m in copies),
         trainable=tuple(p.numel() for p in model.trainable_parameters()),
         frozen=tuple(frozen.values()),
         frozen_itemsize=tuple(sorted({p.element_size() for m in experts for p in m.parameters()})),
@@ -633,14 +635,15 @@ def _final(s: _Setup) -> dict:
     return kept
 
 
-def _block_forward(s: _Setup, layer: int, kept: dict, *, embedding: bool, fc2: bool) -> int:
-    """Live bytes in the forward (or the recomputation) of block ``layer`` of the last expert group
-    to run, once its MLP activation has run (and fc2, with ``fc2``): what is kept so far, the
-    previous block's output, Z_P, the IPT entering and the dispatcher's stacked tokens (locals of
-    the layer loop), the earlier groups' outputs of this block, and in the block the attention
-    projection's output and norm2's output (a local and a call argument until the block
-    returns), the activation's output and fc2's. ``embedding``: forward_features' local still
-    holds Z^0."""
+def _block_forward(s: _Setup, layer: int, kept: dict, *, embedding: bool, last_fc2: bool = True) -> int:
+    """Peak in the forward (or the recomputation) of block ``layer``, whose saved tensors ``kept``
+    holds with everything kept before: the largest over expert groups of the bytes live once the
+    group's MLP activation has run and fc2 has (for the last group, only with ``last_fc2``).
+    Live besides what is kept: the previous block's output, Z_P, the IPT entering and the
+    dispatcher's stacked tokens (locals of the layer loop), the earlier groups' outputs of this
+    block, and in the block the attention projection's output and norm2's output (a local and a
+    call argument until the block returns), the activation's output and fc2's. The later groups'
+    tensors of this block do not exist yet. ``embedding``: forward_features still holds Z^0."""
     d, B, e = s.d, s.batch, s.itemsize
     live = {**kept, **(_embedding(s) if embedding or layer == 0 else {})}
     if layer >= 1:
@@ -649,23 +652,38 @@ def _block_forward(s: _Setup, layer: int, kept: dict, *, embedding: bool, fc2: b
         live[("stack", layer)] = s.size(d.num_experts * B * d.tokens[0] * d.dim, e)
     if layer < d.prompt_layers and s.backend != "none":
         live[("ipt", layer)] = s.size(d.num_experts * B * d.num_prompts * d.dim, 4)
-    groups = s.groups()
-    live.update({key: v for key, v in _block_output(s, layer).items() if key[2] != groups[-1][0]})
-    rows = sum(B * (d.num_prompts + d.tokens[k]) for k in groups[-1][1])
-    return sum(live.values()) + s.size(rows * d.mlp_hidden, e) + (3 if fc2 else 2) * s.size(rows * d.dim, e)
+    block, outputs, groups = _block_saved(s, layer), _block_output(s, layer), s.groups()
+    peak = 0
+    for i, (g, ks) in enumerate(groups):
+        later = {h for h, _ in groups[i + 1:]}
+        now = {key: v for key, v in live.items() if not (key in block and key[2] in later)}
+        now.update({key: v for key, v in outputs.items() if key[2] in {h for h, _ in groups[:i]}})
+        rows = sum(B * (d.num_prompts + d.tokens[k]) for k in ks)
+        fc2 = last_fc2 or i < len(groups) - 1
+        peak = max(peak, sum(now.values()) + s.size(rows * d.mlp_hidden, e) + (3 if fc2 else 2) * s.size(rows * d.dim, e))
+    return peak
 
 
-def _backward_transient(s: _Setup) -> dict:
-    """Gradients in flight at the first block backward reaches: the gradient of the residual
-    stream of every expert, and two (R, F) gradients in the MLP of the block being processed
-    (one expert at a time unless batched; three with QuickGELU, whose backward is a product)."""
+def _grad_residual(s: _Setup) -> int:
+    """The gradient of every expert's residual stream, in flight through backward."""
+    d, B = s.d, s.batch
+    return sum(s.size(sum(B * (d.num_prompts + d.tokens[k]) for k in ks) * d.dim, s.itemsize) for _, ks in s.groups())
+
+
+def _backward(s: _Setup, live: dict, layer: int) -> int:
+    """Peak while backward goes through block ``layer``, the last of those ``live`` holds the saved
+    tensors of: its expert groups in the reverse of the forward's order, each adding two (R, F)
+    gradients of its MLP (three with QuickGELU, whose backward is a product) to what is still
+    kept, the groups done having freed their block's tensors; plus the residual gradients."""
     d, B, e = s.d, s.batch, s.itemsize
-    grads = {("grad_residual", g): s.size(sum(B * (d.num_prompts + d.tokens[k]) for k in ks) * d.dim, e)
-             for g, ks in s.groups()}
-    rows = max(sum(B * (d.num_prompts + d.tokens[k]) for k in ks) for _, ks in s.groups())
-    for i in range(2 if d.act_keeps == 1 else 3):
-        grads[("grad_mlp", i)] = s.size(rows * d.mlp_hidden, e)
-    return grads
+    live, peak = dict(live), 0
+    for g, ks in reversed(s.groups()):
+        rows = sum(B * (d.num_prompts + d.tokens[k]) for k in ks)
+        peak = max(peak, sum(live.values()) + (2 if d.act_keeps == 1 else 3) * s.size(rows * d.mlp_hidden, e))
+        for key in _block_saved(s, layer):
+            if key[2] == g:
+                live.pop(key, None)
+    return peak + _grad_residual(s)
 
 
 def _lse_rows(device: str, itemsize: int, head_dim: int) -> Callable[[int], int]:
@@ -698,8 +716,6 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
     # the last trainable parameters), then the prompts' (one tensor) once a dispatcher is passed.
     head_grads = sum(s.size(n, 4) for n in d.trainable[-2:])
     prompt_grads = s.size(d.trainable[0], 4)
-    transient = _backward_transient(s)
-    grad_residual = sum(v for key, v in transient.items() if key[0] == "grad_residual")
     peaks = {"optimizer step": params + _optimizer_temporaries(s, optimizer)}
     if checkpoint:
         # Forward keeps each segment's input (and last_dispatch_weights); backward recomputes one
@@ -715,26 +731,28 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
             for l in seg:
                 saved.update(_layer_saved(s, l))
             grads = head_grads + (prompt_grads if i < len(segments) - 1 else 0)
-            backward = max(backward, sum({**kept, **saved}.values()) + grads)
-            recompute = max(recompute, _block_forward(s, seg[-1], {**kept, **saved}, embedding=False, fc2=False)
-                            + grad_residual + grads)
+            backward = max(backward, _backward(s, {**kept, **saved}, seg[-1]) + grads)
+            # Recomputation stops once the segment's last saved tensor is back: the MLP's input
+            # (fc2 keeps its frozen weight), or the LayerScale's after fc2 has run.
+            fc2 = any(d.layer_scale[k] for k in s.groups()[-1][1])
+            recompute = max(recompute, _block_forward(s, seg[-1], {**kept, **saved}, embedding=False, last_fc2=fc2)
+                            + _grad_residual(s) + grads)
         forward = kept
         peaks["recomputation"] = recompute
     else:
         forward = {}
         for l in range(L):
             forward.update(_layer_saved(s, l))
-        backward = sum(forward.values()) + head_grads
+        backward = _backward(s, forward, L - 1) + head_grads
     # The last block's output, kept by the final norm, is freed as its gradient (in the transient) appears.
     peaks["forward"] = max(sum({**forward, **_final(s)}.values()),
-                           _block_forward(s, L - 1, forward, embedding=not checkpoint, fc2=True))
-    peaks["backward"] = backward + sum(transient.values())
+                           _block_forward(s, L - 1, forward, embedding=not checkpoint))
+    peaks["backward"] = backward
     phase = max(peaks, key=peaks.get)
     resident = frozen + params * (1 + states) + (4 * len(d.trainable) if step_tensor else 0)
     peak = resident + always + peaks[phase]
     breakdown = (
-        ("kept through forward", sum(forward.values())),
-        ("backward transient", transient),
+        ("kept for backward at the end of forward", sum(forward.values())),
         ("batch", inputs),
         ("cuBLAS workspaces", workspaces),
     )
