@@ -13,7 +13,7 @@ import platform
 import torch
 
 # command -> module in pmoe_fast
-COMMANDS = {"demo": "demo", "train": "train", "eval": "evaluate", "plot-dispatch": "dispatch_plot", "bench": "bench"}
+COMMANDS = {"demo": "demo", "train": "train", "eval": "evaluate", "plot-dispatch": "dispatch_plot", "bench": "bench", "plan": "plan"}
 
 
 def info(args: argparse.Namespace) -> None:

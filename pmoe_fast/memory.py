@@ -93,7 +93,7 @@ def parse_bytes(text: str) -> int:
         raise ValueError(f"cannot read {text!r} as a memory size; write {BYTES_FORMS}")
     value = float(match.group(1)) * _UNITS[unit]
     if value < 1:
-        raise ValueError(f"a memory budget must be positive, got {text!r}")
+        raise ValueError(f"a memory size must be positive, got {text!r}; write {BYTES_FORMS}")
     return int(value)
 
 
@@ -101,7 +101,8 @@ def format_bytes(n: int) -> str:
     """Bytes in binary units, three significant figures: 1536 -> '1.50 KiB'."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}" if abs(n) / size < 1000 else f"{n / size:.0f} {unit}"
+            value = n / size
+            return f"{value:.{2 if abs(value) < 10 else 1 if abs(value) < 100 else 0}f} {unit}"
     return f"{n} B"
 
 
@@ -860,3 +861,154 @@ def _check_step(d: _Description, batch_size, checkpoint, expert_dtype, optimizer
         raise ValueError("attention='xformers' runs on CUDA only")
     return dict(batch_size=batch_size, checkpoint=checkpoint, expert_dtype=expert_dtype, optimizer=optimizer,
                 execution=execution, device=device_type)
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+DEFAULT_HEADROOM = 0.1
+CHECKPOINT_CHOICES = (0, 1, 2, 3, 4, 6)
+
+
+@dataclass(frozen=True)
+class PlanOption:
+    """One checkpointing / expert dtype choice, its estimate, and whether it fits the budget."""
+
+    checkpoint: int
+    expert_dtype: torch.dtype
+    estimate: MemoryEstimate
+    fits: bool
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What ``recommend`` found.
+
+    fits: ``option`` fits the requested batch size and experts.
+    option: the cheapest option that fits at ``batch_size`` and ``num_experts``, or None when
+        nothing fits even one image with one expert.
+    batch_size, num_experts: the requested ones when they fit; else the largest batch that fits
+        (all experts), or when not even one image fits, the most experts that fit the batch.
+    options: every option at the requested batch size and experts, cheapest first.
+    usable_bytes: the budget less the headroom: what a predicted peak must stay under.
+    message: the recommendation in a sentence.
+    """
+
+    fits: bool
+    option: PlanOption | None
+    batch_size: int
+    num_experts: int
+    options: tuple[PlanOption, ...]
+    budget_bytes: int
+    usable_bytes: int
+    message: str
+
+
+def _cost(option: PlanOption) -> tuple:
+    """Fastest first: no recomputation before recomputation (every checkpointed choice recomputes
+    the forward once), then higher precision, then the lower peak."""
+    return (option.checkpoint > 0, -option.expert_dtype.itemsize, option.estimate.peak_bytes)
+
+
+def _describe_option(option: PlanOption) -> str:
+    ckpt = f"checkpoint={option.checkpoint}" if option.checkpoint else "no checkpointing"
+    return f"{ckpt}, experts in {str(option.expert_dtype).removeprefix('torch.')}"
+
+
+def recommend(
+    experts: Sequence[nn.Module],
+    *,
+    batch_size: int,
+    budget_bytes: int,
+    checkpoints: Sequence[int] | None = None,
+    expert_dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+    headroom: float = DEFAULT_HEADROOM,
+    num_prompts: int = 10,
+    num_classes: int = 100,
+    prompt_layers: int | str | None = None,
+    dispatcher: str = "mlp",
+    dispatcher_hidden: int = 64,
+    optimizer: str = "adamw",
+    execution: str = "auto",
+    device: str | torch.device = "cuda",
+    attention: str = "auto",
+    dispatcher_backend: str = "auto",
+    **model_kwargs,
+) -> Recommendation:
+    """The cheapest checkpointing / expert dtype choice whose predicted peak fits the budget.
+
+    Every (checkpoint, expert dtype) pair is estimated with ``predict``; an option fits when its
+    peak is at most ``budget_bytes * (1 - headroom)``: the headroom stands for what the
+    prediction leaves out on a GPU (the CUDA context, a few hundred MiB, and the caching
+    allocator's fragmentation). The cheapest that fits wins (``_cost``: no recomputation first,
+    then higher precision). When none fits, the largest batch size that fits with some option
+    is found (its cheapest option recommended), and when not even one image fits, the most
+    experts (the first ones of ``experts``) that fit ``batch_size``.
+
+    Args:
+        experts, batch_size, and the keyword arguments from num_prompts on: as ``predict``.
+        budget_bytes: the memory to fit in (``parse_bytes("24GiB")``).
+        checkpoints: the segment lengths to try; None: 0 and those of (1, 2, 3, 4, 6) below
+            the experts' depth.
+        expert_dtypes: the expert dtypes to try.
+        headroom: the share of the budget kept free, in [0, 1).
+    """
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
+        raise ValueError(f"budget_bytes must be a positive int (parse_bytes('24GiB') reads a size), got {budget_bytes!r}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    if not expert_dtypes:
+        raise ValueError("expert_dtypes must name at least one dtype")
+    def describe(chosen: Sequence[nn.Module]) -> _Description:
+        return _describe(chosen, num_prompts, num_classes, prompt_layers, dispatcher, dispatcher_hidden,
+                         dispatcher_backend, model_kwargs)
+
+    d = describe(experts)
+    if checkpoints is None:
+        checkpoints = [c for c in CHECKPOINT_CHOICES if c < d.depth]
+    usable = int(budget_bytes * (1 - headroom))
+
+    def options(desc: _Description, batch: int) -> list[PlanOption]:
+        out = []
+        for dtype in expert_dtypes:
+            for ckpt in checkpoints:
+                args = _check_step(desc, batch, ckpt, dtype, optimizer, execution, device, attention)
+                est = _estimate(desc, **args)
+                out.append(PlanOption(ckpt, dtype, est, est.peak_bytes <= usable))
+        return sorted(out, key=_cost)
+
+    every = options(d, batch_size)
+    fitting = [o for o in every if o.fits]
+    K = d.num_experts
+    if fitting:
+        best = fitting[0]
+        message = (f"{_describe_option(best)}: predicted peak {format_bytes(best.estimate.peak_bytes)} "
+                   f"fits {format_bytes(usable)} ({format_bytes(budget_bytes)} less {headroom:.0%} headroom)")
+        return Recommendation(True, best, batch_size, K, tuple(every), budget_bytes, usable, message)
+
+    best, batch = None, 0
+    for option in every:  # the largest batch each option fits, by bisection (peaks grow with B)
+        lo, hi = 0, batch_size - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            est = _estimate(d, **_check_step(d, mid, option.checkpoint, option.expert_dtype, optimizer, execution, device, attention))
+            lo, hi = (mid, hi) if est.peak_bytes <= usable else (lo, mid - 1)
+        if lo > batch:
+            best, batch = option, lo
+    if best is not None:
+        fit = next(o for o in options(d, batch) if o.fits)
+        message = (f"nothing fits batch {batch_size} in {format_bytes(usable)}; the largest batch that fits is "
+                   f"{batch}, with {_describe_option(fit)} (predicted peak {format_bytes(fit.estimate.peak_bytes)})")
+        return Recommendation(False, fit, batch, K, tuple(every), budget_bytes, usable, message)
+
+    for k in range(K - 1, 0, -1):
+        fitting = [o for o in options(describe(list(experts)[:k]), batch_size) if o.fits]
+        if fitting:
+            message = (f"not even one image fits {format_bytes(usable)} with {K} experts; the first {k} experts fit "
+                       f"batch {batch_size} with {_describe_option(fitting[0])} "
+                       f"(predicted peak {format_bytes(fitting[0].estimate.peak_bytes)})")
+            return Recommendation(False, fitting[0], batch_size, k, tuple(every), budget_bytes, usable, message)
+    smallest = min(every, key=lambda o: o.estimate.peak_bytes)
+    message = (f"nothing fits {format_bytes(usable)}: the smallest predicted peak, one expert or not, is above it "
+               f"({_describe_option(smallest)} needs {format_bytes(smallest.estimate.peak_bytes)} for batch "
+               f"{batch_size} with {K} experts, {format_bytes(smallest.estimate.frozen_bytes)} of it frozen weights)")
+    return Recommendation(False, None, batch_size, K, tuple(every), budget_bytes, usable, message)
