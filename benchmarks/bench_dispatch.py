@@ -1,35 +1,30 @@
-"""The dispatcher of one prompt layer: every backend beside the torch backend, in one run.
+"""The dispatcher of one prompt layer, for all K experts: every backend beside the torch backend
+in one run, forward and forward+backward, over the profile's sweep of K, B and Np.
 
-    python -m pytest benchmarks/bench_dispatch.py --benchmark-columns=median,iqr,rounds \
-        --benchmark-group-by=param:shape,param:mode --benchmark-json=dispatch.json
+    python -m pytest benchmarks/bench_dispatch.py --bench-profile quick --benchmark-json=dispatch.json
 
-Shapes are the issue's grid (K in {2, 6, 9}, B in {1, 32}, Np in {10, 50}, T = 197, D = 768,
-H = 64) on a GPU, in bf16; on a CPU B = 32 becomes B = 8 and the dtype fp32 (bf16 matrix products
-are ~80x slower there), and the target shape K = 6, B = 8, Np = 10 is always in. Each case records
-its shape, device and versions in ``extra_info``; on a GPU also the bytes the op must move and
-the achieved GB/s. Backends that cannot serve a case are skipped with their reasons.
+The token count T and width D are those of the profile's experts (ViT-B/16 at 224 px: T = 197,
+D = 768), H = 64; tokens in the profile's dtype, prompts and dispatcher in fp32, as in the model.
+Backends that cannot serve a case (Triton and CUDA without a GPU, C++ on a GPU) are skipped with
+their reasons. Each case records its shape, device and versions in ``extra_info``, and the peak
+memory of one separate, untimed call, inputs included (on a GPU from the CUDA allocator, on a CPU
+from ``pmoe_fast.memory.LiveTensorTracker``); on a GPU also the bytes the op must move and the
+achieved GB/s.
 """
 
 from __future__ import annotations
 
-import platform
+import os
 
 import pytest
 import torch
 
+from pmoe_fast.bench import REFERENCE_PROVIDER
 from pmoe_fast.dispatcher import Dispatcher
-
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
-DTYPE = torch.bfloat16 if GPU else torch.float32
-T, D, H = 197, 768, 64
-BACKENDS = ["torch", "triton", "cuda", "cpp"]
-SHAPES = sorted(
-    {(K, B if GPU else min(B, 8), Np) for K in (2, 6, 9) for B in (1, 32) for Np in (10, 50)} | {(6, 8, 10)}
-)
+from pmoe_fast.memory import CUDA_SOURCE, TRACKER_SOURCE, LiveTensorTracker
 
 
-def moved_bytes(K: int, B: int, Np: int, elt: int, backward: bool) -> int:
+def moved_bytes(K: int, B: int, Np: int, T: int, D: int, H: int, elt: int, backward: bool) -> int:
     """Bytes the op must move at least: read tokens, prompts, prompt outputs and parameters once,
     write the integrated prompts (and weights); backward also reads the tokens and output grads
     again and writes the token, prompt-output and prompt grads."""
@@ -40,42 +35,58 @@ def moved_bytes(K: int, B: int, Np: int, elt: int, backward: bool) -> int:
     return fwd + (bwd if backward else 0)
 
 
-def sync() -> None:
-    if GPU:
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K{}-B{}-Np{}".format(*s))
-def test_dispatch(benchmark, backend, mode, shape):
-    K, B, Np = shape
+def test_dispatch(benchmark, dispatch_case, profile, environment):
+    case = dispatch_case
+    K, B, Np, backend = case.K, case.B, case.Np, case.provider
+    info = profile.expert_info()
+    T, D, H, Q = info.num_prefix_tokens + info.num_patches, info.embed_dim, profile.dispatch_hidden, info.num_prefix_tokens
+    device = torch.device(profile.device)
+    dtype = getattr(torch, profile.dtype)
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("triton: TRITON_INTERPRET=1 runs the kernels in Triton's CPU interpreter, which checks correctness, not speed")
     torch.manual_seed(0)
-    disp = Dispatcher(D, K, hidden=H, backend=backend).to(DEVICE)
-    prompts = torch.randn(K, Np, D, device=DEVICE, requires_grad=True)
-    # The non-prompt tokens as a strided view of each expert's sequence, as a model holds them.
-    seq = torch.randn(K, B, T + Np, D, device=DEVICE, dtype=DTYPE)
-    tokens = seq[:, :, Np:].requires_grad_() if mode == "fwd+bwd" else seq[:, :, Np:]
-    prompt_out = torch.randn(K, B, Np, D, device=DEVICE, dtype=DTYPE, requires_grad=mode == "fwd+bwd")
+    disp = Dispatcher(D, K, hidden=H, backend=backend).to(device)
+    backward = case.mode == "fwd+bwd"
+    prompts = torch.randn(K, Np, D, device=device, requires_grad=True)
+    # The non-prompt tokens as a strided view of each expert's sequence, as the fast model holds them.
+    seq = torch.randn(K, B, Np + T, D, device=device, dtype=dtype)
+    tokens = seq[:, :, Np:].requires_grad_() if backward else seq[:, :, Np:]
+    prompt_out = torch.randn(K, B, Np, D, device=device, dtype=dtype, requires_grad=backward)
     reasons = disp.not_supported_reasons(backend, prompts, tokens, prompt_out)
     if reasons:
         pytest.skip(f"{backend}: " + " ".join(reasons))
 
     def run():
-        if mode == "fwd":
-            with torch.no_grad():
-                disp(prompts, tokens, prompt_out, 1)
-        else:
-            ipt, _ = disp(prompts, tokens, prompt_out, 1)
+        if backward:
+            for t in (prompts, tokens, prompt_out, *disp.parameters()):
+                t.grad = None  # as a training step's zero_grad(set_to_none=True)
+            ipt, _ = disp(prompts, tokens, prompt_out, Q)
             ipt.backward(torch.ones_like(ipt))
-        sync()
+        else:
+            with torch.no_grad():
+                disp(prompts, tokens, prompt_out, Q)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
+    run()  # kernel compilation and autotuning
+    benchmark.pedantic(run, warmup_rounds=profile.warmup, rounds=max(profile.rounds, 5), iterations=1)
+    median = benchmark.stats.stats.median
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        nbytes = moved_bytes(K, B, Np, T, D, H, seq.element_size(), backward)
+        extra = dict(peak_memory_bytes=torch.cuda.max_memory_allocated(), memory_source=CUDA_SOURCE,
+                     bytes=nbytes, gbps=nbytes / median / 1e9)
+    else:
+        tracker = LiveTensorTracker()
+        for t in (prompts, seq, prompt_out, *disp.parameters(), *disp.buffers()):
+            tracker.track(t)
+        tracker.reset_peak()
+        with tracker:
+            run()
+        extra = dict(peak_memory_bytes=tracker.peak, memory_source=TRACKER_SOURCE)
     benchmark.extra_info.update(
-        K=K, B=B, Np=Np, T=T, D=D, H=H, dtype=str(DTYPE), backend=backend,
-        device=torch.cuda.get_device_name() if GPU else platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), torch=torch.__version__,
+        bench=case.bench, mode=case.mode, provider=backend, reference_provider=REFERENCE_PROVIDER["dispatch"],
+        K=K, B=B, Np=Np, T=T, D=D, H=H, dtype=profile.dtype, arch=profile.arch, img_size=profile.img_size,
+        **environment, images_per_s=B / median, **extra,
     )
-    benchmark.pedantic(run, warmup_rounds=2, rounds=20 if GPU else 5, iterations=1)
-    if GPU:
-        nbytes = moved_bytes(K, B, Np, seq.element_size(), mode == "fwd+bwd")
-        benchmark.extra_info.update(bytes=nbytes, gbps=nbytes / benchmark.stats.stats.median / 1e9)

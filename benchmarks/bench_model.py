@@ -1,59 +1,68 @@
-"""Whole-model pMoE: the reference (eager), torch.compile(reference) and the fast model, side by
-side in one run: a training step (forward, backward, AdamW step) and inference.
+"""Whole-model pMoE, every provider side by side in one run: a training step (forward, backward,
+AdamW step) and inference, over the profile's sweep of K, B and Np.
 
-    python -m pytest benchmarks/bench_model.py --benchmark-group-by=param:case \
-        --benchmark-columns=median,iqr,rounds --benchmark-json=model.json
+    python -m pytest benchmarks/bench_model.py --bench-profile quick --benchmark-json=model.json
 
-On a GPU: ViT-B/16 experts, K in {1, 2, 6, 9}, B in {1, 32}, Np = 10, bf16 (the fast model with
-bf16 frozen experts and checkpointing, the reference under bf16 autocast), with images/s and peak
-memory in ``extra_info``. On a CPU: ViT-tiny/16 experts, K = 3, B in {1, 8}, fp32. Weights are
-random: speed and memory do not depend on them.
+Providers (``pmoe_fast.bench.MODEL_PROVIDERS``): the reference (eager), ``torch.compile`` of the
+reference (skipped with the error when compiling fails), and the fast model with its default plan
+and with the variants a profile lists (checkpointing, batched or stream execution, the torch
+dispatcher). In a bf16 profile the fast model keeps its frozen experts in bf16 and the reference
+runs under bf16 autocast. Weights are random: speed and memory do not depend on them.
+
+Each case is timed with pytest-benchmark after a first call (compilation, kernel selection) and
+the profile's warm-up rounds; on a GPU the timed callable synchronises, so a round is the step's
+whole device time. Peak memory and its split (frozen weights, trainable state, activations) come
+from ``pmoe_fast.memory.measure_step`` in a separate, untimed step, so tracking memory does not
+slow the timed ones (on a CPU not for the compiled reference, below).
 """
 
 from __future__ import annotations
-
-import platform
 
 import pytest
 import torch
 
 from pmoe_fast import PMoE, vit
+from pmoe_fast.bench import MODEL_PROVIDERS, REFERENCE_PROVIDER
+from pmoe_fast.memory import measure_step
 from pmoe_fast.reference import PMoE as Reference
 
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
-ARCH = vit.vit_base_patch16_224 if GPU else vit.vit_tiny_patch16_224
-CASES = [(K, B) for K in (1, 2, 6, 9) for B in (1, 32)] if GPU else [(3, 1), (3, 8)]
-PROVIDERS = ["reference", "reference-compiled", "fast"]
+NUM_CLASSES = 100
 
 
-def build(provider: str, K: int) -> torch.nn.Module:
+def build(provider: str, K: int, Np: int, profile) -> torch.nn.Module:
+    """The provider's model over K random-weight experts, built on the profile's device."""
     torch.manual_seed(0)
-    experts = [ARCH(num_classes=0) for _ in range(K)]
-    if provider == "fast":
-        model = PMoE(experts, num_classes=100, num_prompts=10, expert_dtype=torch.bfloat16 if GPU else None, checkpoint=1 if GPU else 0)
-    else:
-        model = Reference(experts, num_classes=100, num_prompts=10)
-    model = model.to(DEVICE)
-    return torch.compile(model) if provider == "reference-compiled" else model
+    with torch.device(profile.device):
+        experts = [vit.create_model(profile.arch, **profile.expert_kwargs()) for _ in range(K)]
+        if provider.startswith("reference"):
+            model = Reference(experts, num_classes=NUM_CLASSES, num_prompts=Np)
+        else:
+            expert_dtype = torch.bfloat16 if profile.dtype == "bfloat16" else None
+            try:
+                model = PMoE(experts, num_classes=NUM_CLASSES, num_prompts=Np, expert_dtype=expert_dtype, **MODEL_PROVIDERS[provider])
+            except ValueError as e:  # a variant these experts cannot run, e.g. batched execution of one expert
+                pytest.skip(f"{provider}: {e}")
+    if provider == "reference-compiled":
+        # Every case compiles the same forward at new shapes; past dynamo's recompile limit it
+        # would quietly run eager. A fresh dynamo state per case keeps each one compiled.
+        torch._dynamo.reset()
+        model = torch.compile(model)
+    return model
 
 
-def sync() -> None:
-    if GPU:
-        torch.cuda.synchronize()
+def test_model(benchmark, model_case, profile, environment):
+    case = model_case
+    device = torch.device(profile.device)
+    model = build(case.provider, case.K, case.Np, profile)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=profile.dtype == "bfloat16" and case.provider.startswith("reference"))
+    images = torch.randn(case.B, 3, profile.img_size, profile.img_size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (case.B,), device=device)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=1e-5) if case.mode == "train" else None
 
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", ["train", "infer"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "K{}-B{}".format(*c))
-def test_model(benchmark, provider, mode, case):
-    K, B = case
-    model = build(provider, K)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=GPU and provider != "fast")
-    images = torch.randn(B, 3, 224, 224, device=DEVICE)
-    labels = torch.randint(0, 100, (B,), device=DEVICE)
-    trainable = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model._orig_mod.trainable_parameters()
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-5)
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def train_step():
         with autocast:
@@ -68,19 +77,33 @@ def test_model(benchmark, provider, mode, case):
             model(images)
         sync()
 
-    run = train_step if mode == "train" else infer
-    model.train(mode == "train")
-    run()  # first call: compilation for the compiled provider, kernel selection for the others
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(run, warmup_rounds=1, rounds=10 if GPU else 7, iterations=1)
+    step = train_step if case.mode == "train" else infer
+    model.train(case.mode == "train")
+    try:
+        step()  # compilation for the compiled provider, kernel selection and caches for all
+    except Exception as e:
+        if case.provider != "reference-compiled":
+            raise
+        pytest.skip(f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    benchmark.pedantic(step, warmup_rounds=profile.warmup, rounds=profile.rounds, iterations=1)
+
+    if case.provider == "reference-compiled" and device.type == "cpu":
+        # On a CPU measure_step follows tensors with a TorchDispatchMode, and dynamo runs a
+        # compiled model eagerly under one: the numbers would be the eager reference's.
+        memory = dict(memory_source="not measured: on a CPU memory is tracked by a TorchDispatchMode, "
+                      "under which torch.compile runs the model eagerly")
+    else:
+        with autocast:
+            m = measure_step(model, images, labels, optimizer, mode=case.mode)
+        memory = dict(peak_memory_bytes=m.peak_bytes, frozen_bytes=m.frozen_bytes, trainable_bytes=m.trainable_bytes,
+                      activation_bytes=m.activation_bytes, memory_source=m.source)
+    precision = profile.dtype if profile.dtype == "float32" else (
+        f"{profile.dtype} autocast" if case.provider.startswith("reference") else f"{profile.dtype} experts")
     benchmark.extra_info.update(
-        K=K, B=B, Np=10, arch=ARCH.__name__, provider=provider, mode=mode,
-        images_per_s=B / benchmark.stats.stats.median,
-        device=torch.cuda.get_device_name() if GPU else platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), torch=torch.__version__,
+        bench=case.bench, mode=case.mode, provider=case.provider, reference_provider=REFERENCE_PROVIDER["model"],
+        K=case.K, B=case.B, Np=case.Np, arch=profile.arch, img_size=profile.img_size,
+        depth=profile.expert_info().depth,
+        dtype=profile.dtype, precision=precision, num_classes=NUM_CLASSES, **environment,
+        images_per_s=case.B / benchmark.stats.stats.median, **memory,
+        execution_plan=model.execution_plan() if case.provider.startswith("fast") else None,
     )
-    if GPU:
-        benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if provider == "fast":
-        benchmark.extra_info["plan"] = str(model.execution_plan())

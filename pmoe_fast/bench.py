@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -213,7 +214,7 @@ def run_suite(profile: Profile, suite: Path, json_path: Path, select: str | None
     """Run the suite in a subprocess whose output streams to ours; returns pytest's exit status."""
     cmd = pytest_command(profile, suite, json_path, select)
     print(f"pmoe-fast bench: profile {profile.name!r} ({profile.help})", flush=True)
-    print("running: " + " ".join(f"{k}={v}" for k, v in MALLOC_SETTINGS.items()) + " " + " ".join(cmd[1:]), flush=True)
+    print("running: " + " ".join(f"{k}={v}" for k, v in MALLOC_SETTINGS.items()) + " python " + shlex.join(cmd[1:]), flush=True)
     return subprocess.run(cmd, cwd=suite.parent, env=suite_environment()).returncode
 
 
@@ -229,6 +230,7 @@ class Row:
     median_s: float
     images_per_s: float | None
     peak_bytes: float | None
+    split: tuple[float | None, float | None, float | None] = (None, None, None)  # frozen, trainable, activation bytes
     speedup: float | None = None  # reference median / this median
     memory_ratio: float | None = None  # this peak / reference peak
 
@@ -256,7 +258,8 @@ def rows(run: dict) -> list[Row]:
     for entry in run["benchmarks"]:
         info = entry["extra_info"]
         case = Case(info["bench"], info["mode"], info["K"], info["B"], info["Np"], info["provider"])
-        out.append(Row(entry["name"], case, entry["stats"]["median"], info.get("images_per_s"), info.get("peak_memory_bytes")))
+        split = (info.get("frozen_bytes"), info.get("trainable_bytes"), info.get("activation_bytes"))
+        out.append(Row(entry["name"], case, entry["stats"]["median"], info.get("images_per_s"), info.get("peak_memory_bytes"), split))
     by_case = {r.case: r for r in out}
     for r in out:
         ref = by_case.get(Case(**{**asdict(r.case), "provider": REFERENCE_PROVIDER[r.case.bench]}))
@@ -297,7 +300,8 @@ def _text_table(header: list[str], body: list[list[str]]) -> list[str]:
 
 def format_table(run: dict) -> str:
     """The readable report of a run: per benchmark a header saying what ran where, then one row
-    per case and provider; then the skipped and failed cases with their reasons."""
+    per case and provider (for the whole model with the peak memory's split into frozen weights,
+    trainable state and activations); then the skipped and failed cases with their reasons."""
     lines = []
     table = rows(run)
     for bench, title in (("model", "whole model"), ("dispatch", "dispatcher op (one prompt layer, all K experts)")):
@@ -326,8 +330,10 @@ def format_table(run: dict) -> str:
             head = [r.case.mode, str(r.case.K), str(r.case.B), str(r.case.Np)] if key != last else ["", "", "", ""]
             last = key
             ips = "-" if r.images_per_s is None else f"{r.images_per_s:.1f}"
-            body.append([*head, r.case.provider, format_time(r.median_s), ips, format_bytes(r.peak_bytes), _ratio(r.speedup), _ratio(r.memory_ratio)])
+            body.append([*head, r.case.provider, format_time(r.median_s), ips, format_bytes(r.peak_bytes), _ratio(r.speedup),
+                         _ratio(r.memory_ratio), *([format_bytes(b) for b in r.split] if bench == "model" else [])])
         header = ["mode", "K", "B", "Np", "provider", "median", "images/s", "peak memory", "speedup", "memory"]
+        header += ["frozen", "trainable", "activations"] if bench == "model" else []
         lines += _text_table(header, body) + [""]
     extra = run.get("pmoe_fast", {})
     for kind in ("skipped", "failed"):
@@ -478,6 +484,12 @@ def _fail(message: str) -> None:
     raise SystemExit(f"pmoe-fast bench: {message}")
 
 
+def _status_message(status: int, select: str | None) -> str:
+    if status == 5:
+        return f"no benchmark case matched -k {select!r}" if select else "the suite collected no case"
+    return f"pytest exited with status {status}; see its output above"
+
+
 def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if not args.threshold >= 0:
@@ -498,9 +510,12 @@ def run(args: argparse.Namespace) -> None:
             suite = find_suite(args.suite)
             json_path = (out_dir / JSON_NAME).resolve()
             json_path.unlink(missing_ok=True)
-            status = run_suite(profile, suite, json_path, args.select)
+            try:
+                status = run_suite(profile, suite, json_path, args.select)
+            except KeyboardInterrupt:
+                _fail("interrupted")
             if not json_path.exists():
-                _fail(f"the benchmark suite wrote no results (pytest exit status {status}); see its output above")
+                _fail(f"the suite wrote no results: {_status_message(status, args.select)}")
             new = load_run(json_path)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
@@ -519,10 +534,8 @@ def run(args: argparse.Namespace) -> None:
     failed = len(new.get("pmoe_fast", {}).get("failed", []))
     if failed:
         _fail(f"{failed} benchmark case(s) failed (reasons above)")
-    if status == 5:
-        _fail(f"no benchmark case matched -k {args.select!r}" if args.select else "the suite collected no case")
     if status != 0:
-        _fail(f"pytest exited with status {status} (see its output above)")
+        _fail(_status_message(status, args.select))
 
 
 def main(argv: list[str] | None = None) -> None:

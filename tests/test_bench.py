@@ -40,7 +40,8 @@ def model_run():
     out = []
     for mode in ("train", "infer"):
         for K in (1, 2):
-            out.append(entry(mode=mode, K=K, provider="reference", median=0.2 * K, peak=100 * 2**20 * K))
+            out.append(entry(mode=mode, K=K, provider="reference", median=0.2 * K, peak=100 * 2**20 * K,
+                             frozen_bytes=60 * 2**20 * K, trainable_bytes=10 * 2**20 * K, activation_bytes=30 * 2**20 * K))
             out.append(entry(mode=mode, K=K, provider="fast", median=0.1 * K, peak=50 * 2**20 * K))
     return out
 
@@ -98,9 +99,11 @@ def test_table_shows_each_provider_with_ratios_against_the_reference(tmp_path):
     table = bench.format_table(run)
     lines = table.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("mode"))
-    assert lines[header].split() == ["mode", "K", "B", "Np", "provider", "median", "images/s", "peak", "memory", "speedup", "memory"]
-    assert lines[header + 1].split() == ["train", "1", "2", "10", "reference", "200.0", "ms", "10.0", "100.0", "MiB", "1.00x", "1.00x"]
-    assert lines[header + 2].split() == ["fast", "100.0", "ms", "20.0", "50.0", "MiB", "2.00x", "0.50x"]
+    assert lines[header].split() == ["mode", "K", "B", "Np", "provider", "median", "images/s", "peak", "memory", "speedup",
+                                     "memory", "frozen", "trainable", "activations"]
+    assert lines[header + 1].split() == ["train", "1", "2", "10", "reference", "200.0", "ms", "10.0", "100.0", "MiB", "1.00x",
+                                         "1.00x", "60.0", "MiB", "10.0", "MiB", "30.0", "MiB"]
+    assert lines[header + 2].split() == ["fast", "100.0", "ms", "20.0", "50.0", "MiB", "2.00x", "0.50x", "-", "-", "-"]
     assert "peak memory of reference, fast: test source" in table and "details" not in table
 
 
