@@ -67,9 +67,7 @@ def run(args: argparse.Namespace) -> None:
     from . import training
 
     model, saved, dataset, data, source = load_for_eval(args, "eval")
-    precision = args.precision or saved.config.get("precision", "fp32")
-    metrics = training.evaluate(model, dataset, batch_size=args.batch_size, device=args.device,
-                                precision=precision, progress=not args.json)
+    metrics = training.evaluate(model, dataset, batch_size=args.batch_size, device=args.device, progress=not args.json)
     epoch = saved.state.get("epoch")
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "data": source, "split": args.split, "epoch": epoch, **metrics}))

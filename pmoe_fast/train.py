@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Any
 
@@ -30,20 +29,6 @@ from .training import DEFAULT_CONFIG
 
 # Options that may change when resuming: they do not alter the run's arithmetic.
 RESUMABLE = ("epochs", "device", "workers", "output", "save_every", "execution", "attention", "dispatcher_backend")
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """``"16GiB"``, ``"500MB"``, ``"2e9"`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in SIZE_UNITS:
-        raise ValueError(f"cannot read the size {text!r}; write e.g. 16GiB, 500MB or 2e9")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
-
-
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Expert and pMoE options (train; eval and plot-dispatch take the expert ones to relocate weights)."""
     g = p.add_argument_group("experts")
@@ -80,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", choices=("auto", "sdpa", "xformers", "math"), help="(default auto)")
     g.add_argument("--dispatcher-backend", choices=("auto", "torch", "triton", "cuda", "cpp"), help="(default auto)")
     g.add_argument("--grad-checkpoint", type=int, metavar="N", help="recompute activations in backward, segments of N layers (default 0: off)")
-    g.add_argument("--precision", choices=training.PRECISIONS, help="bf16: experts in bfloat16, forward under autocast (default fp32)")
+    g.add_argument("--precision", choices=training.PRECISIONS, help="bf16: the frozen experts in bfloat16; prompts, dispatchers and head stay fp32 (default fp32)")
     g.add_argument("--memory-budget", metavar="SIZE", help="e.g. 16GiB: pick --grad-checkpoint and --precision to fit (pmoe_fast.memory)")
     g.add_argument("--device", help="default: cuda when available, else cpu")
     g = p.add_argument_group("training")
@@ -139,8 +124,9 @@ def _expert_spec(entry: Any, where: str) -> dict[str, Any]:
     raise SystemExit(f"pmoe-fast train: an expert in {where} must be 'NAME[:PATH]' or {{name, weights, kwargs}}, got {entry!r}")
 
 
-def resolve_config(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, then a resumed run's recorded configuration, then --config, then the flags given.
+def resolve_config(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """Defaults, then a resumed run's recorded configuration, then --config, then the flags given;
+    also the keys --config and the flags set.
 
     When resuming, only ``RESUMABLE`` options may differ from the recorded ones."""
     config = dict(DEFAULT_CONFIG)
@@ -160,7 +146,7 @@ def resolve_config(args: argparse.Namespace, recorded: dict[str, Any] | None = N
             raise SystemExit("pmoe-fast train: a resumed run keeps its recorded settings; these differ: "
                              + ", ".join(changed) + f". Only {', '.join(RESUMABLE)} may change.")
     config.update(given)
-    return _absolute_paths(config)
+    return _absolute_paths(config), set(given)
 
 
 def _normalised(key: str, value: Any) -> Any:
@@ -177,16 +163,35 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def apply_memory_budget(config: dict[str, Any], experts) -> str:
+def apply_memory_budget(config: dict[str, Any], experts, device, fixed: set[str]) -> str:
     """Let ``pmoe_fast.memory.recommend`` choose gradient checkpointing and the experts' dtype for
-    the budget; updates ``config`` and returns a line saying what it chose."""
+    ``config["memory_budget"]`` (among the values the user did not fix: ``fixed`` names the options
+    given explicitly); updates ``config`` and returns a line saying what it chose. Exits with the
+    planner's advice when nothing fits."""
     from . import memory
 
-    rec = memory.recommend(experts, batch_size=config["batch_size"], budget_bytes=parse_bytes(config["memory_budget"]),
-                           num_prompts=config["prompts"])
-    config["grad_checkpoint"] = int(rec.checkpoint)
-    config["precision"] = "bf16" if str(rec.expert_dtype).endswith("bfloat16") else "fp32"
-    return f"memory budget {config['memory_budget']}: {rec}"
+    choices = {}
+    if "precision" in fixed:
+        choices["expert_dtypes"] = (torch.bfloat16 if config["precision"] == "bf16" else torch.float32,)
+    if "grad_checkpoint" in fixed:
+        choices["checkpoints"] = (int(config["grad_checkpoint"]),)
+    try:
+        rec = memory.recommend(
+            experts, batch_size=config["batch_size"], budget_bytes=memory.parse_bytes(config["memory_budget"]),
+            num_prompts=config["prompts"], num_classes=config["num_classes"], prompt_layers=config["prompt_layers"],
+            dispatcher=config["dispatcher"], dispatcher_hidden=config["dispatcher_hidden"],
+            execution=config["execution"], device=device, attention=config["attention"],
+            dispatcher_backend=config["dispatcher_backend"], num_dispatch_experts=config["dispatch_experts"],
+            top_k=config["top_k"], base=config["base"], **config["pmoe_args"], **choices,
+        )
+    except ValueError as e:
+        raise SystemExit(f"pmoe-fast train: --memory-budget: {e}")
+    if not rec.fits:
+        raise SystemExit(f"pmoe-fast train: --memory-budget {config['memory_budget']}: {rec.message}")
+    config["grad_checkpoint"] = rec.option.checkpoint
+    config["precision"] = "bf16" if rec.option.expert_dtype == torch.bfloat16 else "fp32"
+    return (f"memory budget {config['memory_budget']}: {rec.message} -> --grad-checkpoint {config['grad_checkpoint']} "
+            f"--precision {config['precision']}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -202,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"pmoe-fast train: {e}")
         if not saved.config.get("experts"):
             raise SystemExit(f"pmoe-fast train: {args.resume} records no configuration to resume")
-    config = resolve_config(args, saved.config if saved else None)
+    config, fixed = resolve_config(args, saved.config if saved else None)
     if saved is not None and not config.get("output"):
         config["output"] = os.path.dirname(os.path.abspath(args.resume))
     if not config["experts"]:
@@ -228,8 +233,9 @@ def run(args: argparse.Namespace) -> None:
     except (DataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"pmoe-fast train: {e}")
     config["classes"], config["num_classes"] = data.classes, len(data.classes)
+    device = training.resolve_device(config["device"])
     if config["memory_budget"] and saved is None:
-        print(apply_memory_budget(config, experts[0]))
+        print(apply_memory_budget(config, experts[0], device, fixed))
     try:
         model = training.build_model(config, experts=experts)
     except ValueError as e:
@@ -243,7 +249,6 @@ def run(args: argparse.Namespace) -> None:
     print(f"pMoE: K={model.num_experts} experts ({', '.join(names)}), D={model.embed_dim}, L={model.depth}, "
           f"Lp={model.prompt_layers}, Np={model.num_prompts}, dispatcher={config['dispatcher']!r}, base={config['base']!r}")
     print(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
-    device = training.resolve_device(config["device"])
     plan = model.execution_plan()
     execution = model.execution_for(device.type)
     why = plan["why"] if device.type == "cuda" else "on a CPU"
@@ -258,8 +263,7 @@ def run(args: argparse.Namespace) -> None:
             model, data.train, data.val, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
             weight_decay=config["weight_decay"], aux_weight=config["aux_weight"], schedule=config["schedule"],
             warmup_steps=config["warmup_steps"], device=device, seed=config["seed"], progress=not args.no_progress,
-            output_dir=config["output"], resume=args.resume, config=config, precision=config["precision"],
-            num_workers=config["workers"], save_every=config["save_every"], log=None if not args.no_progress else print,
+            output_dir=config["output"], resume=args.resume, config=config, num_workers=config["workers"], save_every=config["save_every"], log=None if not args.no_progress else print,
         )
     except training.TrainingInterrupted as e:
         print(f"\nstopped after epoch {e.epoch} + {e.batch} batches; the state is in {e.path}. "

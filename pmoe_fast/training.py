@@ -93,12 +93,6 @@ def _loader(dataset: Dataset, batches: list[list[int]], device: torch.device, nu
                       generator=torch.Generator().manual_seed(seed))
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def _num_classes(model: nn.Module, logits: torch.Tensor) -> int:
     return int(getattr(model, "num_classes", logits.shape[-1]))
 
@@ -129,7 +123,6 @@ def evaluate(
     *,
     batch_size: int = 64,
     device: str | torch.device | None = None,
-    precision: str = "fp32",
     num_workers: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -151,9 +144,7 @@ def evaluate(
         for images, labels in _progress(_loader(dataset, batches, device, num_workers, 0), enabled=progress,
                                         desc="eval", leave=False):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with _autocast(device, precision):
-                logits = model(images)
-            logits = logits.float()
+            logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
             labels_all.append(labels.cpu())
@@ -222,7 +213,6 @@ def fit(
     output_dir: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     config: dict[str, Any] | None = None,
-    precision: str = "fp32",
     num_workers: int = 0,
     save_every: int = 0,
     log: Callable[[str], None] | None = None,
@@ -251,7 +241,6 @@ def fit(
             run's settings (batch size, lr, seed, ...) must be the recorded ones.
         config: JSON-able description of the model, recorded in the checkpoints so that
             ``pmoe-fast eval`` can rebuild it (``build_model``).
-        precision: "fp32", or "bf16" to run the forward under ``torch.autocast`` in bfloat16.
         num_workers: DataLoader worker processes.
         save_every: also checkpoint every that many optimizer steps (0: once per epoch).
         log: where summary lines go (default: ``tqdm.write`` when ``progress``, else nowhere).
@@ -268,8 +257,6 @@ def fit(
         raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
     if len(train_set) == 0:
         raise ValueError("the training set is empty")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     lr_factor(schedule, 0, 1, warmup_steps)  # validates the schedule
     if progress and log is None:
         from tqdm.auto import tqdm
@@ -293,7 +280,7 @@ def fit(
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
     total_steps = epochs * steps_per_epoch
     settings = dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, aux_weight=aux_weight,
-                    schedule=schedule, warmup_steps=warmup_steps, seed=seed, precision=precision,
+                    schedule=schedule, warmup_steps=warmup_steps, seed=seed,
                     train_items=len(train_set))
     identities = ckpt_io.model_expert_identities(model)
 
@@ -348,8 +335,7 @@ def fit(
                 for group in optimizer.param_groups:
                     group["lr"] = lr * lr_factor(schedule, step, total_steps, warmup_steps)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with _autocast(device, precision):
-                    logits = model(images)
+                logits = model(images)
                 loss = F.cross_entropy(logits.float(), labels)
                 aux = getattr(model, "last_aux_loss", None)
                 total = loss + aux_weight * aux.float() if aux is not None and aux_weight else loss
@@ -386,8 +372,8 @@ def fit(
             line = f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f}"
             improved = False
             if val_set is not None:
-                metrics = evaluate(model, val_set, batch_size=batch_size, device=device, precision=precision,
-                                   num_workers=num_workers, progress=progress)
+                metrics = evaluate(model, val_set, batch_size=batch_size, device=device, num_workers=num_workers,
+                                   progress=progress)
                 record.update(val_loss=metrics["loss"], val_acc=metrics["accuracy"])
                 if "auc" in metrics:
                     record["val_auc"] = metrics["auc"]
@@ -439,7 +425,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "attention": "auto",
     "dispatcher_backend": "auto",
     "grad_checkpoint": 0,  # PMoE(checkpoint=...): 0 off, n: recompute activations in segments of n layers
-    "precision": "fp32",  # "bf16": experts in bfloat16 and the forward under autocast
+    "precision": "fp32",  # "bf16": the frozen experts in bfloat16 (PMoE expert_dtype); trainables stay fp32
     "memory_budget": None,  # e.g. "16GiB": let pmoe_fast.memory pick grad_checkpoint and precision
     "epochs": PAPER_DEFAULTS["epochs"],
     "batch_size": PAPER_DEFAULTS["batch_size"],

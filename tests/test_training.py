@@ -335,3 +335,25 @@ def test_train_on_the_demo_set(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "demo set (scikit-learn digits): 100 train / 600 val images, 10 classes" in log
     assert ckpt_io.load(tmp_path / "best.safetensors").config["classes"] == [str(d) for d in range(10)]
+
+
+def test_memory_budget_picks_checkpointing_and_precision(tmp_path, weights, capsys):
+    from pmoe_fast import memory
+
+    root = write_images(tmp_path / "imgs", ("a", "b"), per_class=3)
+    experts = [tiny_expert(1), tiny_expert(2)]
+    plan = dict(batch_size=4, num_prompts=2, num_classes=2, device="cpu")
+    roomy = memory.recommend(experts, budget_bytes=2**30, **plan)
+    assert (roomy.option.checkpoint, roomy.option.expert_dtype) == (0, torch.float32)
+    # A budget just below what the roomy choice needs forces checkpointing or bf16 experts.
+    budget = int(roomy.option.estimate.peak_bytes / (1 - memory.DEFAULT_HEADROOM)) - 1
+    tight = memory.recommend(experts, budget_bytes=budget, **plan)
+    assert tight.fits and (tight.option.checkpoint, tight.option.expert_dtype) != (0, torch.float32)
+
+    main(train_args(weights, root, tmp_path / "out", "--epochs", "1", "--memory-budget", f"{budget}B"))
+    config = ckpt_io.load(tmp_path / "out" / "last.safetensors").config
+    assert config["grad_checkpoint"] == tight.option.checkpoint
+    assert config["precision"] == ("bf16" if tight.option.expert_dtype == torch.bfloat16 else "fp32")
+    assert f"memory budget {budget}B: " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--memory-budget 1KiB: nothing fits"):
+        main(train_args(weights, root, tmp_path / "out2", "--memory-budget", "1KiB"))
