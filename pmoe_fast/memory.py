@@ -45,29 +45,35 @@ what the input's gradient needs (the weight). Each dispatcher keeps the tokens i
 (a view of the previous block's output for the fused kernels; an fp32 copy, with f's hidden
 activations, for the torch backend), its prompt-output rows and its (K, B, Np, K) weights.
 
-The peak is the largest of: the end of forward; the backward of the first block it reaches,
-which adds two (R, F) gradients of the MLP to everything kept (checkpointing: the segment
-inputs, plus one segment recomputed); the optimizer step (AdamW: one temporary the size of all
-trainable parameters with CUDA's foreach implementation, two the size of the largest on a CPU).
+The peak is the largest of four moments, each counted tensor by tensor (``_estimate``):
+- the forward's last block, once its MLP has run: all that is kept so far, plus the locals of the
+  forward that still hold tensors (the embedding, the previous block's output, the attention
+  projection's and norm2's outputs, the activation's output and fc2's);
+- backward through the last block, expert group by expert group (all K at once when batched):
+  what is kept, the residual stream's gradient and two (R, F) gradients of the MLP;
+- with checkpointing, each segment recomputed in backward (up to its last saved tensor) on top
+  of every earlier segment's input, and backward through it;
+- the optimizer step: gradients and AdamW's temporaries (one the size of all trainable
+  parameters in CUDA's foreach implementation, two the size of the largest on a CPU).
 
-Assumptions, each a measured behaviour of the current code paths (a different kernel choice
-changes them): attention through SDPA or xformers. On a CPU, PyTorch's flash kernel keeps
-q, k, v, the output and a (B, h, T) fp32 log-sum-exp. On CUDA: the flash kernel in 16-bit, the
-memory-efficient kernel in fp32 (its log-sum-exp padded to 32 rows); both keep the same set.
-On CUDA each stream that runs matrix products holds a cuBLAS workspace
-(``CUBLAS_WORKSPACE_BYTES``, PyTorch's default on Hopper), and every allocation is rounded up to
-512 bytes, as the caching allocator does. The CUDA model is derived from those kernels' saved
-tensors and has not yet been checked against a GPU measurement.
+Where the model comes from. On a CPU each term was measured with ``LiveTensorTracker`` (the
+predictions match it within 1% on the cases tried, tests/test_memory.py holds some). On CUDA the
+same autograd graph runs with other kernels, and the model takes what they keep: attention
+through SDPA (the flash kernel in 16-bit, the memory-efficient one in fp32, whose log-sum-exp is
+padded to 32 rows; xformers keeps the same set) or xformers; norm statistics in fp32; a cuBLAS
+workspace (``CUBLAS_WORKSPACE_BYTES``, PyTorch's default on Hopper) per stream that runs matrix
+products; every allocation rounded up to 512 bytes, as the caching allocator does. Those CUDA
+terms have not yet been checked against a GPU measurement (tests/test_memory.py has the test,
+skipped without a GPU).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +140,8 @@ class MemoryEstimate:
 
     phase: where the peak falls: "forward", "backward", "recomputation" (of a checkpointed
         segment, in backward) or "optimizer step".
-    breakdown: named parts in bytes (the activation terms of the module docstring's model).
+    breakdown: named parts of activation_bytes, in bytes: what the forward keeps for backward,
+        the batch, cuBLAS workspaces.
     The remaining fields record the configuration it is for.
     """
 
@@ -244,7 +251,9 @@ def measure_step(
     mode: str = "train",
     warmup: bool = True,
 ) -> MemoryProfile:
-    """Run one step and measure its memory (module docstring: how, on CUDA and on a CPU).
+    """Run one step and measure its memory (module docstring: how, on CUDA and on a CPU). On
+    CUDA the peak is the allocator's, which counts every tensor on the device: hold nothing else
+    there.
 
     Args:
         model: a pMoE model (or any module whose frozen part is its parameters without
@@ -253,7 +262,8 @@ def measure_step(
         optimizer: what ``optimizer.step()`` runs; None makes an AdamW over the trainable
             parameters (lr 1e-4, weight decay 1e-5).
         mode: "train" (forward, cross-entropy + 0.01 x ``model.last_aux_loss`` when not None,
-            backward, optimizer step) or "infer" (forward under ``torch.no_grad``).
+            backward, optimizer step) or "infer" (forward under ``torch.no_grad``); the model
+            is left in train or eval mode accordingly.
         warmup: in "train" mode, when the optimizer holds no state for some trainable parameter,
             run one unmeasured step first, so the measured one is a steady-state step.
     """
@@ -299,8 +309,8 @@ def measure_step(
             run()
         peak, source = tracker.peak, TRACKER_SOURCE
 
-    frozen_ids = {id(p) for p in trainable}
-    frozen = _unique_bytes([p for p in model.parameters() if id(p) not in frozen_ids] + list(model.buffers()))
+    trainable_ids = {id(p) for p in trainable}
+    frozen = _unique_bytes([p for p in model.parameters() if id(p) not in trainable_ids] + list(model.buffers()))
     resident = list(trainable)
     if mode == "train":
         resident += [p.grad for p in trainable if p.grad is not None] + _optimizer_tensors(optimizer)
@@ -320,8 +330,7 @@ def _step(model, images, labels, optimizer) -> None:
 # through the caching allocator the first time a stream runs a matrix product, and kept.
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 CUDA_ALLOCATION_ROUND = 512  # the caching allocator rounds every block up to this
-# Optimizer -> (state tensors per parameter, temporaries of its step: "all" = one the size of all
-# trainable parameters (CUDA foreach), "largest" = two the size of the largest (CPU), "none").
+# Optimizer -> state tensors per parameter (the temporaries of its step: _optimizer_temporaries).
 OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1}
 EXPERT_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -333,16 +342,16 @@ class _Description:
     num_experts: int  # K
     dim: int  # D
     depth: int  # L
-    mlp_hidden: int  # F
+    mlp_hidden: tuple[int, ...]  # F of each expert
     heads: tuple[int, ...]  # h of each expert
     tokens: tuple[int, ...]  # T_k = Q_k + N_k
     prefix: tuple[int, ...]  # Q_k
     image_numel: int  # C x H x W of one image
-    act_keeps: int  # tensors of width F the MLP activation keeps for backward
+    act_keeps: tuple[int, ...]  # tensors of width F each expert's MLP activation keeps for backward
     final_keeps: tuple[bool, ...]  # the expert's final norm keeps its last block output
     layer_scale: tuple[bool, ...]  # the expert's blocks scale the MLP's output (LayerScale ls2)
     trainable: tuple[int, ...]  # numel of each trainable parameter (fp32)
-    frozen: tuple[tuple[int, bool], ...]  # (numel, floating) of each expert tensor, stacks merged
+    frozen: tuple[tuple[int, int, bool], ...]  # (numel, itemsize, floating) of each expert tensor, stacks merged
     frozen_itemsize: tuple[int, ...]  # the experts' own bytes per element, for expert_dtype=None
     batchable: bool  # the experts can run batched (PMoE.batched_reasons() is empty)
     num_prompts: int  # Np
@@ -382,32 +391,30 @@ def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_lay
             execution="sequential", dispatcher_backend=dispatcher_backend, **model_kwargs,
         )
     infos = [a.info for a in model._adapters]
-    block = copies[0].blocks[0]
-    act = block.mlp.act
-    if not isinstance(act, nn.GELU) and type(act).__name__ != "QuickGELU":
-        raise ValueError(f"the memory model covers GELU and QuickGELU MLPs, got {type(act).__name__}")
     for m in copies:
         for b in m.blocks:
+            if not isinstance(b.mlp.act, nn.GELU) and type(b.mlp.act).__name__ != "QuickGELU":
+                raise ValueError(f"the memory model covers GELU and QuickGELU MLPs, got {type(b.mlp.act).__name__}")
             if not isinstance(b.attn.q_norm, nn.Identity):
                 raise ValueError("the memory model covers blocks without qk_norm")
-    frozen: dict[tuple, tuple[int, bool]] = {}
+    frozen: dict[tuple, tuple[int, int, bool]] = {}
     batchable = not model.batched_reasons()
     for k, m in enumerate(copies):
         for name, t in [*m.named_parameters(), *m.named_buffers()]:
             # Batched execution stacks block l's tensor `name` of every expert into one buffer.
             key = ("stack", name) if batchable and name.startswith("blocks.") else (k, name)
-            numel, floating = frozen.get(key, (0, t.is_floating_point()))
-            frozen[key] = (numel + t.numel(), floating)
+            numel = frozen.get(key, (0,))[0]
+            frozen[key] = (numel + t.numel(), t.element_size(), t.is_floating_point())
     return _Description(
         num_experts=len(copies),
         dim=infos[0].embed_dim,
         depth=infos[0].depth,
-        mlp_hidden=block.mlp.fc1.out_features,
+        mlp_hidden=tuple(m.blocks[0].mlp.fc1.out_features for m in copies),
         heads=tuple(i.num_heads for i in infos),
         tokens=tuple(i.num_prefix_tokens + i.num_patches for i in infos),
         prefix=tuple(i.num_prefix_tokens for i in infos),
         image_numel=infos[0].in_chans * infos[0].img_size[0] * infos[0].img_size[1],
-        act_keeps=1 if isinstance(act, nn.GELU) else 2,
+        act_keeps=tuple(1 if isinstance(m.blocks[0].mlp.act, nn.GELU) else 2 for m in copies),
         final_keeps=tuple(isinstance(m.norm, nn.LayerNorm) for m in copies),
         layer_scale=tuple(not isinstance(m.blocks[-1].ls2, nn.Identity) for m in copies),
         trainable=tuple(p.numel() for p in model.trainable_parameters()),
@@ -437,7 +444,6 @@ class _Setup:
     execution: str  # "batched", "sequential" or "streams"
     backend: str  # "torch", "cpp", "cuda", "triton" or "none"
     checkpoint: int
-    lse_rows: Callable[[int], int]  # log-sum-exp rows the attention keeps for T rows
 
     def size(self, numel: int, itemsize: int) -> int:
         """Bytes of one tensor, as the device's allocator counts them."""
@@ -445,6 +451,12 @@ class _Setup:
         if self.device == "cuda" and n:
             return -(-n // CUDA_ALLOCATION_ROUND) * CUDA_ALLOCATION_ROUND
         return n
+
+    def lse_rows(self, tokens: int, head_dim: int) -> int:
+        """Rows of log-sum-exp the attention kernel keeps for a sequence of ``tokens``: one per
+        token (CPU flash, CUDA flash in 16-bit), or padded to 32 (CUDA memory-efficient)."""
+        flash = self.device == "cpu" or (self.itemsize == 2 and head_dim % 8 == 0 and head_dim <= 256)
+        return tokens if flash else -(-tokens // 32) * 32
 
     @property
     def stats_itemsize(self) -> int:
@@ -517,19 +529,25 @@ def _prompt_out(s: _Setup, layer: int) -> dict:
     return {("prompt_out", layer): s.size(d.num_experts * s.batch * d.num_prompts * d.dim, s.itemsize)}
 
 
+def _mlp_rows(s: _Setup, experts: list[int]) -> int:
+    """Elements of one (R, F) MLP activation over the rows of these experts."""
+    d = s.d
+    return sum(s.batch * (d.num_prompts + d.tokens[k]) * d.mlp_hidden[k] for k in experts)
+
+
 def _block_saved(s: _Setup, layer: int) -> dict:
     """What one block keeps for backward (table in the module docstring)."""
     d, B, e = s.d, s.batch, s.itemsize
     saved = {}
     for g, ks in s.groups():
         rows = sum(B * (d.num_prompts + d.tokens[k]) for k in ks)
-        lse = sum(B * d.heads[k] * s.lse_rows(d.num_prompts + d.tokens[k]) for k in ks)
+        lse = sum(B * d.heads[k] * s.lse_rows(d.num_prompts + d.tokens[k], d.dim // d.heads[k]) for k in ks)
         width = {"input": d.dim, "qkv": 3 * d.dim, "attn_out": d.dim, "residual": d.dim}
         for name, w in width.items():
             saved[(name, layer, g)] = s.size(rows * w, e)
         saved[("lse", layer, g)] = s.size(lse, 4)
-        for i in range(d.act_keeps):
-            saved[("fc1", layer, g, i)] = s.size(rows * d.mlp_hidden, e)
+        for i in range(d.act_keeps[ks[0]]):
+            saved[("fc1", layer, g, i)] = s.size(_mlp_rows(s, ks), e)
         for i in range(4):  # mean and rstd of norm1 and norm2
             saved[("norm_stats", layer, g, i)] = s.size(rows, s.stats_itemsize)
     return saved
@@ -661,7 +679,7 @@ def _block_forward(s: _Setup, layer: int, kept: dict, *, embedding: bool, last_f
         now.update({key: v for key, v in outputs.items() if key[2] in {h for h, _ in groups[:i]}})
         rows = sum(B * (d.num_prompts + d.tokens[k]) for k in ks)
         fc2 = last_fc2 or i < len(groups) - 1
-        peak = max(peak, sum(now.values()) + s.size(rows * d.mlp_hidden, e) + (3 if fc2 else 2) * s.size(rows * d.dim, e))
+        peak = max(peak, sum(now.values()) + s.size(_mlp_rows(s, ks), e) + (3 if fc2 else 2) * s.size(rows * d.dim, e))
     return peak
 
 
@@ -676,87 +694,68 @@ def _backward(s: _Setup, live: dict, layer: int) -> int:
     tensors of: its expert groups in the reverse of the forward's order, each adding two (R, F)
     gradients of its MLP (three with QuickGELU, whose backward is a product) to what is still
     kept, the groups done having freed their block's tensors; plus the residual gradients."""
-    d, B, e = s.d, s.batch, s.itemsize
     live, peak = dict(live), 0
     for g, ks in reversed(s.groups()):
-        rows = sum(B * (d.num_prompts + d.tokens[k]) for k in ks)
-        peak = max(peak, sum(live.values()) + (2 if d.act_keeps == 1 else 3) * s.size(rows * d.mlp_hidden, e))
+        grads = 2 if s.d.act_keeps[ks[0]] == 1 else 3
+        peak = max(peak, sum(live.values()) + grads * s.size(_mlp_rows(s, ks), s.itemsize))
         for key in _block_saved(s, layer):
             if key[2] == g:
                 live.pop(key, None)
     return peak + _grad_residual(s)
 
 
-def _lse_rows(device: str, itemsize: int, head_dim: int) -> Callable[[int], int]:
-    """Rows of log-sum-exp the attention kernel keeps for a sequence of T tokens."""
-    flash = device == "cpu" or (itemsize == 2 and head_dim % 8 == 0 and head_dim <= 256)
-    return (lambda T: T) if flash else (lambda T: -(-T // 32) * 32)  # memory-efficient: padded to 32
-
-
 def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype: torch.dtype, optimizer: str,
               execution: str, device: str) -> MemoryEstimate:
     """The arithmetic of ``predict`` for one configuration (arguments checked there)."""
     K, L = d.num_experts, d.depth
-    itemsize = expert_dtype.itemsize
     if execution == "auto":
         execution = ("batched" if d.batchable else "streams") if device == "cuda" else "sequential"
     if execution == "batched" and not d.batchable:
         raise ValueError("execution='batched' needs experts of one architecture; these differ (use 'auto')")
-    s = _Setup(d, batch_size, itemsize, device, execution, _resolve_backend(d, device, execution), checkpoint,
-               _lse_rows(device, itemsize, d.dim // d.heads[0]))
+    s = _Setup(d, batch_size, expert_dtype.itemsize, device, execution, _resolve_backend(d, device, execution), checkpoint)
 
-    frozen = sum(s.size(n, itemsize if floating else 4) for n, floating in d.frozen)
-    states, step_tensor = OPTIMIZERS[optimizer], optimizer in ("adam", "adamw") and device == "cpu"
+    frozen = sum(s.size(n, expert_dtype.itemsize if floating else size) for n, size, floating in d.frozen)
+    states, steps = OPTIMIZERS[optimizer], optimizer in ("adam", "adamw") and device == "cpu"  # CUDA's steps: CPU
     params = sum(s.size(n, 4) for n in d.trainable)
-    trainable = params * (2 + states) + (4 * len(d.trainable) if step_tensor else 0)
-    inputs = s.size(batch_size * d.image_numel, 4) + s.size(batch_size, 8)
+    resident = frozen + params * (1 + states) + (4 * len(d.trainable) if steps else 0)  # all but the gradients
+    batch = s.size(batch_size * d.image_numel, 4) + s.size(batch_size, 8)
     workspaces = CUBLAS_WORKSPACE_BYTES * (K + 1 if execution == "streams" else 1) if device == "cuda" else 0
-    always = inputs + workspaces  # present through the whole step, besides the resident state
 
     # Gradients present from the first block backward reaches: the head's (its weight and bias are
-    # the last trainable parameters), then the prompts' (one tensor) once a dispatcher is passed.
+    # the last trainable parameters), then the prompts' (the first) once a dispatcher is passed.
     head_grads = sum(s.size(n, 4) for n in d.trainable[-2:])
     prompt_grads = s.size(d.trainable[0], 4)
     peaks = {"optimizer step": params + _optimizer_temporaries(s, optimizer)}
     if checkpoint:
-        # Forward keeps each segment's input (and last_dispatch_weights); backward recomputes one
-        # segment at a time, up to the last tensor it saves (the last MLP's activation input).
+        # Forward keeps each segment's input and last_dispatch_weights. Backward recomputes one
+        # segment at a time, up to its last saved tensor: the last MLP activation's input, or
+        # with LayerScale, its weight, after fc2 has run.
         kept = {("weights_kept", l): s.size(K * batch_size * d.num_prompts * K, 4)
                 for l in range(d.prompt_layers) if s.backend != "none"}
         peaks["optimizer step"] += sum(kept.values())
+        fc2 = any(d.layer_scale[k] for k in s.groups()[-1][1])
         segments = [range(f, min(f + checkpoint, L)) for f in range(0, L, checkpoint)]
-        backward = recompute = 0
+        peaks["backward"] = peaks["recomputation"] = 0
         for i, seg in enumerate(segments):
             kept.update(_segment_input(s, seg.start))
-            saved = {}
+            live = dict(kept)
             for l in seg:
-                saved.update(_layer_saved(s, l))
+                live.update(_layer_saved(s, l))
             grads = head_grads + (prompt_grads if i < len(segments) - 1 else 0)
-            backward = max(backward, _backward(s, {**kept, **saved}, seg[-1]) + grads)
-            # Recomputation stops once the segment's last saved tensor is back: the MLP's input
-            # (fc2 keeps its frozen weight), or the LayerScale's after fc2 has run.
-            fc2 = any(d.layer_scale[k] for k in s.groups()[-1][1])
-            recompute = max(recompute, _block_forward(s, seg[-1], {**kept, **saved}, embedding=False, last_fc2=fc2)
-                            + _grad_residual(s) + grads)
+            peaks["backward"] = max(peaks["backward"], _backward(s, live, seg[-1]) + grads)
+            recompute = _block_forward(s, seg[-1], live, embedding=False, last_fc2=fc2) + _grad_residual(s) + grads
+            peaks["recomputation"] = max(peaks["recomputation"], recompute)
         forward = kept
-        peaks["recomputation"] = recompute
     else:
         forward = {}
         for l in range(L):
             forward.update(_layer_saved(s, l))
-        backward = _backward(s, forward, L - 1) + head_grads
-    # The last block's output, kept by the final norm, is freed as its gradient (in the transient) appears.
+        peaks["backward"] = _backward(s, forward, L - 1) + head_grads
     peaks["forward"] = max(sum({**forward, **_final(s)}.values()),
                            _block_forward(s, L - 1, forward, embedding=not checkpoint))
-    peaks["backward"] = backward
     phase = max(peaks, key=peaks.get)
-    resident = frozen + params * (1 + states) + (4 * len(d.trainable) if step_tensor else 0)
-    peak = resident + always + peaks[phase]
-    breakdown = (
-        ("kept for backward at the end of forward", sum(forward.values())),
-        ("batch", inputs),
-        ("cuBLAS workspaces", workspaces),
-    )
+    peak = resident + batch + workspaces + peaks[phase]
+    trainable = params * (2 + states) + (4 * len(d.trainable) if steps else 0)
     return MemoryEstimate(
         frozen_bytes=frozen,
         trainable_bytes=trainable,
@@ -769,7 +768,11 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
         expert_dtype=expert_dtype,
         execution=execution,
         device=device,
-        breakdown=breakdown,
+        breakdown=(
+            ("kept for backward at the end of forward", sum(forward.values())),
+            ("batch", batch),
+            ("cuBLAS workspaces", workspaces),
+        ),
     )
 
 
