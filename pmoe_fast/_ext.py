@@ -69,3 +69,25 @@ def require_extension(op_name: str, device: torch.device | None = None) -> None:
             "part (torch without CUDA, nvcc not found, or PMOE_FAST_SKIP_CUDA_BUILD=1); rebuild "
             "with PMOE_FAST_FORCE_CUDA_BUILD=1 pip install -e . --no-build-isolation"
         )
+
+
+# Autocast kernels of pmoe_fast's ops live here, for every op at once; the Library must stay alive.
+_AUTOCAST_LIB = torch.library.Library("pmoe_fast", "IMPL") if _C is not None else None
+
+
+def run_as_written_under_autocast(op_name: str) -> None:
+    """Registers autocast kernels (CPU and CUDA) that run ``torch.ops.pmoe_fast.<op_name>`` with
+    autocast off and its inputs as they are.
+
+    pmoe_fast's ops take mixed input dtypes and pick their accumulation dtype themselves. Without
+    these kernels autocast stays active inside the op's C++ implementation, so the torch ops it
+    calls return bf16/fp16 where its backward expects the accumulation dtype.
+    """
+    op = getattr(torch.ops.pmoe_fast, op_name).default
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+
+        def run(*args, _device_type=device_type):
+            with torch.autocast(_device_type, enabled=False):
+                return op(*args)
+
+        _AUTOCAST_LIB.impl(op_name, run, key)

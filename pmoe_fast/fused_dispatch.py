@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pmoe_fast._ext import extension_status, require_extension
+from pmoe_fast._ext import extension_status, require_extension, run_as_written_under_autocast
 from pmoe_fast.fusion import _check_dtype, _check_same_device
 
 SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the order of every parameter list
@@ -284,6 +284,8 @@ def _register_python_parts() -> None:
     torch.library.register_fake("pmoe_fast::dispatch_mlp", _dispatch_mlp_fake)
     torch.library.register_fake("pmoe_fast::dispatch_mlp_backward", _dispatch_mlp_backward_fake)
     torch.library.register_autograd("pmoe_fast::dispatch_mlp", _backward, setup_context=_setup_context)
+    run_as_written_under_autocast("dispatch_mlp")
+    run_as_written_under_autocast("dispatch_mlp_backward")
 
 
 # Without the extension the ops do not exist, and registering against them would fail at

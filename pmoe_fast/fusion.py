@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from pmoe_fast._ext import extension_status, require_extension
+from pmoe_fast._ext import extension_status, require_extension, run_as_written_under_autocast
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -116,6 +116,8 @@ def _register_python_parts() -> None:
     torch.library.register_autograd(
         "pmoe_fast::prompt_fusion", _prompt_fusion_backward, setup_context=_prompt_fusion_setup_context
     )
+    run_as_written_under_autocast("prompt_fusion")
+    run_as_written_under_autocast("prompt_fusion_backward")
 
 
 # Without the extension the ops do not exist, and registering against them would fail at

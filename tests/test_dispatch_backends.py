@@ -63,6 +63,21 @@ def test_fused_backend_matches_torch_in_float64(backend, hidden, separate, pool,
         assert err <= 2 * err_plain + 1e-6 * g.abs().max().item() + 1e-12, f"{name}: {err:.3g} vs torch fp32 {err_plain:.3g}"
 
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fused_backend_runs_as_written_under_autocast(backend):
+    """Autocast must not reach inside a fused op: it computes in float32 whatever autocast does
+    around it, forward and backward (autocast inside its C++ kernel once made backward fail)."""
+    torch.manual_seed(0)
+    disp = Dispatcher(D, K, hidden=H, backend=backend)
+    inputs = make_inputs()
+    plain = run(disp, *inputs, torch.float32, True, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run(disp, *inputs, torch.float32, True, 2)
+    assert mixed[1].dtype == torch.float32
+    for p, m in zip(plain, mixed):
+        torch.testing.assert_close(m, p, rtol=1e-5, atol=1e-6)
+
 def test_auto_picks_the_cpp_op_on_cpu_when_built():
     disp = Dispatcher(D, K, hidden=H)
     prompts, seq, prompt_out = make_inputs()

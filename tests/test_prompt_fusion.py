@@ -94,6 +94,22 @@ def test_non_contiguous_inputs(device):
     assert_parity(weights, prompts, grad_out)
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_as_written_under_autocast(device):
+    """Autocast does not reach inside the op: same values and dtypes as without it."""
+    weights, prompts = make_inputs(3, 2, 3, 100, torch.float32, torch.float32, device)
+    outs = []
+    for enabled in (False, True):
+        w, p = weights.detach().requires_grad_(), prompts.detach().requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled):
+            out = prompt_fusion(w, p)
+        out.sum().backward()
+        outs.append((out, w.grad, p.grad))
+    for plain, mixed in zip(*outs):
+        assert mixed.dtype == plain.dtype
+        torch.testing.assert_close(mixed, plain)
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_float64_accumulates_in_float64(device):
     """fp64 weights with fp32 prompts: the sum is fp64, then rounded once to fp32."""
