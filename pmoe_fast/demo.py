@@ -144,11 +144,13 @@ def pretrained_expert(recipe: dict[str, Any], cache_dir: str, *, fresh: bool = F
             backbone.load_state_dict(load_file(path))
             return backbone, {"path": path, "cached": True, "seconds": 0.0,
                               "source_val_acc": float(meta["source_val_acc"])}
-        log(f"  {path} was written for another recipe: pre-training again")
+        log(f"  {recipe['expert']}: {path} was written for another recipe: pre-training again")
 
     train_set = limit_dataset(datasets.source_dataset(recipe["task"], "train"), recipe["data"]["limit"])
     val_set = limit_dataset(datasets.source_dataset(recipe["task"], "val"), recipe["data"]["limit"])
     settings = recipe["train"]
+    log(f"  {recipe['expert']}: pre-training on {len(train_set)} images of the digits {_digits(recipe['digits'])} "
+        f"(epochs: {settings['epochs']})...")
     torch.manual_seed(settings["seed"])
     model = build_backbone(recipe, num_classes=len(datasets.SOURCE_TASKS[recipe["task"]]))
     start = time.perf_counter()
@@ -260,11 +262,12 @@ def _run(args: argparse.Namespace) -> None:
         model = PMoE(backbones, num_classes=C, num_prompts=row["prompts"], dispatcher=row["dispatcher"],
                      dispatcher_hidden=args.dispatcher_hidden)
         split = tuned_parameter_split(model)
+        print(f"[{i}/{len(rows)}] {row['method']}: adapting...", end="\n" if args.verbose else " ", flush=True)
         t0 = time.perf_counter()
         history = fit(model, train_set, epochs=args.epochs, seed=args.seed, device="cpu", progress=args.verbose, **ADAPT)
         accuracy = evaluate(model, val_set, device="cpu")["accuracy"]
         seconds = time.perf_counter() - t0
-        print(f"[{i}/{len(rows)}] {row['method']}: train accuracy {history[-1]['train_acc']:.3f}, "
+        print(f"train accuracy {history[-1]['train_acc']:.3f}, "
               f"validation accuracy {accuracy:.3f} ({seconds:.1f} s)")
         results.append({**row, "tuned_params": sum(split.values()), "tuned_split": split,
                         "val_accuracy": accuracy, "train_accuracy": history[-1]["train_acc"], "seconds": seconds})

@@ -91,7 +91,8 @@ def test_cache_is_reused_and_a_changed_recipe_retrains(tmp_path, monkeypatch, on
     calls = []
     real_fit = training.fit
     monkeypatch.setattr(training, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
-    first, info = demo.pretrained_expert(tiny_recipe(), str(tmp_path), log=pytest.fail)
+    said = []
+    first, info = demo.pretrained_expert(tiny_recipe(), str(tmp_path), log=said.append)
     assert not info["cached"] and len(calls) == 1
     assert os.listdir(tmp_path) == [os.path.basename(info["path"])]  # no temporary file left
 
@@ -103,12 +104,15 @@ def test_cache_is_reused_and_a_changed_recipe_retrains(tmp_path, monkeypatch, on
     assert not any(k.startswith("head.") for k in again.state_dict()) and again.num_classes == 0
 
     changed = demo.expert_recipe("A", epochs=2, seed=0, limit=16)
-    _, info3 = demo.pretrained_expert(changed, str(tmp_path), log=pytest.fail)
+    _, info3 = demo.pretrained_expert(changed, str(tmp_path), log=said.append)
     assert not info3["cached"] and info3["path"] != info["path"] and len(calls) == 2
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(i["path"]) for i in (info, info3))
 
-    _, info4 = demo.pretrained_expert(tiny_recipe(), str(tmp_path), fresh=True, log=pytest.fail)
+    _, info4 = demo.pretrained_expert(tiny_recipe(), str(tmp_path), fresh=True, log=said.append)
     assert not info4["cached"] and len(calls) == 3
+    assert said == ["  A: pre-training on 16 images of the digits 0-4 (epochs: 1)...",
+                    "  A: pre-training on 16 images of the digits 0-4 (epochs: 2)...",
+                    "  A: pre-training on 16 images of the digits 0-4 (epochs: 1)..."]
 
 
 def test_cache_file_of_another_recipe_is_not_trusted(tmp_path, one_thread):
