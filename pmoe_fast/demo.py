@@ -55,9 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--dispatcher-hidden", type=int, default=0,
                    help="hidden width H of pMoE's dispatcher MLP; 0 is one Linear(D, K) (default: %(default)s)")
-    p.add_argument("--fresh", action="store_true", help="pre-train the experts again, ignoring (and replacing) the cache")
+    p.add_argument("--fresh", action="store_true",
+                   help="pre-train the experts again, ignoring (and replacing) the cache")
     p.add_argument("--cache", metavar="DIR",
-                   help=f"where pre-trained experts are kept (default: ${CACHE_ENV}/demo, else ~/.cache/pmoe_fast/demo)")
+                   help=f"where pre-trained experts are kept "
+                        f"(default: ${CACHE_ENV}/demo, else ~/.cache/pmoe_fast/demo)")
     p.add_argument("--limit", type=int, metavar="N",
                    help="use at most N images of every dataset: a quick check of the machinery (the accuracies then "
                         "mean little)")
@@ -264,7 +266,8 @@ def _run(args: argparse.Namespace) -> None:
         split = tuned_parameter_split(model)
         print(f"[{i}/{len(rows)}] {row['method']}: adapting...", end="\n" if args.verbose else " ", flush=True)
         t0 = time.perf_counter()
-        history = fit(model, train_set, epochs=args.epochs, seed=args.seed, device="cpu", progress=args.verbose, **ADAPT)
+        history = fit(model, train_set, epochs=args.epochs, seed=args.seed, device="cpu", progress=args.verbose,
+                      **ADAPT)
         accuracy = evaluate(model, val_set, device="cpu")["accuracy"]
         seconds = time.perf_counter() - t0
         print(f"train accuracy {history[-1]['train_acc']:.3f}, "

@@ -57,7 +57,8 @@ def test_images_come_from_their_rows_and_are_deterministic():
     assert torch.equal(again.indices, val.indices) and torch.equal(again.images, val.images)
 
 
-@pytest.mark.parametrize("call", [lambda: demo_dataset("test"), lambda: source_dataset("mid", "train"), lambda: source_dataset("low", "tr")])
+@pytest.mark.parametrize("call", [lambda: demo_dataset("test"), lambda: source_dataset("mid", "train"),
+                                  lambda: source_dataset("low", "tr")], ids=["split", "task", "source-split"])
 def test_bad_names_raise(call):
     with pytest.raises(ValueError, match="use one of"):
         call()
