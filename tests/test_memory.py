@@ -1,6 +1,7 @@
 """pmoe_fast.memory and `pmoe-fast plan`: the CPU tracker against hand-computed bytes, predict()
-against measured peaks of small models (15%, the planner's contract), recommend()'s choices on
-budgets made to fall between options, and the CLI end to end with its errors."""
+against measured peaks of small models (the planner promises 15%; on a CPU it must do better),
+recommend()'s choices on budgets made to fall between options, and the CLI end to end with its
+errors."""
 
 import gc
 
@@ -21,6 +22,9 @@ from pmoe_fast.memory import (
 )
 
 TOLERANCE = 0.15  # the planner's promise: predicted peaks within 15% of measured ones
+# On a CPU the model is derived from the very operators the tracker sees and matches them within
+# 1% with this PyTorch; 5% leaves room for other versions and still catches a missing term.
+CPU_TOLERANCE = 0.05
 
 
 def test_tracker_counts_each_storage_once_until_freed():
@@ -124,7 +128,7 @@ def test_predict_matches_measured_peak(name):
     assert estimate.frozen_bytes == profile.frozen_bytes
     assert estimate.trainable_bytes == profile.trainable_bytes
     error = (estimate.peak_bytes - profile.peak_bytes) / profile.peak_bytes
-    assert abs(error) <= TOLERANCE, f"predicted {estimate.peak_bytes} vs measured {profile.peak_bytes} ({error:+.1%})"
+    assert abs(error) <= CPU_TOLERANCE, f"predicted {estimate.peak_bytes} vs measured {profile.peak_bytes} ({error:+.1%})"
 
 
 def base_experts(k=2):
