@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from pmoe_fast.bench import REFERENCE_PROVIDER
+from pmoe_fast.bench import Case, REFERENCE_PROVIDER
 from pmoe_fast.dispatcher import Dispatcher
 from pmoe_fast.memory import CUDA_SOURCE, TRACKER_SOURCE, LiveTensorTracker
 
@@ -36,7 +36,7 @@ def moved_bytes(K: int, B: int, Np: int, T: int, D: int, H: int, elt: int, backw
 
 
 def test_dispatch(benchmark, dispatch_case, profile, environment):
-    case = dispatch_case
+    case = Case(**dispatch_case)
     K, B, Np, backend = case.K, case.B, case.Np, case.provider
     info = profile.expert_info()
     T, D, H, Q = info.num_prefix_tokens + info.num_patches, info.embed_dim, profile.dispatch_hidden, info.num_prefix_tokens

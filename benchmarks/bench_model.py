@@ -13,7 +13,8 @@ Each case is timed with pytest-benchmark after a first call (compilation, kernel
 the profile's warm-up rounds; on a GPU the timed callable synchronises, so a round is the step's
 whole device time. Peak memory and its split (frozen weights, trainable state, activations) come
 from ``pmoe_fast.memory.measure_step`` in a separate, untimed step, so tracking memory does not
-slow the timed ones (on a CPU not for the compiled reference, below).
+slow the timed ones. On a CPU the compiled reference's memory is not measured: the CPU tracker is
+a TorchDispatchMode, and dynamo runs a compiled model eagerly under one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from pmoe_fast import PMoE, vit
-from pmoe_fast.bench import MODEL_PROVIDERS, REFERENCE_PROVIDER
+from pmoe_fast.bench import Case, MODEL_PROVIDERS, REFERENCE_PROVIDER
 from pmoe_fast.memory import measure_step
 from pmoe_fast.reference import PMoE as Reference
 
@@ -51,7 +52,7 @@ def build(provider: str, K: int, Np: int, profile) -> torch.nn.Module:
 
 
 def test_model(benchmark, model_case, profile, environment):
-    case = model_case
+    case = Case(**model_case)
     device = torch.device(profile.device)
     model = build(case.provider, case.K, case.Np, profile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
@@ -84,12 +85,12 @@ def test_model(benchmark, model_case, profile, environment):
     except Exception as e:
         if case.provider != "reference-compiled":
             raise
-        pytest.skip(f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        message = str(e).strip()
+        pytest.skip(f"torch.compile failed: {type(e).__name__}" + (f": {message.splitlines()[0]}" if message else ""))
     benchmark.pedantic(step, warmup_rounds=profile.warmup, rounds=profile.rounds, iterations=1)
 
     if case.provider == "reference-compiled" and device.type == "cpu":
-        # On a CPU measure_step follows tensors with a TorchDispatchMode, and dynamo runs a
-        # compiled model eagerly under one: the numbers would be the eager reference's.
+        # The numbers would be the eager reference's (module docstring).
         memory = dict(memory_source="not measured: on a CPU memory is tracked by a TorchDispatchMode, "
                       "under which torch.compile runs the model eagerly")
     else:

@@ -5,7 +5,8 @@
         --benchmark-json=benchmark.json
 
 ``--bench-profile`` names one of ``pmoe_fast.bench.PROFILES`` (default: gpu on a machine with a
-CUDA GPU, quick on a CPU); its cases parametrise ``model_case`` and ``dispatch_case``.
+CUDA GPU, quick on a CPU); its cases parametrise ``model_case`` and ``dispatch_case`` (each a
+``pmoe_fast.bench.Case`` as a dict).
 ``pmoe-fast bench`` runs exactly this and reports on the JSON. The JSON gains a ``pmoe_fast`` key:
 the profile, and the skipped and failed cases with their reasons (pytest-benchmark itself only
 records the cases that ran).
@@ -95,7 +96,9 @@ def pytest_generate_tests(metafunc):
     profile = metafunc.config.stash[PROFILE]
     for bench in ("model", "dispatch"):
         if f"{bench}_case" in metafunc.fixturenames:
-            metafunc.parametrize(f"{bench}_case", profile.cases(bench), ids=str)
+            cases = profile.cases(bench)
+            # as dicts, which pytest-benchmark writes into the JSON's params as they are
+            metafunc.parametrize(f"{bench}_case", [asdict(c) for c in cases], ids=[str(c) for c in cases])
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +121,11 @@ def _release_memory():
         torch.cuda.empty_cache()
 
 
+def _first_line(typename: str, error: BaseException) -> str:
+    message = str(error).strip()
+    return f"{typename}: {message.splitlines()[0]}" if message else typename
+
+
 def _case(item):
     params = getattr(item, "callspec", None)
     params = params.params if params else {}
@@ -132,10 +140,10 @@ def pytest_runtest_makereport(item, call):
         if report.skipped and isinstance(report.longrepr, tuple):
             reason = report.longrepr[2].removeprefix("Skipped: ")
         elif call.excinfo is not None:
-            reason = f"{call.excinfo.typename}: {str(call.excinfo.value).strip().splitlines()[0] if str(call.excinfo.value).strip() else ''}"
+            reason = _first_line(call.excinfo.typename, call.excinfo.value)
         else:
             reason = str(report.longrepr).strip().splitlines()[-1]
-        item.config.stash[OUTCOMES]["skipped" if report.skipped else "failed"].append({"case": asdict(case), "reason": reason})
+        item.config.stash[OUTCOMES]["skipped" if report.skipped else "failed"].append({"case": case, "reason": reason})
     return report
 
 
