@@ -353,7 +353,9 @@ class _Description:
     act_keeps: tuple[int, ...]  # tensors of width F each expert's MLP activation keeps for backward
     final_keeps: tuple[bool, ...]  # the expert's final norm keeps its last block output
     layer_scale: tuple[bool, ...]  # the expert's blocks scale the MLP's output (LayerScale ls2)
-    trainable: tuple[int, ...]  # numel of each trainable parameter (fp32)
+    trainable: tuple[int, ...]  # numel of each trainable parameter (fp32), prompts first, head last
+    learning: tuple[bool, ...]  # whether it gets a gradient (and so optimizer state)
+    dispatcher_layer: tuple[int, ...]  # the prompt layer of a dispatcher parameter, else -1
     frozen: tuple[tuple[int, int, bool], ...]  # (numel, itemsize, floating) of each expert tensor, stacks merged
     frozen_itemsize: tuple[int, ...]  # the experts' own bytes per element, for expert_dtype=None
     batchable: bool  # the experts can run batched (PMoE.batched_reasons() is empty)
@@ -394,6 +396,7 @@ def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_lay
             execution="sequential", dispatcher_backend=dispatcher_backend, **model_kwargs,
         )
     infos = [a.info for a in model._adapters]
+    trainable = [(name, p) for name, p in model.named_parameters() if not name.startswith("experts.")]
     for m in copies:
         for b in m.blocks:
             if not isinstance(b.mlp.act, nn.GELU) and type(b.mlp.act).__name__ != "QuickGELU":
@@ -420,7 +423,10 @@ def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_lay
         act_keeps=tuple(1 if isinstance(m.blocks[0].mlp.act, nn.GELU) else 2 for m in copies),
         final_keeps=tuple(isinstance(m.norm, nn.LayerNorm) for m in copies),
         layer_scale=tuple(not isinstance(m.blocks[-1].ls2, nn.Identity) for m in copies),
-        trainable=tuple(p.numel() for p in model.trainable_parameters()),
+        trainable=tuple(p.numel() for _, p in trainable),
+        # With separate MLPs, layer 0's f for prompt outputs sees no rows (there are none yet).
+        learning=tuple(not name.startswith("dispatchers.0.p.") for name, _ in trainable),
+        dispatcher_layer=tuple(int(name.split(".")[1]) if name.startswith("dispatchers.") else -1 for name, _ in trainable),
         frozen=tuple(frozen.values()),
         frozen_itemsize=tuple(sorted({p.element_size() for m in experts for p in m.parameters()})),
         batchable=batchable,
@@ -746,8 +752,8 @@ def _backward(s: _Setup, live: dict, layer: int) -> int:
     kept, the groups done having freed their block's tensors; plus the residual gradients."""
     live, peak = dict(live), 0
     for g, ks in reversed(s.groups()):
-        grads = 2 if s.d.act_keeps[ks[0]] == 1 else 3
-        peak = max(peak, sum(live.values()) + grads * s.size(_mlp_rows(s, ks), s.itemsize))
+        mlp_grads = 2 if s.d.act_keeps[ks[0]] == 1 else 3
+        peak = max(peak, sum(live.values()) + mlp_grads * s.size(_mlp_rows(s, ks), s.itemsize))
         for key in _block_saved(s, layer):
             if key[2] == g:
                 live.pop(key, None)
@@ -767,15 +773,17 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
     frozen = sum(s.size(n, expert_dtype.itemsize if floating else size) for n, size, floating in d.frozen)
     states, steps = OPTIMIZERS[optimizer], optimizer in ("adam", "adamw") and device == "cpu"  # CUDA's steps: CPU
     params = sum(s.size(n, 4) for n in d.trainable)
-    resident = frozen + params * (1 + states) + (4 * len(d.trainable) if steps else 0)  # all but the gradients
+    grads = sum(s.size(n, 4) for n, learns in zip(d.trainable, d.learning) if learns)
+    state = grads * states + (4 * sum(d.learning) if steps else 0)
+    resident = frozen + params + state  # all but the gradients
     batch = s.size(batch_size * d.image_numel, 4) + s.size(batch_size, 8)
     workspaces = CUBLAS_WORKSPACE_BYTES * (K + 1 if execution == "streams" else 1) if device == "cuda" else 0
 
     # Gradients present from the first block backward reaches: the head's (its weight and bias are
-    # the last trainable parameters), then the prompts' (the first) once a dispatcher is passed.
+    # the last trainable parameters); the prompts' (the first) once a dispatcher is passed.
     head_grads = sum(s.size(n, 4) for n in d.trainable[-2:])
     prompt_grads = s.size(d.trainable[0], 4)
-    peaks = {"optimizer step": params + _optimizer_temporaries(s, optimizer)}
+    peaks = {"optimizer step": grads + _optimizer_temporaries(s, optimizer)}
     if checkpoint:
         # Forward keeps each segment's input and last_dispatch_weights. Backward recomputes one
         # segment at a time, up to its last saved tensor: the last MLP activation's input, or
@@ -795,9 +803,11 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
             live = {**{k: v for leak in leaks[i + 1:] for k, v in leak.items()}, **kept}
             for l in seg:
                 live.update(_layer_saved(s, l))
-            grads = head_grads + (prompt_grads if i < len(segments) - 1 else 0)
-            peaks["backward"] = max(peaks["backward"], _backward(s, live, seg[-1]) + grads)
-            recompute = _block_forward(s, seg[-1], live, embedding=False, last_fc2=fc2) + _grad_residual(s) + grads
+            # Gradients made by the segments after this one: the prompts' and their dispatchers'.
+            later = [n for n, learns, l in zip(d.trainable, d.learning, d.dispatcher_layer) if learns and l > seg[-1]]
+            param_grads = head_grads + (prompt_grads if i < len(segments) - 1 else 0) + sum(s.size(n, 4) for n in later)
+            peaks["backward"] = max(peaks["backward"], _backward(s, live, seg[-1]) + param_grads)
+            recompute = _block_forward(s, seg[-1], live, embedding=False, last_fc2=fc2) + _grad_residual(s) + param_grads
             peaks["recomputation"] = max(peaks["recomputation"], recompute)
         forward = kept
     else:
@@ -809,7 +819,7 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
                            _block_forward(s, L - 1, forward, embedding=not checkpoint))
     phase = max(peaks, key=peaks.get)
     peak = resident + batch + workspaces + peaks[phase]
-    trainable = params * (2 + states) + (4 * len(d.trainable) if steps else 0)
+    trainable = params + grads + state
     return MemoryEstimate(
         frozen_bytes=frozen,
         trainable_bytes=trainable,
@@ -836,7 +846,7 @@ def _optimizer_temporaries(s: _Setup, optimizer: str) -> int:
     sqrt per parameter, all at once, with CUDA's foreach implementation. SGD: none."""
     if optimizer == "sgd":
         return 0
-    sizes = [s.size(n, 4) for n in s.d.trainable]
+    sizes = [s.size(n, 4) for n, learns in zip(s.d.trainable, s.d.learning) if learns]
     return sum(sizes) if s.device == "cuda" else 2 * max(sizes)
 
 
