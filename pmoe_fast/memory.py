@@ -805,7 +805,8 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
                 live.update(_layer_saved(s, l))
             # Gradients made by the segments after this one: the prompts' and their dispatchers'.
             later = [n for n, learns, l in zip(d.trainable, d.learning, d.dispatcher_layer) if learns and l > seg[-1]]
-            param_grads = head_grads + (prompt_grads if i < len(segments) - 1 else 0) + sum(s.size(n, 4) for n in later)
+            prompts_done = i < len(segments) - 1 and segments[i + 1].start < d.prompt_layers
+            param_grads = head_grads + (prompt_grads if prompts_done else 0) + sum(s.size(n, 4) for n in later)
             peaks["backward"] = max(peaks["backward"], _backward(s, live, seg[-1]) + param_grads)
             recompute = _block_forward(s, seg[-1], live, embedding=False, last_fc2=fc2) + _grad_residual(s) + param_grads
             peaks["recomputation"] = max(peaks["recomputation"], recompute)
