@@ -357,7 +357,7 @@ class _Description:
     learning: tuple[bool, ...]  # whether it gets a gradient (and so optimizer state)
     dispatcher_layer: tuple[int, ...]  # the prompt layer of a dispatcher parameter, else -1
     frozen: tuple[tuple[int, int, bool], ...]  # (numel, itemsize, floating) of each expert tensor, stacks merged
-    frozen_itemsize: tuple[int, ...]  # the experts' own bytes per element, for expert_dtype=None
+    own_dtypes: tuple[torch.dtype, ...]  # the experts' floating dtypes, for expert_dtype=None
     batchable: bool  # the experts can run batched (PMoE.batched_reasons() is empty)
     num_prompts: int  # Np
     prompt_layers: int  # Lp
@@ -428,7 +428,7 @@ def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_lay
         learning=tuple(not name.startswith("dispatchers.0.p.") for name, _ in trainable),
         dispatcher_layer=tuple(int(name.split(".")[1]) if name.startswith("dispatchers.") else -1 for name, _ in trainable),
         frozen=tuple(frozen.values()),
-        frozen_itemsize=tuple(sorted({p.element_size() for m in experts for p in m.parameters()})),
+        own_dtypes=tuple({p.dtype: None for m in experts for p in m.parameters() if p.is_floating_point()}),
         batchable=batchable,
         num_prompts=num_prompts,
         prompt_layers=model.prompt_layers,
@@ -452,7 +452,6 @@ class _Setup:
     device: str  # "cpu" or "cuda"
     execution: str  # "batched", "sequential" or "streams"
     backend: str  # "torch", "cpp", "cuda", "triton" or "none"
-    checkpoint: int
 
     def size(self, numel: int, itemsize: int) -> int:
         """Bytes of one tensor, as the device's allocator counts them."""
@@ -483,7 +482,8 @@ class _Setup:
 
 
 def _resolve_backend(d: _Description, device: str, execution: str) -> str:
-    """The dispatcher backend the model would run (``Dispatcher._choose_backend``'s rules)."""
+    """The dispatcher backend the model would run (``Dispatcher._choose_backend``'s rules, with
+    this install's kernels: Triton and the extension as found here)."""
     from ._ext import extension_status
     from .kernels import has_triton
 
@@ -500,8 +500,8 @@ def _resolve_backend(d: _Description, device: str, execution: str) -> str:
             why.append("triton runs on CUDA with the triton package installed")
         if backend in ("cuda", "cpp") and d.kind != "mlp":
             why.append(f"the {backend} backend serves kind 'mlp' only")
-        if backend == "cuda" and device != "cuda":
-            why.append("the cuda backend runs on CUDA")
+        if backend == "cuda" and (device != "cuda" or not ext["cuda"]):
+            why.append("the cuda backend runs on CUDA with pmoe_fast._C's CUDA part built")
         if backend == "cpp" and (device != "cpu" or not ext["loaded"]):
             why.append("the cpp backend runs on a CPU with pmoe_fast._C built")
         return why
@@ -597,7 +597,8 @@ def _dispatch_saved(s: _Setup, layer: int) -> dict:
         if s.backend == "triton" and d.kind == "moe":  # router gates of every row
             M = d.num_dispatch_experts
             saved[("gates_z", layer)] = s.size(rows * M, 4)
-            saved[("gates_p", layer)] = s.size(K * B * Np * M, 4) if layer > 0 else 0
+            if layer > 0:
+                saved[("gates_p", layer)] = s.size(K * B * Np * M, 4)
         return saved
 
     # torch backend: f's input rows (fp32: a view where they are contiguous fp32 already, else a
@@ -768,7 +769,7 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
         execution = ("batched" if d.batchable else "streams") if device == "cuda" else "sequential"
     if execution == "batched" and not d.batchable:
         raise ValueError("execution='batched' needs experts of one architecture; these differ (use 'auto')")
-    s = _Setup(d, batch_size, expert_dtype.itemsize, device, execution, _resolve_backend(d, device, execution), checkpoint)
+    s = _Setup(d, batch_size, expert_dtype.itemsize, device, execution, _resolve_backend(d, device, execution))
 
     frozen = sum(s.size(n, expert_dtype.itemsize if floating else size) for n, size, floating in d.frozen)
     states, steps = OPTIMIZERS[optimizer], optimizer in ("adam", "adamw") and device == "cpu"  # CUDA's steps: CPU
@@ -908,9 +909,9 @@ def _check_step(d: _Description, batch_size, checkpoint, expert_dtype, optimizer
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
         raise ValueError(f"checkpoint must be an int >= 0 (0: off; n: segments of n layers), got {checkpoint!r}")
     if expert_dtype is None:
-        if len(d.frozen_itemsize) != 1:
-            raise ValueError("the experts have mixed dtypes: pass expert_dtype")
-        expert_dtype = {4: torch.float32, 2: torch.bfloat16}[d.frozen_itemsize[0]]
+        if len(d.own_dtypes) != 1:
+            raise ValueError(f"the experts hold several dtypes {d.own_dtypes}: pass expert_dtype")
+        expert_dtype = d.own_dtypes[0]
     elif expert_dtype not in EXPERT_DTYPES:
         raise ValueError(f"expert_dtype must be None or one of {EXPERT_DTYPES}, got {expert_dtype}")
     if optimizer not in OPTIMIZERS:
