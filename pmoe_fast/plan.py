@@ -92,6 +92,8 @@ def build_expert(name: str, img_size: int) -> torch.nn.Module:
                 return timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0)
             except RuntimeError as theirs:  # timm's "Unknown model"
                 raise ValueError(f"unknown expert {name!r}: not a pmoe_fast.vit model, and timm says: {theirs}") from None
+            except TypeError as theirs:  # an architecture without img_size: not a ViT
+                raise ValueError(f"timm's {name!r} is not a ViT pMoE can use as an expert ({theirs})") from None
 
 
 def _names(args: argparse.Namespace, error) -> list[str]:
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
             prompt_layers=args.prompt_layers, dispatcher=args.dispatcher, dispatcher_hidden=args.dispatcher_hidden,
             optimizer=args.optimizer, execution=args.execution, device=args.device,
         )
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # experts pMoE cannot use, options the model rejects
         error(str(e))
 
     first = rec.options[0].estimate

@@ -232,11 +232,12 @@ def test_plan_cli(capsys):
         (["--budget", "24"], BYTES_FORMS),
         (["--budget", "lots"], BYTES_FORMS),
         (["--budget", "24GiB", "--expert", "vit_nonexistent_224"], "unknown expert 'vit_nonexistent_224'"),
+        (["--budget", "24GiB", "--expert", "resnet18"], "not a ViT"),
         (["--budget", "24GiB"], "name the experts"),
         (["--budget", "24GiB", "--experts", "vit_tiny_patch16_224"], "go together"),
         (["--budget", "24GiB", "--expert", "vit_tiny_patch16_224", "--dtypes", "fp8"], "--dtypes"),
     ],
-    ids=["no-unit", "nonsense", "unknown-expert", "no-experts", "experts-without-count", "bad-dtype"],
+    ids=["no-unit", "nonsense", "unknown-expert", "not-a-vit", "no-experts", "experts-without-count", "bad-dtype"],
 )
 def test_plan_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
