@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -293,9 +292,13 @@ def _first_info(run: dict, bench: str) -> dict | None:
 
 
 def _text_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell: the case and provider to the left, numbers to the right."""
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return [line(header).rstrip(), *(line(r).rstrip() for r in body)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), *(line(r) for r in body)]
 
 
 def format_table(run: dict) -> str:
