@@ -52,9 +52,7 @@ The peak is the largest of four moments, each counted tensor by tensor (``_estim
 - backward through the last block, expert group by expert group (all K at once when batched):
   what is kept, the residual stream's gradient and two (R, F) gradients of the MLP;
 - with checkpointing, each segment recomputed in backward (up to its last saved tensor) on top
-  of every earlier segment's input, and backward through it. With the MoE dispatcher, what a
-  recomputation saved upstream of a dispatcher's load-balancing loss stays alive until the next
-  forward (``recomputation_keeps_moe_graph``), so it adds to every later moment of the step;
+  of every earlier segment's input, and backward through it;
 - the optimizer step: gradients and AdamW's temporaries (one the size of all trainable
   parameters in CUDA's foreach implementation, two the size of the largest on a CPU).
 
@@ -72,7 +70,6 @@ skipped without a GPU).
 from __future__ import annotations
 
 import copy
-import functools
 import re
 import weakref
 from collections.abc import Iterable, Sequence
@@ -629,53 +626,6 @@ def _layer_saved(s: _Setup, layer: int) -> dict:
     return saved
 
 
-@functools.lru_cache(maxsize=None)
-def recomputation_keeps_moe_graph() -> bool:
-    """Whether a checkpointed segment's recomputation leaves its MoE dispatchers' graphs alive.
-
-    The MoE dispatcher stores its load-balancing loss in ``Dispatcher.aux_loss``; when the fast
-    model recomputes a segment in backward, the recomputed dispatchers store theirs there too,
-    and that graph, never run backward, holds every tensor the recomputation saved upstream of
-    the loss until the next forward replaces it. Probed once on a tiny model: True when the
-    last dispatcher's ``aux_loss`` after backward can still be differentiated.
-    """
-    from .model import PMoE
-    from .vit import VisionTransformer
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        expert = VisionTransformer(img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=1, num_classes=0)
-        model = PMoE([expert], num_classes=2, num_prompts=1, dispatcher="moe", dispatcher_hidden=0, checkpoint=1,
-                     dispatcher_backend="torch")
-        model(torch.randn(1, 3, 8, 8)).sum().backward()
-    last = model.dispatchers[-1]
-    if last.aux_loss is None or last.aux_loss.grad_fn is None:
-        return False
-    try:
-        torch.autograd.grad(last.aux_loss, last.router.weight)
-    except RuntimeError:  # its saved tensors are gone (or were never real): nothing is kept
-        return False
-    return True
-
-
-def _recomputation_leak(s: _Setup, segment: range) -> dict:
-    """What stays alive after ``segment`` is recomputed in backward, when the MoE dispatchers
-    keep their recomputed graphs (``recomputation_keeps_moe_graph``): everything the segment's
-    layers before its last dispatcher saved, and what the last dispatcher's load-balancing loss
-    depends on (the torch backend: f's input rows and router gates; a fused kernel: everything
-    its autograd node keeps)."""
-    last = min(segment[-1], s.d.prompt_layers - 1)
-    if s.d.kind != "moe" or last < segment.start or not recomputation_keeps_moe_graph():
-        return {}
-    leak = {}
-    for l in range(segment.start, last):
-        leak.update(_layer_saved(s, l))
-    outputs = ("f_prompts", "f_prompt_out", "f_tokens", "weights")
-    leak.update({key: v for key, v in _dispatch_saved(s, last).items()
-                 if s.backend != "torch" or key[0] not in outputs or key[-1] == "gates"})
-    return leak
-
-
 def _segment_input(s: _Setup, first: int) -> dict:
     """What a checkpointed segment starting at layer ``first`` keeps as its input: (tokens,
     Z_P, the prompts that entered the previous block)."""
@@ -794,14 +744,10 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
         peaks["optimizer step"] += sum(kept.values())
         fc2 = any(d.layer_scale[k] for k in s.groups()[-1][1])
         segments = [range(f, min(f + checkpoint, L)) for f in range(0, L, checkpoint)]
-        # Backward recomputes the last segment first: what earlier recomputations left alive (an
-        # MoE dispatcher's graph) adds to the segments before them, and to the optimizer step.
-        leaks = [_recomputation_leak(s, seg) for seg in segments]
-        peaks["optimizer step"] += sum({k: v for leak in leaks for k, v in leak.items()}.values())
         peaks["backward"] = peaks["recomputation"] = 0
         for i, seg in enumerate(segments):
             kept.update(_segment_input(s, seg.start))
-            live = {**{k: v for leak in leaks[i + 1:] for k, v in leak.items()}, **kept}
+            live = dict(kept)
             for l in seg:
                 live.update(_layer_saved(s, l))
             # Gradients made by the segments after this one: the prompts' and their dispatchers'.

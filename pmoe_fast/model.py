@@ -28,7 +28,8 @@ which the fused dispatcher kernels read in place.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +197,10 @@ class PMoE(ReferencePMoE):
         for first in range(0, self.depth, step):
             layers = range(first, min(first + step, self.depth))
             if self.checkpoint and torch.is_grad_enabled():
-                state, w, a = torch_checkpoint(self._layers, layers, state, use_reentrant=False)
+                state, w, a = torch_checkpoint(
+                    self._layers, layers, state, use_reentrant=False,
+                    context_fn=lambda: (nullcontext(), self._keep_dispatcher_losses()),
+                )
             else:
                 state, w, a = self._layers(layers, state)
             weights += w
@@ -206,6 +210,19 @@ class PMoE(ReferencePMoE):
         tokens = state[0]
         pooled = torch.stack([a.pool(tokens[k]) for k, a in enumerate(self._adapters)])
         return pooled.mean(0).to(self.head.weight.dtype)
+
+    @contextmanager
+    def _keep_dispatcher_losses(self) -> Iterator[None]:
+        """Around a checkpointed segment's recomputation in backward: it runs the segment's
+        dispatchers again, and each stores a fresh MoE load-balancing loss in ``aux_loss``. Those
+        losses are never used; left there, their graphs would keep what the recomputation saved
+        alive until the next forward. Restore the forward's."""
+        kept = [d.aux_loss for d in self.dispatchers]
+        try:
+            yield
+        finally:
+            for d, aux in zip(self.dispatchers, kept):
+                d.aux_loss = aux
 
     def _layers(self, layers: range, state: tuple) -> tuple[tuple, list, list]:
         """Run prompt dispatch and the experts' blocks for ``layers``. state = (tokens, Z_P,

@@ -151,6 +151,19 @@ def test_frozen_experts_bit_identical_after_a_step():
     assert all(torch.equal(b, stacks[n]) for n, b in fast.named_buffers() if n.startswith("_stacked"))
 
 
+
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_checkpoint_recomputation_leaves_the_forwards_moe_losses(execution):
+    """Backward recomputes checkpointed segments, dispatchers included; the MoE losses those make
+    must not replace the forward's on the dispatchers, where their graphs (never run backward)
+    would keep the recomputed activations alive until the next forward."""
+    torch.manual_seed(0)
+    model = PMoE(same_arch(2), **{**CONFIG, "dispatcher": "moe"}, checkpoint=1, execution=execution)
+    logits = model(torch.randn(2, 3, IMG, IMG))
+    forward_losses = [d.aux_loss for d in model.dispatchers]
+    (logits.sum() + model.last_aux_loss).backward()
+    assert all(d.aux_loss is a for d, a in zip(model.dispatchers, forward_losses))
+
 def test_bf16_experts_keep_fp32_trainables():
     ref = Reference(same_arch(), **CONFIG)
     fast = PMoE(same_arch(), **CONFIG, expert_dtype=torch.bfloat16)
