@@ -15,6 +15,16 @@ def _seed():
     yield
 
 
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny models, where OpenMP threads only contend (modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def pytest_terminal_summary(terminalreporter):
     """Say which kernel paths this machine let the suite run, and which it could not."""
     from pmoe_fast._ext import extension_status

@@ -18,13 +18,7 @@ from pmoe_fast.vit import create_model
 EXPERT_ARGS = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread avoids OpenMP contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_expert(seed: int):
