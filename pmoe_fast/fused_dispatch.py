@@ -242,6 +242,9 @@ def _setup_context(ctx, inputs, output) -> None:
     prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2 = inputs
     _, weights, z_act, z_mean = output
     ctx.mark_non_differentiable(weights, z_act, z_mean)
+    # Their gradients stay None: materialised, each backward would allocate and fill a zero
+    # (K, B, T, H) tensor for z_act.
+    ctx.set_materialize_grads(False)
     ctx.tok_range = (list(tok_start), list(tok_end))
     ctx.has_prompt_out = prompt_out is not None
     ctx.hidden = w1[0] is not None
@@ -255,6 +258,9 @@ def _source_grads(grads, needs, has_prompt_out: bool):
 
 
 def _backward(ctx, grad_ipt, _grad_weights, _grad_z_act, _grad_z_mean):
+    if grad_ipt is None:  # the integrated prompts were not used
+        nothing = [None] * 3  # one per source
+        return (None,) * 5 + ((nothing, nothing) if ctx.hidden else (None, None)) + (nothing, nothing)
     prompts, tokens, prompt_out, weights, z_act, z_mean, *params = ctx.saved_tensors
     w1, b1 = (params[0:3], params[3:6]) if ctx.hidden else ([None] * 3, [None] * 3)
     w2, b2 = params[-6:-3], params[-3:]

@@ -12,6 +12,8 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from pmoe_fast.dispatcher import Dispatcher
 from pmoe_fast.fused_dispatch import cpp_not_supported_reasons, cuda_not_supported_reasons, dispatch_mlp
@@ -151,6 +153,32 @@ def assert_parity(c: Case, device: str):
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_parity_with_dispatcher(case, device):
     assert_parity(case, device)
+
+
+class RecordOps(TorchDispatchMode):
+    """The ATen operators that run under it, with the shapes of what they return."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((str(func), [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]))
+        return out
+
+
+def test_backward_fills_no_zero_gradients_for_outputs_without_one():
+    """weights, z_act and z_mean get no gradient. Materialised, each backward would allocate and
+    fill a (K, B, T, H) zero tensor for z_act before the op ran."""
+    c = Case()
+    disp, prompts, seq, prompt_out, grad_ipt = make_case(c, "cpu")
+    params = [source_params(disp, s) for s in ("e", "p", "z")]
+    ipt, _ = dispatch_mlp(prompts.requires_grad_(), seq.requires_grad_(), *c.ranges(), prompt_out, *params)
+    with RecordOps() as ops:
+        ipt.backward(grad_ipt)
+    assert ops.calls[0][0] == "pmoe_fast.dispatch_mlp_backward.default", ops.calls
+    assert not [call for call in ops.calls if "zeros" in call[0] or (c.K, c.B, c.T, c.H) in call[1]], ops.calls
 
 
 @pytest.mark.parametrize("device", DEVICES)
