@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import attention as attention_backends
@@ -124,31 +125,57 @@ class Expert:
         x: torch.Tensor,
         attn_scale: float | torch.Tensor | None = None,
         attn_backend: str | None = None,
+        rows: slice | None = None,
     ) -> torch.Tensor:
         """Run block ``index`` on x (B, T, D). ``attn_scale`` replaces the softmax scale
         head_dim**-0.5 (GaPT's temperature divides it) and ``attn_backend`` picks the attention
-        kernel (``pmoe_fast.attention``); with neither, the block runs its own forward."""
+        kernel (``pmoe_fast.attention``); with neither, the block runs its own forward.
+
+        ``rows`` returns only the outputs of x[:, rows], (B, R, D): every token is still a key and
+        a value of attention, but only those rows are queries and go through the MLP. The output
+        equals ``block(x)[:, rows]``; the fast model uses it for the last block, whose pooling
+        reads one token."""
         block = self.module.blocks[index]
-        if attn_scale is None and attn_backend is None:
+        if attn_scale is None and attn_backend is None and rows is None:
             return block(x)
         scale = block.attn.head_dim**-0.5 if attn_scale is None else attn_scale
-        h = attention(block.attn, block.norm1(x), scale, attn_backend or "sdpa")
+        h = attention(block.attn, block.norm1(x), scale, attn_backend or "sdpa", rows)
+        x = x if rows is None else x[:, rows]
         x = x + block.drop_path1(block.ls1(h))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    @property
+    def pool_reads_first_token(self) -> bool:
+        """Whether ``pool`` reads only the first token (class-token pooling after a token-wise
+        final norm), so the last block's other outputs are never used."""
+        norm = self.module.norm
+        return self.info.global_pool == "token" and isinstance(norm, (nn.LayerNorm, nn.Identity))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and pooling of the non-prompt tokens x (B, Q + N, D) -> (B, D)."""
         return self.module.forward_head(self.module.norm(x), pre_logits=True)
 
 
-def attention(attn: nn.Module, x: torch.Tensor, scale: float | torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+def attention(
+    attn: nn.Module, x: torch.Tensor, scale: float | torch.Tensor, backend: str = "sdpa", rows: slice | None = None
+) -> torch.Tensor:
     """timm's Attention forward (eval mode) with the softmax scale and the attention backend
-    given: x (B, T, D) -> (B, T, D)."""
+    given: x (B, T, D) -> (B, T, D), or (B, R, D) for the query rows x[:, rows] only (keys and
+    values still come from every token; the query and key-value parts of qkv run separately)."""
     B, T, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    heads, hd = attn.num_heads, attn.head_dim
+    if rows is None:
+        qkv = attn.qkv(x).reshape(B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+    else:
+        D = heads * hd
+        w, b = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(x[:, rows], w[:D], None if b is None else b[:D])
+        q = q.reshape(B, q.shape[1], heads, hd).transpose(1, 2)
+        kv = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, T, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = attention_backends.attention(q, k, v, scale, backend)
-    out = out.transpose(1, 2).reshape(B, T, attn.num_heads * attn.head_dim)
+    out = out.transpose(1, 2).reshape(B, q.shape[2], heads * hd)
     out = attn.norm(out) if hasattr(attn, "norm") else out
     return attn.proj_drop(attn.proj(out))

@@ -40,6 +40,8 @@ token rows of width D, MLP width F, h heads, in the experts' dtype (e bytes):
 | fc1 output | GELU (QuickGELU keeps two) | R F e |
 | means and inverse deviations of both norms | norm1, norm2 | 4 R (e on a CPU, 4 on CUDA) |
 
+In a last block run for the class token alone, the input, norm1's statistics and the keys and
+values (one (R, 2D) tensor, replacing qkv) cover every row, the rest the class token's rows only.
 The linear layers keep nothing of their own: their weights are frozen, so autograd keeps only
 what the input's gradient needs (the weight). Each dispatcher keeps the tokens it averaged
 (a view of the previous block's output for the fused kernels; an fp32 copy, with f's hidden
@@ -49,8 +51,11 @@ The peak is the largest of four moments, each counted tensor by tensor (``_estim
 - the forward's last block, once its MLP has run: all that is kept so far, plus the locals of the
   forward that still hold tensors (the embedding, the previous block's output, the attention
   projection's and norm2's outputs, the activation's output and fc2's);
-- backward through the last block, expert group by expert group (all K at once when batched):
-  what is kept, the residual stream's gradient and two (R, F) gradients of the MLP;
+- backward through each block, expert group by expert group (all K at once when batched): what
+  is still kept, the residual stream's gradient and two (R, F) gradients of the MLP; and through
+  each dispatcher, with the gradients it returns. The last block is usually the largest, but an
+  expert that pools its class token runs its last block for that token alone (``pmoe_fast.PMoE``),
+  keeping little there, and then the block or dispatcher before it can be;
 - with checkpointing, each segment recomputed in backward (up to its last saved tensor) on top
   of every earlier segment's input, and backward through it;
 - the optimizer step: gradients and AdamW's temporaries (one the size of all trainable
@@ -349,6 +354,7 @@ class _Description:
     image_numel: int  # C x H x W of one image
     act_keeps: tuple[int, ...]  # tensors of width F each expert's MLP activation keeps for backward
     final_keeps: tuple[bool, ...]  # the expert's final norm keeps its last block output
+    first_token_pool: tuple[bool, ...]  # the expert's pooling reads its class token only
     layer_scale: tuple[bool, ...]  # the expert's blocks scale the MLP's output (LayerScale ls2)
     trainable: tuple[int, ...]  # numel of each trainable parameter (fp32), prompts first, head last
     learning: tuple[bool, ...]  # whether it gets a gradient (and so optimizer state)
@@ -363,6 +369,7 @@ class _Description:
     num_dispatch_experts: int  # M
     top_k: int
     pool_patches: bool  # dispatch_pool == "patches"
+    separate_mlps: bool  # one f per source (else one f shared by the three)
     backend: str  # the dispatcher backend requested ("auto" resolves per device)
     num_classes: int
 
@@ -419,6 +426,7 @@ def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_lay
         image_numel=infos[0].in_chans * infos[0].img_size[0] * infos[0].img_size[1],
         act_keeps=tuple(1 if isinstance(m.blocks[0].mlp.act, nn.GELU) else 2 for m in copies),
         final_keeps=tuple(isinstance(m.norm, nn.LayerNorm) for m in copies),
+        first_token_pool=tuple(a.pool_reads_first_token for a in model._adapters),
         layer_scale=tuple(not isinstance(m.blocks[-1].ls2, nn.Identity) for m in copies),
         trainable=tuple(p.numel() for _, p in trainable),
         # With separate MLPs, layer 0's f for prompt outputs sees no rows (there are none yet).
@@ -434,6 +442,7 @@ def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_lay
         num_dispatch_experts=model_kwargs.get("num_dispatch_experts", 3),
         top_k=model_kwargs.get("top_k", 1),
         pool_patches=model_kwargs.get("dispatch_pool", "all") == "patches",
+        separate_mlps=bool(model_kwargs.get("separate_mlps", False)),
         backend=model.dispatchers[0].backend,
         num_classes=num_classes,
     )
@@ -518,13 +527,29 @@ def _embedding(s: _Setup) -> dict:
     return {("z0", g): s.size(sum(B * d.tokens[k] for k in ks) * d.dim, e) for g, ks in s.groups()}
 
 
+def _class_token_only(s: _Setup, k: int, layer: int) -> bool:
+    """Whether expert k runs block ``layer`` for its class token alone: the last block of an
+    expert whose pooling reads only that token, all experts alike when batched (``PMoE._last_rows``)."""
+    d = s.d
+    return layer == d.depth - 1 and d.first_token_pool[k] and (s.per_expert or all(d.first_token_pool))
+
+
+def _seq_rows(s: _Setup, k: int, layer: int, *, queries: bool = True) -> int:
+    """Token rows per image of expert k in block ``layer``: the whole sequence (prompts included),
+    or with ``queries`` those that are queries and go through the MLP, its outputs."""
+    if queries and _class_token_only(s, k, layer):
+        return 1
+    return s.d.num_prompts + s.d.tokens[k]
+
+
+def _rows(s: _Setup, ks: list[int], layer: int, *, queries: bool = True) -> int:
+    """``_seq_rows`` summed over the batch and the experts ``ks``."""
+    return sum(s.batch * _seq_rows(s, k, layer, queries=queries) for k in ks)
+
+
 def _block_output(s: _Setup, layer: int) -> dict:
     """The output of block ``layer`` (prompt rows included), one storage per group."""
-    d, B, e = s.d, s.batch, s.itemsize
-    return {
-        ("out", layer, g): s.size(sum(B * (d.num_prompts + d.tokens[k]) for k in ks) * d.dim, e)
-        for g, ks in s.groups()
-    }
+    return {("out", layer, g): s.size(_rows(s, ks, layer) * s.d.dim, s.itemsize) for g, ks in s.groups()}
 
 
 def _prompt_out(s: _Setup, layer: int) -> dict:
@@ -535,27 +560,32 @@ def _prompt_out(s: _Setup, layer: int) -> dict:
     return {("prompt_out", layer): s.size(d.num_experts * s.batch * d.num_prompts * d.dim, s.itemsize)}
 
 
-def _mlp_rows(s: _Setup, experts: list[int]) -> int:
-    """Elements of one (R, F) MLP activation over the rows of these experts."""
-    d = s.d
-    return sum(s.batch * (d.num_prompts + d.tokens[k]) * d.mlp_hidden[k] for k in experts)
+def _mlp_rows(s: _Setup, experts: list[int], layer: int) -> int:
+    """Elements of one (R, F) MLP activation of block ``layer`` over the rows of these experts."""
+    return sum(s.batch * _seq_rows(s, k, layer) * s.d.mlp_hidden[k] for k in experts)
 
 
 def _block_saved(s: _Setup, layer: int) -> dict:
-    """What one block keeps for backward (table in the module docstring)."""
-    d, B, e = s.d, s.batch, s.itemsize
+    """What one block keeps for backward (table in the module docstring). A block run for the
+    class token alone keeps its input, norm1's statistics and the keys and values (one (R, 2D)
+    tensor) over every row, the rest over the class token's."""
+    d, e = s.d, s.itemsize
     saved = {}
     for g, ks in s.groups():
-        rows = sum(B * (d.num_prompts + d.tokens[k]) for k in ks)
-        lse = sum(B * d.heads[k] * s.lse_rows(d.num_prompts + d.tokens[k], d.dim // d.heads[k]) for k in ks)
-        width = {"input": d.dim, "qkv": 3 * d.dim, "attn_out": d.dim, "residual": d.dim}
-        for name, w in width.items():
-            saved[(name, layer, g)] = s.size(rows * w, e)
+        rows, queries = _rows(s, ks, layer, queries=False), _rows(s, ks, layer)
+        lse = sum(s.batch * d.heads[k] * s.lse_rows(_seq_rows(s, k, layer), d.dim // d.heads[k]) for k in ks)
+        if rows == queries:
+            width = {"qkv": (rows, 3 * d.dim)}
+        else:
+            width = {"q": (queries, d.dim), "kv": (rows, 2 * d.dim)}
+        width.update(input=(rows, d.dim), attn_out=(queries, d.dim), residual=(queries, d.dim))
+        for name, (r, w) in width.items():
+            saved[(name, layer, g)] = s.size(r * w, e)
         saved[("lse", layer, g)] = s.size(lse, 4)
         for i in range(d.act_keeps[ks[0]]):
-            saved[("fc1", layer, g, i)] = s.size(_mlp_rows(s, ks), e)
-        for i in range(4):  # mean and rstd of norm1 and norm2
-            saved[("norm_stats", layer, g, i)] = s.size(rows, s.stats_itemsize)
+            saved[("fc1", layer, g, i)] = s.size(_mlp_rows(s, ks, layer), e)
+        for i, r in enumerate((rows, rows, queries, queries)):  # mean and rstd of norm1 and norm2
+            saved[("norm_stats", layer, g, i)] = s.size(r, s.stats_itemsize)
     return saved
 
 
@@ -650,8 +680,9 @@ def _final(s: _Setup) -> dict:
     for k in range(d.num_experts):
         if d.final_keeps[k]:
             kept.update({key: v for key, v in _block_output(s, d.depth - 1).items() if key[2] in (k, "all")})
+            tokens = 1 if _class_token_only(s, k, d.depth - 1) else d.tokens[k]
             for i in range(2):
-                kept[("final_stats", k, i)] = s.size(B * d.tokens[k], s.stats_itemsize)
+                kept[("final_stats", k, i)] = s.size(B * tokens, s.stats_itemsize)
         else:
             kept[("fc_norm_in", k)] = s.size(B * d.dim, s.itemsize)
             for i in range(2):
@@ -684,9 +715,9 @@ def _block_forward(s: _Setup, layer: int, kept: dict, *, embedding: bool, last_f
         later = {h for h, _ in groups[i + 1:]}
         now = {key: v for key, v in live.items() if not (key in block and key[2] in later)}
         now.update({key: v for key, v in outputs.items() if key[2] in {h for h, _ in groups[:i]}})
-        rows = sum(B * (d.num_prompts + d.tokens[k]) for k in ks)
+        rows = _rows(s, ks, layer)
         fc2 = last_fc2 or i < len(groups) - 1
-        peak = max(peak, sum(now.values()) + s.size(_mlp_rows(s, ks), e) + (3 if fc2 else 2) * s.size(rows * d.dim, e))
+        peak = max(peak, sum(now.values()) + s.size(_mlp_rows(s, ks, layer), e) + (3 if fc2 else 2) * s.size(rows * d.dim, e))
     return peak
 
 
@@ -704,7 +735,7 @@ def _backward(s: _Setup, live: dict, layer: int) -> int:
     live, peak = dict(live), 0
     for g, ks in reversed(s.groups()):
         mlp_grads = 2 if s.d.act_keeps[ks[0]] == 1 else 3
-        peak = max(peak, sum(live.values()) + mlp_grads * s.size(_mlp_rows(s, ks), s.itemsize))
+        peak = max(peak, sum(live.values()) + mlp_grads * s.size(_mlp_rows(s, ks, layer), s.itemsize))
         for key in _block_saved(s, layer):
             if key[2] == g:
                 live.pop(key, None)
@@ -731,9 +762,8 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
     workspaces = CUBLAS_WORKSPACE_BYTES * (K + 1 if execution == "streams" else 1) if device == "cuda" else 0
 
     # Gradients present from the first block backward reaches: the head's (its weight and bias are
-    # the last trainable parameters); the prompts' (the first) once a dispatcher is passed.
+    # the last trainable parameters); then those of ``_grads_after``.
     head_grads = sum(s.size(n, 4) for n in d.trainable[-2:])
-    prompt_grads = s.size(d.trainable[0], 4)
     peaks = {"optimizer step": grads + _optimizer_temporaries(s, optimizer)}
     if checkpoint:
         # Forward keeps each segment's input and last_dispatch_weights. Backward recomputes one
@@ -750,19 +780,23 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
             live = dict(kept)
             for l in seg:
                 live.update(_layer_saved(s, l))
-            # Gradients made by the segments after this one: the prompts' and their dispatchers'.
-            later = [n for n, learns, l in zip(d.trainable, d.learning, d.dispatcher_layer) if learns and l > seg[-1]]
-            prompts_done = i < len(segments) - 1 and segments[i + 1].start < d.prompt_layers
-            param_grads = head_grads + (prompt_grads if prompts_done else 0) + sum(s.size(n, 4) for n in later)
+            param_grads = head_grads + _grads_after(s, seg[-1])
             peaks["backward"] = max(peaks["backward"], _backward(s, live, seg[-1]) + param_grads)
             recompute = _block_forward(s, seg[-1], live, embedding=False, last_fc2=fc2) + _grad_residual(s) + param_grads
             peaks["recomputation"] = max(peaks["recomputation"], recompute)
         forward = kept
     else:
-        forward = {}
+        # Backward through block l holds what the layers up to l keep. The last block is usually
+        # the largest moment, but one run for the class token alone keeps little, and then the
+        # block before it can be.
+        forward, peaks["backward"] = {}, 0
         for l in range(L):
+            before = dict(forward)
             forward.update(_layer_saved(s, l))
-        peaks["backward"] = _backward(s, forward, L - 1) + head_grads
+            made = head_grads + _grads_after(s, l)
+            peaks["backward"] = max(peaks["backward"], _backward(s, forward, l) + made)
+            if l < d.prompt_layers:
+                peaks["backward"] = max(peaks["backward"], _dispatch_backward(s, {**before, **_dispatch_saved(s, l)}, l) + made)
     peaks["forward"] = max(sum({**forward, **_final(s)}.values()),
                            _block_forward(s, L - 1, forward, embedding=not checkpoint))
     phase = max(peaks, key=peaks.get)
@@ -786,6 +820,33 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
             ("cuBLAS workspaces", workspaces),
         ),
     )
+
+
+def _dispatch_backward(s: _Setup, live: dict, layer: int) -> int:
+    """Peak when the dispatcher of prompt layer ``layer`` has run its backward: what ``live``
+    holds (the saved tensors of the layers before and its own), the residual gradients, and the
+    gradients it returns: of the tokens and prompt outputs in the experts' dtype, of the prompts
+    and its own parameters in fp32. The C++ and CUDA ops return f's gradients per source, three
+    of each when the sources share one f, which autograd then sums."""
+    d, B, e = s.d, s.batch, s.itemsize
+    if s.backend == "none":
+        return 0
+    K, Np, D = d.num_experts, d.num_prompts, d.dim
+    returned = s.size(sum(B * t for t in d.tokens) * D, e) + s.size(K * Np * D, 4)
+    if layer > 0:
+        returned += s.size(K * B * Np * D, e)
+    own = [n for n, l in zip(d.trainable, d.dispatcher_layer) if l == layer]
+    copies = 3 if s.backend in ("cpp", "cuda") and not d.separate_mlps else 1
+    return sum(live.values()) + _grad_residual(s) + returned + copies * sum(s.size(n, 4) for n in own)
+
+
+def _grads_after(s: _Setup, layer: int) -> int:
+    """Gradients backward has made by the time it reaches block ``layer``, besides the head's:
+    those of the dispatchers of later layers, and the prompts' once one of them is passed."""
+    d = s.d
+    later = [n for n, learns, l in zip(d.trainable, d.learning, d.dispatcher_layer) if learns and l > layer]
+    prompts = s.size(d.trainable[0], 4) if layer + 1 < d.prompt_layers else 0
+    return prompts + sum(s.size(n, 4) for n in later)
 
 
 def _optimizer_temporaries(s: _Setup, optimizer: str) -> int:

@@ -19,6 +19,12 @@ how the forward runs, chosen once when the model is built and reported by ``exec
 - expert_dtype: the frozen experts' dtype (e.g. ``torch.bfloat16``); prompts, dispatchers and
   head stay in float32, and the dispatcher accumulates in float32.
 
+Always, whatever the options: an expert whose pooling reads only its class token (timm's
+``global_pool="token"``) runs its last block for that token alone. Every token is still a key and
+a value of its attention, but only the class token is a query and goes through the projection and
+the MLP, whose outputs for the other tokens nothing reads: the same result for about a sixth of the
+block's arithmetic (``execution_plan()["last_block"]``).
+
 Inside, each expert's sequence is laid out [prompts, prefix tokens, patch tokens] rather than
 SPEC.md's [prefix, prompts, patches]. Transformer blocks are equivariant to the order of tokens
 (position embeddings are added before the first block, and attention has no mask), so the result
@@ -94,6 +100,11 @@ class PMoE(ReferencePMoE):
         self._streams: list[torch.cuda.Stream] = []
         if execution in ("auto", "batched") and not self._batched_reasons:
             self._stack_expert_weights()
+        # The rows of its sequence (prompt-first) each expert's pooling reads from the last block's
+        # output: its class token, or None for every token.
+        self._last_rows = [
+            slice(self.num_prompts, self.num_prompts + 1) if a.pool_reads_first_token else None for a in self._adapters
+        ]
 
     # -- the plan -------------------------------------------------------------------------------
 
@@ -111,6 +122,10 @@ class PMoE(ReferencePMoE):
             "dispatcher_backend_last_run": self.dispatchers[0].last_backend,
             "checkpoint": f"every {self.checkpoint} layer(s)" if self.checkpoint else "off",
             "expert_dtype": str(self._expert_dtype()),
+            "last_block": "; ".join(
+                f"expert {k}: " + ("class token only" if rows else "every token (its pooling reads them all)")
+                for k, rows in enumerate(self._last_rows)
+            ),
         }
 
     def batched_reasons(self) -> list[str]:
@@ -242,27 +257,34 @@ class PMoE(ReferencePMoE):
             else:
                 entering = prompt_out
             scale = self._attn_scale(self._adapters[0], l)
+            last = l == self.depth - 1  # its outputs go to pooling only: the rows it reads
             if isinstance(tokens, torch.Tensor):
                 seq = torch.cat([entering.to(tokens.dtype), tokens], dim=2)  # prompt-first
-                seq = self._batched_block(l, seq, scale)
-                prompt_out, tokens = seq[:, :, :Np], seq[:, :, Np:]
+                rows = self._last_rows[0] if last and all(self._last_rows) else None
+                seq = self._batched_block(l, seq, scale, rows)
+                prompt_out, tokens = (None, seq) if rows else (seq[:, :, :Np], seq[:, :, Np:])
             else:
                 seqs = [torch.cat([entering[k].to(t.dtype), t], dim=1) for k, t in enumerate(tokens)]
-                seqs = self._expert_blocks(l, seqs)
-                prompt_out = torch.stack([s[:, :Np] for s in seqs])
-                tokens = [s[:, Np:] for s in seqs]
+                if last:
+                    tokens, prompt_out = self._expert_blocks(l, seqs, self._last_rows), None
+                    tokens = [t if rows else t[:, Np:] for t, rows in zip(tokens, self._last_rows)]
+                else:
+                    seqs = self._expert_blocks(l, seqs)
+                    prompt_out = torch.stack([s[:, :Np] for s in seqs])
+                    tokens = [s[:, Np:] for s in seqs]
         return (tokens, prompt_out, entering), weights, aux
 
     def _prefix(self) -> list[int]:
         return [a.info.num_prefix_tokens for a in self._adapters]
 
-    def _expert_blocks(self, l: int, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Block l of every expert, each on its own CUDA stream under "streams" on a GPU."""
+    def _expert_blocks(self, l: int, seqs: list[torch.Tensor], rows: list[slice | None] | None = None) -> list[torch.Tensor]:
+        """Block l of every expert, each on its own CUDA stream under "streams" on a GPU; with
+        ``rows``, expert k's block returns the outputs of seqs[k][:, rows[k]] only."""
         backend = attention_backends.resolve(self.attention, seqs[0])
 
         def run(k: int) -> torch.Tensor:
             adapter = self._adapters[k]
-            return adapter.block(l, seqs[k], self._attn_scale(adapter, l), backend)
+            return adapter.block(l, seqs[k], self._attn_scale(adapter, l), backend, rows[k] if rows else None)
 
         if self.last_execution != "streams" or seqs[0].device.type != "cuda":
             return [run(k) for k in range(self.num_experts)]
@@ -280,25 +302,35 @@ class PMoE(ReferencePMoE):
             out.record_stream(main)  # freed later on the main stream's schedule
         return outs
 
-    def _batched_block(self, l: int, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """Block l of all K experts at once. x (K, B, T, D) -> (K, B, T, D)."""
+    def _batched_block(self, l: int, x: torch.Tensor, scale: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
+        """Block l of all K experts at once. x (K, B, T, D) -> (K, B, T, D), or (K, B, R, D) for
+        the rows x[:, :, rows] only (as ``Expert.block``)."""
         K, B, T, D = x.shape
         block = self.experts[0].blocks[l]  # structure and hyper-parameters; weights from the stacks
         attn = block.attn
         W = {name: self.get_buffer(_buffer_name(l, name)) for name in self._stack_names[l]}
         heads, hd = attn.num_heads, attn.head_dim
 
-        h = _layer_norm(x, W, "norm1", block.norm1.eps).view(K, B * T, D)
-        qkv = _linear(h, W, "attn.qkv").view(K * B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (K * B, heads, T, hd): one attention call over K x B sequences
+        h = _layer_norm(x, W, "norm1", block.norm1.eps)
+        if rows is None:
+            qkv = _linear(h.view(K, B * T, D), W, "attn.qkv").view(K * B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # (K * B, heads, T, hd): one attention call over K x B sequences
+        else:
+            x = x[:, :, rows]
+            R = x.shape[2]
+            q = _linear(h[:, :, rows].reshape(K, B * R, D), W, "attn.qkv", slice(0, D))
+            q = q.view(K * B, R, heads, hd).transpose(1, 2)
+            kv = _linear(h.view(K, B * T, D), W, "attn.qkv", slice(D, 3 * D))
+            k, v = kv.view(K * B, T, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        R = x.shape[2]
         backend = attention_backends.resolve(self.attention, q)
         o = attention_backends.attention(q, k, v, hd**-0.5 if scale is None else scale, backend)
-        o = _linear(o.transpose(1, 2).reshape(K, B * T, heads * hd), W, "attn.proj")
-        x = x + _layer_scale(o, W, "ls1").view(K, B, T, D)
+        o = _linear(o.transpose(1, 2).reshape(K, B * R, heads * hd), W, "attn.proj")
+        x = x + _layer_scale(o, W, "ls1").view(K, B, R, D)
 
-        h = _layer_norm(x, W, "norm2", block.norm2.eps).view(K, B * T, D)
+        h = _layer_norm(x, W, "norm2", block.norm2.eps).view(K, B * R, D)
         h = _linear(block.mlp.act(_linear(h, W, "mlp.fc1")), W, "mlp.fc2")
-        return x + _layer_scale(h, W, "ls2").view(K, B, T, D)
+        return x + _layer_scale(h, W, "ls2").view(K, B, R, D)
 
 
 def _buffer_name(layer: int, name: str) -> str:
@@ -318,11 +350,12 @@ def _stack_if_equal(tokens: list[torch.Tensor]) -> torch.Tensor | list[torch.Ten
     return torch.stack(tokens) if len({t.shape for t in tokens}) == 1 else tokens
 
 
-def _linear(x: torch.Tensor, W: dict, name: str) -> torch.Tensor:
-    """Per-expert linear layer: x (K, R, in) @ weight (K, out, in)^T + bias (K, out)."""
+def _linear(x: torch.Tensor, W: dict, name: str, outputs: slice = slice(None)) -> torch.Tensor:
+    """Per-expert linear layer: x (K, R, in) @ weight (K, out, in)^T + bias (K, out), for the
+    output features ``outputs`` only."""
     bias = W.get(f"{name}.bias")
-    weight = W[f"{name}.weight"].transpose(1, 2)
-    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
+    weight = W[f"{name}.weight"][:, outputs].transpose(1, 2)
+    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias[:, outputs].unsqueeze(1), x, weight)
 
 
 def _layer_norm(x: torch.Tensor, W: dict, name: str, eps: float) -> torch.Tensor:

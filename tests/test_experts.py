@@ -56,6 +56,22 @@ def test_attention_with_the_default_scale_is_the_blocks_own():
     torch.testing.assert_close(e.block(0, x, torch.tensor(block.attn.head_dim**-0.5)), block(x))
 
 
+@pytest.mark.parametrize("kind", list(TWINS))
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_block_for_some_rows_is_the_full_blocks_rows(kind, backend):
+    """Only the chosen rows are queries and go through the MLP; every row is still a key and a
+    value, so the outputs are those of the whole block: what the fast model's last block, run for
+    the class token alone, relies on."""
+    for model in (small_vit(kind), our_twin(small_vit(kind), **TWINS[kind])):
+        e = Expert(model)
+        x = torch.randn(2, 9, 48)
+        for rows in (slice(3, 4), slice(0, 9), slice(2, 6)):
+            full = e.block(1, x, None, backend)
+            torch.testing.assert_close(e.block(1, x, None, backend, rows), full[:, rows])
+    assert Expert(small_vit("p16")).pool_reads_first_token
+    assert not Expert(small_vit("clip")).pool_reads_first_token  # avg pooling reads every token
+
+
 def test_adapter_freezes_in_place():
     m = small_vit("p16").train()
     Expert(m)

@@ -109,6 +109,18 @@ def test_single_expert_batch_of_one():
     assert fast.execution_plan()["execution_on_cuda"] == "streams" and "one expert" in fast.execution_plan()["why"]
 
 
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_last_block_runs_for_the_class_token_when_pooling_reads_only_that(execution):
+    """Class-token experts run their last block for that token alone, avg-pool experts for every
+    token; the results match the reference either way (and for a mix: test_mixed_patch_sizes...)."""
+    fast = assert_matches_reference(same_arch(2), execution=execution)
+    assert fast.execution_plan()["last_block"] == "expert 0: class token only; expert 1: class token only"
+    fast = assert_matches_reference([small_vit("clip"), small_vit("clip")], execution=execution)
+    assert "expert 0: every token (its pooling reads them all)" in fast.execution_plan()["last_block"]
+    plan = PMoE(mixed(), **CONFIG).execution_plan()["last_block"]
+    assert plan.startswith("expert 0: class token only; expert 1: class token only; expert 2: every token")
+
+
 def test_auto_execution_by_device():
     plan = PMoE(same_arch(), **CONFIG).execution_plan()
     assert (plan["execution_on_cuda"], plan["execution_on_cpu"]) == ("batched", "sequential")
