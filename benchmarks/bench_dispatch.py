@@ -3,8 +3,8 @@ in one run, forward and forward+backward, over the profile's sweep of K, B and N
 
     python -m pytest benchmarks/bench_dispatch.py --bench-profile quick --benchmark-json=dispatch.json
 
-The token count T and width D are those of the profile's experts (ViT-B/16 at 224 px: T = 197,
-D = 768), H = 64; tokens in the profile's dtype, prompts and dispatcher in fp32, as in the model.
+The token count T and width D are those of the profile's experts, or of its ``dispatch_arch``
+(ViT-B/16 at 224 px: T = 197, D = 768), H = 64; tokens in the profile's dtype, prompts and dispatcher in fp32, as in the model.
 Backends that cannot serve a case (Triton and CUDA without a GPU, C++ on a GPU) are skipped with
 their reasons. Each case records its shape, device and versions in ``extra_info``, and the peak
 memory of one separate, untimed call, inputs included (on a GPU from the CUDA allocator, on a CPU
@@ -38,7 +38,7 @@ def moved_bytes(K: int, B: int, Np: int, T: int, D: int, H: int, elt: int, backw
 def test_dispatch(benchmark, dispatch_case, profile, environment):
     case = Case(**dispatch_case)
     K, B, Np, backend = case.K, case.B, case.Np, case.provider
-    info = profile.expert_info()
+    info = profile.expert_info(profile.dispatch_arch)
     T, D, H, Q = info.num_prefix_tokens + info.num_patches, info.embed_dim, profile.dispatch_hidden, info.num_prefix_tokens
     device = torch.device(profile.device)
     dtype = getattr(torch, profile.dtype)
@@ -87,6 +87,6 @@ def test_dispatch(benchmark, dispatch_case, profile, environment):
         extra = dict(peak_memory_bytes=tracker.peak, memory_source=TRACKER_SOURCE)
     benchmark.extra_info.update(
         bench=case.bench, mode=case.mode, provider=backend, reference_provider=REFERENCE_PROVIDER["dispatch"],
-        K=K, B=B, Np=Np, T=T, D=D, H=H, dtype=profile.dtype, arch=profile.arch, img_size=profile.img_size,
+        K=K, B=B, Np=Np, T=T, D=D, H=H, dtype=profile.dtype, arch=profile.dispatch_arch or profile.arch, img_size=profile.img_size,
         **environment, images_per_s=B / median, **extra,
     )

@@ -4,9 +4,10 @@ AdamW step) and inference, over the profile's sweep of K, B and Np.
     python -m pytest benchmarks/bench_model.py --bench-profile quick --benchmark-json=model.json
 
 Providers (``pmoe_fast.bench.MODEL_PROVIDERS``): the reference (eager), ``torch.compile`` of the
-reference (skipped with the error when compiling fails), and the fast model with its default plan
+reference (skipped with the error when compiling fails), the fast model with its default plan
 and with the variants a profile lists (checkpointing, batched or stream execution, the torch
-dispatcher). In a bf16 profile the fast model keeps its frozen experts in bf16 and the reference
+dispatcher), and for inference one plain expert's own forward (``single-vit``: no prompts, in the
+profile's dtype), the latency a pMoE over K experts is compared with. In a bf16 profile the fast model keeps its frozen experts in bf16 and the reference
 runs under bf16 autocast. Weights are random: speed and memory do not depend on them.
 
 Each case is timed with pytest-benchmark after a first call (compilation, kernel selection) and
@@ -35,7 +36,9 @@ def build(provider: str, K: int, Np: int, profile) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device(profile.device):
         experts = [vit.create_model(profile.arch, **profile.expert_kwargs()) for _ in range(K)]
-        if provider.startswith("reference"):
+        if provider == "single-vit":
+            model = experts[0].to(getattr(torch, profile.dtype)).eval()
+        elif provider.startswith("reference"):
             model = Reference(experts, num_classes=NUM_CLASSES, num_prompts=Np)
         else:
             expert_dtype = torch.bfloat16 if profile.dtype == "bfloat16" else None
@@ -54,10 +57,14 @@ def build(provider: str, K: int, Np: int, profile) -> torch.nn.Module:
 def test_model(benchmark, model_case, profile, environment):
     case = Case(**model_case)
     device = torch.device(profile.device)
+    if case.provider == "single-vit" and case.mode == "train":
+        pytest.skip("single-vit: a frozen expert alone has nothing to train; it is an inference provider")
     model = build(case.provider, case.K, case.Np, profile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=profile.dtype == "bfloat16" and case.provider.startswith("reference"))
     images = torch.randn(case.B, 3, profile.img_size, profile.img_size, device=device)
+    if case.provider == "single-vit":  # a plain ViT takes images in its weights' dtype
+        images = images.to(getattr(torch, profile.dtype))
     labels = torch.randint(0, NUM_CLASSES, (case.B,), device=device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=1e-5) if case.mode == "train" else None
 

@@ -59,6 +59,8 @@ MODEL_PROVIDERS: dict[str, dict[str, Any] | None] = {
     "fast-batched": {"execution": "batched"},
     "fast-streams": {"execution": "streams"},
     "fast-torch-dispatcher": {"dispatcher_backend": "torch"},
+    # One expert's own forward, no prompts, in the profile's dtype: the latency floor for inference.
+    "single-vit": None,
 }
 # The provider every other one is measured against, per benchmark.
 REFERENCE_PROVIDER = {"model": "reference", "dispatch": "torch"}
@@ -83,7 +85,11 @@ class Case:
 @dataclass(frozen=True)
 class Profile:
     """A named sweep: the experts (``arch`` at ``img_size``, ``depth`` blocks or the architecture's
-    own), K, B and Np, the dtype, the providers, and how many rounds each case is timed."""
+    own), K, B and Np, the dtype, the providers, and how many rounds each case is timed.
+
+    ``points``, when given, replaces the sweep by these cases (a target profile: the shapes an
+    issue's targets name). ``dispatch_arch`` sizes the dispatcher op (T, D) by another
+    architecture than the model's."""
 
     name: str
     help: str
@@ -99,21 +105,26 @@ class Profile:
     rounds: int
     warmup: int
     dispatch_hidden: int = 64
+    points: tuple[Case, ...] = ()
+    dispatch_arch: str | None = None
 
     def expert_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``pmoe_fast.vit.create_model(self.arch, ...)`` for one expert."""
         return {"img_size": self.img_size, "num_classes": 0, **({"depth": self.depth} if self.depth else {})}
 
-    def expert_info(self):
-        """The shape of one expert (``pmoe_fast.experts.ExpertInfo``), built on the meta device."""
+    def expert_info(self, arch: str | None = None):
+        """The shape of one expert (``pmoe_fast.experts.ExpertInfo``) of ``arch`` (default the
+        profile's), built on the meta device."""
         from .experts import Expert
         from .vit import create_model
 
         with torch.device("meta"):
-            return Expert(create_model(self.arch, **self.expert_kwargs())).info
+            return Expert(create_model(arch or self.arch, **self.expert_kwargs())).info
 
     def cases(self, bench: str) -> list[Case]:
         """Every case of one benchmark, the providers of one shape next to each other."""
+        if self.points:
+            return [c for c in self.points if c.bench == bench]
         providers = self.providers if bench == "model" else DISPATCH_BACKENDS
         return [
             Case(bench, mode, K, B, Np, provider)
@@ -125,13 +136,18 @@ class Profile:
         ]
 
 
+def _points(bench: str, mode: str, K: int, B: int, Np: int, providers: tuple[str, ...]) -> tuple[Case, ...]:
+    """One shape of a target profile, for each provider."""
+    return tuple(Case(bench, mode, K, B, Np, provider) for provider in providers)
+
+
 PROFILES = {
     p.name: p
     for p in (
         Profile(
             "smoke", "seconds on a CPU: checks the machinery (the tests run it)", "cpu",
             "vit_tiny_patch16_224", img_size=32, depth=2, Ks=(1, 2), batches=(2,), prompts=(2,),
-            dtype="float32", providers=("reference", "fast"), rounds=2, warmup=1,
+            dtype="float32", providers=("reference", "fast", "single-vit"), rounds=2, warmup=1,
         ),
         Profile(
             "quick", "a few minutes on a 2-core CPU: ViT-Ti/16 (6 blocks) at 112 px, K 1-3, reference beside fast",
@@ -151,6 +167,33 @@ PROFILES = {
             prompts=(10, 50), dtype="bfloat16",
             providers=("reference", "reference-compiled", "fast", "fast-checkpoint", "fast-streams", "fast-torch-dispatcher"),
             rounds=10, warmup=2,
+        ),
+        Profile(
+            "targets-cpu", "the CPU targets of the issues, side by side (minutes on 2 cores): a training step at "
+            "K=3 ViT-Ti/16, B=8 and inference at B=1; the dispatcher at ViT-B/16 size, K=6, B=8",
+            "cpu", "vit_tiny_patch16_224", img_size=224, depth=None, Ks=(), batches=(), prompts=(), dtype="float32",
+            providers=("reference", "fast"), rounds=5, warmup=1, dispatch_arch="vit_base_patch16_224",
+            points=(
+                *_points("model", "train", 3, 8, 10, ("reference", "fast")),
+                *_points("model", "infer", 3, 1, 10, ("reference", "fast")),
+                *_points("dispatch", "fwd+bwd", 6, 8, 10, ("torch", "cpp")),
+            ),
+        ),
+        Profile(
+            "targets-gpu", "the GPU targets of the issues, side by side (minutes on one GPU): ViT-B/16, bf16, "
+            "training at K=6 and K=9, B=32; inference at K=2, B=1 beside one plain ViT-B/16; the dispatcher at K=6, B=32",
+            "cuda", "vit_base_patch16_224", img_size=224, depth=None, Ks=(), batches=(), prompts=(), dtype="bfloat16",
+            providers=("reference", "reference-compiled", "fast", "fast-checkpoint", "single-vit"), rounds=10, warmup=2,
+            points=(
+                *_points("model", "train", 6, 32, 10, ("reference", "reference-compiled", "fast", "fast-checkpoint")),
+                *_points("model", "train", 9, 32, 10, ("reference", "fast", "fast-checkpoint")),
+                *_points("model", "infer", 2, 1, 10, ("reference", "reference-compiled", "fast")),
+                *_points("model", "infer", 1, 1, 10, ("reference", "single-vit")),
+                *_points("dispatch", "fwd+bwd", 6, 32, 50, ("torch", "triton", "cuda")),
+                *_points("dispatch", "fwd", 6, 32, 50, ("torch", "triton", "cuda")),
+                # The dispatcher's share of a K=6 training step: 12 prompt layers of this.
+                *_points("dispatch", "fwd+bwd", 6, 32, 10, ("torch", "triton", "cuda")),
+            ),
         ),
     )
 }

@@ -68,6 +68,24 @@ def test_every_profile_names_known_providers_and_runs_k_up_to_9_in_full_profiles
     assert bench.PROFILES["gpu"].expert_info().embed_dim == 768
 
 
+def test_target_profiles_run_the_shapes_the_targets_name():
+    cpu, gpu = bench.PROFILES["targets-cpu"], bench.PROFILES["targets-gpu"]
+    assert {(c.mode, c.K, c.B, c.Np, c.provider) for c in cpu.cases("model")} == {
+        ("train", 3, 8, 10, "reference"), ("train", 3, 8, 10, "fast"), ("infer", 3, 1, 10, "reference"), ("infer", 3, 1, 10, "fast")}
+    assert {(c.mode, c.K, c.B, c.Np, c.provider) for c in cpu.cases("dispatch")} == {("fwd+bwd", 6, 8, 10, "torch"), ("fwd+bwd", 6, 8, 10, "cpp")}
+    info = cpu.expert_info(cpu.dispatch_arch)
+    assert (info.num_prefix_tokens + info.num_patches, info.embed_dim) == (197, 768) and cpu.expert_info().embed_dim == 192
+    assert ("train", 6, 32, 10, "reference-compiled") in {(c.mode, c.K, c.B, c.Np, c.provider) for c in gpu.cases("model")}
+    assert ("infer", 1, 1, 10, "single-vit") in {(c.mode, c.K, c.B, c.Np, c.provider) for c in gpu.cases("model")}
+    assert {(c.K, c.B, c.Np) for c in gpu.cases("dispatch")} == {(6, 32, 50), (6, 32, 10)}
+    for profile in (cpu, gpu):  # every shape has its reference, listed first
+        for b in ("model", "dispatch"):
+            shapes = {}
+            for c in profile.cases(b):
+                shapes.setdefault((c.mode, c.K, c.B, c.Np), []).append(c.provider)
+            assert all(providers[0] == bench.REFERENCE_PROVIDER[b] for providers in shapes.values()), shapes
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU default and the error without a GPU")
 def test_default_profile_is_quick_on_a_cpu_and_gpu_profile_says_there_is_no_gpu():
     assert bench.resolve_profile(None).name == "quick"
@@ -250,7 +268,10 @@ def test_smoke_profile_end_to_end(tmp_path):
     data = json.loads((out / bench.JSON_NAME).read_text())
     assert data["pmoe_fast"]["profile"]["name"] == "smoke"
     infos = [b["extra_info"] for b in data["benchmarks"]]
-    assert {(i["bench"], i["provider"]) for i in infos} == {("model", "reference"), ("model", "fast"), ("dispatch", "torch"), ("dispatch", "cpp")}
+    assert {(i["bench"], i["provider"]) for i in infos} == {
+        ("model", "reference"), ("model", "fast"), ("model", "single-vit"), ("dispatch", "torch"), ("dispatch", "cpp")}
+    assert {i["mode"] for i in infos if i["provider"] == "single-vit"} == {"infer"}
+    assert "single-vit: a frozen expert alone has nothing to train" in table
     for info in infos:
         assert info["images_per_s"] > 0 and info["peak_memory_bytes"] > 0 and info["torch"] == torch.__version__
         assert info["glibc_keeps_freed_memory"] is True
