@@ -7,23 +7,25 @@
 // K*B*T = 9456 token rows against K*Np + K*B*Np = 540 prompt rows, and three GEMMs over the token
 // rows are nearly all the arithmetic: the pre-activations W1_z Z (forward), dL/dZ = dA W1_z and
 // dL/dW1_z = dA^T Z (backward), 2*K*B*T*D*H = 0.93 GFLOP each. So:
-//  * the tokens are never copied: each (k, b) hands its rows to BLAS as a strided view (one call
-//    per (k, b) inside at::parallel_for, where ATen runs it single-threaded); only tokens in
-//    another dtype than the accumulation one are converted, one (k, b) tile at a time;
+//  * the tokens are never copied. When they are one (K*B*T, D) matrix in the accumulation dtype
+//    (contiguous, as the fast model's sequential path stacks them), each GEMM is a single BLAS
+//    call over all of them, threaded by BLAS; rows outside the token ranges then get zero
+//    gradients for free, since dL/d(pre-activation) is zero there. Otherwise each (k, b) hands
+//    its rows to BLAS as a strided view (one call per (k, b) inside at::parallel_for, where ATen
+//    runs it single-threaded), and tokens in another dtype are converted one (k, b) tile at a time;
 //  * f_z's second layer runs once per (k, b), on the mean of the hidden activations
 //    (mean_t (W2 h_t + b2) = W2 mean_t h_t + b2), and gelu(W1_z Z + b1_z) is never stored;
 //  * the forward returns the token pre-activations z_act = W1_z Z + b1_z (K*B*T*H values, H/D of
 //    the tokens) and their mean features z_mean, so the backward recomputes nothing large;
 //  * the small parts (f_e on K*Np rows, f_p on K*B*Np rows, softmax, the prompt mixture) are
 //    whole-tensor ATen calls in the accumulation dtype: a few percent of the FLOPs.
-// Measured at that shape (fp32, 2 shared AVX2 cores at 2.45 GHz, peak 157 GFLOP/s): fwd+bwd
-// 30-33 ms, within noise of the Dispatcher's torch backend (0.86-1.07x over runs), because both
-// spend it in these 2.79 GFLOP of MKL GEMM at ~90 GFLOP/s; fusing saves only the small passes
-// around them, and even at peak the GEMMs take 18 ms. Fusion pays at small, overhead-bound
-// shapes: 1.5x at K=6, B=2, T=50, D=192, H=16.
-// No atomics and no per-thread partial sums, so results repeat bit for bit; the token-sized
-// reductions also ignore the thread count: z_mean is summed per (k, b), and dL/dW1_z is split
-// over column blocks of D, each summed over (k, b) in order by one task.
+// On 2 shared AVX2 cores at 2.45 GHz (peak 157 GFLOP/s) MKL runs these GEMMs at 100-155 GFLOP/s
+// (faster as one call than as K*B), so even at peak they take 18 ms: fusing saves the passes
+// around them, not the GEMMs. Fusion pays most at small, overhead-bound shapes.
+// No atomics and no per-thread partial sums, so results repeat bit for bit for a given thread
+// count (BLAS may split a single large GEMM's reductions by thread count). On the per-(k, b)
+// path the token-sized reductions ignore the thread count: z_mean is summed per (k, b), and
+// dL/dW1_z is split over column blocks of D, each summed over (k, b) in order by one task.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -119,12 +121,41 @@ at::Tensor token_tile(const at::Tensor& tokens, int64_t k, int64_t b, int64_t st
   return tile.scalar_type() == acc ? tile : tile.to(acc);
 }
 
+// The tokens as one (K*B*T, D) matrix in the accumulation dtype, or an undefined tensor when
+// they are not one (strided views of longer sequences, another dtype).
+at::Tensor token_rows(const at::Tensor& tokens, const DispatchSizes& s, at::ScalarType acc) {
+  if (tokens.scalar_type() != acc || !tokens.is_contiguous()) return at::Tensor();
+  return tokens.view({s.K * s.B * s.T, s.D});
+}
+
+// Zeroes rows [0, start) and [end, T) of every (k, b) of x (K, B, T, W).
+void zero_outside(at::Tensor& x, const TokenRanges& r, const DispatchSizes& s) {
+  for (int64_t k = 0; k < s.K; ++k) {
+    at::Tensor rows = x.select(0, k);
+    rows.narrow(1, 0, r.start[k]).zero_();
+    rows.narrow(1, r.end[k], s.T - r.end[k]).zero_();
+  }
+}
+
 // Source z, fused. For every (k, b) over its token range:
 //   z_act[k, b, t] = W1_z Z[k, b, t] + b1_z, written by BLAS straight into the output,
 //   z_mean[k, b]   = mean_t gelu(z_act[k, b, t])   (mean_t Z[k, b, t] when H = 0).
 // tokens: (K, B, T, D) strided; z_act: (K, B, T, H), zero outside the ranges; z_mean: (K, B, Hz).
 void z_forward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r, at::Tensor& z_act,
                at::Tensor& z_mean, const DispatchSizes& s, at::ScalarType acc) {
+  const at::Tensor rows = token_rows(tokens, s, acc);
+  if (rows.defined() && f.hidden()) {  // one GEMM over every token row, then the means per (k, b)
+    at::Tensor pre = z_act.view({s.K * s.B * s.T, s.H});
+    at::addmm_out(pre, f.b1, rows, f.w1.t());
+    zero_outside(z_act, r, s);
+    const at::Tensor act = at::gelu(z_act);
+    for (int64_t k = 0; k < s.K; ++k) {
+      at::Tensor mean = z_mean.select(0, k);
+      at::sum_out(mean, act.select(0, k).narrow(1, r.start[k], r.count(k)), {1});
+      mean.div_(r.count(k));
+    }
+    return;
+  }
   at::parallel_for(0, s.K * s.B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t kb = begin; kb < end; ++kb) {
       const int64_t k = kb / s.B, b = kb % s.B, count = r.count(k);
@@ -155,6 +186,25 @@ void z_backward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r,
   for (int64_t k = 0; k < s.K; ++k) inv_count[k] = 1.0 / static_cast<double>(r.count(k));
   const at::Tensor coef =
       dl.matmul(f.w2) * at::tensor(inv_count, z_mean.options()).view({s.K, 1, 1});  // (K, B, Hz)
+  const at::Tensor rows = token_rows(tokens, s, acc);
+  if (rows.defined() && f.hidden()) {  // one GEMM each for dL/dZ and dL/dW1_z over every token row
+    at::Tensor da = at::gelu_backward(coef.unsqueeze(2).expand({s.K, s.B, s.T, s.H}), z_act);
+    zero_outside(da, r, s);  // so rows outside the ranges get zero gradients
+    const at::Tensor da_rows = da.view({KB * s.T, s.H});
+    if (grad_tokens.defined()) {
+      at::Tensor out = grad_tokens.view({KB * s.T, s.D});
+      at::mm_out(out, da_rows, f.w1);
+    }
+    g.b1 = da_rows.sum(0);
+    // dL/dW1_z summed expert by expert, in order, as autograd sums the torch backend's K calls of f.
+    g.w1 = at::zeros({s.H, s.D}, z_act.options());
+    const int64_t rows_per_expert = s.B * s.T;
+    for (int64_t k = 0; k < s.K; ++k) {
+      g.w1.addmm_(da_rows.narrow(0, k * rows_per_expert, rows_per_expert).t(),
+                  rows.narrow(0, k * rows_per_expert, rows_per_expert));
+    }
+    return;
+  }
   // dL/d(pre-activations) of every token, zero outside the ranges: (K, B, T, H).
   at::Tensor da = f.hidden() ? at::zeros_like(z_act) : at::Tensor();
 
