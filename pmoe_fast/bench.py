@@ -172,7 +172,7 @@ PROFILES = {
             "targets-cpu", "the CPU targets of the issues, side by side (minutes on 2 cores): a training step at "
             "K=3 ViT-Ti/16, B=8 and inference at B=1; the dispatcher at ViT-B/16 size, K=6, B=8",
             "cpu", "vit_tiny_patch16_224", img_size=224, depth=None, Ks=(), batches=(), prompts=(), dtype="float32",
-            providers=("reference", "fast"), rounds=5, warmup=1, dispatch_arch="vit_base_patch16_224",
+            providers=("reference", "fast"), rounds=11, warmup=2, dispatch_arch="vit_base_patch16_224",
             points=(
                 *_points("model", "train", 3, 8, 10, ("reference", "fast")),
                 *_points("model", "infer", 3, 1, 10, ("reference", "fast")),
