@@ -246,16 +246,10 @@ class PMoE(ReferencePMoE):
         Np = self.num_prompts
         weights, aux = [], []
         for l in layers:
-            if l < self.prompt_layers:
-                disp_tokens = tokens if isinstance(tokens, torch.Tensor) else _stack_if_equal(tokens)
-                entering, w = self.dispatchers[l](self.prompts[l], disp_tokens, prompt_out, self._prefix())
-                weights.append(w.detach())
-                aux.append(self.dispatchers[l].aux_loss)
-            elif self.base == "gapt" and l - 1 < self.gates.shape[0]:
-                g = torch.sigmoid(self.gates[l - 1])
-                entering = g * prompt_out + (1 - g) * entering
-            else:
-                entering = prompt_out
+            # The fused dispatcher kernels take the tokens as one (K, B, T, D) tensor.
+            stack = l < self.prompt_layers and not isinstance(tokens, torch.Tensor)
+            disp_tokens = _stack_if_equal(tokens) if stack else tokens
+            entering = self._entering_prompts(l, disp_tokens, prompt_out, entering, self._prefix(), weights, aux)
             scale = self._attn_scale(self._adapters[0], l)
             last = l == self.depth - 1  # its outputs go to pooling only: the rows it reads
             if isinstance(tokens, torch.Tensor):

@@ -166,18 +166,7 @@ class PMoE(nn.Module):
         entering = None  # the prompts that entered the previous block
         weights, aux = [], []
         for l in range(L):
-            if l < self.prompt_layers:
-                # Integrated prompt tokens: IPT_k^l from P^l, Z_P,k^l (none at l = 0) and Z_k^l.
-                entering, w = self.dispatchers[l](self.prompts[l], tokens, prompt_out, prefix)
-                weights.append(w.detach())
-                aux.append(self.dispatchers[l].aux_loss)
-            elif self.base == "gapt" and l - 1 < self.gates.shape[0]:
-                # GaPT: g * (outputs of block l-1) + (1 - g) * (prompts that entered it).
-                g = torch.sigmoid(self.gates[l - 1])
-                entering = g * prompt_out + (1 - g) * entering
-            else:
-                entering = prompt_out  # carried, as VPT-shallow does
-
+            entering = self._entering_prompts(l, tokens, prompt_out, entering, prefix, weights, aux)
             outs = []
             for k, adapter in enumerate(self._adapters):
                 q = prefix[k]
@@ -193,6 +182,23 @@ class PMoE(nn.Module):
         self.last_aux_loss = torch.stack(aux).mean() if aux[0] is not None else None
         # Each expert's final norm and pooling (prompts excluded), averaged over experts.
         return torch.stack([a.pool(z) for a, z in zip(self._adapters, tokens)]).mean(0)
+
+    def _entering_prompts(self, l, tokens, prompt_out, entering, prefix, weights: list, aux: list) -> torch.Tensor:
+        """The prompts that enter block l, (K, B, Np, D), from the tokens Z^l entering it (as the
+        dispatcher takes them), the prompt outputs Z_P^l of block l-1 (None at l = 0) and the
+        prompts that entered block l-1. A prompt layer's dispatch weights and MoE loss are
+        appended to ``weights`` and ``aux``."""
+        if l < self.prompt_layers:
+            # Integrated prompt tokens: IPT_k^l from P^l, Z_P,k^l (none at l = 0) and Z_k^l.
+            ipt, w = self.dispatchers[l](self.prompts[l], tokens, prompt_out, prefix)
+            weights.append(w.detach())
+            aux.append(self.dispatchers[l].aux_loss)
+            return ipt
+        if self.base == "gapt" and l - 1 < self.gates.shape[0]:
+            # GaPT: g * (outputs of block l-1) + (1 - g) * (prompts that entered it).
+            g = torch.sigmoid(self.gates[l - 1])
+            return g * prompt_out + (1 - g) * entering
+        return prompt_out  # carried, as VPT-shallow does
 
     def _attn_scale(self, adapter: Expert, l: int) -> torch.Tensor | None:
         """GaPT divides block l's attention logits by its temperature; VPT keeps the block's own."""
