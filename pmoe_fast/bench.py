@@ -344,6 +344,172 @@ def _text_table(header: list[str], body: list[list[str]]) -> list[str]:
     return [line(header), *(line(r) for r in body)]
 
 
+# -- the issues' targets ----------------------------------------------------------------------
+
+# Peak HBM bandwidth by GPU name (NVIDIA's datasheets), for the dispatcher's bandwidth target; the
+# first name contained in the device's name wins.
+HBM_BYTES_PER_S = (("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issues, checked on a run of its target profile: ``measure`` maps the
+    run's cases ({Case: extra_info plus "median"}) to (value, how it was measured), or to
+    (None, why not); met when the value is at least ``bound`` (``at_least``) or at most it, or
+    with ``strict`` above or below it."""
+
+    text: str
+    measure: Any  # Callable[[dict[Case, dict]], tuple[float | None, str]]
+    bound: float
+    at_least: bool
+    unit: str  # "x" for ratios, "%" or " GB"
+    strict: bool = False
+
+    def met(self, value: float) -> bool:
+        if self.strict:
+            return value > self.bound if self.at_least else value < self.bound
+        return value >= self.bound if self.at_least else value <= self.bound
+
+    def bound_text(self) -> str:
+        sign = (">" if self.at_least else "<") + ("" if self.strict else "=")
+        return f"{sign} {self.bound:.3g}{self.unit}"
+
+
+def _entries(run: dict) -> dict[Case, dict]:
+    out = {}
+    for e in run["benchmarks"]:
+        info = e["extra_info"]
+        case = Case(info["bench"], info["mode"], info["K"], info["B"], info["Np"], info["provider"])
+        out[case] = {**info, "median": e["stats"]["median"]}
+    return out
+
+
+def _speedup(slow: Case, fast: Case):
+    """slow's median over fast's: how many times faster ``fast`` runs."""
+
+    def measure(cases):
+        if slow not in cases or fast not in cases:
+            return None, f"no result for {slow if slow not in cases else fast} (skipped or failed)"
+        return cases[slow]["median"] / cases[fast]["median"], f"{slow.provider} {format_time(cases[slow]['median'])}, {fast.provider} {format_time(cases[fast]['median'])}"
+
+    return measure
+
+
+def _quotient(num: Case, den: Case, key: str):
+    """num's ``key`` ("median" or "peak_memory_bytes") over den's."""
+
+    def measure(cases):
+        if num not in cases or den not in cases or cases[num].get(key) is None or cases[den].get(key) is None:
+            return None, f"no {key} for {num} or {den}"
+        show = format_time if key == "median" else format_bytes
+        return cases[num][key] / cases[den][key], f"{num.provider} {show(cases[num][key])}, {den.provider} {show(cases[den][key])}"
+
+    return measure
+
+
+def _lowest_peak(candidates: tuple[Case, ...]):
+    """The lowest peak memory, in GB (10^9 bytes, as the target names it), of the candidates that ran."""
+
+    def measure(cases):
+        ran = [(cases[c]["peak_memory_bytes"], c.provider) for c in candidates if cases.get(c, {}).get("peak_memory_bytes")]
+        if not ran:
+            return None, "none of " + ", ".join(str(c) for c in candidates) + " ran"
+        peak, provider = min(ran)
+        return peak / 1e9, provider
+
+    return measure
+
+
+def _dispatcher_share(step: Case, dispatch: tuple[Case, ...]):
+    """The dispatcher's percentage of ``step``: its forward+backward time at the step's shape, with
+    the backend the fast model ran, times the prompt layers (every block: VPT-deep)."""
+
+    def measure(cases):
+        if step not in cases:
+            return None, f"no result for {step}"
+        plan = cases[step].get("execution_plan") or {}
+        backend = plan.get("dispatcher_backend_last_run")
+        match = [c for c in dispatch if c.provider == backend and c in cases]
+        if not match:
+            return None, f"no dispatcher result for the backend the fast model ran ({backend})"
+        layers = cases[step]["depth"]
+        share = layers * cases[match[0]]["median"] / cases[step]["median"]
+        return 100 * share, f"{layers} x {backend} {format_time(cases[match[0]]['median'])} of {format_time(cases[step]['median'])}"
+
+    return measure
+
+
+def _bandwidth_share(case: Case):
+    """The op's achieved bandwidth for the bytes it must move, as a percentage of the GPU's peak."""
+
+    def measure(cases):
+        info = cases.get(case)
+        if info is None or info.get("gbps") is None:
+            return None, f"no bandwidth for {case}"
+        peak = next((bw for name, bw in HBM_BYTES_PER_S if name in info["device_name"]), None)
+        if peak is None:
+            return None, f"{info['gbps']:.0f} GB/s; no peak bandwidth known for {info['device_name']}"
+        return 100 * info["gbps"] * 1e9 / peak, f"{info['gbps']:.0f} GB/s of {peak / 1e9:.0f}"
+
+    return measure
+
+
+def _cpu_targets() -> tuple[Target, ...]:
+    train = (Case("model", "train", 3, 8, 10, "reference"), Case("model", "train", 3, 8, 10, "fast"))
+    infer = (Case("model", "infer", 3, 1, 10, "reference"), Case("model", "infer", 3, 1, 10, "fast"))
+    disp = (Case("dispatch", "fwd+bwd", 6, 8, 10, "torch"), Case("dispatch", "fwd+bwd", 6, 8, 10, "cpp"))
+    return (
+        Target("issue 3: cpp forward+backward vs torch, K=6 B=8 Np=10 fp32", _speedup(*disp), 3.0, True, "x"),
+        Target("issue 4: fast training step no slower than the reference, K=3 ViT-Ti B=8", _speedup(*train), 1.0, True, "x"),
+        Target("issue 4: fast inference faster than the reference, K=3 ViT-Ti B=1", _speedup(*infer), 1.0, True, "x", strict=True),
+    )
+
+
+def _gpu_targets() -> tuple[Target, ...]:
+    def train(K, provider):
+        return Case("model", "train", K, 32, 10, provider)
+
+    def disp(mode, Np, backend):
+        return Case("dispatch", mode, 6, 32, Np, backend)
+
+    out = [
+        Target(f"issue 3: {b} forward+backward vs torch, K=6 B=32 Np=50 bf16", _speedup(disp("fwd+bwd", 50, "torch"), disp("fwd+bwd", 50, b)), 10.0, True, "x")
+        for b in ("triton", "cuda")
+    ]
+    out += [
+        Target(f"issue 3: {b} {mode} share of peak HBM bandwidth, K=6 B=32 Np=50", _bandwidth_share(disp(mode, 50, b)), 60.0, True, "%")
+        for b in ("triton", "cuda") for mode in ("fwd", "fwd+bwd")
+    ]
+    out += [
+        Target("issue 4: fast training step vs reference eager, K=6 ViT-B/16 B=32 bf16", _speedup(train(6, "reference"), train(6, "fast")), 1.5, True, "x"),
+        Target("issue 4: fast training step vs torch.compile(reference), K=6 B=32", _speedup(train(6, "reference-compiled"), train(6, "fast")), 1.15, True, "x"),
+        Target("issue 4: dispatcher share of the fast training step, K=6 B=32", _dispatcher_share(train(6, "fast"), tuple(disp("fwd+bwd", 10, b) for b in ("triton", "cuda", "torch"))), 3.0, False, "%", strict=True),
+        Target("issue 4: peak memory with checkpointing / reference's, K=6 B=32", _quotient(train(6, "fast-checkpoint"), train(6, "reference"), "peak_memory_bytes"), 0.35, False, "x"),
+        Target("issue 4: K=9 ViT-B/16 at B=32 trains in under 16 GB (lowest fast peak)", _lowest_peak((train(9, "fast"), train(9, "fast-checkpoint"))), 16.0, False, " GB", strict=True),
+        Target("issue 4: inference latency K=2 B=1 / one plain ViT-B/16", _quotient(Case("model", "infer", 2, 1, 10, "fast"), Case("model", "infer", 1, 1, 10, "single-vit"), "median"), 1.3, False, "x"),
+    ]
+    return tuple(out)
+
+
+TARGETS = {"targets-cpu": _cpu_targets(), "targets-gpu": _gpu_targets()}
+
+
+def format_targets(run: dict) -> str:
+    """The verdict on every target of the run's profile ("" for a profile without targets): one
+    line each, met / missed / no data, with the value, the bound and what it was measured from."""
+    name = run.get("pmoe_fast", {}).get("profile", {}).get("name")
+    if name not in TARGETS:
+        return ""
+    cases, lines = _entries(run), [f"targets ({name}):"]
+    for t in TARGETS[name]:
+        value, how = t.measure(cases)
+        if value is None:
+            lines.append(f"  no data  {t.text}: target {t.bound_text()}; {how}")
+            continue
+        lines.append(f"  {'met' if t.met(value) else 'missed':7s}  {t.text}: {value:.3g}{t.unit} (target {t.bound_text()}; {how})")
+    return "\n".join(lines) + "\n"
+
+
 def format_table(run: dict) -> str:
     """The readable report of a run: per benchmark a header saying what ran where, then one row
     per case and provider (for the whole model with the peak memory's split into frozen weights,
@@ -394,6 +560,9 @@ def format_table(run: dict) -> str:
                              f"{', ...' if len(cases) > 3 else ''}): {reason}")
     if not table:
         lines.append("no case ran")
+    targets = format_targets(run)
+    if targets:
+        lines += ["", targets]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -86,6 +86,47 @@ def test_target_profiles_run_the_shapes_the_targets_name():
             assert all(providers[0] == bench.REFERENCE_PROVIDER[b] for providers in shapes.values()), shapes
 
 
+def test_targets_report_met_missed_and_missing_data():
+    K3, K6 = dict(K=3, Np=10), dict(K=6, B=8, Np=10)
+    run = {"benchmarks": [
+        entry("model", "train", B=8, provider="reference", median=1.2, **K3),
+        entry("model", "train", B=8, provider="fast", median=1.0, **K3),
+        entry("model", "infer", B=1, provider="reference", median=0.1, **K3),
+        entry("model", "infer", B=1, provider="fast", median=0.1, **K3),  # a tie is not faster
+        entry("dispatch", "fwd+bwd", provider="torch", median=0.036, **K6),
+    ], "pmoe_fast": {"profile": {"name": "targets-cpu"}}}
+    report = bench.format_targets(run)
+    assert "met      issue 4: fast training step no slower than the reference, K=3 ViT-Ti B=8: 1.2x (target >= 1x" in report
+    assert "missed   issue 4: fast inference faster than the reference, K=3 ViT-Ti B=1: 1x (target > 1x" in report
+    assert "no data  issue 3: cpp forward+backward vs torch" in report and "(skipped or failed)" in report
+    assert report in bench.format_table(run)
+    assert bench.format_targets({"benchmarks": [], "pmoe_fast": {"profile": {"name": "quick"}}}) == ""
+
+
+def test_gpu_targets_bandwidth_dispatcher_share_and_memory():
+    train = dict(mode="train", B=32, Np=10)
+    plan = {"dispatcher_backend_last_run": "triton"}
+    gpu = dict(device_name="NVIDIA H100 80GB HBM3", depth=12)
+    run = {"benchmarks": [
+        entry("model", K=6, provider="reference", median=3.0, peak=40 * 2**30, **train, **gpu),
+        entry("model", K=6, provider="fast", median=1.5, peak=30 * 2**30, execution_plan=plan, **train, **gpu),
+        entry("model", K=6, provider="fast-checkpoint", median=2.0, peak=12 * 2**30, execution_plan=plan, **train, **gpu),
+        entry("model", K=9, provider="fast", median=2.5, peak=15 * 2**30, execution_plan=plan, **train, **gpu),
+        entry("model", K=9, provider="fast-checkpoint", median=3.0, peak=14 * 2**30, execution_plan=plan, **train, **gpu),
+        entry("dispatch", "fwd+bwd", K=6, B=32, Np=10, provider="triton", median=0.003, **gpu),
+        entry("dispatch", "fwd", K=6, B=32, Np=50, provider="cuda", median=0.001, gbps=2345.0, **gpu),
+    ], "pmoe_fast": {"profile": {"name": "targets-gpu"}}}
+    report = bench.format_targets(run)
+    assert "met      issue 4: fast training step vs reference eager, K=6 ViT-B/16 B=32 bf16: 2x (target >= 1.5x" in report
+    assert "met      issue 4: dispatcher share of the fast training step, K=6 B=32: 2.4% (target < 3%; 12 x triton" in report
+    assert "met      issue 4: peak memory with checkpointing / reference's, K=6 B=32: 0.3x (target <= 0.35x" in report
+    # 16 GB, not GiB: 15 GiB (16.1 GB) would miss it
+    assert "met      issue 4: K=9 ViT-B/16 at B=32 trains in under 16 GB (lowest fast peak): 15 GB (target < 16 GB; fast-checkpoint)" in report
+    assert "met      issue 3: cuda fwd share of peak HBM bandwidth, K=6 B=32 Np=50: 70% (target >= 60%; 2345 GB/s of 3350)" in report
+    assert "no data  issue 3: triton fwd share of peak HBM bandwidth" in report
+    assert "no data  issue 4: fast training step vs torch.compile(reference)" in report
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU default and the error without a GPU")
 def test_default_profile_is_quick_on_a_cpu_and_gpu_profile_says_there_is_no_gpu():
     assert bench.resolve_profile(None).name == "quick"
