@@ -171,6 +171,7 @@ void z_forward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r, at:
       mean.div_(count);
     }
   });
+  zero_outside(z_act, r, s);
 }
 
 // Backward of source z given dl = dL/d(mean_t f_z(Z[k, b, t])) (K, B, K): fills g, and writes
@@ -286,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cpu(
     const at::Tensor zp = to_acc(*prompt_out, acc).view({s.K * s.B * s.Np, s.D});
     logits = logits + logits_of(f_p, zp, pre_activations(f_p, zp)).view({s.K, s.B, s.Np, s.K});
   }
-  at::Tensor z_act = at::zeros({s.K, s.B, s.T, s.H}, p.options());
+  at::Tensor z_act = at::empty({s.K, s.B, s.T, s.H}, p.options());  // z_forward writes every row
   at::Tensor z_mean = at::empty({s.K, s.B, s.features()}, p.options());
   z_forward(f_z, tokens.detach(), {tok_start, tok_end}, z_act, z_mean, s, acc);
   const at::Tensor logits_z =

@@ -239,6 +239,26 @@ def test_opcheck(H, device):
         )
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["one-matrix", "strided"])
+def test_saved_activations_cover_the_token_ranges_and_are_zero_outside(strided):
+    """z_act = W1_z Z + b1_z on each expert's token range and zero elsewhere, z_mean the mean of
+    its GELU: on the one-GEMM path (contiguous tokens) and the per-(k, b) one (a strided view)."""
+    c = Case(K=3, B=2, Np=2, T=9, D=12, H=8, strided=strided, starts=(1, 0, 2), ends=(9, 7, 9))
+    disp, prompts, seq, prompt_out, _ = make_case(c, "cpu")
+    params = [[t.detach() if t is not None else None for t in source_params(disp, s)] for s in ("e", "p", "z")]
+    tokens = seq[:, :, c.Np :] if strided else seq
+    assert tokens.is_contiguous() != strided
+    w1, b1 = params[2][0], params[2][1]
+    _, _, z_act, z_mean = torch.ops.pmoe_fast.dispatch_mlp(
+        prompts, tokens, *c.ranges(), prompt_out, *(list(group) for group in zip(*params))
+    )
+    for k, (start, end) in enumerate(zip(*c.ranges())):
+        pre = tokens[k, :, start:end] @ w1.t() + b1
+        torch.testing.assert_close(z_act[k, :, start:end], pre)
+        assert not z_act[k, :, :start].any() and not z_act[k, :, end:].any()
+        torch.testing.assert_close(z_mean[k], torch.nn.functional.gelu(pre).mean(1))
+
+
 def test_torch_compile_fullgraph():
     """torch.compile traces through the op (fake implementation, autograd) with no graph break."""
     torch._dynamo.reset()
