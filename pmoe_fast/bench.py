@@ -155,11 +155,12 @@ PROFILES = {
             dtype="float32", providers=("reference", "fast", "fast-checkpoint"), rounds=5, warmup=1,
         ),
         Profile(
-            "cpu", "the full CPU sweep (hours on 2 cores): ViT-Ti/16 at 224 px, K 1-9, every provider",
+            "cpu", "the full CPU sweep (hours on 2 cores): ViT-Ti/16 at 224 px, K 1-9, every provider; the "
+            "dispatcher at ViT-B/16 size (T=197, D=768)",
             "cpu", "vit_tiny_patch16_224", img_size=224, depth=None, Ks=(1, 2, 3, 6, 9), batches=(1, 8),
             prompts=(10, 50), dtype="float32",
             providers=("reference", "reference-compiled", "fast", "fast-checkpoint", "fast-batched", "fast-torch-dispatcher"),
-            rounds=5, warmup=1,
+            rounds=5, warmup=1, dispatch_arch="vit_base_patch16_224",
         ),
         Profile(
             "gpu", "the full GPU sweep: ViT-B/16 at 224 px, K 1-9, B 1 and 32, Np 10 and 50, bf16, every provider",
