@@ -81,6 +81,11 @@ class Case:
     def __str__(self) -> str:
         return f"{self.mode}-K{self.K}-B{self.B}-Np{self.Np}-{self.provider}"
 
+    @classmethod
+    def of(cls, info: dict) -> Case:
+        """The case a benchmark record's ``extra_info`` describes."""
+        return cls(info["bench"], info["mode"], info["K"], info["B"], info["Np"], info["provider"])
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -300,7 +305,7 @@ def rows(run: dict) -> list[Row]:
     out = []
     for entry in run["benchmarks"]:
         info = entry["extra_info"]
-        case = Case(info["bench"], info["mode"], info["K"], info["B"], info["Np"], info["provider"])
+        case = Case.of(info)
         split = (info.get("frozen_bytes"), info.get("trainable_bytes"), info.get("activation_bytes"))
         out.append(Row(entry["name"], case, entry["stats"]["median"], info.get("images_per_s"), info.get("peak_memory_bytes"), split))
     by_case = {r.case: r for r in out}
@@ -379,33 +384,28 @@ class Target:
 def _entries(run: dict) -> dict[Case, dict]:
     out = {}
     for e in run["benchmarks"]:
-        info = e["extra_info"]
-        case = Case(info["bench"], info["mode"], info["K"], info["B"], info["Np"], info["provider"])
-        out[case] = {**info, "median": e["stats"]["median"]}
+        out[Case.of(e["extra_info"])] = {**e["extra_info"], "median": e["stats"]["median"]}
     return out
-
-
-def _speedup(slow: Case, fast: Case):
-    """slow's median over fast's: how many times faster ``fast`` runs."""
-
-    def measure(cases):
-        if slow not in cases or fast not in cases:
-            return None, f"no result for {slow if slow not in cases else fast} (skipped or failed)"
-        return cases[slow]["median"] / cases[fast]["median"], f"{slow.provider} {format_time(cases[slow]['median'])}, {fast.provider} {format_time(cases[fast]['median'])}"
-
-    return measure
 
 
 def _quotient(num: Case, den: Case, key: str):
     """num's ``key`` ("median" or "peak_memory_bytes") over den's."""
 
     def measure(cases):
-        if num not in cases or den not in cases or cases[num].get(key) is None or cases[den].get(key) is None:
+        missing = [c for c in (num, den) if c not in cases]
+        if missing:
+            return None, f"no result for {missing[0]} (skipped or failed)"
+        if cases[num].get(key) is None or cases[den].get(key) is None:
             return None, f"no {key} for {num} or {den}"
         show = format_time if key == "median" else format_bytes
         return cases[num][key] / cases[den][key], f"{num.provider} {show(cases[num][key])}, {den.provider} {show(cases[den][key])}"
 
     return measure
+
+
+def _speedup(slow: Case, fast: Case):
+    """slow's median over fast's: how many times faster ``fast`` runs."""
+    return _quotient(slow, fast, "median")
 
 
 def _lowest_peak(candidates: tuple[Case, ...]):
