@@ -180,7 +180,7 @@ void z_backward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r,
                 const at::Tensor& z_act, const at::Tensor& z_mean, const at::Tensor& dl,
                 at::Tensor& grad_tokens, const DispatchSizes& s, at::ScalarType acc, MlpGrads& g) {
   const int64_t KB = s.K * s.B, Hz = s.features();
-  g.b2 = dl.sum({0, 1});
+  g.b2 = dl.sum(at::IntArrayRef{0, 1});
   g.w2 = dl.reshape({KB, s.K}).t().mm(z_mean.reshape({KB, Hz}));
   // dL/d(features of one token) = W2_z^T dl / count: the mean hands each token an equal share.
   std::vector<double> inv_count(s.K);
@@ -235,7 +235,7 @@ void z_backward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r,
   });
   if (!f.hidden()) return;
 
-  g.b1 = da.sum({0, 1, 2});
+  g.b1 = da.sum(at::IntArrayRef{0, 1, 2});
   // dL/dW1_z = sum over every token of dA_t Z_t^T. Each task owns a block of columns and sums the
   // (k, b) pairs in order: no partial copies, and the same bits for any thread count.
   g.w1 = at::empty({s.H, s.D}, z_act.options());
