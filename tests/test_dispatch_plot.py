@@ -30,7 +30,7 @@ def data(n=7):
 
 def test_overall_means_match_the_weights_of_one_forward():
     model, ds = tiny_model(), data()
-    stats = dispatch_plot.collect(model, ds, batch_size=3)
+    stats = dispatch_plot.collect(model, ds, batch_size=3, device="cpu")
     with torch.no_grad():
         model.eval()(ds.tensors[0])
     expected = torch.stack([w.mean(dim=(0, 1, 2)) for w in model.last_dispatch_weights]).numpy()
@@ -43,8 +43,8 @@ def test_overall_means_match_the_weights_of_one_forward():
 
 def test_per_class_means_and_a_class_without_images():
     model, ds = tiny_model(), data()
-    overall = dispatch_plot.collect(model, ds, batch_size=4)
-    per_class = dispatch_plot.collect(model, ds, batch_size=4, per_class=True)
+    overall = dispatch_plot.collect(model, ds, batch_size=4, device="cpu")
+    per_class = dispatch_plot.collect(model, ds, batch_size=4, per_class=True, device="cpu")
     assert per_class.weights.shape == (3, 2, 3) and per_class.counts.tolist() == [4, 2, 1]
     weighted = (per_class.weights * per_class.counts[:, None, None]).sum(0) / 7
     np.testing.assert_allclose(weighted, overall.weights, rtol=1e-6)
@@ -53,7 +53,7 @@ def test_per_class_means_and_a_class_without_images():
     only_class_2 = torch.stack([w.mean(dim=(0, 1, 2)) for w in model.last_dispatch_weights]).numpy()
     np.testing.assert_allclose(per_class.weights[2], only_class_2, rtol=1e-5)
 
-    absent = dispatch_plot.collect(model, data(2), per_class=True)  # no image of class 2
+    absent = dispatch_plot.collect(model, data(2), per_class=True, device="cpu")  # no image of class 2
     assert np.isnan(absent.weights[2]).all() and absent.path()[2].tolist() == [-1, -1]
 
 

@@ -127,7 +127,7 @@ def test_fit_trains_a_plain_vit_with_a_head():
     head = vit.head.weight.clone()
     history = fit(vit, Blobs(), 1)
     assert "val_auc" in history[0]
-    assert torch.equal(vit.blocks[0].attn.qkv.weight, frozen) and not torch.equal(vit.head.weight, head)
+    assert torch.equal(vit.blocks[0].attn.qkv.weight.cpu(), frozen) and not torch.equal(vit.head.weight.cpu(), head)
 
 
 def test_evaluate_accuracy_and_auc():
@@ -135,7 +135,7 @@ def test_evaluate_accuracy_and_auc():
 
     model = tiny_model()
     ds = Blobs(10)
-    got = training.evaluate(model, ds, batch_size=3)
+    got = training.evaluate(model, ds, batch_size=3, device="cpu")
     with torch.no_grad():
         logits = model.eval()(ds.images)
     probs = logits.softmax(-1)
@@ -344,7 +344,7 @@ def test_memory_budget_picks_checkpointing_and_precision(tmp_path, weights, caps
     tight = memory.recommend(experts, budget_bytes=budget, **plan)
     assert tight.fits and (tight.option.checkpoint, tight.option.expert_dtype) != (0, torch.float32)
 
-    main(train_args(weights, root, tmp_path / "out", "--epochs", "1", "--memory-budget", f"{budget}B"))
+    main(train_args(weights, root, tmp_path / "out", "--epochs", "1", "--memory-budget", f"{budget}B", "--device", "cpu"))
     config = ckpt_io.load(tmp_path / "out" / "last.safetensors").config
     assert config["grad_checkpoint"] == tight.option.checkpoint
     assert config["precision"] == ("bf16" if tight.option.expert_dtype == torch.bfloat16 else "fp32")

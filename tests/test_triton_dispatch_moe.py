@@ -102,7 +102,7 @@ def moe_params(disp: Dispatcher, source: str) -> tuple:
 def separate_routing(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
     """x (..., D) float64 moved within the row space of the router's weight R (M, D) so that each
     row's logits R x + r become a random permutation of 0..M-1 plus U(0, 0.5)."""
-    R, r = lin.weight.detach().double(), lin.bias.detach().double()
+    R, r = lin.weight.detach().double().cpu(), lin.bias.detach().double().cpu()
     rows = x.reshape(-1, x.shape[-1])
     M = R.shape[0]
     target = torch.argsort(torch.rand(rows.shape[0], M), dim=1).double() + 0.5 * torch.rand(rows.shape[0], M)
@@ -117,7 +117,7 @@ def make_inputs(case: Case):
     disp = make_dispatcher(case).to(case.dtype).to(DEVICE)
     truth = copy.deepcopy(disp).double()
     def routed(shape, source):
-        return separate_routing(torch.randn(shape, dtype=torch.float64), router(truth, source).cpu())
+        return separate_routing(torch.randn(shape, dtype=torch.float64), router(truth, source))
 
     prompts = routed((K, Np, D), "e")
     tokens = routed((K, B, T, D), "z")
