@@ -24,7 +24,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 def floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
     """Floor under the parity bound: the unit roundoff of the output dtype times the largest
-    reference value. It matters only where plain PyTorch happens to be exact."""
+    reference value. It matters only where plain PyTorch happens to be exact. On a GPU, fp32
+    outputs get 1e-5 relative instead: the CUDA kernels sum tokens and batch rows with fp32 atomics
+    in another order than cuBLAS, 3-5x plain PyTorch's error there (an H100), still far below a
+    wrong index or a lost term."""
+    if ref.is_cuda and dtype == torch.float32:
+        return 1e-5 * ref.abs().max().item()
     return torch.finfo(dtype).eps / 2 * ref.abs().max().item()
 
 

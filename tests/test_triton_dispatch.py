@@ -25,7 +25,11 @@ from pmoe_fast.kernels import dispatch as kd
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # err(kernel) <= 2 * err(plain PyTorch at the test dtype) + FLOOR * max|truth|, both errors
 # measured against float64.
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+# On a GPU, fp32 dots run as tf32x3 on tensor cores: about fp32's accuracy, not quite. On an H100
+# the logits-x20 case, whose scaled logits amplify every rounding, came out at 3.6x plain PyTorch's
+# error in the prompts' gradient and 2.5x in b2_e's, hence a floor of 3e-5 there: plain tf32 dots
+# (about 5e-4) still fail it.
+FLOOR = {torch.float32: 3e-5 if DEVICE.type == "cuda" else 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
 
 
 @dataclasses.dataclass
