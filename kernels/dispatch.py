@@ -779,7 +779,10 @@ def _dispatch_bwd_reduce_kernel(
 MAX_EXPERTS = 16  # K: the logits tile is BLOCK_K = 16 wide, the minimum tl.dot takes
 MAX_HIDDEN = 128  # H: BLOCK_H is 64 or 128; each wider one is one more variant per dtype to build
 BLOCK_ENV = "PMOE_TRITON_BLOCKS"
-_NUM_WARPS = {"fwd": 4, "bwd_softmax": 4, "bwd": 8, "bwd_reduce": 4}
+# Measured on an H100 (benchmarks/results/triton_tuning_h100.txt, K=6, B=32, T=197, D=768, H=64,
+# bf16 tokens): the main backward kernel with 4 warps beats 8 by 1.2x at Np=50 and 10, though it
+# spills more; the forward with 8 warps, which spills less, is 1.7x slower than with 4.
+_NUM_WARPS = {"fwd": 4, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
 
 
 def _hidden_blocks(H: int) -> int:
@@ -793,7 +796,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     """Block sizes and work split for one shape, without autotuning."""
     block_h = _hidden_blocks(H)
     # Registers of the backward: dW1's accumulator (BLOCK_H x BLOCK_DW) stays at 8192 floats,
-    # 32 a thread at 8 warps, beside the hidden tile (BLOCK_T=32 x BLOCK_H).
+    # 64 a thread at 4 warps, beside the hidden tile (BLOCK_T=32 x BLOCK_H).
     block_dw = 8192 // max(block_h, 64)
     # The W1 tile (BLOCK_D x BLOCK_H) of the D loop is pipelined through shared memory, three
     # stages deep: 4096 elements a stage (16 KB in fp32) keep every variant at 74 KB of shared

@@ -1,0 +1,102 @@
+"""The Triton dispatcher's launch settings on a GPU, timed beside the torch and CUDA backends.
+
+    python benchmarks/tune_triton_dispatch.py > benchmarks/results/triton_tuning_h100.txt
+
+At the issue's shape (K=6, B=32, Np 50 and 10, T=197, D=768, H=64; bf16 tokens as a strided view
+of the experts' sequences, fp32 prompts and dispatcher, as in the model), for each setting: the
+number of warps of the forward and of the main backward kernel, and the batch split
+(``PMOE_TRITON_BLOCKS``). Every setting is first checked against the torch backend (outputs and
+gradients), then timed with ``triton.testing.do_bench`` (median; L2 flushed before each call),
+forward alone and forward+backward, with the achieved GB/s for the bytes the op must move
+(``bench_dispatch.moved_bytes``). Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dispatch import moved_bytes  # noqa: E402
+
+from pmoe_fast import Dispatcher  # noqa: E402
+from pmoe_fast.kernels import dispatch as triton_dispatch  # noqa: E402
+
+K, B, T, D, H, Q = 6, 32, 197, 768, 64, 1
+WARPS = (4, 8)
+SPLITS = ("", "B_PER_PROG=1", "B_PER_PROG=4")
+
+
+def inputs(Np: int):
+    torch.manual_seed(0)
+    prompts = torch.randn(K, Np, D, device="cuda", requires_grad=True)
+    seq = torch.randn(K, B, Np + T, D, device="cuda", dtype=torch.bfloat16)
+    tokens = seq[:, :, Np:].requires_grad_()
+    prompt_out = torch.randn(K, B, Np, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return prompts, tokens, prompt_out
+
+
+def run(disp, prompts, tokens, prompt_out, backward: bool):
+    if not backward:
+        with torch.no_grad():
+            return disp(prompts, tokens, prompt_out, Q)
+    ipt, weights = disp(prompts, tokens, prompt_out, Q)
+    ipt.backward(torch.ones_like(ipt))
+    return ipt, weights
+
+
+def outputs(disp, args):
+    for t in (*args, *disp.parameters()):
+        t.grad = None
+    ipt, weights = run(disp, *args, backward=True)
+    return [ipt.float(), weights.float()] + [t.grad.float() for t in (*args, *disp.parameters())]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def timed(disp, args, backward: bool) -> float:
+    grads = [*args, *disp.parameters()] if backward else None
+    return triton.testing.do_bench(lambda: run(disp, *args, backward), warmup=25, rep=200,
+                                   grad_to_none=grads, return_mode="median")
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("tune_triton_dispatch.py needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"K={K} B={B} T={T} D={D} H={H}; bf16 tokens (strided view), fp32 prompts and dispatcher; "
+          "do_bench median in us; GB/s for the bytes the op must move")
+    print(f"{'Np':>3} {'backend':8} {'fwd warps':>9} {'bwd warps':>9} {'split':14} {'max rel err':>11} "
+          f"{'fwd us':>8} {'fwd GB/s':>8} {'f+b us':>8} {'f+b GB/s':>8}")
+    default_warps = dict(triton_dispatch._NUM_WARPS)
+    for Np in (50, 10):
+        args = inputs(Np)
+        reference = Dispatcher(D, K, hidden=H, backend="torch").cuda()
+        gold = outputs(reference, args)
+        bytes_fwd = moved_bytes(K, B, Np, T, D, H, 2, backward=False)
+        bytes_both = moved_bytes(K, B, Np, T, D, H, 2, backward=True)
+        settings = [("torch", None, None, ""), ("cuda", None, None, "")]
+        settings += [("triton", fw, bw, split) for split in SPLITS for fw, bw in itertools.product(WARPS, WARPS)]
+        for backend, fwd_warps, bwd_warps, split in settings:
+            triton_dispatch._NUM_WARPS.update(default_warps)
+            if backend == "triton":
+                triton_dispatch._NUM_WARPS.update(fwd=fwd_warps, bwd=bwd_warps)
+            os.environ[triton_dispatch.BLOCK_ENV] = split
+            disp = Dispatcher(D, K, hidden=H, backend=backend).cuda()
+            disp.load_state_dict(reference.state_dict())
+            err = max(relative_error(g, w) for g, w in zip(outputs(disp, args), gold))
+            fwd, both = timed(disp, args, False), timed(disp, args, True)
+            print(f"{Np:3d} {backend:8} {fwd_warps or '-':>9} {bwd_warps or '-':>9} {split or 'default':14} {err:11.2e} "
+                  f"{1e3 * fwd:8.1f} {bytes_fwd / fwd / 1e6:8.0f} {1e3 * both:8.1f} {bytes_both / both / 1e6:8.0f}", flush=True)
+    os.environ.pop(triton_dispatch.BLOCK_ENV, None)
+    triton_dispatch._NUM_WARPS.update(default_warps)
+
+
+if __name__ == "__main__":
+    main()
