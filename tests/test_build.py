@@ -61,6 +61,23 @@ def test_extension_loaded():
     assert hasattr(torch.ops.pmoe_fast, "prompt_fusion_backward")
 
 
+def test_extension_links_libstdcxx_dynamically():
+    """A compiler that links libstdc++ into _C statically leaves a second copy of it beside the
+    process's: a C++ check that formats an integer into its error message then crashes instead of
+    raising (seen on a GPU image whose CXX was a g++ 13 in /opt/gcc: test_cpp_dispatch.py's
+    bad-input tests segfaulted in std::ostream::_M_insert<long> inside _C)."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        pytest.skip("no ldd on this machine to list what _C links")
+    from pmoe_fast import _C
+
+    linked = subprocess.run([ldd, _C.__file__], capture_output=True, text=True, timeout=60).stdout
+    assert "libstdc++.so" in linked, (
+        f"{_C.__file__} does not link libstdc++.so dynamically (static libstdc++?); rebuild with a "
+        f"compiler that does, e.g. CXX=g++ CC=gcc pip install -e . --no-build-isolation. ldd says:\n{linked}"
+    )
+
+
 def test_cuda_part_built_when_possible():
     """With a CUDA torch and nvcc, setup.py must compile, link and import the CUDA sources."""
     if os.environ.get("PMOE_FAST_SKIP_CUDA_BUILD", "0") == "1":
