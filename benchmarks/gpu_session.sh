@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# A session on one CUDA GPU, in two calls of a few minutes each, run from the repository root:
+#
+#   OUT=gpu-out bash benchmarks/gpu_session.sh check   # build, then the test suite on the GPU
+#   OUT=gpu-out bash benchmarks/gpu_session.sh tune    # the Triton dispatcher's launch settings
+#   OUT=gpu-out bash benchmarks/gpu_session.sh bench   # the issues' GPU targets, side by side
+#
+# Each installs the package (editable, with the extension built for the GPU it finds) unless it is
+# installed already. `check` runs the test suite (the
+# CUDA and compiled-Triton tests run instead of being skipped; the slow CMake build test is left
+# out, the CUDA-graph compile test kept); `tune` runs benchmarks/tune_triton_dispatch.py; `bench` runs
+# `pmoe_fast.bench --profile targets-gpu`, whose report ends with each target's verdict.
+# Every step's output goes to $OUT as well as to the terminal.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: OUT=DIR bash benchmarks/gpu_session.sh check|tune|bench}
+OUT=${OUT:?set OUT to a folder for the logs and results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/$stage-env.txt"
+$python -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' | tee -a "$OUT/$stage-env.txt"
+
+if ! $python -c 'import pmoe_fast.kernels, pmoe_fast._C' 2>/dev/null; then
+    start=$SECONDS
+    PMOE_FAST_FORCE_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-16} $python -m pip install --no-index --no-deps --no-build-isolation -e . \
+        > "$OUT/build.txt" 2>&1 || { tail -n 40 "$OUT/build.txt"; exit 1; }
+    echo "installed in $((SECONDS - start)) s" | tee -a "$OUT/build.txt"
+fi
+$python -m pmoe_fast info | tee -a "$OUT/$stage-env.txt"
+
+case $stage in
+check)
+    OMP_NUM_THREADS=2 $python -m pytest -n 8 -m "not slow" -q -rfEs -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.txt" || true
+    $python -m pytest -q -p no:cacheprovider tests/test_model.py -k "torch_compile and cuda" 2>&1 | tail -n 15 | tee -a "$OUT/tests.txt" || true
+    ;;
+tune)
+    $python benchmarks/tune_triton_dispatch.py 2>&1 | tee "$OUT/triton_tuning.txt"
+    ;;
+bench)
+    $python -m pmoe_fast.bench --profile targets-gpu --output "$OUT/targets_gpu" 2>&1 | tee "$OUT/bench.txt"
+    ;;
+*)
+    echo "unknown stage $stage: check, tune or bench" >&2
+    exit 2
+    ;;
+esac
