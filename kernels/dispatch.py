@@ -16,34 +16,42 @@ then what the launchers can run (``triton_not_supported_reasons``) and every var
 Design. The tokens Z (K, B, T, D) dominate the bytes: at the GPU target (K=6, B=32, T=197,
 D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 
-* Forward, ONE launch, grid (K, B): program (k, b) streams its T x D tokens once, keeping only the
-  sum over tokens of the hidden activations (H floats): mean_t f(z_t) = W2 mean_t gelu(h_t) + b2,
-  so the second layer runs once per (k, b), not per token. It then evaluates f_e and f_p on its
-  prompts, takes the softmax over K and writes weights and ipt. Reads K*B*T*D (tokens) +
-  K*B*Np*D (Z_P) + K*B*(K+1)*Np*D (P, L2-resident) elements; writes K*B*Np*(D+K).
+* Forward, ONE launch, grid (K + K*B + K*B*S_T,), three roles: K programs evaluate f_e on the
+  prompts P[k] (once per expert, not per image); K*B programs evaluate f_p on Z_P[k, b] (with
+  prompt_out); K*B*S_T programs each take a chunk of BLOCK_T tokens of one (k, b) and keep the sum
+  over its tokens of f_z - b2 (K floats). Splitting the tokens gives K*B*S_T programs (768 at the
+  target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197 tokens.
+  Every program stores the pre-activations x W1^T + b1 of its rows in float32 (K*B*T*H floats
+  for the tokens, 9.7 MB at the target against 58 MB of tokens): the backward reads them instead
+  of recomputing them from all of D. Then each program counts itself done with the (k, b) it
+  served (an atomic counter per (k, b); f_e's programs count for every b), and the program that
+  completes a count, whichever it is, finishes that (k, b): it sums the chunks' partial logits in
+  a fixed order (the result does not depend on which program finishes), takes the softmax over K
+  and writes weights and ipt. Reads K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D (P, L2-resident);
+  writes K*B*Np*(D+K) elements and K*B*(T+Np)*H floats.
 * Backward, THREE launches:
   1. grid (K, B): dlogits = weights * (dweights - <weights, dweights>), with
      dweights[j] = <grad_ipt, P[j]>. Reads grad_ipt once (K*B*Np*D) and P (L2); writes
      K*B*Np*K floats.
   2. grid (S_D, K*S_B + S_N), S_D = ceil(D / BLOCK_DW): the MLP backward of every row and the
-     fusion gradient of P. Program (d-tile, k, group of batch rows) recomputes the hidden
-     activations of its rows of Z_P and Z (instead of saving K*B*T*H of them in the forward)
-     and writes dZ_P and dZ for its d-tile, plus its share of the weight gradients; program
-     (d-tile, group of prompts) does the same for the rows P[:, n] and adds the fusion gradient
-     sum_{k,b} weights[k, b, n, :] grad_ipt[k, b, n, d-tile], a GEMM over the K*B rows.
-     Recomputing h needs all of D, so the S_D programs of one row group each read its full rows;
-     they have adjacent program ids and run together, so DRAM serves the tokens once and L2
-     S_D times. Reads K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*Np*D (grad_ipt); writes as much
-     (dZ, dZ_P, dP), and R x C floats of partial weight gradients: one row per row group,
-     R = K*S_B (f_z) + K*S_B (f_p) + S_N (f_e), C = H*D + H + K*H + K. The number of groups
+     fusion gradient of P. Program (d-tile, k, group of batch rows) reads the saved
+     pre-activations of its rows of Z_P and Z (H floats a row; the S_D programs of a row group have
+     adjacent ids and share them through L2) and its d-tile of those rows, and writes dZ_P and dZ
+     for its d-tile, plus its share of the weight gradients; program (d-tile, group of prompts)
+     does the same for the rows P[:, n] and adds the fusion gradient
+     sum_{k,b} weights[k, b, n, :] grad_ipt[k, b, n, d-tile], a GEMM over the K*B rows. Reads
+     K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*Np*D (grad_ipt) + K*B*(T+Np)*H floats; writes as
+     many elements (dZ, dZ_P, dP), and R x C floats of partial weight gradients: one row per row
+     group, R = K*S_B (f_z) + K*S_B (f_p) + S_N (f_e), C = H*D + H + K*H + K. The number of groups
      trades parallelism against these bytes: at the target (H100, H=64, Np=10) S_D=6, S_B=7,
      R=94 rows of C=49606, 19 MB, against the 116 MB of tokens read and dZ written.
   3. grid (ceil(C / BLOCK_C), G): sums the partial rows of each parameter group in a fixed order
      (deterministic, where atomics would not be) and writes the gradients in the parameters'
      dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
      gradients are summed here rather than by autograd.
-  Allocations aside, no other torch op runs (tests check it). The gradient of tokens that need
-  none (those of a first prompt layer, from a frozen embedding) is not written.
+  Allocations aside (and zeroing the forward's K*B counters), no other torch op runs (tests
+  check it). The gradient of tokens that need none (those of a first prompt layer, from a frozen
+  embedding) is not written.
 
 Numerics. Every reduction accumulates in float32. Matrix products take their operands in the
 parameters' dtype, as ``Dispatcher`` does (``x.to(param.dtype)``): fp32 parameters with bf16
@@ -174,15 +182,15 @@ def _hidden_preact(
 
 
 @triton.jit
-def _mlp_logits(
-    x_ptrs,  # (BLOCK_R,) pointers to the first element of each row
+def _mlp_rows(
+    x_ptrs,  # (BLOCK_R,) pointers to the first element of each row, each row D contiguous
     row_mask,  # (BLOCK_R,)
+    h_ptrs,  # (BLOCK_R,) pointers to each row's H pre-activations (out, float32); unused when H = 0
     w1_ptr,  # (H, D)
     stride_w1_h,
     b1_ptr,  # (H,)
     w2_ptr,  # (K, H), or (K, D) when H = 0
     stride_w2_k,
-    b2_ptr,  # (K,)
     K,
     D,
     H,
@@ -192,15 +200,20 @@ def _mlp_logits(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """f(x) for one tile of rows: (BLOCK_R, BLOCK_K) float32."""
+    """f(x) - b2 for one tile of rows: (BLOCK_R, BLOCK_K) float32, zero in masked rows. With a
+    hidden layer it also stores the pre-activations x W1^T + b1, which the backward reads instead
+    of recomputing them from all of D."""
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     if HAS_HIDDEN:
         offs_h = tl.arange(0, BLOCK_H)
-        a = _gelu(_hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H))
+        h_mask = offs_h < H
+        h = _hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H)
+        tl.store(h_ptrs[:, None] + offs_h[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
+        a = tl.where(row_mask[:, None], _gelu(h), 0.0)
         w2t = tl.load(
             w2_ptr + offs_k[None, :] * stride_w2_k + offs_h[:, None],
-            mask=k_mask[None, :] & (offs_h[:, None] < H),
+            mask=k_mask[None, :] & h_mask[:, None],
             other=0.0,
         )  # (BLOCK_H, BLOCK_K)
         out = tl.dot(a.to(w2t.dtype), w2t, input_precision="tf32x3")
@@ -217,8 +230,7 @@ def _mlp_logits(
                 other=0.0,
             )  # (BLOCK_D, BLOCK_K)
             out = tl.dot(x.to(w2t.dtype), w2t, out, input_precision="tf32x3")
-    b2 = tl.load(b2_ptr + offs_k, mask=k_mask, other=0.0)
-    return out + b2.to(tl.float32)[None, :]
+    return out
 
 
 # Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
@@ -241,7 +253,13 @@ def _dispatch_fwd_kernel(
     w2z_ptr,  # (K, H) or (K, D)
     b2z_ptr,  # (K,)
     ipt_ptr,  # (K, B, Np, D) out, contiguous, the prompts' dtype
-    weights_ptr,  # (K, B, Np, K) out, contiguous, float32
+    weights_ptr,  # (K, B, Np, K) out, contiguous, float32; f_p's logits until a (k, b) finishes
+    hidden_e_ptr,  # (K, Np, H) out, float32: f_e's pre-activations; the three hidden_* are
+    hidden_p_ptr,  # (K, B, Np, H) out: f_p's     placeholders when HAS_HIDDEN is False, and
+    hidden_z_ptr,  # (K, B, T, H) out: f_z's      hidden_p when has_prompt_out is 0
+    logits_e_ptr,  # (K, Np, K) float32 scratch: f_e(P[k, n])
+    partials_ptr,  # (K * B, S_T, K) float32 scratch: per token chunk, the sum of f_z - b2_z
+    arrivals_ptr,  # (K * B,) int32, zero on entry: how many programs are done with (k, b)
     stride_prompts_k,
     stride_prompts_n,
     stride_tokens_k,
@@ -259,8 +277,10 @@ def _dispatch_fwd_kernel(
     B,
     K,
     Np,
+    T,
     D,
     H,
+    S_T,  # token chunks of BLOCK_T rows per (k, b): ceil(max_k (end_k - start_k) / BLOCK_T)
     has_prompt_out,  # 0 or 1, a run-time switch: one compiled variant serves both cases
     HAS_HIDDEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -269,95 +289,106 @@ def _dispatch_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Program (k, b): the weights and ipt of expert k, batch row b, all Np prompts."""
-    pid_k = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    """Three roles by program id: [0, K) f_e over the prompts P[k]; the next K * B (with
+    prompt_out) f_p over Z_P[k, b]; then K * B * S_T token chunks (k, b, s), each f_z over BLOCK_T
+    tokens. Each stores its logits (or their sum over its tokens), then counts itself done with
+    the (k, b) it served (f_e: every b). The program that completes the count of a (k, b), whichever
+    it is, finishes it: softmax over the K experts and the mixture of the EPTs."""
+    pid = tl.program_id(0)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    start = tl.load(tok_range_ptr + 2 * pid_k)
-    end = tl.load(tok_range_ptr + 2 * pid_k + 1)
-    count = (end - start).to(tl.float32)
-    tok_base = tokens_ptr + pid_k * stride_tokens_k + pid_b * stride_tokens_b
-
-    # 1. mean_t f_z(Z[k, b, t]): the only pass over the tokens.
-    if HAS_HIDDEN:
-        # f is affine after the GELU, so the mean commutes with W2: sum the activations (H
-        # floats) over tokens and apply the second layer once.
-        a_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + offs_t
-            t_mask = t < end
-            h = _hidden_preact(
-                tok_base + t * stride_tokens_t, t_mask, w1z_ptr, stride_w1z_h, b1z_ptr, D, H, BLOCK_T, BLOCK_D, BLOCK_H
-            )
-            a_sum += tl.sum(tl.where(t_mask[:, None], _gelu(h), 0.0), axis=0)
-        offs_h = tl.arange(0, BLOCK_H)
-        w2 = tl.load(
-            w2z_ptr + offs_k[:, None] * stride_w2z_k + offs_h[None, :],
-            mask=k_mask[:, None] & (offs_h[None, :] < H),
-            other=0.0,
-        ).to(tl.float32)
-        token_logits = tl.sum(w2 * a_sum[None, :], axis=1) / count
-    else:
-        # f is affine: the mean of f is f of the mean token, summed one D-chunk at a time.
-        token_logits = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            x_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for t0 in range(start, end, BLOCK_T):
-                t = t0 + offs_t
-                x = tl.load(
-                    tok_base + t[:, None] * stride_tokens_t + d[None, :],
-                    mask=(t[:, None] < end) & d_mask[None, :],
-                    other=0.0,
-                )
-                x_sum += tl.sum(x.to(tl.float32), axis=0)
-            w2 = tl.load(
-                w2z_ptr + offs_k[:, None] * stride_w2z_k + d[None, :],
-                mask=k_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            token_logits += tl.sum(w2 * x_sum[None, :], axis=1)
-        token_logits = token_logits / count
-    token_logits += tl.load(b2z_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-
-    # 2. Per tile of prompts: logits, softmax over the K experts, and the mixture of the EPTs.
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(0, Np, BLOCK_N):
-        n = n0 + offs_n
-        n_mask = n < Np
-        logits = token_logits[None, :] + _mlp_logits(
-            prompts_ptr + pid_k * stride_prompts_k + n * stride_prompts_n,
-            n_mask,
-            w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k, b2e_ptr,
-            K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
-        )
-        if has_prompt_out:
-            logits += _mlp_logits(
-                prompt_out_ptr + pid_k * stride_prompt_out_k + pid_b * stride_prompt_out_b + n * stride_prompt_out_n,
-                n_mask,
-                w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k, b2p_ptr,
+    p_programs = K * B * has_prompt_out
+    if pid < K:
+        k = pid
+        for n0 in range(0, Np, BLOCK_N):
+            n = n0 + offs_n
+            n_mask = n < Np
+            logits = _mlp_rows(
+                prompts_ptr + k * stride_prompts_k + n * stride_prompts_n, n_mask, hidden_e_ptr + (k * Np + n) * H,
+                w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k,
                 K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
-            )
-        logits = tl.where(k_mask[None, :], logits, float("-inf"))
-        w = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        w = w / tl.sum(w, axis=1)[:, None]
-        row = (pid_k * B + pid_b) * Np + n  # (BLOCK_N,) row of (K, B, Np)
-        tl.store(weights_ptr + row[:, None] * K + offs_k[None, :], w, mask=n_mask[:, None] & k_mask[None, :])
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            mask = n_mask[:, None] & (d[None, :] < D)
-            acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            for j in range(K):
-                w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
-                p_j = tl.load(
-                    prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :], mask=mask, other=0.0
+            ) + tl.load(b2e_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
+        b_lo = pid * 0
+        b_hi = b_lo + B
+    elif pid < K + p_programs:
+        kb = pid - K
+        k = kb // B
+        b_lo = kb % B
+        b_hi = b_lo + 1
+        for n0 in range(0, Np, BLOCK_N):
+            n = n0 + offs_n
+            n_mask = n < Np
+            logits = _mlp_rows(
+                prompt_out_ptr + k * stride_prompt_out_k + b_lo * stride_prompt_out_b + n * stride_prompt_out_n,
+                n_mask, hidden_p_ptr + (kb * Np + n) * H,
+                w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
+                K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
+            ) + tl.load(b2p_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(weights_ptr + (kb * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
+    else:
+        chunk = pid - K - p_programs
+        s = chunk % S_T
+        kb = chunk // S_T
+        k = kb // B
+        b_lo = kb % B
+        b_hi = b_lo + 1
+        end = tl.load(tok_range_ptr + 2 * k + 1)
+        t = tl.load(tok_range_ptr + 2 * k) + s * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = t < end
+        out = _mlp_rows(
+            tokens_ptr + k * stride_tokens_k + b_lo * stride_tokens_b + t * stride_tokens_t, t_mask,
+            hidden_z_ptr + (kb * T + t) * H,
+            w1z_ptr, stride_w1z_h, b1z_ptr, w2z_ptr, stride_w2z_k,
+            K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_K,
+        )
+        tl.store(partials_ptr + (kb * S_T + s) * K + offs_k, tl.sum(out, axis=0), mask=k_mask)
+
+    # Count in. The barrier orders every thread's stores above before the release of the count;
+    # the finishing program reads what the others stored with .cg loads (from L2, past its SM's L1).
+    tl.debug_barrier()
+    for b in range(b_lo, b_hi):
+        kb = k * B + b
+        done_before = tl.atomic_add(arrivals_ptr + kb, 1, sem="acq_rel")
+        if done_before == S_T + has_prompt_out:  # the others: f_e, f_p and the S_T token chunks
+            start = tl.load(tok_range_ptr + 2 * k)
+            end = tl.load(tok_range_ptr + 2 * k + 1)
+            token_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for c in range(0, S_T):  # in a fixed order, so the logits are reproducible
+                token_sum += tl.load(partials_ptr + (kb * S_T + c) * K + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg")
+            token_logits = token_sum / (end - start).to(tl.float32)
+            token_logits += tl.load(b2z_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            for n0 in range(0, Np, BLOCK_N):
+                n = n0 + offs_n
+                n_mask = n < Np
+                mask_nk = n_mask[:, None] & k_mask[None, :]
+                logits = token_logits[None, :] + tl.load(
+                    logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], mask=mask_nk, other=0.0, cache_modifier=".cg"
                 )
-                acc += w_j[:, None] * p_j.to(tl.float32)
-            tl.store(ipt_ptr + row[:, None] * D + d[None, :], acc.to(ipt_ptr.dtype.element_ty), mask=mask)
+                row = kb * Np + n  # (BLOCK_N,) row of (K, B, Np)
+                if has_prompt_out:
+                    logits += tl.load(
+                        weights_ptr + row[:, None] * K + offs_k[None, :], mask=mask_nk, other=0.0, cache_modifier=".cg"
+                    )
+                logits = tl.where(k_mask[None, :], logits, float("-inf"))
+                w = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+                w = w / tl.sum(w, axis=1)[:, None]
+                tl.store(weights_ptr + row[:, None] * K + offs_k[None, :], w, mask=mask_nk)
+                offs_d = tl.arange(0, BLOCK_D)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + offs_d
+                    mask = n_mask[:, None] & (d[None, :] < D)
+                    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+                    for j in range(K):
+                        w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
+                        p_j = tl.load(
+                            prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :],
+                            mask=mask,
+                            other=0.0,
+                        )
+                        acc += w_j[:, None] * p_j.to(tl.float32)
+                    tl.store(ipt_ptr + row[:, None] * D + d[None, :], acc.to(ipt_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -427,12 +458,12 @@ def _grad_accumulators(
 @triton.jit
 def _mlp_bwd_tile(
     x_ptrs,  # (BLOCK_R,) pointers to the first element of each row
+    h_ptrs,  # (BLOCK_R,) pointers to each row's H pre-activations, as the forward stored them
     row_mask,  # (BLOCK_R,)
     dl,  # (BLOCK_R, BLOCK_K) float32 dL/d f(x), zero in masked rows and columns
     offs_dw,  # (BLOCK_DW,) the columns of x this program owns
     w1_ptr,  # (H, D)
     stride_w1_h,
-    b1_ptr,  # (H,)
     w2_ptr,  # (K, H), or (K, D) when H = 0
     stride_w2_k,
     acc_w1,  # (BLOCK_H, BLOCK_DW) float32
@@ -444,7 +475,6 @@ def _mlp_bwd_tile(
     H,
     HAS_HIDDEN: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -458,8 +488,7 @@ def _mlp_bwd_tile(
     if HAS_HIDDEN:
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        # Recompute the pre-activations from all of D (cheaper than storing K*B*T*H of them).
-        h = _hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H)
+        h = tl.load(h_ptrs[:, None] + offs_h[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
         w2 = tl.load(
             w2_ptr + offs_k[:, None] * stride_w2_k + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0
         )  # (BLOCK_K, BLOCK_H)
@@ -540,14 +569,14 @@ def _dispatch_bwd_kernel(
     grad_ipt_ptr,  # (K, B, Np, D) dL/d ipt, any strides
     weights_ptr,  # (K, B, Np, K) float32, contiguous
     dlogits_ptr,  # (K, B, Np, K) float32, contiguous, from _dispatch_bwd_softmax_kernel
-    w1e_ptr,  # (H, D) f_e; W1 and b1 are placeholders when HAS_HIDDEN is False
-    b1e_ptr,  # (H,)
+    hidden_e_ptr,  # (K, Np, H) float32: the pre-activations the forward stored; the three are
+    hidden_p_ptr,  # (K, B, Np, H)    placeholders when HAS_HIDDEN is False, and hidden_p
+    hidden_z_ptr,  # (K, B, T, H)     when has_prompt_out is 0
+    w1e_ptr,  # (H, D) f_e; W1 is a placeholder when HAS_HIDDEN is False
     w2e_ptr,  # (K, H), or (K, D) when H = 0
     w1p_ptr,  # (H, D) f_p
-    b1p_ptr,  # (H,)
     w2p_ptr,  # (K, H) or (K, D)
     w1z_ptr,  # (H, D) f_z
-    b1z_ptr,  # (H,)
     w2z_ptr,  # (K, H) or (K, D)
     grad_prompts_ptr,  # (K, Np, D) out, contiguous, the prompts' dtype
     grad_tokens_ptr,  # (K, B, T, D) out, contiguous, the tokens' dtype; a placeholder unless need_grad_tokens
@@ -588,7 +617,6 @@ def _dispatch_bwd_kernel(
     HAS_HIDDEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     BLOCK_DW: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -622,10 +650,10 @@ def _dispatch_bwd_kernel(
                     )
                     dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
                         prompt_out_ptr + k * stride_prompt_out_k + b * stride_prompt_out_b + n * stride_prompt_out_n,
-                        n_mask, dl, offs_dw,
-                        w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
+                        hidden_p_ptr + row * H, n_mask, dl, offs_dw,
+                        w1p_ptr, stride_w1p_h, w2p_ptr, stride_w2p_k,
                         acc_w1, acc_b1, acc_w2, acc_b2,
-                        K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
+                        K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_H, BLOCK_K,
                     )
                     tl.store(
                         grad_prompt_out_ptr + row[:, None] * D + offs_dw[None, :],
@@ -660,10 +688,10 @@ def _dispatch_bwd_kernel(
                 t_mask = t < end
                 dl = tl.where(t_mask[:, None], dl_token[None, :], 0.0)
                 dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
-                    tok_base + t * stride_tokens_t, t_mask, dl, offs_dw,
-                    w1z_ptr, stride_w1z_h, b1z_ptr, w2z_ptr, stride_w2z_k,
+                    tok_base + t * stride_tokens_t, hidden_z_ptr + ((k * B + b) * T + t) * H, t_mask, dl, offs_dw,
+                    w1z_ptr, stride_w1z_h, w2z_ptr, stride_w2z_k,
                     acc_w1, acc_b1, acc_w2, acc_b2,
-                    K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_K,
+                    K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H, BLOCK_K,
                 )
                 if need_grad_tokens:
                     tl.store(
@@ -703,10 +731,11 @@ def _dispatch_bwd_kernel(
                     dlogits_ptr + row[:, None] * K + offs_k[None, :], mask=k_mask[:, None] & k_mask[None, :], other=0.0
                 )
             dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
-                prompts_ptr + offs_k * stride_prompts_k + n * stride_prompts_n, k_mask, dl, offs_dw,
-                w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k,
+                prompts_ptr + offs_k * stride_prompts_k + n * stride_prompts_n, hidden_e_ptr + (offs_k * Np + n) * H,
+                k_mask, dl, offs_dw,
+                w1e_ptr, stride_w1e_h, w2e_ptr, stride_w2e_k,
                 acc_w1, acc_b1, acc_w2, acc_b2,
-                K, D, H, HAS_HIDDEN, BLOCK_K, BLOCK_D, BLOCK_H, BLOCK_K,
+                K, D, H, HAS_HIDDEN, BLOCK_K, BLOCK_H, BLOCK_K,
             )
             # Fusion: dP[j, n, :] += sum_{k,b} weights[k, b, n, j] grad_ipt[k, b, n, :], a GEMM
             # (BLOCK_K x K*B) @ (K*B x BLOCK_DW) over the rows of prompt n. In float32, as the
@@ -779,10 +808,14 @@ def _dispatch_bwd_reduce_kernel(
 MAX_EXPERTS = 16  # K: the logits tile is BLOCK_K = 16 wide, the minimum tl.dot takes
 MAX_HIDDEN = 128  # H: BLOCK_H is 64 or 128; each wider one is one more variant per dtype to build
 BLOCK_ENV = "PMOE_TRITON_BLOCKS"
-# Measured on an H100 (benchmarks/results/triton_tuning_h100.txt, K=6, B=32, T=197, D=768, H=64,
-# bf16 tokens): the main backward kernel with 4 warps beats 8 by 1.2x at Np=50 and 10, though it
-# spills more; the forward with 8 warps, which spills less, is 1.7x slower than with 4.
-_NUM_WARPS = {"fwd": 4, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
+# The forward with 4 warps: on an H100 (benchmarks/results/triton_tuning_h100.txt, K=6, B=32,
+# T=197, D=768, H=64, bf16 tokens), the forward of one program per (k, b) was 1.7x slower with 8.
+# The main backward with 8 warps and two pipeline stages: with its saved pre-activations, that is
+# what keeps ptxas' spills under 0.6 KB a thread and shared memory under 114 KB, two programs an
+# SM, at fp32 parameters (benchmarks/results/triton_sm90_resources.txt); 4 warps spill 6 KB, three
+# stages take 139 KB. Not yet timed on a GPU.
+_NUM_WARPS = {"fwd": 4, "bwd_softmax": 4, "bwd": 8, "bwd_reduce": 4}
+_NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
 
 
 def _hidden_blocks(H: int) -> int:
@@ -795,9 +828,11 @@ def _hidden_blocks(H: int) -> int:
 def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> dict[str, int]:
     """Block sizes and work split for one shape, without autotuning."""
     block_h = _hidden_blocks(H)
-    # Registers of the backward: dW1's accumulator (BLOCK_H x BLOCK_DW) stays at 8192 floats,
-    # 64 a thread at 4 warps, beside the hidden tile (BLOCK_T=32 x BLOCK_H).
-    block_dw = 8192 // max(block_h, 64)
+    # Registers of the backward: dW1's accumulator (BLOCK_H x BLOCK_DW) and the W1 tile at 4096
+    # floats each, 16 a thread at 8 warps, beside the hidden tiles (BLOCK_T x BLOCK_H) and their
+    # tf32x3 halves; BLOCK_H = 128 takes a narrower d-tile and half the rows.
+    block_dw = 4096 // max(block_h, 64)
+    block_t = 32 if block_h <= 64 else 16
     # The W1 tile (BLOCK_D x BLOCK_H) of the D loop is pipelined through shared memory, three
     # stages deep: 4096 elements a stage (16 KB in fp32) keep every variant at 74 KB of shared
     # memory or less on sm_90 (BLOCK_D=64 with BLOCK_H=128 and fp32 parameters took 122 KB).
@@ -814,7 +849,8 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         # tests cover the partial-gradient reduction.
         b_groups, n_groups = min(B, 2), min(Np, 2)
     return {
-        "BLOCK_T": 32,
+        "BLOCK_T_FWD": 64,
+        "BLOCK_T": block_t,
         "BLOCK_N": 16,
         "BLOCK_D": block_d,
         "BLOCK_DW": block_dw,
@@ -903,31 +939,49 @@ def _param_pointers(params: Params):
 
 
 def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z):
-    """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype and weights (K, B, Np, K) float32."""
+    """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype, weights (K, B, Np, K) float32,
+    and the pre-activations the backward needs, (hidden_e (K, Np, H), hidden_p (K, B, Np, H) or
+    None, hidden_z (K, B, T, H)) float32, or None without a hidden layer."""
     H = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
     K, Np, D = prompts.shape
-    B = tokens.shape[1]
-    blocks = dispatch_blocks(K, B, Np, D, H, prompts.device)
-    ipt = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=prompts.device)
-    weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=prompts.device)
+    B, T = tokens.shape[1:3]
+    device = prompts.device
+    blocks = dispatch_blocks(K, B, Np, D, H, device)
     has_prompt_out = prompt_out is not None
+    chunks = triton.cdiv(max(e - s for s, e in zip(tok_start, tok_end)), blocks["BLOCK_T_FWD"])
+    ipt = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
+    weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
+    placeholder = torch.empty(0, dtype=torch.float32, device=device)
+    hidden = None
+    if H:
+        hidden_p = torch.empty((K, B, Np, H), dtype=torch.float32, device=device) if has_prompt_out else None
+        hidden = (
+            torch.empty((K, Np, H), dtype=torch.float32, device=device),
+            hidden_p,
+            torch.empty((K, B, T, H), dtype=torch.float32, device=device),
+        )
+    logits_e = torch.empty((K, Np, K), dtype=torch.float32, device=device)
+    partials = torch.empty((K * B, chunks, K), dtype=torch.float32, device=device)
+    arrivals = torch.zeros(K * B, dtype=torch.int32, device=device)
     pout = prompt_out if has_prompt_out else tokens
     pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
     ptrs_e, strides_e = _param_pointers(params_e)
     ptrs_p, strides_p = _param_pointers(params_p)
     ptrs_z, strides_z = _param_pointers(params_z)
-    _dispatch_fwd_kernel[(K, B)](
-        prompts, tokens, pout, _token_ranges(tok_start, tok_end, prompts.device),
+    grid = (K + K * B * int(has_prompt_out) + K * B * chunks,)
+    _dispatch_fwd_kernel[grid](
+        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
-        ipt, weights,
+        ipt, weights, *(placeholder if h is None else h for h in (hidden or (None,) * 3)),
+        logits_e, partials, arrivals,
         *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides,
         *strides_e, *strides_p, *strides_z,
-        B, K, Np, D, H,
+        B, K, Np, T, D, H, chunks,
         int(has_prompt_out), HAS_HIDDEN=H > 0,
-        BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
-        BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, num_warps=_NUM_WARPS["fwd"],
+        BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
+        BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, num_warps=_NUM_WARPS["fwd"], num_stages=_NUM_STAGES["fwd"],
     )
-    return ipt, weights
+    return ipt, weights, hidden
 
 
 def _param_groups(sources: list[tuple[str, Params]]) -> dict[str, int]:
@@ -943,10 +997,10 @@ def _param_groups(sources: list[tuple[str, Params]]) -> dict[str, int]:
 
 
 def dispatch_bwd(
-    grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights, params_e, params_p, params_z,
+    grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights, hidden, params_e, params_p, params_z,
     need_grad_tokens: bool = True,
 ):
-    """Three launches. Returns (dprompts, dtokens or None, dprompt_out or None, grads_e, grads_p,
+    """Three launches; ``weights`` and ``hidden`` as dispatch_fwd returned them. Returns (dprompts, dtokens or None, dprompt_out or None, grads_e, grads_p,
     grads_z), each grads_s a (dW1, db1, dW2, db2) tuple, or None for a source that shares its
     parameters with an earlier one (its gradient is in the earlier one's) or that did not run
     (f_p without prompt_out). ``need_grad_tokens=False`` skips dZ, the largest write: the tokens
@@ -964,7 +1018,8 @@ def dispatch_bwd(
         grad_ipt, prompts, weights, dlogits,
         *grad_ipt.stride(), *prompts.stride()[:2],
         B, K, Np, D,
-        BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16, num_warps=_NUM_WARPS["bwd_softmax"],
+        BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16,
+        num_warps=_NUM_WARPS["bwd_softmax"], num_stages=_NUM_STAGES["bwd_softmax"],
     )
 
     b_groups = triton.cdiv(B, blocks["B_PER_PROG"])
@@ -979,22 +1034,24 @@ def dispatch_bwd(
     grad_prompt_out = torch.empty((K, B, Np, D), dtype=prompt_out.dtype, device=device) if has_prompt_out else None
     pout = prompt_out if has_prompt_out else tokens
     pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
-    (w1e, b1e, w2e), strides_e = _param_pointers(params_e)
-    (w1p, b1p, w2p), strides_p = _param_pointers(params_p)
-    (w1z, b1z, w2z), strides_z = _param_pointers(params_z)
+    (w1e, _, w2e), strides_e = _param_pointers(params_e)
+    (w1p, _, w2p), strides_p = _param_pointers(params_p)
+    (w1z, _, w2z), strides_z = _param_pointers(params_z)
+    no_hidden = torch.empty(0, dtype=torch.float32, device=device)
+    hidden = [no_hidden if h is None else h for h in (hidden or (None,) * 3)]
     grid = (triton.cdiv(D, blocks["BLOCK_DW"]), K * b_groups + n_groups)
     _dispatch_bwd_kernel[grid](
-        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits,
-        w1e, b1e, w2e, w1p, b1p, w2p, w1z, b1z, w2z,
+        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *hidden,
+        w1e, w2e, w1p, w2p, w1z, w2z,
         grad_prompts, placeholder if grad_tokens is None else grad_tokens,
         placeholder if grad_prompt_out is None else grad_prompt_out, partials,
         *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides, *grad_ipt.stride(),
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, C, blocks["B_PER_PROG"], blocks["N_PER_PROG"], row_p0, row_z0, row_e0,
         int(has_prompt_out), int(need_grad_tokens), HAS_HIDDEN=H > 0,
-        BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
+        BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"],
         BLOCK_DW=blocks["BLOCK_DW"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, BLOCK_KB=blocks["BLOCK_KB"],
-        num_warps=_NUM_WARPS["bwd"],
+        num_warps=_NUM_WARPS["bwd"], num_stages=_NUM_STAGES["bwd"],
     )
 
     def unpack(row: torch.Tensor) -> tuple:
@@ -1022,7 +1079,7 @@ def reduce_param_grads(partials, C: int, dtype, sources, row_ranges, blocks, unp
     _dispatch_bwd_reduce_kernel[(triton.cdiv(C, blocks["BLOCK_C"]), num_groups)](
         partials, out, C, *rows[0], *rows[1], *rows[2],
         groups["e"], groups.get("p", -1), groups["z"],
-        BLOCK_C=blocks["BLOCK_C"], num_warps=_NUM_WARPS["bwd_reduce"],
+        BLOCK_C=blocks["BLOCK_C"], num_warps=_NUM_WARPS["bwd_reduce"], num_stages=_NUM_STAGES["bwd_reduce"],
     )
     grads, seen = {}, set()
     for name, _ in sources:
@@ -1047,11 +1104,11 @@ class FusedDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prompts, tokens, tok_start, tok_end, prompt_out, *params):
         params_e, params_p, params_z = params[0:4], params[4:8], params[8:12]
-        ipt, weights = dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
+        ipt, weights, hidden = dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
         ctx.mark_non_differentiable(weights)
         # No zero-filled gradient for weights: it would be one more launch, and unused.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(prompts, tokens, prompt_out, weights, *params)
+        ctx.save_for_backward(prompts, tokens, prompt_out, weights, *(hidden or (None,) * 3), *params)
         ctx.tok_range = (tuple(tok_start), tuple(tok_end))
         return ipt, weights
 
@@ -1059,9 +1116,10 @@ class FusedDispatch(torch.autograd.Function):
     def backward(ctx, grad_ipt, _grad_weights):
         if grad_ipt is None:
             return (None,) * (5 + 12)
-        prompts, tokens, prompt_out, weights, *params = ctx.saved_tensors
+        prompts, tokens, prompt_out, weights, *saved = ctx.saved_tensors
+        hidden, params = saved[:3], saved[3:]
         grad_prompts, grad_tokens, grad_prompt_out, grads_e, grads_p, grads_z = dispatch_bwd(
-            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, weights,
+            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, weights, None if hidden[0] is None else hidden,
             tuple(params[0:4]), tuple(params[4:8]), tuple(params[8:12]), need_grad_tokens=ctx.needs_input_grad[1],
         )
         none = (None,) * 4
@@ -1167,11 +1225,12 @@ _POINTER_DTYPES = {
     "w1z_ptr": "param", "b1z_ptr": "param", "w2z_ptr": "param", "b2z_ptr": "param",
     "ipt_ptr": "param", "weights_ptr": "fp32", "grad_ipt_ptr": "param", "dlogits_ptr": "fp32",
     "grad_prompts_ptr": "param", "grad_tokens_ptr": "act", "grad_prompt_out_ptr": "act",
-    "partials_ptr": "fp32", "out_ptr": "param",
+    "partials_ptr": "fp32", "out_ptr": "param", "hidden_e_ptr": "fp32", "hidden_p_ptr": "fp32",
+    "hidden_z_ptr": "fp32", "logits_e_ptr": "fp32", "arrivals_ptr": "i32",
 }
 
 
-def _variant(kernel, name: str, param: str, act: str, num_warps: int, **constexprs) -> dict:
+def _variant(kernel, name: str, param: str, act: str, num_warps: int, num_stages: int, **constexprs) -> dict:
     """One compiled variant: the signature ASTSource takes (pointers typed, every other
     non-constexpr argument an i32) and the constexpr values."""
     dtypes = {"param": param, "act": act}
@@ -1189,12 +1248,13 @@ def _variant(kernel, name: str, param: str, act: str, num_warps: int, **constexp
         "signature": signature,
         "constexprs": constexprs,
         "num_warps": num_warps,
+        "num_stages": num_stages,
     }
 
 
 def _kernel_variants() -> list[dict]:
     """Every (kernel, constexprs, dtype signature) the launchers produce on a GPU with the default
-    block sizes: BLOCK_H (and with it BLOCK_T and BLOCK_DW) takes one of three values (H = 0,
+    block sizes: BLOCK_H (and with it BLOCK_T, BLOCK_D and BLOCK_DW) takes one of three values (H = 0,
     H <= 64, H <= 128), the dtypes one of DTYPE_SIGNATURES; BLOCK_K, BLOCK_N, BLOCK_D,
     BLOCK_KB and BLOCK_C are fixed, and prompt_out is a run-time switch. Triton specialises
     integer arguments further at run time (a value of 1 becomes a constant, multiples of 16 an
@@ -1204,24 +1264,25 @@ def _kernel_variants() -> list[dict]:
         for H in (0, 64, 128):
             # K, B, Np and D do not change the constexprs (BLOCK_K is always 16).
             b = default_blocks(K=6, B=32, Np=16, D=768, H=H, device=torch.device("cpu"))
-            common = dict(HAS_HIDDEN=H > 0, BLOCK_T=b["BLOCK_T"], BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"])
             found = [
                 _variant(
-                    _dispatch_fwd_kernel, "fwd", param, act, _NUM_WARPS["fwd"],
-                    **common, BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
+                    _dispatch_fwd_kernel, "fwd", param, act, _NUM_WARPS["fwd"], _NUM_STAGES["fwd"], HAS_HIDDEN=H > 0,
+                    BLOCK_T=b["BLOCK_T_FWD"], BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
                 ),
                 _variant(
-                    _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"],
-                    **common, BLOCK_DW=b["BLOCK_DW"], BLOCK_H=b["BLOCK_H"], BLOCK_K=16, BLOCK_KB=b["BLOCK_KB"],
+                    _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], HAS_HIDDEN=H > 0,
+                    BLOCK_T=b["BLOCK_T"], BLOCK_N=b["BLOCK_N"], BLOCK_DW=b["BLOCK_DW"], BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
+                    BLOCK_KB=b["BLOCK_KB"],
                 ),
             ]
             # These two see no activations: the fp32-parameter signatures share one variant.
             found.append(_variant(
-                _dispatch_bwd_softmax_kernel, "bwd_softmax", param, param, _NUM_WARPS["bwd_softmax"],
+                _dispatch_bwd_softmax_kernel, "bwd_softmax", param, param, _NUM_WARPS["bwd_softmax"], _NUM_STAGES["bwd_softmax"],
                 BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_K=16,
             ))
             found.append(_variant(
-                _dispatch_bwd_reduce_kernel, "bwd_reduce", param, param, _NUM_WARPS["bwd_reduce"], BLOCK_C=b["BLOCK_C"]
+                _dispatch_bwd_reduce_kernel, "bwd_reduce", param, param, _NUM_WARPS["bwd_reduce"], _NUM_STAGES["bwd_reduce"],
+                BLOCK_C=b["BLOCK_C"]
             ))
             variants.update((v["name"], v) for v in found)
     return list(variants.values())

@@ -966,6 +966,10 @@ def default_moe_blocks(K: int, B: int, Np: int, D: int, H: int, M: int, device: 
     """kernels/dispatch.py's block sizes for the same H (one MLP of the mixture is one MLP of kind
     "mlp"), with the work split of the backward recounted for its M + 1 roles."""
     blocks = kd.default_blocks(K, B, Np, D, H, device)
+    # This backward recomputes the hidden layer from all of D once per d-tile: it takes wider
+    # d-tiles than kind "mlp", whose backward reads the pre-activations its forward saved.
+    blocks["BLOCK_DW"] = 8192 // max(blocks["BLOCK_H"], 64)
+    blocks["BLOCK_T"] = 32
     d_tiles = triton.cdiv(D, blocks["BLOCK_DW"])
     if device.type == "cuda":
         # Two programs per SM, as kind "mlp"; each row group already has (M + 1) * S_D programs.
@@ -1288,6 +1292,7 @@ def _variant(kernel, name: str, param: str, act: str, num_warps: int, **constexp
         "signature": signature,
         "constexprs": constexprs,
         "num_warps": num_warps,
+        "num_stages": 3,  # Triton's default: the launches set none
     }
 
 

@@ -45,7 +45,8 @@ values (one (R, 2D) tensor, replacing qkv) cover every row, the rest the class t
 The linear layers keep nothing of their own: their weights are frozen, so autograd keeps only
 what the input's gradient needs (the weight). Each dispatcher keeps the tokens it averaged
 (a view of the previous block's output for the fused kernels; an fp32 copy, with f's hidden
-activations, for the torch backend), its prompt-output rows and its (K, B, Np, K) weights.
+activations, for the torch backend), its prompt-output rows and its (K, B, Np, K) weights; the
+fused kernels also keep f's fp32 pre-activations (K, B, T, H) of the tokens.
 
 The peak is the largest of four moments, each counted tensor by tensor (``_estimate``):
 - the forward's last block, once its MLP has run: all that is kept so far, plus the locals of the
@@ -622,6 +623,11 @@ def _dispatch_saved(s: _Setup, layer: int) -> dict:
         if s.backend in ("cpp", "cuda"):  # z_act (K, B, T, H) and z_mean (K, B, H or D)
             saved[("z_act", layer)] = s.size(rows * d.hidden, 4)
             saved[("z_mean", layer)] = s.size(K * B * (d.hidden or D), 4)
+        if s.backend == "triton" and d.kind == "mlp" and d.hidden:  # f's pre-activations of every row
+            saved[("hidden_z", layer)] = s.size(rows * d.hidden, 4)
+            saved[("hidden_e", layer)] = s.size(K * Np * d.hidden, 4)
+            if layer > 0:
+                saved[("hidden_p", layer)] = s.size(K * B * Np * d.hidden, 4)
         if s.backend == "triton" and d.kind == "moe":  # router gates of every row
             M = d.num_dispatch_experts
             saved[("gates_z", layer)] = s.size(rows * M, 4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -61,7 +62,8 @@ CASES = {
     "linear-fp16": Case(H=0, dtype=torch.float16),
     "layer0": Case(prompt_out=False, shared=False),
     "K1-B1": Case(K=1, B=1, T=9),
-    "patches": Case(starts=(1, 5, 0), ends=(37, 37, 30), shared=False),
+    # Token chunks of 16: experts 1 and 2 have fewer chunks than expert 0, their last one empty.
+    "patches": Case(starts=(1, 5, 0), ends=(37, 37, 30), shared=False, blocks="BLOCK_T_FWD=16"),
     # Logits in the thousands: the softmax saturates (its gradients underflow to zero in fp32,
     # as in PyTorch), and must stay finite.
     "large-logits": Case(w2_scale=1e3),
@@ -70,10 +72,11 @@ CASES = {
     "hidden-128": Case(H=100, K=2, T=20),
     "small-tiles": Case(
         Np=20, B=3, D=48, shared=False,
-        blocks="BLOCK_T=16,BLOCK_N=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=1,N_PER_PROG=3",
+        blocks="BLOCK_T_FWD=16,BLOCK_T=16,BLOCK_N=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=1,N_PER_PROG=3",
     ),
     "small-tiles-linear": Case(
-        H=0, Np=20, B=3, D=48, blocks="BLOCK_T=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=2,N_PER_PROG=7"
+        H=0, Np=20, B=3, D=48,
+        blocks="BLOCK_T_FWD=16,BLOCK_T=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=2,N_PER_PROG=7",
     ),
 }
 if DEVICE.type == "cuda":
@@ -208,6 +211,36 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not kd._INTERPRETED, reason="programs run in the hardware's order on a GPU; the interpreter's can be set")
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_any_program_may_finish_the_forward(order, monkeypatch):
+    """The program that completes the count of a (k, b) finishes it. In the interpreter's order
+    that is always a token chunk; reversed, the f_e programs run last and finish every (k, b) of
+    their expert; shuffled, every role finishes some. Results must not change, bit for bit."""
+    from triton.runtime import interpreter
+
+    case = CASES["small-tiles"]
+    monkeypatch.setenv(kd.BLOCK_ENV, case.blocks)
+    inputs = make_inputs(case)
+    leaves = [t.to(DEVICE) for t in inputs["leaves"]]
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
+    natural = run(kd.fused_dispatch, inputs, leaves, grad_ipt)
+
+    builder = interpreter.interpreter_builder
+    set_grid_idx = builder.set_grid_idx
+
+    def permuted(x, y, z):
+        n = builder.grid_dim[0]
+        order_x = list(range(n))[::-1] if order == "reversed" else random.Random(n).sample(range(n), n)
+        set_grid_idx(order_x[x], y, z)
+
+    monkeypatch.setattr(builder, "set_grid_idx", permuted)
+    reordered = run(kd.fused_dispatch, inputs, leaves, grad_ipt)
+    assert torch.equal(natural[0], reordered[0]) and torch.equal(natural[1], reordered[1])
+    for a, b in zip(natural[2], reordered[2]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def module_params(disp: Dispatcher, source: str):
     owner = getattr(disp, source) if disp.separate_mlps else disp
     fc1 = (owner.fc1.weight, owner.fc1.bias) if disp.hidden else (None, None)
@@ -316,21 +349,24 @@ def test_reasons_dtypes_and_sizes():
 
 
 def _call_signature(kernel, args, kwargs):
-    """(kernel name, signature, constexprs, num_warps) of one launch, in KERNEL_VARIANTS' terms."""
+    """(kernel name, signature, constexprs, num_warps, num_stages) of one launch, in KERNEL_VARIANTS'
+    terms (Triton's default num_stages, 3, where a launch sets none)."""
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
     signature = {}
     for arg, value in zip(kernel.arg_names, args):
         signature[arg] = "*" + names[value.dtype] if isinstance(value, torch.Tensor) else "i32"
-    constexprs = {k: v for k, v in kwargs.items() if k != "num_warps"}
+    constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
     signature.update({k: "constexpr" for k in constexprs})
-    return kernel.__name__, signature, constexprs, kwargs["num_warps"]
+    return kernel.__name__, signature, constexprs, kwargs["num_warps"], kwargs.get("num_stages", 3)
 
 
 class WorkLog(TorchDispatchMode):
-    """The torch ops that do work (beyond allocating and viewing) while it is active."""
+    """The torch ops that do work (beyond allocating and viewing) while it is active. The
+    forward's zeroed arrival counters (K * B ints, a memset) count as an allocation."""
 
     FREE = {
-        "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor", "aten.select.int"
+        "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor", "aten.select.int",
+        "aten.zeros.default",
     }
 
     def __init__(self):
@@ -374,7 +410,9 @@ def test_one_launch_forward_three_backward_all_listed_variants(case, monkeypatch
         torch.autograd.grad(ipt, leaves, torch.empty_like(ipt), allow_unused=True)
     assert work.ops == []
     assert [launch[0] for launch in launches] == list(kernels)
-    listed = [(v["kernel"].__name__, v["signature"], v["constexprs"], v["num_warps"]) for v in kd.KERNEL_VARIANTS]
+    listed = [
+        (v["kernel"].__name__, v["signature"], v["constexprs"], v["num_warps"], v["num_stages"]) for v in kd.KERNEL_VARIANTS
+    ]
     for launch in launches:
         assert launch in listed, f"{launch[0]} launched with a variant KERNEL_VARIANTS does not list: {launch[2]}"
 
@@ -396,7 +434,7 @@ COMPILE_SCRIPT = textwrap.dedent(
             compiled = triton.compile(
                 ASTSource(v["kernel"], v["signature"], v["constexprs"]),
                 target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": v["num_warps"]},
+                options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
             )
         except Exception:
             return v["name"], traceback.format_exc()

@@ -343,7 +343,8 @@ def test_reasons_sizes_dtypes_and_sharing():
 
 
 def _call_signature(kernel, args, kwargs):
-    """(kernel name, signature, constexprs, num_warps) of one launch, in KERNEL_VARIANTS' terms."""
+    """(kernel name, signature, constexprs, num_warps, num_stages) of one launch, in KERNEL_VARIANTS'
+    terms (Triton's default num_stages, 3, where a launch sets none)."""
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
     signature = {}
     for arg, value in zip(kernel.arg_names, args):
@@ -351,9 +352,9 @@ def _call_signature(kernel, args, kwargs):
             signature[arg] = "*" + names[value.dtype]
         else:
             signature[arg] = "fp32" if isinstance(value, float) else "i32"
-    constexprs = {k: v for k, v in kwargs.items() if k != "num_warps"}
+    constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
     signature.update({k: "constexpr" for k in constexprs})
-    return kernel.__name__, signature, constexprs, kwargs["num_warps"]
+    return kernel.__name__, signature, constexprs, kwargs["num_warps"], kwargs.get("num_stages", 3)
 
 
 class WorkLog(TorchDispatchMode):
@@ -425,7 +426,8 @@ def test_one_launch_forward_three_backward_all_listed_variants(case, monkeypatch
         "_dispatch_moe_fwd_kernel", "_dispatch_bwd_softmax_kernel", "_dispatch_moe_bwd_kernel", "_dispatch_bwd_reduce_kernel"
     ]
     listed = [
-        (v["kernel"].__name__, v["signature"], v["constexprs"], v["num_warps"]) for v in km.KERNEL_VARIANTS + kd.KERNEL_VARIANTS
+        (v["kernel"].__name__, v["signature"], v["constexprs"], v["num_warps"], v["num_stages"])
+        for v in km.KERNEL_VARIANTS + kd.KERNEL_VARIANTS
     ]
     for launch in launches:
         assert launch in listed, f"{launch[0]} launched with a variant no KERNEL_VARIANTS lists: {launch[2]}"
@@ -448,7 +450,7 @@ COMPILE_SCRIPT = textwrap.dedent(
             compiled = triton.compile(
                 ASTSource(v["kernel"], v["signature"], v["constexprs"]),
                 target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": v["num_warps"]},
+                options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
             )
         except Exception:
             return v["name"], traceback.format_exc()
