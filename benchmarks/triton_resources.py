@@ -37,7 +37,7 @@ def usage(module: str, index: int) -> tuple[str, dict[str, int] | str]:
     compiled = triton.compile(
         ASTSource(v["kernel"], v["signature"], v["constexprs"]),
         target=GPUTarget("cuda", TARGET_ARCH, 32),
-        options={"num_warps": v["num_warps"]},
+        options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
     )
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
@@ -57,6 +57,7 @@ def usage(module: str, index: int) -> tuple[str, dict[str, int] | str]:
         "spill_loads": int(spills.group(2)),
         "shared": compiled.metadata.shared,
         "num_warps": v["num_warps"],
+        "num_stages": v["num_stages"],
     }
 
 
@@ -71,14 +72,17 @@ def main() -> int:
     with ProcessPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
         results = list(pool.map(usage, *zip(*jobs)))
     print(f"Triton kernel variants compiled for sm_{TARGET_ARCH}a, as ptxas -v reports them (bytes per thread; shared per block)")
-    print(f"{'registers':>9}  {'spill st':>8}  {'spill ld':>8}  {'shared':>7}  {'warps':>5}  variant")
+    print(f"{'registers':>9}  {'spill st':>8}  {'spill ld':>8}  {'shared':>7}  {'warps':>5}  {'stages':>6}  variant")
     failed = 0
     for name, r in results:
         if isinstance(r, str):
             failed += 1
-            print(f"{'-':>9}  {'-':>8}  {'-':>8}  {'-':>7}  {'-':>5}  {name}: {r}")
+            print(f"{'-':>9}  {'-':>8}  {'-':>8}  {'-':>7}  {'-':>5}  {'-':>6}  {name}: {r}")
             continue
-        print(f"{r['registers']:>9}  {r['spill_stores']:>8}  {r['spill_loads']:>8}  {r['shared']:>7}  {r['num_warps']:>5}  {name}")
+        print(
+            f"{r['registers']:>9}  {r['spill_stores']:>8}  {r['spill_loads']:>8}  {r['shared']:>7}  {r['num_warps']:>5}"
+            f"  {r['num_stages']:>6}  {name}"
+        )
     spilling = sum(1 for _, r in results if isinstance(r, dict) and r["spill_stores"])
     print(f"{len(results)} variants, {spilling} spill, {failed} not reported")
     return 1 if failed else 0

@@ -4,8 +4,8 @@
 
 At the issue's shape (K=6, B=32, Np 50 and 10, T=197, D=768, H=64; bf16 tokens as a strided view
 of the experts' sequences, fp32 prompts and dispatcher, as in the model), for each setting: the
-number of warps of the forward and of the main backward kernel, and the batch split
-(``PMOE_TRITON_BLOCKS``). Every setting is first checked against the torch backend (outputs and
+number of warps of the forward and of the main backward kernel, and the forward's token chunk or
+the backward's batch split (``PMOE_TRITON_BLOCKS``). Every setting is first checked against the torch backend (outputs and
 gradients), then timed with ``triton.testing.do_bench`` (median; L2 flushed before each call),
 forward alone and forward+backward, with the achieved GB/s for the bytes the op must move
 (``bench_dispatch.moved_bytes``). Needs a CUDA GPU.
@@ -28,7 +28,7 @@ from pmoe_fast.kernels import dispatch as triton_dispatch  # noqa: E402
 
 K, B, T, D, H, Q = 6, 32, 197, 768, 64, 1
 WARPS = (4, 8)
-SPLITS = ("", "B_PER_PROG=1", "B_PER_PROG=4")
+SPLITS = ("", "BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "B_PER_PROG=1", "B_PER_PROG=4")
 
 
 def inputs(Np: int):
