@@ -62,6 +62,7 @@ fusion run in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 
@@ -818,11 +819,23 @@ _NUM_WARPS = {"fwd": 4, "bwd_softmax": 4, "bwd": 8, "bwd_reduce": 4}
 _NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers: ``triton.cdiv`` called from Python is a jit function, whose
+    call costs microseconds of host time."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """The SM count of a CUDA device, asked once (the launchers size their grids by it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _hidden_blocks(H: int) -> int:
     """BLOCK_H: 64 or 128 (H <= 64 pads to 64: one compiled variant serves every small H,
     and the dot over a padded hidden tile costs little in these memory-bound kernels); 16, unused,
     without a hidden layer."""
-    return 16 if H == 0 else max(64, triton.next_power_of_2(H))
+    return 16 if H == 0 else max(64, 1 << (H - 1).bit_length())
 
 
 def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> dict[str, int]:
@@ -837,11 +850,11 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     # stages deep: 4096 elements a stage (16 KB in fp32) keep every variant at 74 KB of shared
     # memory or less on sm_90 (BLOCK_D=64 with BLOCK_H=128 and fp32 parameters took 122 KB).
     block_d = 4096 // max(block_h, 64)
-    d_tiles = triton.cdiv(D, block_dw)
+    d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight
         # gradients (one C-float row per row group) stay small next to the tokens.
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 2 * multiprocessors(device)
         b_groups = max(1, min(B, programs // (K * d_tiles)))
         n_groups = max(1, min(Np, programs // d_tiles))
     else:
@@ -857,8 +870,8 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_H": block_h,
         "BLOCK_KB": 32,
         "BLOCK_C": 512,
-        "B_PER_PROG": triton.cdiv(B, b_groups),
-        "N_PER_PROG": triton.cdiv(Np, n_groups),
+        "B_PER_PROG": cdiv(B, b_groups),
+        "N_PER_PROG": cdiv(Np, n_groups),
     }
 
 
@@ -948,7 +961,7 @@ def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, para
     device = prompts.device
     blocks = dispatch_blocks(K, B, Np, D, H, device)
     has_prompt_out = prompt_out is not None
-    chunks = triton.cdiv(max(e - s for s, e in zip(tok_start, tok_end)), blocks["BLOCK_T_FWD"])
+    chunks = cdiv(max(e - s for s, e in zip(tok_start, tok_end)), blocks["BLOCK_T_FWD"])
     ipt = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
     placeholder = torch.empty(0, dtype=torch.float32, device=device)
@@ -1022,8 +1035,8 @@ def dispatch_bwd(
         num_warps=_NUM_WARPS["bwd_softmax"], num_stages=_NUM_STAGES["bwd_softmax"],
     )
 
-    b_groups = triton.cdiv(B, blocks["B_PER_PROG"])
-    n_groups = triton.cdiv(Np, blocks["N_PER_PROG"])
+    b_groups = cdiv(B, blocks["B_PER_PROG"])
+    n_groups = cdiv(Np, blocks["N_PER_PROG"])
     row_p0 = 0
     row_z0 = K * b_groups if has_prompt_out else 0
     row_e0 = row_z0 + K * b_groups
@@ -1039,7 +1052,7 @@ def dispatch_bwd(
     (w1z, _, w2z), strides_z = _param_pointers(params_z)
     no_hidden = torch.empty(0, dtype=torch.float32, device=device)
     hidden = [no_hidden if h is None else h for h in (hidden or (None,) * 3)]
-    grid = (triton.cdiv(D, blocks["BLOCK_DW"]), K * b_groups + n_groups)
+    grid = (cdiv(D, blocks["BLOCK_DW"]), K * b_groups + n_groups)
     _dispatch_bwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *hidden,
         w1e, w2e, w1p, w2p, w1z, w2z,
@@ -1076,7 +1089,7 @@ def reduce_param_grads(partials, C: int, dtype, sources, row_ranges, blocks, unp
     num_groups = max(groups.values()) + 1
     out = torch.empty((num_groups, C), dtype=dtype, device=partials.device)
     rows = [row_ranges[name] if name in groups else (0, 0) for name in ("e", "p", "z")]
-    _dispatch_bwd_reduce_kernel[(triton.cdiv(C, blocks["BLOCK_C"]), num_groups)](
+    _dispatch_bwd_reduce_kernel[(cdiv(C, blocks["BLOCK_C"]), num_groups)](
         partials, out, C, *rows[0], *rows[1], *rows[2],
         groups["e"], groups.get("p", -1), groups["z"],
         BLOCK_C=blocks["BLOCK_C"], num_warps=_NUM_WARPS["bwd_reduce"], num_stages=_NUM_STAGES["bwd_reduce"],

@@ -970,17 +970,17 @@ def default_moe_blocks(K: int, B: int, Np: int, D: int, H: int, M: int, device: 
     # d-tiles than kind "mlp", whose backward reads the pre-activations its forward saved.
     blocks["BLOCK_DW"] = 8192 // max(blocks["BLOCK_H"], 64)
     blocks["BLOCK_T"] = 32
-    d_tiles = triton.cdiv(D, blocks["BLOCK_DW"])
+    d_tiles = kd.cdiv(D, blocks["BLOCK_DW"])
     if device.type == "cuda":
         # Two programs per SM, as kind "mlp"; each row group already has (M + 1) * S_D programs.
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 2 * kd.multiprocessors(device)
         b_groups = max(1, min(B, programs // (K * d_tiles * (M + 1))))
         n_groups = max(1, min(Np, programs // (d_tiles * (M + 1))))
     else:
         # The interpreter: a small grid that still splits the batch and the prompts.
         b_groups, n_groups = min(B, 2), min(Np, 2)
-    blocks["B_PER_PROG"] = triton.cdiv(B, b_groups)
-    blocks["N_PER_PROG"] = triton.cdiv(Np, n_groups)
+    blocks["B_PER_PROG"] = kd.cdiv(B, b_groups)
+    blocks["N_PER_PROG"] = kd.cdiv(Np, n_groups)
     return blocks
 
 
@@ -1127,8 +1127,8 @@ def dispatch_moe_bwd(
         BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16, num_warps=kd._NUM_WARPS["bwd_softmax"],
     )
 
-    b_groups = triton.cdiv(B, blocks["B_PER_PROG"])
-    n_groups = triton.cdiv(Np, blocks["N_PER_PROG"])
+    b_groups = kd.cdiv(B, blocks["B_PER_PROG"])
+    n_groups = kd.cdiv(Np, blocks["N_PER_PROG"])
     row_p0 = 0
     row_z0 = K * b_groups if has_prompt_out else 0
     row_e0 = row_z0 + K * b_groups
@@ -1143,7 +1143,7 @@ def dispatch_moe_bwd(
     ptrs_p, strides_p = _param_pointers(params_p)
     ptrs_z, strides_z = _param_pointers(params_z)
     gates_e, gates_p, gates_z = gates
-    d_tiles = triton.cdiv(D, blocks["BLOCK_DW"])
+    d_tiles = kd.cdiv(D, blocks["BLOCK_DW"])
     _dispatch_moe_bwd_kernel[(d_tiles * (M + 1), K * b_groups + n_groups)](
         prompts, tokens, pout, kd._token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits,
         gates_e, gates_e if gates_p is None else gates_p, gates_z, coef, coef if grad_aux is None else grad_aux,

@@ -158,6 +158,9 @@ class Dispatcher(nn.Module):
         self.num_dispatch_experts, self.top_k = num_dispatch_experts, top_k
         self.set_backend(backend)
         self.last_backend: str | None = None  # the backend that ran the last forward
+        # The backend chosen per input signature (devices, dtypes, shapes, strides): asking every
+        # backend why it cannot serve costs more host time than a kernel launch.
+        self._chosen: dict[tuple, str] = {}
         self.aux_loss: torch.Tensor | None = None  # MoE load-balancing loss of the last forward
         if kind == "none":
             return
@@ -176,6 +179,7 @@ class Dispatcher(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown dispatcher backend {backend!r}; choose one of {BACKENDS} (argument or PMOE_BACKEND)")
         self.backend = backend
+        self._chosen = {}
 
     def extra_repr(self) -> str:
         return (
@@ -205,9 +209,8 @@ class Dispatcher(nn.Module):
             ipt (K, B, Np, D) in prompts' dtype, and weights (K, B, Np, K) in float32 (or float64
             for float64 inputs), each row summing to 1.
         """
-        token_list, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
+        B, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
         K, Np, D = prompts.shape
-        B = token_list[0].shape[0]
         self.aux_loss = None
         if self.kind == "none":
             self.last_backend = "torch"
@@ -215,6 +218,7 @@ class Dispatcher(nn.Module):
             return prompts.unsqueeze(1).expand(K, B, Np, D), eye[:, None, None, :].expand(K, B, Np, K)
         self.last_backend = self._choose_backend(prompts, tokens, prompt_out)
         if self.last_backend == "torch":
+            token_list = list(tokens.unbind(0)) if isinstance(tokens, torch.Tensor) else list(tokens)
             return self._forward_torch(prompts, token_list, prompt_out, prefix)
         start = prefix if self.pool == "patches" else [0] * K
         end = [tokens.shape[2]] * K
@@ -292,6 +296,19 @@ class Dispatcher(nn.Module):
         return check(prompts, tokens, [0] * K, [T] * K, prompt_out, *params)
 
     def _choose_backend(self, prompts, tokens, prompt_out) -> str:
+        """The backend for these inputs, decided once per input signature: everything the
+        backends' reasons look at (each tensor's device, dtype, shape and strides, the parameters'
+        included)."""
+        tensors = [prompts, prompt_out, *(tokens if isinstance(tokens, (list, tuple)) else [tokens])]
+        tensors += [*self.parameters()]
+        key = tuple(None if t is None else (t.device, t.dtype, t.shape, t.stride()) for t in tensors)
+        if key not in self._chosen:
+            if len(self._chosen) >= 64:  # shapes that keep changing: forget the old ones
+                self._chosen.clear()
+            self._chosen[key] = self._decide_backend(prompts, tokens, prompt_out)
+        return self._chosen[key]
+
+    def _decide_backend(self, prompts, tokens, prompt_out) -> str:
         if self.backend == "auto":
             order = AUTO_ORDER.get(prompts.device.type, ("torch",))
             return next(b for b in order if not self.not_supported_reasons(b, prompts, tokens, prompt_out))
@@ -332,26 +349,29 @@ class Dispatcher(nn.Module):
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() != 4 or tokens.shape[0] != K or tokens.shape[3] != D:
                 raise ValueError(f"tokens must be (K={K}, B, T, D={D}) or a list of K (B, T_k, D), got {tuple(tokens.shape)}")
-            token_list = list(tokens.unbind(0))
+            if tokens.device != prompts.device:
+                raise ValueError(f"tokens are on {tokens.device} but prompts are on {prompts.device}")
+            B, token_counts = tokens.shape[1], [tokens.shape[2]] * K
         else:
             token_list = list(tokens)
             if len(token_list) != K:
                 raise ValueError(f"tokens must hold one tensor per expert (K={K}), got {len(token_list)}")
-        B = token_list[0].shape[0]
-        for k, z in enumerate(token_list):
-            if z.dim() != 3 or z.shape[0] != B or z.shape[2] != D:
-                raise ValueError(f"tokens[{k}] must be (B={B}, T_k, D={D}), got {tuple(z.shape)}")
-            if z.device != prompts.device:
-                raise ValueError(f"tokens[{k}] is on {z.device} but prompts are on {prompts.device}")
+            B = token_list[0].shape[0]
+            for k, z in enumerate(token_list):
+                if z.dim() != 3 or z.shape[0] != B or z.shape[2] != D:
+                    raise ValueError(f"tokens[{k}] must be (B={B}, T_k, D={D}), got {tuple(z.shape)}")
+                if z.device != prompts.device:
+                    raise ValueError(f"tokens[{k}] is on {z.device} but prompts are on {prompts.device}")
+            token_counts = [z.shape[1] for z in token_list]
         if prompt_out is not None and tuple(prompt_out.shape) != (K, B, Np, D):
             raise ValueError(f"prompt_out must be (K={K}, B={B}, Np={Np}, D={D}), got {tuple(prompt_out.shape)}")
         prefix = [num_prefix_tokens] * K if isinstance(num_prefix_tokens, int) else list(num_prefix_tokens)
         if len(prefix) != K:
             raise ValueError(f"num_prefix_tokens must be one int or K={K} ints, got {len(prefix)}")
-        for k, (z, q) in enumerate(zip(token_list, prefix)):
-            if not 0 <= q < z.shape[1] or (self.pool == "patches" and q >= z.shape[1]):
-                raise ValueError(f"expert {k}: num_prefix_tokens={q} leaves no tokens out of T_k={z.shape[1]}")
-        return token_list, prefix
+        for k, (count, q) in enumerate(zip(token_counts, prefix)):
+            if not 0 <= q < count:
+                raise ValueError(f"expert {k}: num_prefix_tokens={q} leaves no tokens out of T_k={count}")
+        return B, prefix
 
 
 def _fused_op(backend: str, kind: str = "mlp"):

@@ -85,6 +85,32 @@ def test_auto_picks_the_cpp_op_on_cpu_when_built():
     assert disp.last_backend == ("cpp" if extension_status()["loaded"] else "torch")
 
 
+def test_backend_is_chosen_once_per_input_signature(monkeypatch):
+    """Asking the backends costs host time on every call otherwise; a new dtype, shape or
+    layout of an input or a parameter asks again."""
+    disp = Dispatcher(D, K, hidden=H).double()
+    asked = []
+    ask = disp.not_supported_reasons
+    monkeypatch.setattr(disp, "not_supported_reasons", lambda backend, *args: asked.append(backend) or ask(backend, *args))
+    prompts, seq, prompt_out = make_inputs()
+    disp(prompts, seq[:, :, NP:], prompt_out, 1)
+    first = len(asked)
+    assert first >= 1
+    disp(prompts, seq[:, :, NP:], prompt_out, 1)
+    assert len(asked) == first
+    for call in (
+        lambda: disp(prompts, seq[:, :, NP:].contiguous(), prompt_out, 1),  # other strides
+        lambda: disp(prompts, seq[:, :1, NP:], prompt_out[:, :1], 1),  # another batch size
+        lambda: disp.float()(prompts.float(), seq[:, :, NP:].float(), prompt_out.float(), 1),  # other dtypes
+    ):
+        before = len(asked)
+        call()
+        assert len(asked) > before
+    disp.set_backend("torch")
+    disp(prompts.float(), seq[:, :, NP:].float(), prompt_out.float(), 1)
+    assert disp.last_backend == "torch"
+
+
 def test_auto_falls_back_to_torch_quietly():
     prompts, seq, _ = make_inputs()
     moe = Dispatcher(D, K, hidden=H, kind="moe").double()
