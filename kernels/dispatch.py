@@ -1223,6 +1223,11 @@ def triton_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p
     H = _hidden_width(params_e)
     if H > MAX_HIDDEN:
         reasons.append(f"The hidden width H={H} is more than {MAX_HIDDEN}, the widest the kernels are built for.")
+    if tokens.dim() == 4 and tokens.shape[:3].numel() * H >= 2**31:
+        reasons.append(
+            f"The tokens' pre-activations (K, B, T, H={H}) the forward keeps would span 2**31 elements or more; "
+            "the kernels index with 32-bit offsets: split the batch."
+        )
     return reasons
 
 

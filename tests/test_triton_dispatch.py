@@ -343,6 +343,10 @@ def test_reasons_dtypes_and_sizes():
     ]
     assert "K=17 experts" in " ".join(kd.triton_not_supported_reasons(*reason_inputs(K=17, device=DEVICE)))
     assert "H=129" in " ".join(kd.triton_not_supported_reasons(*reason_inputs(H=129, device=DEVICE)))
+    # 2**25 token rows of H = 64 pre-activations; expanded, so nothing is allocated.
+    prompts, _, _, *params = reason_inputs(H=64, device=DEVICE)
+    tokens = torch.zeros(1, 1, 1, 16, device=DEVICE).expand(2, 2**16, 2**8, 16)
+    assert ["pre-activations" in r for r in kd.triton_not_supported_reasons(prompts, tokens, None, *params)] == [True]
 
 
 # --- the variants the launchers produce, and that each builds for sm_90 ---------------------
