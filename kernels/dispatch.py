@@ -234,6 +234,43 @@ def _mlp_rows(
     return out
 
 
+@triton.jit
+def _softmax_and_mix(
+    logits,  # (BLOCK_N, BLOCK_K) float32, the logits of prompts n of one (k, b)
+    n,  # (BLOCK_N,) the prompts
+    row,  # (BLOCK_N,) their rows of (K, B, Np)
+    prompts_ptr,  # (K, Np, D)
+    weights_ptr,  # (K, B, Np, K) out, float32, contiguous
+    ipt_ptr,  # (K, B, Np, D) out, contiguous
+    stride_prompts_k,
+    stride_prompts_n,
+    K,
+    Np,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """weights = softmax(logits) over the K experts, and ipt = sum_j weights[:, j] P[j, n], in float32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    n_mask = n < Np
+    logits = tl.where(k_mask[None, :], logits, float("-inf"))
+    w = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    w = w / tl.sum(w, axis=1)[:, None]
+    tl.store(weights_ptr + row[:, None] * K + offs_k[None, :], w, mask=n_mask[:, None] & k_mask[None, :])
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        mask = n_mask[:, None] & (d[None, :] < D)
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for j in range(K):
+            w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
+            p_j = tl.load(prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :], mask=mask, other=0.0)
+            acc += w_j[:, None] * p_j.to(tl.float32)
+        tl.store(ipt_ptr + row[:, None] * D + d[None, :], acc.to(ipt_ptr.dtype.element_ty), mask=mask)
+
+
 # Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
 @triton.jit(do_not_specialize=["has_prompt_out"])
 def _dispatch_fwd_kernel(
@@ -372,24 +409,10 @@ def _dispatch_fwd_kernel(
                     logits += tl.load(
                         weights_ptr + row[:, None] * K + offs_k[None, :], mask=mask_nk, other=0.0, cache_modifier=".cg"
                     )
-                logits = tl.where(k_mask[None, :], logits, float("-inf"))
-                w = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-                w = w / tl.sum(w, axis=1)[:, None]
-                tl.store(weights_ptr + row[:, None] * K + offs_k[None, :], w, mask=mask_nk)
-                offs_d = tl.arange(0, BLOCK_D)
-                for d0 in range(0, D, BLOCK_D):
-                    d = d0 + offs_d
-                    mask = n_mask[:, None] & (d[None, :] < D)
-                    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-                    for j in range(K):
-                        w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
-                        p_j = tl.load(
-                            prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :],
-                            mask=mask,
-                            other=0.0,
-                        )
-                        acc += w_j[:, None] * p_j.to(tl.float32)
-                    tl.store(ipt_ptr + row[:, None] * D + d[None, :], acc.to(ipt_ptr.dtype.element_ty), mask=mask)
+                _softmax_and_mix(
+                    logits, n, row, prompts_ptr, weights_ptr, ipt_ptr, stride_prompts_k, stride_prompts_n,
+                    K, Np, D, BLOCK_N, BLOCK_D, BLOCK_K,
+                )
 
 
 @triton.jit

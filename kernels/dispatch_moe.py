@@ -20,7 +20,8 @@ Its gradient flows through gate_sum only (the routed counts are constants).
 The file reads top to bottom as the whole op: the reference in plain PyTorch, the kernels, the
 launchers, the autograd Function and the functional entry point, then what the launchers can run
 (``moe_not_supported_reasons``) and every variant they compile (``KERNEL_VARIANTS``). It reuses
-from kernels/dispatch.py its GELU, its block sizes and two of its kernels unchanged: the softmax
+from kernels/dispatch.py its GELU, its block sizes, the forward's last step (softmax over the K
+experts and the mixture of the EPTs) and two of its kernels unchanged: the softmax
 backward, which does not depend on f, and the fixed-order reduction of partial weight gradients,
 which does not depend on their layout.
 
@@ -95,7 +96,7 @@ except ImportError as exc:
     tl = types.SimpleNamespace(constexpr=None)
 
 # kernels/dispatch.py's device functions, called by the kernels below.
-_gelu, _gelu_grad = kd._gelu, kd._gelu_grad
+_gelu, _gelu_grad, _softmax_and_mix = kd._gelu, kd._gelu_grad, kd._softmax_and_mix
 _grad_accumulators = kd._grad_accumulators
 
 # (router weight R (M, D), router bias r (M,), W1 (M, H, D) or None, b1 (M, H) or None,
@@ -465,7 +466,6 @@ def _dispatch_moe_fwd_kernel(
 
     # 2. Per tile of prompts: the logits, softmax over the K experts, the mixture of the EPTs.
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(0, Np, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < Np
@@ -474,21 +474,10 @@ def _dispatch_moe_fwd_kernel(
         logits = token_logits[None, :] + tl.load(f_ep_ptr + row[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
         if has_prompt_out:
             logits += tl.load(f_ep_ptr + (K * B * Np + row)[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
-        logits = tl.where(k_mask[None, :], logits, float("-inf"))
-        w = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        w = w / tl.sum(w, axis=1)[:, None]
-        tl.store(weights_ptr + row[:, None] * K + offs_k[None, :], w, mask=mask)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            mask_d = n_mask[:, None] & (d[None, :] < D)
-            acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            for j in range(K):
-                w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
-                p_j = tl.load(
-                    prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :], mask=mask_d, other=0.0
-                )
-                acc += w_j[:, None] * p_j.to(tl.float32)
-            tl.store(ipt_ptr + row[:, None] * D + d[None, :], acc.to(ipt_ptr.dtype.element_ty), mask=mask_d)
+        _softmax_and_mix(
+            logits, n, row, prompts_ptr, weights_ptr, ipt_ptr, stride_prompts_k, stride_prompts_n,
+            K, Np, D, BLOCK_N, BLOCK_D, BLOCK_K,
+        )
 
     # 3. Routing statistics; the routed counts are scaled here so that the loss is one dot product.
     scales = tl.where(offs_s == 0, scale_e, tl.where(offs_s == 1, scale_p, scale_z))
