@@ -976,8 +976,9 @@ def _param_pointers(params: Params):
 
 def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z):
     """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype, weights (K, B, Np, K) float32,
-    and the pre-activations the backward needs, (hidden_e (K, Np, H), hidden_p (K, B, Np, H) or
-    None, hidden_z (K, B, T, H)) float32, or None without a hidden layer."""
+    and the pre-activations the backward needs, float32: (hidden_e (K, Np, H), hidden_p
+    (K, B, Np, H), hidden_z (K, B, T, H)), each None without a hidden layer (hidden_p also
+    without prompt_out)."""
     H = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
@@ -987,8 +988,7 @@ def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, para
     chunks = cdiv(max(e - s for s, e in zip(tok_start, tok_end)), blocks["BLOCK_T_FWD"])
     ipt = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
-    placeholder = torch.empty(0, dtype=torch.float32, device=device)
-    hidden = None
+    hidden = (None, None, None)
     if H:
         hidden_p = torch.empty((K, B, Np, H), dtype=torch.float32, device=device) if has_prompt_out else None
         hidden = (
@@ -1008,7 +1008,7 @@ def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, para
     _dispatch_fwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
-        ipt, weights, *(placeholder if h is None else h for h in (hidden or (None,) * 3)),
+        ipt, weights, *_hidden_pointers(hidden, device),
         logits_e, partials, arrivals,
         *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides,
         *strides_e, *strides_p, *strides_z,
@@ -1018,6 +1018,13 @@ def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, para
         BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, num_warps=_NUM_WARPS["fwd"], num_stages=_NUM_STAGES["fwd"],
     )
     return ipt, weights, hidden
+
+
+def _hidden_pointers(hidden: tuple, device: torch.device) -> list:
+    """The three pre-activation tensors as kernel arguments: an empty float32 placeholder for
+    each that is None (the kernels never read it)."""
+    placeholder = torch.empty(0, dtype=torch.float32, device=device)
+    return [placeholder if h is None else h for h in hidden]
 
 
 def _param_groups(sources: list[tuple[str, Params]]) -> dict[str, int]:
@@ -1036,8 +1043,9 @@ def dispatch_bwd(
     grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights, hidden, params_e, params_p, params_z,
     need_grad_tokens: bool = True,
 ):
-    """Three launches; ``weights`` and ``hidden`` as dispatch_fwd returned them. Returns (dprompts, dtokens or None, dprompt_out or None, grads_e, grads_p,
-    grads_z), each grads_s a (dW1, db1, dW2, db2) tuple, or None for a source that shares its
+    """Three launches; ``weights`` and ``hidden`` as dispatch_fwd returned them. Returns (dprompts,
+    dtokens or None, dprompt_out or None, grads_e, grads_p, grads_z), each grads_s a
+    (dW1, db1, dW2, db2) tuple, or None for a source that shares its
     parameters with an earlier one (its gradient is in the earlier one's) or that did not run
     (f_p without prompt_out). ``need_grad_tokens=False`` skips dZ, the largest write: the tokens
     of a first prompt layer come from a frozen embedding and need no gradient."""
@@ -1073,11 +1081,9 @@ def dispatch_bwd(
     (w1e, _, w2e), strides_e = _param_pointers(params_e)
     (w1p, _, w2p), strides_p = _param_pointers(params_p)
     (w1z, _, w2z), strides_z = _param_pointers(params_z)
-    no_hidden = torch.empty(0, dtype=torch.float32, device=device)
-    hidden = [no_hidden if h is None else h for h in (hidden or (None,) * 3)]
     grid = (cdiv(D, blocks["BLOCK_DW"]), K * b_groups + n_groups)
     _dispatch_bwd_kernel[grid](
-        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *hidden,
+        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *_hidden_pointers(hidden, device),
         w1e, w2e, w1p, w2p, w1z, w2z,
         grad_prompts, placeholder if grad_tokens is None else grad_tokens,
         placeholder if grad_prompt_out is None else grad_prompt_out, partials,
@@ -1144,7 +1150,7 @@ class FusedDispatch(torch.autograd.Function):
         ctx.mark_non_differentiable(weights)
         # No zero-filled gradient for weights: it would be one more launch, and unused.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(prompts, tokens, prompt_out, weights, *(hidden or (None,) * 3), *params)
+        ctx.save_for_backward(prompts, tokens, prompt_out, weights, *hidden, *params)
         ctx.tok_range = (tuple(tok_start), tuple(tok_end))
         return ipt, weights
 
@@ -1155,7 +1161,7 @@ class FusedDispatch(torch.autograd.Function):
         prompts, tokens, prompt_out, weights, *saved = ctx.saved_tensors
         hidden, params = saved[:3], saved[3:]
         grad_prompts, grad_tokens, grad_prompt_out, grads_e, grads_p, grads_z = dispatch_bwd(
-            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, weights, None if hidden[0] is None else hidden,
+            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, weights, tuple(hidden),
             tuple(params[0:4]), tuple(params[4:8]), tuple(params[8:12]), need_grad_tokens=ctx.needs_input_grad[1],
         )
         none = (None,) * 4
