@@ -9,7 +9,8 @@
 # installed already. `check` runs the test suite (the
 # CUDA and compiled-Triton tests run instead of being skipped; the slow CMake build test is left
 # out, the CUDA-graph compile test kept); `tune` runs benchmarks/tune_triton_dispatch.py; `bench` runs
-# `pmoe_fast.bench --profile targets-gpu`, whose report ends with each target's verdict.
+# `pmoe_fast.bench --profile targets-gpu`, whose report ends with each target's verdict, then
+# benchmarks/bench_dispatch_into.py (IPTs written in place against concatenated sequences).
 # Every step's output goes to $OUT as well as to the terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,8 @@ tune)
     ;;
 bench)
     $python -m pmoe_fast.bench --profile targets-gpu --output "$OUT/targets_gpu" 2>&1 | tee "$OUT/bench.txt"
+    $python -m pytest -q -p no:cacheprovider benchmarks/bench_dispatch_into.py --benchmark-columns=median,iqr,min,rounds \
+        --benchmark-sort=name 2>&1 | tee "$OUT/dispatch_into.txt"
     ;;
 *)
     echo "unknown stage $stage: check, tune or bench" >&2

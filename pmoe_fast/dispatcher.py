@@ -229,6 +229,49 @@ class Dispatcher(nn.Module):
             return ipt, weights
         return _fused_op(self.last_backend)(prompts, tokens, start, end, prompt_out, *self.source_params())
 
+    def dispatch_into(
+        self,
+        prompts: torch.Tensor,
+        seq: torch.Tensor,
+        has_prompt_out: bool,
+        num_prefix_tokens: int | Sequence[int] = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dispatcher writing the integrated prompt tokens into the experts' prompt slots.
+
+        Args:
+            prompts: P (K, Np, D), the EPTs of this layer.
+            seq: (K, B, Np + T, D), each expert's sequence prompt-first: rows [0, Np) are its
+                prompt slots, which hold Z_P (the prompt outputs of the previous block) when
+                ``has_prompt_out``, the rest its tokens Z.
+            has_prompt_out: False at the first prompt layer, whose slots are not read.
+            num_prefix_tokens: Q_k, as ``forward`` takes it (counted within the tokens Z).
+        Returns:
+            seq with each expert's IPT (in seq's dtype) in its prompt slots, and weights
+            (K, B, Np, K) as ``forward``. The fused kind "mlp" backends (triton, cuda, cpp) write
+            the IPTs into ``seq`` itself, differentiably: the gradient of the Z_P they overwrite
+            comes from the dispatcher, and nothing else may have saved ``seq`` for backward. The
+            other backends return a new tensor, as concatenating IPT and Z would. Either way the
+            result equals ``torch.cat([ipt.to(seq.dtype), seq[:, :, Np:]], 2)`` with ``ipt`` from
+            ``forward(prompts, seq[:, :, Np:], seq[:, :, :Np] or None, num_prefix_tokens)``.
+        """
+        Np = prompts.shape[1] if isinstance(prompts, torch.Tensor) and prompts.dim() == 3 else 0
+        if not isinstance(seq, torch.Tensor) or seq.dim() != 4 or seq.shape[2] <= Np:
+            got = tuple(seq.shape) if isinstance(seq, torch.Tensor) else type(seq).__name__
+            raise ValueError(f"seq must be (K, B, Np + T, D) with Np = prompts.shape[1] = {Np} slots and T >= 1 tokens, got {got}")
+        tokens, slots = seq[:, :, Np:], seq[:, :, :Np]
+        prompt_out = slots if has_prompt_out else None
+        if self.kind == "mlp":
+            B, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
+            backend = self._choose_backend(prompts, tokens, prompt_out)
+            if backend != "torch":
+                self.last_backend, self.aux_loss = backend, None
+                start = prefix if self.pool == "patches" else [0] * len(prefix)
+                end = [tokens.shape[2]] * len(prefix)
+                params = [t for source in self.source_params() for t in source]
+                return _DispatchInto.apply(backend, seq, prompts, tuple(start), tuple(end), has_prompt_out, *params)
+        ipt, weights = self(prompts, tokens, prompt_out, num_prefix_tokens)
+        return torch.cat([ipt.to(seq.dtype), tokens], dim=2), weights
+
     def _forward_torch(self, prompts, token_list, prompt_out, prefix):
         """The dispatcher in composite PyTorch: the definition every fused backend must match."""
         K, Np, D = prompts.shape
@@ -389,6 +432,92 @@ def _fused_op(backend: str, kind: str = "mlp"):
 
     return dispatch_mlp
 
+
+class _DispatchInto(torch.autograd.Function):
+    """``Dispatcher.dispatch_into`` for the fused kind "mlp" backends: their forward and backward
+    (``_fused_forward``, ``_fused_backward``) with the IPTs written into the prompt slots of ``seq``
+    in place. Against concatenating IPT and Z into a new sequence, every layer saves a copy of the
+    whole sequence in the forward, and in the backward the slicing and concatenation's gradients
+    (full-size zero-filled tensors, added up). What it keeps: ``seq`` itself (its tokens are
+    unchanged) and a copy of the Z_P rows it overwrites, (K, B, Np, D)."""
+
+    @staticmethod
+    def forward(ctx, backend, seq, prompts, tok_start, tok_end, has_prompt_out, *params):
+        Np = prompts.shape[1]
+        prompt_out = seq[:, :, :Np].clone() if has_prompt_out else None
+        ipt, weights, saved = _fused_forward(backend, prompts, seq[:, :, Np:], tok_start, tok_end, prompt_out, params)
+        seq[:, :, :Np].copy_(ipt)
+        ctx.mark_dirty(seq)
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)
+        ctx.backend, ctx.tok_range, ctx.num_saved = backend, (tok_start, tok_end), len(saved)
+        ctx.save_for_backward(seq, prompts, prompt_out, weights, *saved, *params)
+        return seq, weights
+
+    @staticmethod
+    def backward(ctx, grad_seq, _grad_weights):
+        if grad_seq is None:
+            return (None,) * (6 + 12)
+        seq, prompts, prompt_out, weights, *rest = ctx.saved_tensors
+        saved, params = rest[: ctx.num_saved], rest[ctx.num_saved :]
+        Np = prompts.shape[1]
+        need_seq = ctx.needs_input_grad[1]
+        grad_prompts, grad_tokens, grad_prompt_out, param_grads = _fused_backward(
+            ctx.backend, grad_seq[:, :, :Np], prompts, seq[:, :, Np:], *ctx.tok_range, prompt_out, params,
+            weights, saved, need_tokens=need_seq,
+        )
+        grad_in = None
+        if need_seq:  # the slots' gradient is Z_P's (zero at the first prompt layer), the tokens' gets f_z's added
+            grad_in = torch.empty(grad_seq.shape, dtype=grad_seq.dtype, device=grad_seq.device)
+            if grad_prompt_out is None:
+                grad_in[:, :, :Np].zero_()
+            else:
+                grad_in[:, :, :Np].copy_(grad_prompt_out)
+            torch.add(grad_seq[:, :, Np:], grad_tokens, out=grad_in[:, :, Np:])
+        needs = ctx.needs_input_grad[6:]
+        param_grads = [g if need else None for g, need in zip(param_grads, needs)]
+        return (None, grad_in, grad_prompts if ctx.needs_input_grad[2] else None, None, None, None, *param_grads)
+
+
+def _fused_forward(backend, prompts, tokens, tok_start, tok_end, prompt_out, params):
+    """A fused kind "mlp" backend's forward, without autograd: (ipt, weights, what its backward
+    takes besides the inputs). ``params``: the 12 tensors (W1, b1, W2, b2) of sources e, p, z."""
+    if backend == "triton":
+        from pmoe_fast.kernels.dispatch import dispatch_fwd
+
+        return dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params[0:4], params[4:8], params[8:12])
+    w1, b1, w2, b2 = (list(params[i::4]) for i in range(4))
+    ipt, weights, z_act, z_mean = torch.ops.pmoe_fast.dispatch_mlp(
+        prompts, tokens, list(tok_start), list(tok_end), prompt_out, w1, b1, w2, b2
+    )
+    return ipt, weights, (z_act, z_mean)
+
+
+def _fused_backward(backend, grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, params, weights, saved, need_tokens):
+    """The backward matching ``_fused_forward``: (dprompts, dtokens or None when not
+    ``need_tokens``, dprompt_out or None without prompt_out, the 12 parameters' gradients, None
+    for a source that did not run or whose gradient an earlier source sharing its tensors holds)."""
+    if backend == "triton":
+        from pmoe_fast.kernels.dispatch import dispatch_bwd
+
+        grad_prompts, grad_tokens, grad_prompt_out, *grads = dispatch_bwd(
+            grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights, tuple(saved),
+            params[0:4], params[4:8], params[8:12], need_grad_tokens=need_tokens,
+        )
+        return grad_prompts, grad_tokens, grad_prompt_out, [g for source in grads for g in (source or (None,) * 4)]
+    w1, b1, w2, b2 = (list(params[i::4]) for i in range(4))
+    has_prompt_out = prompt_out is not None
+    grad_prompts, grad_tokens, grad_prompt_out, gw1, gb1, gw2, gb2 = torch.ops.pmoe_fast.dispatch_mlp_backward(
+        grad_ipt, prompts, tokens, list(tok_start), list(tok_end), prompt_out, w1, b1, w2, b2,
+        weights, *saved, [True, need_tokens, has_prompt_out],
+    )
+    hidden = w1[0] is not None
+    grads = []
+    for s in range(3):
+        ran = s != 1 or has_prompt_out  # f_p sees no rows without prompt_out
+        group = (gw1[s] if hidden else None, gb1[s] if hidden else None, gw2[s], gb2[s])
+        grads += group if ran else (None,) * 4
+    return grad_prompts, grad_tokens if need_tokens else None, grad_prompt_out if has_prompt_out else None, grads
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     """Softmax and fusion accumulate in float32, or float64 when the inputs are float64."""
