@@ -33,7 +33,7 @@ token rows of width D, MLP width F, h heads, in the experts' dtype (e bytes):
 
 | tensor | kept by | bytes |
 | --- | --- | --- |
-| block input (the concatenated sequence) | norm1 | R D e |
+| block input (the sequence, prompts in their slots) | norm1 | R D e |
 | qkv | attention (q, k, v are views of it) | 3 R D e |
 | attention output, log-sum-exp | attention | R D e + 4 R h |
 | residual after attention | norm2 | R D e |
@@ -44,14 +44,16 @@ In a last block run for the class token alone, the input, norm1's statistics and
 values (one (R, 2D) tensor, replacing qkv) cover every row, the rest the class token's rows only.
 The linear layers keep nothing of their own: their weights are frozen, so autograd keeps only
 what the input's gradient needs (the weight). Each dispatcher keeps the tokens it averaged
-(a view of the previous block's output for the fused kernels; an fp32 copy, with f's hidden
-activations, for the torch backend), its prompt-output rows and its (K, B, Np, K) weights; the
-fused kernels also keep f's fp32 pre-activations (K, B, T, H) of the tokens.
+(batched, the fused kind "mlp" kernels write their IPTs into the sequence in place and keep it,
+with a copy of the prompt-output rows they overwrite; other fused kernels keep views of the
+previous block's output; the torch backend an fp32 copy, with f's hidden activations), its
+prompt-output rows and its (K, B, Np, K) weights; the fused kernels also keep f's fp32
+pre-activations (K, B, T, H) of the tokens.
 
 The peak is the largest of four moments, each counted tensor by tensor (``_estimate``):
 - the forward's last block, once its MLP has run: all that is kept so far, plus the locals of the
-  forward that still hold tensors (the embedding, the previous block's output, the attention
-  projection's and norm2's outputs, the activation's output and fc2's);
+  forward that still hold tensors (the block's input sequences and the prompts that entered, the
+  attention projection's and norm2's outputs, the activation's output and fc2's);
 - backward through each block, expert group by expert group (all K at once when batched): what
   is still kept, the residual stream's gradient and two (R, F) gradients of the MLP; and through
   each dispatcher, with the gradients it returns. The last block is usually the largest, but an
@@ -63,7 +65,7 @@ The peak is the largest of four moments, each counted tensor by tensor (``_estim
   parameters in CUDA's foreach implementation, two the size of the largest on a CPU).
 
 Where the model comes from. On a CPU each term was measured with ``LiveTensorTracker`` (the
-predictions match it within 1% on the cases tried, tests/test_memory.py holds some). On CUDA the
+predictions match it within 1.5% on the cases tried, tests/test_memory.py holds some). On CUDA the
 same autograd graph runs with other kernels, and the model takes what they keep: attention
 through SDPA (the flash kernel in 16-bit, the memory-efficient one in fp32, whose log-sum-exp is
 padded to 32 rows; xformers keeps the same set) or xformers; norm statistics in fp32; a cuBLAS
@@ -523,10 +525,18 @@ def _resolve_backend(d: _Description, device: str, execution: str) -> str:
     return d.backend
 
 
-def _embedding(s: _Setup) -> dict:
-    """Z^0: each expert's embedded tokens (stacked into one tensor when batched)."""
-    d, B, e = s.d, s.batch, s.itemsize
-    return {("z0", g): s.size(sum(B * d.tokens[k] for k in ks) * d.dim, e) for g, ks in s.groups()}
+def _in_place(s: _Setup, layer: int) -> bool:
+    """Whether the prompts entering block ``layer`` go into block ``layer - 1``'s output itself,
+    which then is block ``layer``'s input: VPT carries Z_P there, and the fused "mlp" dispatchers
+    write their IPTs into it when batched (``Dispatcher.dispatch_into``). Otherwise block
+    ``layer``'s input is a new, concatenated sequence."""
+    batched_fused = not s.per_expert and s.d.kind == "mlp" and s.backend in ("triton", "cuda", "cpp")
+    return layer >= s.d.prompt_layers or batched_fused
+
+
+def _padded(s: _Setup) -> dict:
+    """Each expert's sequence before block 0: Np empty prompt slots, then Z^0 (stacked when batched)."""
+    return {("z0", g): s.size(_rows(s, ks, 0) * s.d.dim, s.itemsize) for g, ks in s.groups()}
 
 
 def _class_token_only(s: _Setup, k: int, layer: int) -> bool:
@@ -550,8 +560,15 @@ def _rows(s: _Setup, ks: list[int], layer: int, *, queries: bool = True) -> int:
 
 
 def _block_output(s: _Setup, layer: int) -> dict:
-    """The output of block ``layer`` (prompt rows included), one storage per group."""
-    return {("out", layer, g): s.size(_rows(s, ks, layer) * s.d.dim, s.itemsize) for g, ks in s.groups()}
+    """The output of block ``layer`` (prompt rows included), one storage per group: the next
+    block's input itself where the prompts go into it in place (``_in_place``)."""
+    name = ("input", layer + 1) if layer + 1 < s.d.depth and _in_place(s, layer + 1) else ("out", layer)
+    return {(*name, g): s.size(_rows(s, ks, layer) * s.d.dim, s.itemsize) for g, ks in s.groups()}
+
+
+def _block_input(s: _Setup, layer: int) -> dict:
+    """The sequences entering block ``layer``, prompts in their slots (norm1 keeps them)."""
+    return {("input", layer, g): s.size(_rows(s, ks, layer, queries=False) * s.d.dim, s.itemsize) for g, ks in s.groups()}
 
 
 def _prompt_out(s: _Setup, layer: int) -> dict:
@@ -572,7 +589,7 @@ def _block_saved(s: _Setup, layer: int) -> dict:
     class token alone keeps its input, norm1's statistics and the keys and values (one (R, 2D)
     tensor) over every row, the rest over the class token's."""
     d, e = s.d, s.itemsize
-    saved = {}
+    saved = _block_input(s, layer)
     for g, ks in s.groups():
         rows, queries = _rows(s, ks, layer, queries=False), _rows(s, ks, layer)
         lse = sum(s.batch * d.heads[k] * s.lse_rows(_seq_rows(s, k, layer), d.dim // d.heads[k]) for k in ks)
@@ -580,7 +597,7 @@ def _block_saved(s: _Setup, layer: int) -> dict:
             width = {"qkv": (rows, 3 * d.dim)}
         else:
             width = {"q": (queries, d.dim), "kv": (rows, 2 * d.dim)}
-        width.update(input=(rows, d.dim), attn_out=(queries, d.dim), residual=(queries, d.dim))
+        width.update(attn_out=(queries, d.dim), residual=(queries, d.dim))
         for name, (r, w) in width.items():
             saved[(name, layer, g)] = s.size(r * w, e)
         saved[("lse", layer, g)] = s.size(lse, 4)
@@ -615,9 +632,13 @@ def _dispatch_saved(s: _Setup, layer: int) -> dict:
     if s.backend != "torch":
         if s.per_expert:
             saved.update(stacked_tokens)
-        else:  # a view of the tokens in place
-            saved.update(_embedding(s) if layer == 0 else _block_output(s, layer - 1))
-        if layer > 0:
+        elif _in_place(s, layer):  # the sequence it writes into, and a copy of the Z_P it overwrites
+            saved.update(_block_input(s, layer))
+            if layer > 0:
+                saved[("prompt_out_copy", layer)] = s.size(K * B * Np * D, e)
+        else:  # a view of the tokens in the sequence before
+            saved.update(_padded(s) if layer == 0 else _block_output(s, layer - 1))
+        if layer > 0 and not _in_place(s, layer):
             saved.update(_prompt_out(s, layer - 1))
         rows = K * B * d.tokens[0]
         if s.backend in ("cpp", "cuda"):  # z_act (K, B, T, H) and z_mean (K, B, H or D)
@@ -648,35 +669,34 @@ def _dispatch_saved(s: _Setup, layer: int) -> dict:
     equal = len(set(d.tokens)) == 1
     for k in range(K):
         rows = B * (d.tokens[k] - (d.prefix[k] if d.pool_patches else 0))
-        contiguous = (layer == 0 or (s.per_expert and equal)) and not (d.pool_patches and d.prefix[k])
+        contiguous = s.per_expert and equal and not (d.pool_patches and d.prefix[k])  # the stacked copy
         if contiguous and e == 4:
-            saved.update(_embedding(s) if layer == 0 and not (s.per_expert and equal) else stacked_tokens)
+            saved.update(stacked_tokens)
         else:
             saved[("f_in_tokens", layer, k)] = s.size(rows * D, 4)
         saved.update(_f_rows(s, ("f_tokens", layer, k), rows))
     return saved
 
 
-def _layer_saved(s: _Setup, layer: int) -> dict:
-    saved = _dispatch_saved(s, layer) if layer < s.d.prompt_layers else {}
-    saved.update(_block_saved(s, layer))
-    return saved
+def _next_dispatch_saved(s: _Setup, layer: int) -> dict:
+    """What the dispatcher that runs after block ``layer`` (for block ``layer + 1``) keeps."""
+    return _dispatch_saved(s, layer + 1) if layer + 1 < s.d.prompt_layers else {}
+
+
+def _entering(s: _Setup, layer: int) -> dict:
+    """The prompts that entered block ``layer`` as the layer loop holds them beside the
+    sequences: the IPT in the prompts' dtype, unless it was written in place (then a view) or
+    the dispatcher is "none" (a view of the EPTs); nothing after the prompt layers."""
+    d = s.d
+    if layer >= d.prompt_layers or _in_place(s, layer) or s.backend == "none":
+        return {}
+    return {("ipt", layer): s.size(d.num_experts * s.batch * d.num_prompts * d.dim, 4)}
 
 
 def _segment_input(s: _Setup, first: int) -> dict:
-    """What a checkpointed segment starting at layer ``first`` keeps as its input: (tokens,
-    Z_P, the prompts that entered the previous block)."""
-    d = s.d
-    if first == 0:
-        return _embedding(s)
-    kept = _block_output(s, first - 1)
-    kept.update(_prompt_out(s, first - 1))
-    if first - 1 < d.prompt_layers:
-        if s.backend != "none":  # the dispatcher's IPT, in the prompts' dtype
-            kept[("ipt", first - 1)] = s.size(d.num_experts * s.batch * d.num_prompts * d.dim, 4)
-    else:  # VPT carries Z_P of the block before
-        kept.update(_prompt_out(s, first - 2))
-    return kept
+    """What a checkpointed segment starting at layer ``first`` keeps as its input: the
+    sequences entering block ``first`` and the prompts in their slots."""
+    return {**_block_input(s, first), **_entering(s, first)}
 
 
 def _final(s: _Setup) -> dict:
@@ -699,23 +719,17 @@ def _final(s: _Setup) -> dict:
     return kept
 
 
-def _block_forward(s: _Setup, layer: int, kept: dict, *, embedding: bool, last_fc2: bool = True) -> int:
+def _block_forward(s: _Setup, layer: int, kept: dict, *, last_fc2: bool = True) -> int:
     """Peak in the forward (or the recomputation) of block ``layer``, whose saved tensors ``kept``
     holds with everything kept before: the largest over expert groups of the bytes live once the
     group's MLP activation has run and fc2 has (for the last group, only with ``last_fc2``).
-    Live besides what is kept: the previous block's output, Z_P, the IPT entering and the
-    dispatcher's stacked tokens (locals of the layer loop), the earlier groups' outputs of this
-    block, and in the block the attention projection's output and norm2's output (a local and a
-    call argument until the block returns), the activation's output and fc2's. The later groups'
-    tensors of this block do not exist yet. ``embedding``: forward_features still holds Z^0."""
-    d, B, e = s.d, s.batch, s.itemsize
-    live = {**kept, **(_embedding(s) if embedding or layer == 0 else {})}
-    if layer >= 1:
-        live.update({**_block_output(s, layer - 1), **_prompt_out(s, layer - 1)})
-    if layer < d.prompt_layers and s.per_expert and len(set(d.tokens)) == 1:  # _stack_if_equal's copy
-        live[("stack", layer)] = s.size(d.num_experts * B * d.tokens[0] * d.dim, e)
-    if layer < d.prompt_layers and s.backend != "none":
-        live[("ipt", layer)] = s.size(d.num_experts * B * d.num_prompts * d.dim, 4)
+    Live besides what is kept: the sequences entering the block and the prompts in their slots
+    (locals of the layer loop), the earlier groups' outputs of this block, and in the block the
+    attention projection's output and norm2's output (a local and a call argument until the
+    block returns), the activation's output and fc2's. The later groups' tensors of this block
+    do not exist yet."""
+    d, e = s.d, s.itemsize
+    live = {**kept, **_block_input(s, layer), **_entering(s, layer)}
     block, outputs, groups = _block_saved(s, layer), _block_output(s, layer), s.groups()
     peak = 0
     for i, (g, ks) in enumerate(groups):
@@ -778,36 +792,46 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
         # Forward keeps each segment's input and last_dispatch_weights. Backward recomputes one
         # segment at a time, up to its last saved tensor: the last MLP activation's input, or
         # with LayerScale, its weight, after fc2 has run.
+        # The first prompt layer's dispatcher runs before the first segment: what it keeps stays.
         kept = {("weights_kept", l): s.size(K * batch_size * d.num_prompts * K, 4)
                 for l in range(d.prompt_layers) if s.backend != "none"}
         peaks["optimizer step"] += sum(kept.values())
+        kept.update(_dispatch_saved(s, 0))
         fc2 = any(d.layer_scale[k] for k in s.groups()[-1][1])
         segments = [range(f, min(f + checkpoint, L)) for f in range(0, L, checkpoint)]
         peaks["backward"] = peaks["recomputation"] = 0
         for i, seg in enumerate(segments):
+            # A segment runs its blocks, each followed by the dispatcher of the next layer; that
+            # last dispatcher's backward runs (and frees what it keeps) before the last block's.
             kept.update(_segment_input(s, seg.start))
             live = dict(kept)
             for l in seg:
-                live.update(_layer_saved(s, l))
+                live.update(_block_saved(s, l))
+                if l != seg[-1]:
+                    live.update(_next_dispatch_saved(s, l))
             param_grads = head_grads + _grads_after(s, seg[-1])
             peaks["backward"] = max(peaks["backward"], _backward(s, live, seg[-1]) + param_grads)
-            recompute = _block_forward(s, seg[-1], live, embedding=False, last_fc2=fc2) + _grad_residual(s) + param_grads
+            recompute = _block_forward(s, seg[-1], live, last_fc2=fc2)
+            if seg[-1] + 1 < d.prompt_layers:  # the recomputation ends with the next layer's dispatcher
+                recompute = max(recompute, sum({**live, **_block_output(s, seg[-1]), **_next_dispatch_saved(s, seg[-1])}.values()))
+            recompute += _grad_residual(s) + param_grads
             peaks["recomputation"] = max(peaks["recomputation"], recompute)
         forward = kept
     else:
         # Backward through block l holds what the layers up to l keep. The last block is usually
         # the largest moment, but one run for the class token alone keeps little, and then the
         # block before it can be.
-        forward, peaks["backward"] = {}, 0
+        forward = _dispatch_saved(s, 0)
+        peaks["backward"] = _dispatch_backward(s, forward, 0) + head_grads + _grads_after(s, 0)
         for l in range(L):
-            before = dict(forward)
-            forward.update(_layer_saved(s, l))
+            forward.update(_block_saved(s, l))
             made = head_grads + _grads_after(s, l)
             peaks["backward"] = max(peaks["backward"], _backward(s, forward, l) + made)
-            if l < d.prompt_layers:
-                peaks["backward"] = max(peaks["backward"], _dispatch_backward(s, {**before, **_dispatch_saved(s, l)}, l) + made)
-    peaks["forward"] = max(sum({**forward, **_final(s)}.values()),
-                           _block_forward(s, L - 1, forward, embedding=not checkpoint))
+            if l + 1 < d.prompt_layers:
+                forward.update(_dispatch_saved(s, l + 1))
+                made = head_grads + _grads_after(s, l + 1)
+                peaks["backward"] = max(peaks["backward"], _dispatch_backward(s, forward, l + 1) + made)
+    peaks["forward"] = max(sum({**forward, **_final(s)}.values()), _block_forward(s, L - 1, forward))
     phase = max(peaks, key=peaks.get)
     peak = resident + batch + workspaces + peaks[phase]
     trainable = params + grads + state

@@ -29,7 +29,9 @@ Inside, each expert's sequence is laid out [prompts, prefix tokens, patch tokens
 SPEC.md's [prefix, prompts, patches]. Transformer blocks are equivariant to the order of tokens
 (position embeddings are added before the first block, and attention has no mask), so the result
 is the same function; the prompt-first layout makes the non-prompt tokens one strided view,
-which the fused dispatcher kernels read in place.
+which the fused dispatcher kernels read in place, and, batched, lets them write the integrated
+prompts into the prompt slots of the sequences in place (``Dispatcher.dispatch_into``) instead
+of concatenating new sequences at every layer.
 """
 
 from __future__ import annotations
@@ -202,12 +204,16 @@ class PMoE(ReferencePMoE):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         self._check_images(images)
         dtype = self._expert_dtype()
-        tokens = [a.embed(images.to(dtype)) for a in self._adapters]  # Z_k^0 (B, Q_k + N_k, D)
         self.last_execution = self.execution_for(images.device.type)
+        # Each expert's sequence, prompt-first: Np prompt slots, empty until block 0's prompts
+        # enter, then Z_k^0, its own embedding (B, Q_k + N_k, D). Stacked when batched.
+        slots = (0, 0, self.num_prompts, 0)
+        seqs = [F.pad(a.embed(images.to(dtype)), slots) for a in self._adapters]
         if self.last_execution == "batched":
-            tokens = torch.stack(tokens)  # (K, B, T, D)
-        state = (tokens, None, None)  # (tokens, prompt outputs Z_P, prompts that entered the last block)
+            seqs = torch.stack(seqs)  # (K, B, Np + T, D)
         weights, aux = [], []
+        state = self._enter(0, seqs, None, weights, aux)  # (sequences, the prompts that entered)
+        del seqs  # where _enter made new sequences, the padded ones are garbage now
         step = self.checkpoint or self.depth
         for first in range(0, self.depth, step):
             layers = range(first, min(first + step, self.depth))
@@ -240,33 +246,56 @@ class PMoE(ReferencePMoE):
                 d.aux_loss = aux
 
     def _layers(self, layers: range, state: tuple) -> tuple[tuple, list, list]:
-        """Run prompt dispatch and the experts' blocks for ``layers``. state = (tokens, Z_P,
-        entering): tokens (K, B, T, D) when batched, else a list of K (B, T_k, D)."""
-        tokens, prompt_out, entering = state
+        """Run the experts' blocks ``layers``, each followed by the prompts entering the next
+        (``_enter``). state = (sequences whose prompt slots hold the prompts entering the first
+        of ``layers``, those prompts). After the last block the sequences become the tokens
+        pooling reads. A checkpointed segment starts with a block, so nothing it recomputes
+        writes into its input."""
+        seqs, entering = state
         Np = self.num_prompts
         weights, aux = [], []
         for l in layers:
-            # The fused dispatcher kernels take the tokens as one (K, B, T, D) tensor.
-            stack = l < self.prompt_layers and not isinstance(tokens, torch.Tensor)
-            disp_tokens = _stack_if_equal(tokens) if stack else tokens
-            entering = self._entering_prompts(l, disp_tokens, prompt_out, entering, self._prefix(), weights, aux)
-            scale = self._attn_scale(self._adapters[0], l)
             last = l == self.depth - 1  # its outputs go to pooling only: the rows it reads
-            if isinstance(tokens, torch.Tensor):
-                seq = torch.cat([entering.to(tokens.dtype), tokens], dim=2)  # prompt-first
+            if isinstance(seqs, torch.Tensor):
                 rows = self._last_rows[0] if last and all(self._last_rows) else None
-                seq = self._batched_block(l, seq, scale, rows)
-                prompt_out, tokens = (None, seq) if rows else (seq[:, :, :Np], seq[:, :, Np:])
+                seqs = self._batched_block(l, seqs, self._attn_scale(self._adapters[0], l), rows)
+                if last and rows is None:
+                    seqs = seqs[:, :, Np:]
+            elif last:
+                seqs = self._expert_blocks(l, seqs, self._last_rows)
+                seqs = [t if rows else t[:, Np:] for t, rows in zip(seqs, self._last_rows)]
             else:
-                seqs = [torch.cat([entering[k].to(t.dtype), t], dim=1) for k, t in enumerate(tokens)]
-                if last:
-                    tokens, prompt_out = self._expert_blocks(l, seqs, self._last_rows), None
-                    tokens = [t if rows else t[:, Np:] for t, rows in zip(tokens, self._last_rows)]
-                else:
-                    seqs = self._expert_blocks(l, seqs)
-                    prompt_out = torch.stack([s[:, :Np] for s in seqs])
-                    tokens = [s[:, Np:] for s in seqs]
-        return (tokens, prompt_out, entering), weights, aux
+                seqs = self._expert_blocks(l, seqs)
+            if not last:
+                seqs, entering = self._enter(l + 1, seqs, entering, weights, aux)
+        return (seqs, entering), weights, aux
+
+    def _enter(self, l: int, seqs, entering, weights: list, aux: list) -> tuple:
+        """Put the prompts that enter block l into the prompt slots (rows [0, Np)) of every
+        expert's sequence, which hold block l-1's prompt outputs Z_P (nothing yet at l = 0): a
+        prompt layer's IPTs, GaPT's gated mix, or, for VPT, Z_P itself (carried: nothing to do).
+        Batched, a fused dispatcher writes the IPTs in place (``Dispatcher.dispatch_into``).
+        ``entering``: the prompts that entered block l-1. Returns (sequences, prompts entering
+        block l); dispatch weights and MoE losses go to ``weights`` and ``aux``."""
+        Np = self.num_prompts
+        batched = isinstance(seqs, torch.Tensor)
+        if l >= self.prompt_layers and not self._gates_prompts(l):
+            return seqs, None  # Z_P carried; no later block reads the prompts entering this one
+        if batched and l < self.prompt_layers:
+            seqs, w = self.dispatchers[l].dispatch_into(self.prompts[l], seqs, l > 0, self._prefix())
+            weights.append(w.detach())
+            aux.append(self.dispatchers[l].aux_loss)
+            return seqs, seqs[:, :, :Np]
+        prompt_out = None
+        if l > 0:
+            prompt_out = seqs[:, :, :Np] if batched else torch.stack([s[:, :Np] for s in seqs])
+        # Per expert, at a prompt layer: the fused dispatcher kernels take the tokens as one
+        # (K, B, T, D) tensor.
+        tokens = _stack_if_equal([s[:, Np:] for s in seqs]) if l < self.prompt_layers else None
+        prompts = self._entering_prompts(l, tokens, prompt_out, entering, self._prefix(), weights, aux)
+        if batched:
+            return torch.cat([prompts.to(seqs.dtype), seqs[:, :, Np:]], dim=2), prompts
+        return [torch.cat([p.to(s.dtype), s[:, Np:]], dim=1) for p, s in zip(prompts, seqs)], prompts
 
     def _prefix(self) -> list[int]:
         return [a.info.num_prefix_tokens for a in self._adapters]

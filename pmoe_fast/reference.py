@@ -194,11 +194,15 @@ class PMoE(nn.Module):
             weights.append(w.detach())
             aux.append(self.dispatchers[l].aux_loss)
             return ipt
-        if self.base == "gapt" and l - 1 < self.gates.shape[0]:
+        if self._gates_prompts(l):
             # GaPT: g * (outputs of block l-1) + (1 - g) * (prompts that entered it).
             g = torch.sigmoid(self.gates[l - 1])
             return g * prompt_out + (1 - g) * entering
         return prompt_out  # carried, as VPT-shallow does
+
+    def _gates_prompts(self, l: int) -> bool:
+        """Whether GaPT's gate mixes the prompts entering block l (a block after a prompt layer)."""
+        return self.base == "gapt" and l >= self.prompt_layers and l - 1 < self.gates.shape[0]
 
     def _attn_scale(self, adapter: Expert, l: int) -> torch.Tensor | None:
         """GaPT divides block l's attention logits by its temperature; VPT keeps the block's own."""

@@ -102,6 +102,8 @@ CASES = {
                              dict(batch=3, num_prompts=4, dispatcher="moe", checkpoint=2, execution="batched")),
     "K4-B8-shallow-none": ([("vit", dict(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2))] * 4,
                            dict(batch=8, num_prompts=2, dispatcher="none", prompt_layers="shallow")),
+    "K3-batched-in-place-ckpt1": ([("vit", dict(img_size=48, patch_size=16, embed_dim=48, depth=4, num_heads=3, reg_tokens=2))] * 3,
+                                  dict(batch=3, num_prompts=4, checkpoint=1, execution="batched")),
     "K2-bf16-batched": ([("vit", dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2))] * 2,
                         dict(batch=2, num_prompts=2, expert_dtype=torch.bfloat16, execution="batched")),
 }

@@ -81,6 +81,21 @@ def test_dispatcher_backends_inside_the_model(backend, execution):
     assert fast.execution_plan()["dispatcher_backend_last_run"] == backend
 
 
+@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_batched_fused_dispatchers_write_into_the_sequences(backend, execution, monkeypatch):
+    """Batched, a fused dispatcher writes each prompt layer's IPTs into the experts' sequences in
+    place rather than concatenating new ones; per expert, the sequences are separate tensors."""
+    from pmoe_fast import dispatcher
+
+    calls = []
+    apply = dispatcher._DispatchInto.apply
+    monkeypatch.setattr(dispatcher._DispatchInto, "apply", lambda *args: calls.append(args[1]) or apply(*args))
+    experts = same_arch()
+    assert_matches_reference(experts, execution=execution, dispatcher_backend=backend)
+    assert len(calls) == (len(experts[0].blocks) if execution == "batched" else 0)  # a prompt layer per block
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 def test_attention_backends(attention):
     assert_matches_reference(same_arch(), attention=attention)
