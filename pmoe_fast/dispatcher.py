@@ -462,8 +462,11 @@ class _DispatchInto(torch.autograd.Function):
         saved, params = rest[: ctx.num_saved], rest[ctx.num_saved :]
         Np = prompts.shape[1]
         need_seq = ctx.needs_input_grad[1]
+        # The IPTs' gradient in the dtype the backends' forward returned them in (prompts'):
+        # the signatures their kernels are built and tested for.
+        grad_ipt = grad_seq[:, :, :Np].to(prompts.dtype)
         grad_prompts, grad_tokens, grad_prompt_out, param_grads = _fused_backward(
-            ctx.backend, grad_seq[:, :, :Np], prompts, seq[:, :, Np:], *ctx.tok_range, prompt_out, params,
+            ctx.backend, grad_ipt, prompts, seq[:, :, Np:], *ctx.tok_range, prompt_out, params,
             weights, saved, need_tokens=need_seq,
         )
         grad_in = None
