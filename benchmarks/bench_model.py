@@ -7,7 +7,9 @@ Providers (``pmoe_fast.bench.MODEL_PROVIDERS``): the reference (eager), ``torch.
 reference (skipped with the error when compiling fails), the fast model with its default plan
 and with the variants a profile lists (checkpointing, batched or stream execution, the torch
 dispatcher), and for inference one plain expert's own forward (``single-vit``: no prompts, in the
-profile's dtype), the latency a pMoE over K experts is compared with. In a bf16 profile the fast model keeps its frozen experts in bf16 and the reference
+profile's dtype), the latency a pMoE over K experts is compared with; on a GPU both also under
+``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs (``fast-graphed``,
+``single-vit-graphed``). In a bf16 profile the fast model keeps its frozen experts in bf16 and the reference
 runs under bf16 autocast. Weights are random: speed and memory do not depend on them.
 
 Each case is timed with pytest-benchmark after a first call (compilation, kernel selection) and
@@ -24,7 +26,7 @@ import pytest
 import torch
 
 from pmoe_fast import PMoE, vit
-from pmoe_fast.bench import Case, MODEL_PROVIDERS, REFERENCE_PROVIDER
+from pmoe_fast.bench import GRAPHED, Case, MODEL_PROVIDERS, REFERENCE_PROVIDER
 from pmoe_fast.memory import measure_step
 from pmoe_fast.reference import PMoE as Reference
 
@@ -36,7 +38,7 @@ def build(provider: str, K: int, Np: int, profile) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device(profile.device):
         experts = [vit.create_model(profile.arch, **profile.expert_kwargs()) for _ in range(K)]
-        if provider == "single-vit":
+        if provider.startswith("single-vit"):
             model = experts[0].to(getattr(torch, profile.dtype)).eval()
         elif provider.startswith("reference"):
             model = Reference(experts, num_classes=NUM_CLASSES, num_prompts=Np)
@@ -46,24 +48,26 @@ def build(provider: str, K: int, Np: int, profile) -> torch.nn.Module:
                 model = PMoE(experts, num_classes=NUM_CLASSES, num_prompts=Np, expert_dtype=expert_dtype, **MODEL_PROVIDERS[provider])
             except ValueError as e:  # a variant these experts cannot run, e.g. batched execution of one expert
                 pytest.skip(f"{provider}: {e}")
-    if provider == "reference-compiled":
+    if provider == "reference-compiled" or provider in GRAPHED:
         # Every case compiles the same forward at new shapes; past dynamo's recompile limit it
         # would quietly run eager. A fresh dynamo state per case keeps each one compiled.
         torch._dynamo.reset()
-        model = torch.compile(model)
+        model = torch.compile(model, mode="reduce-overhead" if provider in GRAPHED else "default")
     return model
 
 
 def test_model(benchmark, model_case, profile, environment):
     case = Case(**model_case)
     device = torch.device(profile.device)
-    if case.provider == "single-vit" and case.mode == "train":
-        pytest.skip("single-vit: a frozen expert alone has nothing to train; it is an inference provider")
+    if case.provider.startswith("single-vit") and case.mode == "train":
+        pytest.skip(f"{case.provider}: a frozen expert alone has nothing to train; it is an inference provider")
+    if case.provider in GRAPHED and (case.mode == "train" or device.type != "cuda"):
+        pytest.skip(f"{case.provider}: CUDA graphs, for inference on a GPU")
     model = build(case.provider, case.K, case.Np, profile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=profile.dtype == "bfloat16" and case.provider.startswith("reference"))
     images = torch.randn(case.B, 3, profile.img_size, profile.img_size, device=device)
-    if case.provider == "single-vit":  # a plain ViT takes images in its weights' dtype
+    if case.provider.startswith("single-vit"):  # a plain ViT takes images in its weights' dtype
         images = images.to(getattr(torch, profile.dtype))
     labels = torch.randint(0, NUM_CLASSES, (case.B,), device=device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, weight_decay=1e-5) if case.mode == "train" else None
@@ -90,7 +94,7 @@ def test_model(benchmark, model_case, profile, environment):
     try:
         step()  # compilation for the compiled provider, kernel selection and caches for all
     except Exception as e:
-        if case.provider != "reference-compiled":
+        if case.provider != "reference-compiled" and case.provider not in GRAPHED:
             raise
         message = str(e).strip()
         pytest.skip(f"torch.compile failed: {type(e).__name__}" + (f": {message.splitlines()[0]}" if message else ""))

@@ -61,7 +61,12 @@ MODEL_PROVIDERS: dict[str, dict[str, Any] | None] = {
     "fast-torch-dispatcher": {"dispatcher_backend": "torch"},
     # One expert's own forward, no prompts, in the profile's dtype: the latency floor for inference.
     "single-vit": None,
+    # Inference under torch.compile(mode="reduce-overhead"), which replays CUDA graphs: launch-bound
+    # small batches without the host's launch costs. CUDA only.
+    "fast-graphed": {},
+    "single-vit-graphed": None,
 }
+GRAPHED = ("fast-graphed", "single-vit-graphed")
 # The provider every other one is measured against, per benchmark.
 REFERENCE_PROVIDER = {"model": "reference", "dispatch": "torch"}
 MODES = {"model": ("train", "infer"), "dispatch": ("fwd", "fwd+bwd")}
@@ -195,6 +200,8 @@ PROFILES = {
                 *_points("model", "train", 9, 32, 10, ("reference", "fast", "fast-checkpoint")),
                 *_points("model", "infer", 2, 1, 10, ("reference", "reference-compiled", "fast")),
                 *_points("model", "infer", 1, 1, 10, ("reference", "single-vit")),
+                *_points("model", "infer", 2, 1, 10, ("fast-graphed",)),
+                *_points("model", "infer", 1, 1, 10, ("single-vit-graphed",)),
                 *_points("dispatch", "fwd+bwd", 6, 32, 50, ("torch", "triton", "cuda")),
                 *_points("dispatch", "fwd", 6, 32, 50, ("torch", "triton", "cuda")),
                 # The dispatcher's share of a K=6 training step: 12 prompt layers of this.
@@ -488,6 +495,7 @@ def _gpu_targets() -> tuple[Target, ...]:
         Target("issue 4: peak memory with checkpointing / reference's, K=6 B=32", _quotient(train(6, "fast-checkpoint"), train(6, "reference"), "peak_memory_bytes"), 0.35, False, "x"),
         Target("issue 4: K=9 ViT-B/16 at B=32 trains in under 16 GB (lowest fast peak)", _lowest_peak((train(9, "fast"), train(9, "fast-checkpoint"))), 16.0, False, " GB", strict=True),
         Target("issue 4: inference latency K=2 B=1 / one plain ViT-B/16", _quotient(Case("model", "infer", 2, 1, 10, "fast"), Case("model", "infer", 1, 1, 10, "single-vit"), "median"), 1.3, False, "x"),
+        Target("issue 4: the same, both under CUDA graphs (torch.compile reduce-overhead)", _quotient(Case("model", "infer", 2, 1, 10, "fast-graphed"), Case("model", "infer", 1, 1, 10, "single-vit-graphed"), "median"), 1.3, False, "x"),
     ]
     return tuple(out)
 
