@@ -249,7 +249,8 @@ class Dispatcher(nn.Module):
             seq with each expert's IPT (in seq's dtype) in its prompt slots, and weights
             (K, B, Np, K) as ``forward``. The fused kind "mlp" backends (triton, cuda, cpp) write
             the IPTs into ``seq`` itself, differentiably: the gradient of the Z_P they overwrite
-            comes from the dispatcher, and nothing else may have saved ``seq`` for backward. The
+            comes from the dispatcher, and nothing else may have saved ``seq`` for backward
+            (without gradients to compute, they read Z_P in place and keep nothing). The
             other backends return a new tensor, as concatenating IPT and Z would. Either way the
             result equals ``torch.cat([ipt.to(seq.dtype), seq[:, :, Np:]], 2)`` with ``ipt`` from
             ``forward(prompts, seq[:, :, Np:], seq[:, :, :Np] or None, num_prefix_tokens)``.
@@ -268,7 +269,12 @@ class Dispatcher(nn.Module):
                 start = prefix if self.pool == "patches" else [0] * len(prefix)
                 end = [tokens.shape[2]] * len(prefix)
                 params = [t for source in self.source_params() for t in source]
-                return _DispatchInto.apply(backend, seq, prompts, tuple(start), tuple(end), has_prompt_out, *params)
+                if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (seq, prompts, *params)):
+                    return _DispatchInto.apply(backend, seq, prompts, tuple(start), tuple(end), has_prompt_out, *params)
+                # Nothing to differentiate (inference): Z_P is read where it is, nothing is kept.
+                ipt, weights, _ = _fused_forward(backend, prompts, tokens, start, end, prompt_out, params)
+                slots.copy_(ipt)
+                return seq, weights
         ipt, weights = self(prompts, tokens, prompt_out, num_prefix_tokens)
         return torch.cat([ipt.to(seq.dtype), tokens], dim=2), weights
 

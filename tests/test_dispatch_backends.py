@@ -199,6 +199,23 @@ def test_dispatch_into_matches_concatenating_in_float64(backend, seq_dtype, hidd
         assert err <= 2 * err_plain + 1e-6 * g.abs().max().item() + 1e-12, f"{name}: {err:.3g} vs torch {err_plain:.3g}"
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("has_prompt_out", [True, False], ids=["prompt-out", "first-layer"])
+def test_dispatch_into_without_gradients_writes_in_place_too(backend, has_prompt_out):
+    """Inference: the slots' Z_P is read where it is and overwritten, nothing kept; the result is
+    the differentiable path's, bit for bit (both run the same kernels on the same values)."""
+    torch.manual_seed(0)
+    disp = Dispatcher(D, K, hidden=H, backend=backend)
+    prompts, seq, _ = make_inputs()
+    prompts, seq = prompts.float(), seq.float()
+    expected, w_expected = disp.dispatch_into(prompts.clone().requires_grad_(), seq.clone(), has_prompt_out, 1)
+    with torch.no_grad():
+        out, w = disp.dispatch_into(prompts, seq, has_prompt_out, 1)
+    assert out is seq and disp.last_backend == backend
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(w, w_expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["moe", "none"])
 def test_dispatch_into_other_kinds_concatenate(kind):
     torch.manual_seed(0)
