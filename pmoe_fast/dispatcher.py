@@ -259,6 +259,11 @@ class Dispatcher(nn.Module):
         if not isinstance(seq, torch.Tensor) or seq.dim() != 4 or seq.shape[2] <= Np:
             got = tuple(seq.shape) if isinstance(seq, torch.Tensor) else type(seq).__name__
             raise ValueError(f"seq must be (K, B, Np + T, D) with Np = prompts.shape[1] = {Np} slots and T >= 1 tokens, got {got}")
+        if seq.is_leaf and seq.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "seq is a leaf tensor that requires grad, and dispatch_into may write into it in place; "
+                "pass a tensor computed from it (e.g. seq.clone())"
+            )
         tokens, slots = seq[:, :, Np:], seq[:, :, :Np]
         prompt_out = slots if has_prompt_out else None
         if self.kind == "mlp":

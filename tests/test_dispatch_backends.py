@@ -227,10 +227,12 @@ def test_dispatch_into_other_kinds_concatenate(kind):
     torch.testing.assert_close(w, w_ref, rtol=0, atol=0)
 
 
-def test_dispatch_into_refuses_a_sequence_without_tokens():
+def test_dispatch_into_refuses_what_it_cannot_write_into():
     disp = Dispatcher(D, K, hidden=H).double()
     prompts, seq, _ = make_inputs()
     with pytest.raises(ValueError, match=r"seq must be \(K, B, Np \+ T, D\) with Np = prompts.shape\[1\] = 3 slots"):
         disp.dispatch_into(prompts, seq[:, :, :NP], True)
     with pytest.raises(ValueError, match=r"tokens must be \(K=3, B, T, D=100\)"):
         disp.dispatch_into(prompts, seq[:2], True)
+    with pytest.raises(ValueError, match=r"seq is a leaf tensor that requires grad.*seq.clone\(\)"):
+        disp.dispatch_into(prompts, seq.requires_grad_(), True)
