@@ -584,7 +584,27 @@ def _store_partial(
 
 
 # Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
-@triton.jit(do_not_specialize=["has_prompt_out", "need_grad_tokens"])
+@triton.jit
+def _store_grad_tokens(
+    dx,  # (BLOCK_T, BLOCK_DW) float32: dZ of tokens t, columns offs_dw
+    grad_base,  # dZ[k, b] out
+    add_base,  # grad_add[k, b]
+    t,
+    t_mask,
+    offs_dw,
+    dw_mask,
+    stride_grad_tokens_t,
+    stride_grad_add_t,
+    add_grad,
+):
+    """Store dZ, or dZ + grad_add when add_grad, for tokens t of one (k, b)."""
+    mask = t_mask[:, None] & dw_mask[None, :]
+    if add_grad:
+        dx += tl.load(add_base + t[:, None] * stride_grad_add_t + offs_dw[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_base + t[:, None] * stride_grad_tokens_t + offs_dw[None, :], dx.to(grad_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["has_prompt_out", "need_grad_tokens", "add_grad"])
 def _dispatch_bwd_kernel(
     prompts_ptr,  # (K, Np, D)
     tokens_ptr,  # (K, B, T, D), any strides with stride(-1) == 1
@@ -603,8 +623,9 @@ def _dispatch_bwd_kernel(
     w1z_ptr,  # (H, D) f_z
     w2z_ptr,  # (K, H) or (K, D)
     grad_prompts_ptr,  # (K, Np, D) out, contiguous, the prompts' dtype
-    grad_tokens_ptr,  # (K, B, T, D) out, contiguous, the tokens' dtype; a placeholder unless need_grad_tokens
-    grad_prompt_out_ptr,  # (K, B, Np, D) out, contiguous, the tokens' dtype; a placeholder without prompt_out
+    grad_tokens_ptr,  # (K, B, T, D) out, the tokens' dtype, stride(-1) == 1; a placeholder unless need_grad_tokens
+    grad_prompt_out_ptr,  # (K, B, Np, D) out, the tokens' dtype, stride(-1) == 1; a placeholder without prompt_out
+    grad_add_ptr,  # (K, B, T, D) the tokens' dtype, stride(-1) == 1: added to dZ when add_grad; else a placeholder
     partials_ptr,  # (R, C) out, float32: one row of weight gradients per row group
     stride_prompts_k,
     stride_prompts_n,
@@ -618,6 +639,15 @@ def _dispatch_bwd_kernel(
     stride_grad_b,
     stride_grad_n,
     stride_grad_d,  # autograd may hand over any strides: .sum()'s gradient is an expand, stride 0
+    stride_grad_tokens_k,
+    stride_grad_tokens_b,
+    stride_grad_tokens_t,
+    stride_grad_prompt_out_k,
+    stride_grad_prompt_out_b,
+    stride_grad_prompt_out_n,
+    stride_grad_add_k,
+    stride_grad_add_b,
+    stride_grad_add_t,
     stride_w1e_h,
     stride_w2e_k,
     stride_w1p_h,
@@ -638,6 +668,7 @@ def _dispatch_bwd_kernel(
     row_e0,  # first partial row of f_e (one per prompt group)
     has_prompt_out,  # 0 or 1, a run-time switch: one compiled variant serves both cases
     need_grad_tokens,  # 0 or 1: 0 skips writing dZ (K*B*T*D elements) when the tokens need none
+    add_grad,  # 0 or 1: 1 writes dZ + grad_add, the tokens' whole gradient, and saves a pass over it
     HAS_HIDDEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -680,7 +711,8 @@ def _dispatch_bwd_kernel(
                         K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_H, BLOCK_K,
                     )
                     tl.store(
-                        grad_prompt_out_ptr + row[:, None] * D + offs_dw[None, :],
+                        grad_prompt_out_ptr + k * stride_grad_prompt_out_k + b * stride_grad_prompt_out_b
+                        + n[:, None] * stride_grad_prompt_out_n + offs_dw[None, :],
                         dx.to(grad_prompt_out_ptr.dtype.element_ty),
                         mask=n_mask[:, None] & dw_mask[None, :],
                     )
@@ -706,7 +738,8 @@ def _dispatch_bwd_kernel(
                 dl_sum += tl.sum(dl, axis=0)
             dl_token = dl_sum / count
             tok_base = tokens_ptr + k * stride_tokens_k + b * stride_tokens_b
-            grad_base = grad_tokens_ptr + (k * B + b) * T * D
+            grad_base = grad_tokens_ptr + k * stride_grad_tokens_k + b * stride_grad_tokens_b
+            add_base = grad_add_ptr + k * stride_grad_add_k + b * stride_grad_add_b
             for t0 in range(start, end, BLOCK_T):
                 t = t0 + offs_t
                 t_mask = t < end
@@ -718,23 +751,25 @@ def _dispatch_bwd_kernel(
                     K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H, BLOCK_K,
                 )
                 if need_grad_tokens:
-                    tl.store(
-                        grad_base + t[:, None] * D + offs_dw[None, :],
-                        dx.to(grad_tokens_ptr.dtype.element_ty),
-                        mask=t_mask[:, None] & dw_mask[None, :],
+                    _store_grad_tokens(
+                        dx, grad_base, add_base, t, t_mask, offs_dw, dw_mask,
+                        stride_grad_tokens_t, stride_grad_add_t, add_grad,
                     )
             if need_grad_tokens:
-                # Tokens outside [start, end) do not enter the mean: their gradient is zero.
-                # Writing it here saves zero-filling all of dZ beforehand.
-                zeros = tl.zeros((BLOCK_T, BLOCK_DW), dtype=grad_tokens_ptr.dtype.element_ty)
+                # Tokens outside [start, end) do not enter the mean: dZ is zero there. Writing it
+                # here saves zero-filling all of dZ beforehand.
                 for t0 in range(0, start, BLOCK_T):
                     t = t0 + offs_t
-                    mask = (t < start)[:, None] & dw_mask[None, :]
-                    tl.store(grad_base + t[:, None] * D + offs_dw[None, :], zeros, mask=mask)
+                    _store_grad_tokens(
+                        tl.zeros((BLOCK_T, BLOCK_DW), dtype=tl.float32), grad_base, add_base, t, t < start,
+                        offs_dw, dw_mask, stride_grad_tokens_t, stride_grad_add_t, add_grad,
+                    )
                 for t0 in range(end, T, BLOCK_T):
                     t = t0 + offs_t
-                    mask = (t < T)[:, None] & dw_mask[None, :]
-                    tl.store(grad_base + t[:, None] * D + offs_dw[None, :], zeros, mask=mask)
+                    _store_grad_tokens(
+                        tl.zeros((BLOCK_T, BLOCK_DW), dtype=tl.float32), grad_base, add_base, t, t < T,
+                        offs_dw, dw_mask, stride_grad_tokens_t, stride_grad_add_t, add_grad,
+                    )
         _store_partial(
             partials_ptr + (row_z0 + pid_g) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
             K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
@@ -1041,14 +1076,19 @@ def _param_groups(sources: list[tuple[str, Params]]) -> dict[str, int]:
 
 def dispatch_bwd(
     grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights, hidden, params_e, params_p, params_z,
-    need_grad_tokens: bool = True,
+    need_grad_tokens: bool = True, grad_tokens=None, grad_tokens_add=None, grad_prompt_out=None,
 ):
     """Three launches; ``weights`` and ``hidden`` as dispatch_fwd returned them. Returns (dprompts,
     dtokens or None, dprompt_out or None, grads_e, grads_p, grads_z), each grads_s a
     (dW1, db1, dW2, db2) tuple, or None for a source that shares its
     parameters with an earlier one (its gradient is in the earlier one's) or that did not run
     (f_p without prompt_out). ``need_grad_tokens=False`` skips dZ, the largest write: the tokens
-    of a first prompt layer come from a frozen embedding and need no gradient."""
+    of a first prompt layer come from a frozen embedding and need no gradient.
+
+    ``grad_tokens`` (K, B, T, D) and ``grad_prompt_out`` (K, B, Np, D), tensors of the tokens'
+    dtype with stride(-1) == 1 (views into one larger gradient, say), receive dZ and dZ_P instead
+    of new tensors; with ``grad_tokens_add`` (K, B, T, D, same rules), dZ + grad_tokens_add is
+    written: the tokens' gradient from elsewhere added in the same pass."""
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     H = _hidden_width(params_e)
@@ -1074,8 +1114,13 @@ def dispatch_bwd(
     partials = torch.empty((row_e0 + n_groups, C), dtype=torch.float32, device=device)
     grad_prompts = torch.empty((K, Np, D), dtype=prompts.dtype, device=device)
     placeholder = torch.empty(0, dtype=tokens.dtype, device=device)  # for outputs not written
-    grad_tokens = torch.empty((K, B, T, D), dtype=tokens.dtype, device=device) if need_grad_tokens else None
-    grad_prompt_out = torch.empty((K, B, Np, D), dtype=prompt_out.dtype, device=device) if has_prompt_out else None
+    if need_grad_tokens and grad_tokens is None:
+        grad_tokens = torch.empty((K, B, T, D), dtype=tokens.dtype, device=device)
+    if has_prompt_out and grad_prompt_out is None:
+        grad_prompt_out = torch.empty((K, B, Np, D), dtype=prompt_out.dtype, device=device)
+    grad_tokens = grad_tokens if need_grad_tokens else None
+    grad_prompt_out = grad_prompt_out if has_prompt_out else None
+    add = need_grad_tokens and grad_tokens_add is not None
     pout = prompt_out if has_prompt_out else tokens
     pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
     (w1e, _, w2e), strides_e = _param_pointers(params_e)
@@ -1086,11 +1131,14 @@ def dispatch_bwd(
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *_hidden_pointers(hidden, device),
         w1e, w2e, w1p, w2p, w1z, w2z,
         grad_prompts, placeholder if grad_tokens is None else grad_tokens,
-        placeholder if grad_prompt_out is None else grad_prompt_out, partials,
+        placeholder if grad_prompt_out is None else grad_prompt_out, grad_tokens_add if add else placeholder, partials,
         *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides, *grad_ipt.stride(),
+        *(grad_tokens.stride()[:3] if grad_tokens is not None else (0, 0, 0)),
+        *(grad_prompt_out.stride()[:3] if grad_prompt_out is not None else (0, 0, 0)),
+        *(grad_tokens_add.stride()[:3] if add else (0, 0, 0)),
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, C, blocks["B_PER_PROG"], blocks["N_PER_PROG"], row_p0, row_z0, row_e0,
-        int(has_prompt_out), int(need_grad_tokens), HAS_HIDDEN=H > 0,
+        int(has_prompt_out), int(need_grad_tokens), int(add), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"],
         BLOCK_DW=blocks["BLOCK_DW"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, BLOCK_KB=blocks["BLOCK_KB"],
         num_warps=_NUM_WARPS["bwd"], num_stages=_NUM_STAGES["bwd"],
@@ -1271,7 +1319,7 @@ _POINTER_DTYPES = {
     "w1p_ptr": "param", "b1p_ptr": "param", "w2p_ptr": "param", "b2p_ptr": "param",
     "w1z_ptr": "param", "b1z_ptr": "param", "w2z_ptr": "param", "b2z_ptr": "param",
     "ipt_ptr": "param", "weights_ptr": "fp32", "grad_ipt_ptr": "param", "dlogits_ptr": "fp32",
-    "grad_prompts_ptr": "param", "grad_tokens_ptr": "act", "grad_prompt_out_ptr": "act",
+    "grad_prompts_ptr": "param", "grad_tokens_ptr": "act", "grad_prompt_out_ptr": "act", "grad_add_ptr": "act",
     "partials_ptr": "fp32", "out_ptr": "param", "hidden_e_ptr": "fp32", "hidden_p_ptr": "fp32",
     "hidden_z_ptr": "fp32", "logits_e_ptr": "fp32", "arrivals_ptr": "i32",
 }

@@ -471,23 +471,9 @@ class _DispatchInto(torch.autograd.Function):
             return (None,) * (6 + 12)
         seq, prompts, prompt_out, weights, *rest = ctx.saved_tensors
         saved, params = rest[: ctx.num_saved], rest[ctx.num_saved :]
-        Np = prompts.shape[1]
-        need_seq = ctx.needs_input_grad[1]
-        # The IPTs' gradient in the dtype the backends' forward returned them in (prompts'):
-        # the signatures their kernels are built and tested for.
-        grad_ipt = grad_seq[:, :, :Np].to(prompts.dtype)
-        grad_prompts, grad_tokens, grad_prompt_out, param_grads = _fused_backward(
-            ctx.backend, grad_ipt, prompts, seq[:, :, Np:], *ctx.tok_range, prompt_out, params,
-            weights, saved, need_tokens=need_seq,
+        grad_prompts, grad_in, param_grads = _fused_backward(
+            ctx.backend, grad_seq, prompts, seq, *ctx.tok_range, prompt_out, params, weights, saved, ctx.needs_input_grad[1]
         )
-        grad_in = None
-        if need_seq:  # the slots' gradient is Z_P's (zero at the first prompt layer), the tokens' gets f_z's added
-            grad_in = torch.empty(grad_seq.shape, dtype=grad_seq.dtype, device=grad_seq.device)
-            if grad_prompt_out is None:
-                grad_in[:, :, :Np].zero_()
-            else:
-                grad_in[:, :, :Np].copy_(grad_prompt_out)
-            torch.add(grad_seq[:, :, Np:], grad_tokens, out=grad_in[:, :, Np:])
         needs = ctx.needs_input_grad[6:]
         param_grads = [g if need else None for g, need in zip(param_grads, needs)]
         return (None, grad_in, grad_prompts if ctx.needs_input_grad[2] else None, None, None, None, *param_grads)
@@ -507,31 +493,48 @@ def _fused_forward(backend, prompts, tokens, tok_start, tok_end, prompt_out, par
     return ipt, weights, (z_act, z_mean)
 
 
-def _fused_backward(backend, grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, params, weights, saved, need_tokens):
-    """The backward matching ``_fused_forward``: (dprompts, dtokens or None when not
-    ``need_tokens``, dprompt_out or None without prompt_out, the 12 parameters' gradients, None
-    for a source that did not run or whose gradient an earlier source sharing its tensors holds)."""
+def _fused_backward(backend, grad_seq, prompts, seq, tok_start, tok_end, prompt_out, params, weights, saved, need_seq):
+    """``_DispatchInto``'s backward through a fused backend: (dprompts; the gradient of the
+    sequence as it was before the IPTs were written into it, None unless ``need_seq``: dZ_P in the
+    slots, zero without prompt_out, and in the other rows the tokens' gradient ``grad_seq``
+    brought plus dZ; the 12 parameters' gradients, None for a source that did not run or whose
+    gradient an earlier source sharing its tensors holds)."""
+    Np = prompts.shape[1]
+    grad_seq = grad_seq if grad_seq.stride(-1) == 1 else grad_seq.contiguous()  # e.g. a .sum()'s expand
+    # The IPTs' gradient in the dtype the forward returned them in (prompts'): the signatures the
+    # kernels are built and tested for.
+    grad_ipt = grad_seq[:, :, :Np].to(prompts.dtype)
+    tokens, has_prompt_out = seq[:, :, Np:], prompt_out is not None
+    grad_in = torch.empty(grad_seq.shape, dtype=grad_seq.dtype, device=grad_seq.device) if need_seq else None
+    if need_seq and not has_prompt_out:
+        grad_in[:, :, :Np].zero_()
     if backend == "triton":
         from pmoe_fast.kernels.dispatch import dispatch_bwd
 
-        grad_prompts, grad_tokens, grad_prompt_out, *grads = dispatch_bwd(
+        # The kernel writes dZ_P and dZ + grad_seq's token rows straight into grad_in.
+        grad_prompts, _, _, *grads = dispatch_bwd(
             grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights, tuple(saved),
-            params[0:4], params[4:8], params[8:12], need_grad_tokens=need_tokens,
+            params[0:4], params[4:8], params[8:12], need_grad_tokens=need_seq,
+            grad_tokens=grad_in[:, :, Np:] if need_seq else None, grad_tokens_add=grad_seq[:, :, Np:],
+            grad_prompt_out=grad_in[:, :, :Np] if need_seq else None,
         )
-        return grad_prompts, grad_tokens, grad_prompt_out, [g for source in grads for g in (source or (None,) * 4)]
+        return grad_prompts, grad_in, [g for source in grads for g in (source or (None,) * 4)]
     w1, b1, w2, b2 = (list(params[i::4]) for i in range(4))
-    has_prompt_out = prompt_out is not None
     grad_prompts, grad_tokens, grad_prompt_out, gw1, gb1, gw2, gb2 = torch.ops.pmoe_fast.dispatch_mlp_backward(
         grad_ipt, prompts, tokens, list(tok_start), list(tok_end), prompt_out, w1, b1, w2, b2,
-        weights, *saved, [True, need_tokens, has_prompt_out],
+        weights, *saved, [True, need_seq, has_prompt_out and need_seq],
     )
+    if need_seq:
+        if has_prompt_out:
+            grad_in[:, :, :Np].copy_(grad_prompt_out)
+        torch.add(grad_seq[:, :, Np:], grad_tokens, out=grad_in[:, :, Np:])
     hidden = w1[0] is not None
     grads = []
     for s in range(3):
         ran = s != 1 or has_prompt_out  # f_p sees no rows without prompt_out
-        group = (gw1[s] if hidden else None, gb1[s] if hidden else None, gw2[s], gb2[s])
-        grads += group if ran else (None,) * 4
-    return grad_prompts, grad_tokens if need_tokens else None, grad_prompt_out if has_prompt_out else None, grads
+        grads += (gw1[s] if hidden else None, gb1[s] if hidden else None, gw2[s], gb2[s]) if ran else (None,) * 4
+    return grad_prompts, grad_in, grads
+
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     """Softmax and fusion accumulate in float32, or float64 when the inputs are float64."""

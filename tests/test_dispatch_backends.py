@@ -236,3 +236,20 @@ def test_dispatch_into_refuses_what_it_cannot_write_into():
         disp.dispatch_into(prompts, seq[:2], True)
     with pytest.raises(ValueError, match=r"seq is a leaf tensor that requires grad.*seq.clone\(\)"):
         disp.dispatch_into(prompts, seq.requires_grad_(), True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dispatch_into_takes_any_gradient_layout(backend):
+    """A loss of .sum() hands backward an expanded gradient (every stride 0)."""
+    torch.manual_seed(0)
+    ref = Dispatcher(D, K, hidden=H, pool="patches", backend="torch")
+    fused = Dispatcher(D, K, hidden=H, pool="patches", backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    prompts, seq, _ = make_inputs()
+    grads = []
+    for disp in (ref, fused):
+        leaf = seq.float().requires_grad_()
+        out, _ = disp.dispatch_into(prompts.float(), leaf * 1, True, 2)
+        out.sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
