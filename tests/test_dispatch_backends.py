@@ -35,6 +35,18 @@ def run(disp, prompts, seq, prompt_out, dtype, use_prompt_out, prefix):
     return [ipt, w] + grads
 
 
+def assert_within_the_rule(names, gold, plain, out):
+    """STYLE.md's rule: each fused result off the float64 torch result by at most twice the torch
+    backend's own error at the same dtypes, plus a small floor."""
+    for name, g, p, o in zip(names, gold, plain, out):
+        if g is None:  # a source f that got no input (the prompt-output MLP without prompt_out)
+            assert p is None and (o is None or not o.abs().any()), name
+            continue
+        err_plain = (p.double() - g).abs().max().item()
+        err = (o.double() - g).abs().max().item()
+        assert err <= 2 * err_plain + 1e-6 * g.abs().max().item() + 1e-12, f"{name}: {err:.3g} vs torch {err_plain:.3g}"
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "hidden,separate,pool,use_prompt_out",
@@ -54,14 +66,7 @@ def test_fused_backend_matches_torch_in_float64(backend, hidden, separate, pool,
     names = ["ipt", "weights", "prompts", "tokens"] + (["prompt_out"] if use_prompt_out else []) + [
         n for n, _ in fused.named_parameters()
     ]
-    for name, g, p, o in zip(names, gold, plain, out):
-        if g is None:  # a source f that got no input (the prompt-output MLP without prompt_out)
-            assert p is None and (o is None or not o.abs().any()), name
-            continue
-        err_plain = (p.double() - g).abs().max().item()
-        err = (o.double() - g).abs().max().item()
-        assert err <= 2 * err_plain + 1e-6 * g.abs().max().item() + 1e-12, f"{name}: {err:.3g} vs torch fp32 {err_plain:.3g}"
-
+    assert_within_the_rule(names, gold, plain, out)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -190,13 +195,7 @@ def test_dispatch_into_matches_concatenating_in_float64(backend, seq_dtype, hidd
     out = run_into(fused, prompts, seq, torch.float32, seq_dtype, *args)
     assert fused.last_backend == backend and out[0].dtype == seq_dtype
     names = ["seq", "weights", "prompts", "seq grad"] + [n for n, _ in fused.named_parameters()]
-    for name, g, p, o in zip(names, gold, plain, out):
-        if g is None:  # the prompt-output MLP at a first prompt layer
-            assert p is None and (o is None or not o.abs().any()), name
-            continue
-        err_plain = (p.double() - g).abs().max().item()
-        err = (o.double() - g).abs().max().item()
-        assert err <= 2 * err_plain + 1e-6 * g.abs().max().item() + 1e-12, f"{name}: {err:.3g} vs torch {err_plain:.3g}"
+    assert_within_the_rule(names, gold, plain, out)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
