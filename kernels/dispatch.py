@@ -1035,7 +1035,6 @@ def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, para
     partials = torch.empty((K * B, chunks, K), dtype=torch.float32, device=device)
     arrivals = torch.zeros(K * B, dtype=torch.int32, device=device)
     pout = prompt_out if has_prompt_out else tokens
-    pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
     ptrs_e, strides_e = _param_pointers(params_e)
     ptrs_p, strides_p = _param_pointers(params_p)
     ptrs_z, strides_z = _param_pointers(params_z)
@@ -1045,7 +1044,7 @@ def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, para
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
         ipt, weights, *_hidden_pointers(hidden, device),
         logits_e, partials, arrivals,
-        *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides,
+        *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out),
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, chunks,
         int(has_prompt_out), HAS_HIDDEN=H > 0,
@@ -1053,6 +1052,12 @@ def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, para
         BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, num_warps=_NUM_WARPS["fwd"], num_stages=_NUM_STAGES["fwd"],
     )
     return ipt, weights, hidden
+
+
+def outer_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """The strides of a (K, B, rows, D) kernel argument's first three dimensions (its last has
+    stride 1), or zeros for one the kernel does not read (None)."""
+    return (0, 0, 0) if t is None else tuple(t.stride()[:3])
 
 
 def _hidden_pointers(hidden: tuple, device: torch.device) -> list:
@@ -1120,9 +1125,8 @@ def dispatch_bwd(
         grad_prompt_out = torch.empty((K, B, Np, D), dtype=prompt_out.dtype, device=device)
     grad_tokens = grad_tokens if need_grad_tokens else None
     grad_prompt_out = grad_prompt_out if has_prompt_out else None
-    add = need_grad_tokens and grad_tokens_add is not None
+    grad_tokens_add = grad_tokens_add if need_grad_tokens else None
     pout = prompt_out if has_prompt_out else tokens
-    pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
     (w1e, _, w2e), strides_e = _param_pointers(params_e)
     (w1p, _, w2p), strides_p = _param_pointers(params_p)
     (w1z, _, w2z), strides_z = _param_pointers(params_z)
@@ -1130,15 +1134,12 @@ def dispatch_bwd(
     _dispatch_bwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *_hidden_pointers(hidden, device),
         w1e, w2e, w1p, w2p, w1z, w2z,
-        grad_prompts, placeholder if grad_tokens is None else grad_tokens,
-        placeholder if grad_prompt_out is None else grad_prompt_out, grad_tokens_add if add else placeholder, partials,
-        *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides, *grad_ipt.stride(),
-        *(grad_tokens.stride()[:3] if grad_tokens is not None else (0, 0, 0)),
-        *(grad_prompt_out.stride()[:3] if grad_prompt_out is not None else (0, 0, 0)),
-        *(grad_tokens_add.stride()[:3] if add else (0, 0, 0)),
+        grad_prompts, *(placeholder if t is None else t for t in (grad_tokens, grad_prompt_out, grad_tokens_add)), partials,
+        *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *grad_ipt.stride(),
+        *outer_strides(grad_tokens), *outer_strides(grad_prompt_out), *outer_strides(grad_tokens_add),
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, C, blocks["B_PER_PROG"], blocks["N_PER_PROG"], row_p0, row_z0, row_e0,
-        int(has_prompt_out), int(need_grad_tokens), int(add), HAS_HIDDEN=H > 0,
+        int(has_prompt_out), int(need_grad_tokens), int(grad_tokens_add is not None), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"],
         BLOCK_DW=blocks["BLOCK_DW"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, BLOCK_KB=blocks["BLOCK_KB"],
         num_warps=_NUM_WARPS["bwd"], num_stages=_NUM_STAGES["bwd"],

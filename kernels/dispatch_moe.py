@@ -1070,7 +1070,6 @@ def dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, 
     gates_z = torch.empty((K, B, T, M), dtype=torch.float32, device=device)
     f_ep = torch.empty((2, K, B, Np, K), dtype=torch.float32, device=device)
     pout = prompt_out if has_prompt_out else tokens
-    pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
     ptrs_e, strides_e = _param_pointers(params_e)
     ptrs_p, strides_p = _param_pointers(params_p)
     ptrs_z, strides_z = _param_pointers(params_z)
@@ -1078,7 +1077,7 @@ def dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, 
         prompts, tokens, pout, kd._token_ranges(tok_start, tok_end, device),
         *ptrs_e, *ptrs_p, *ptrs_z,
         ipt, weights, stats, gates_e, gates_e if gates_p is None else gates_p, gates_z, f_ep,
-        *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides,
+        *prompts.stride()[:2], *tokens.stride()[:3], *kd.outer_strides(prompt_out),
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, M, top_k, int(has_prompt_out),
         *_aux_scales(K, B, Np, tok_start, tok_end, has_prompt_out, shared, M, top_k),
@@ -1127,7 +1126,6 @@ def dispatch_moe_bwd(
     grad_tokens = torch.empty((K, B, T, D), dtype=tokens.dtype, device=device) if need_grad_tokens else None
     grad_prompt_out = torch.empty((K, B, Np, D), dtype=prompt_out.dtype, device=device) if has_prompt_out else None
     pout = prompt_out if has_prompt_out else tokens
-    pout_strides = prompt_out.stride()[:3] if has_prompt_out else (0, 0, 0)
     ptrs_e, strides_e = _param_pointers(params_e)
     ptrs_p, strides_p = _param_pointers(params_p)
     ptrs_z, strides_z = _param_pointers(params_z)
@@ -1139,7 +1137,7 @@ def dispatch_moe_bwd(
         *_no_router_bias(ptrs_e), *_no_router_bias(ptrs_p), *_no_router_bias(ptrs_z),
         grad_prompts, placeholder if grad_tokens is None else grad_tokens,
         placeholder if grad_prompt_out is None else grad_prompt_out, partials,
-        *prompts.stride()[:2], *tokens.stride()[:3], *pout_strides, *grad_ipt.stride(),
+        *prompts.stride()[:2], *tokens.stride()[:3], *kd.outer_strides(prompt_out), *grad_ipt.stride(),
         coef.stride(0) if coef.dim() == 2 else 0,
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, M, top_k, C, blocks["B_PER_PROG"], blocks["N_PER_PROG"], row_p0, row_z0, row_e0,
