@@ -99,6 +99,7 @@ class PMoE(ReferencePMoE):
             raise ValueError("execution='batched' cannot serve these experts: " + "; ".join(self._batched_reasons))
         self.last_execution: str | None = None  # what the last forward ran
         self._stack_names: list[list[str]] = []
+        self._block_weights: list[dict[str, Any]] = []  # per layer, views of the stacks as the batched block reads them
         self._streams: list[torch.cuda.Stream] = []
         if execution in ("auto", "batched") and not self._batched_reasons:
             self._stack_expert_weights()
@@ -185,11 +186,13 @@ class PMoE(ReferencePMoE):
         self._tie_experts_to_stacks()
 
     def _tie_experts_to_stacks(self) -> None:
+        self._block_weights = []
         for l, names in enumerate(self._stack_names):
-            for name in names:
-                stack = self.get_buffer(_buffer_name(l, name))
+            stacks = {name: self.get_buffer(_buffer_name(l, name)) for name in names}
+            for name, stack in stacks.items():
                 for k in range(self.num_experts):
                     self.experts[k].blocks[l].get_parameter(name).data = stack[k]
+            self._block_weights.append(_block_weights(stacks))
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() convert parameters and buffers separately: re-point the
@@ -331,29 +334,29 @@ class PMoE(ReferencePMoE):
         K, B, T, D = x.shape
         block = self.experts[0].blocks[l]  # structure and hyper-parameters; weights from the stacks
         attn = block.attn
-        W = {name: self.get_buffer(_buffer_name(l, name)) for name in self._stack_names[l]}
+        W = self._block_weights[l]
         heads, hd = attn.num_heads, attn.head_dim
 
-        h = _layer_norm(x, W, "norm1", block.norm1.eps)
+        h = _layer_norm(x, W["norm1"], block.norm1.eps)
         if rows is None:
-            qkv = _linear(h.view(K, B * T, D), W, "attn.qkv").view(K * B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            qkv = _linear(h.view(K, B * T, D), W["attn.qkv"]).view(K * B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)  # (K * B, heads, T, hd): one attention call over K x B sequences
         else:
             x = x[:, :, rows]
             R = x.shape[2]
-            q = _linear(h[:, :, rows].reshape(K, B * R, D), W, "attn.qkv", slice(0, D))
+            q = _linear(h[:, :, rows].reshape(K, B * R, D), W["attn.qkv"], slice(0, D))
             q = q.view(K * B, R, heads, hd).transpose(1, 2)
-            kv = _linear(h.view(K, B * T, D), W, "attn.qkv", slice(D, 3 * D))
+            kv = _linear(h.view(K, B * T, D), W["attn.qkv"], slice(D, 3 * D))
             k, v = kv.view(K * B, T, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         R = x.shape[2]
         backend = attention_backends.resolve(self.attention, q)
         o = attention_backends.attention(q, k, v, hd**-0.5 if scale is None else scale, backend)
-        o = _linear(o.transpose(1, 2).reshape(K, B * R, heads * hd), W, "attn.proj")
-        x = x + _layer_scale(o, W, "ls1").view(K, B, R, D)
+        o = _linear(o.transpose(1, 2).reshape(K, B * R, heads * hd), W["attn.proj"])
+        x = x + _layer_scale(o, W["ls1"]).view(K, B, R, D)
 
-        h = _layer_norm(x, W, "norm2", block.norm2.eps).view(K, B * R, D)
-        h = _linear(block.mlp.act(_linear(h, W, "mlp.fc1")), W, "mlp.fc2")
-        return x + _layer_scale(h, W, "ls2").view(K, B, R, D)
+        h = _layer_norm(x, W["norm2"], block.norm2.eps).view(K, B * R, D)
+        h = _linear(block.mlp.act(_linear(h, W["mlp.fc1"])), W["mlp.fc2"])
+        return x + _layer_scale(h, W["ls2"]).view(K, B, R, D)
 
 
 def _buffer_name(layer: int, name: str) -> str:
@@ -373,21 +376,38 @@ def _stack_if_equal(tokens: list[torch.Tensor]) -> torch.Tensor | list[torch.Ten
     return torch.stack(tokens) if len({t.shape for t in tokens}) == 1 else tokens
 
 
-def _linear(x: torch.Tensor, W: dict, name: str, outputs: slice = slice(None)) -> torch.Tensor:
-    """Per-expert linear layer: x (K, R, in) @ weight (K, out, in)^T + bias (K, out), for the
+def _block_weights(stacks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One layer's stacked weights as ``_batched_block`` reads them, as views made once (each
+    view is host time at every call of a launch-bound block): per linear layer (weight^T (K, in,
+    out), bias (K, 1, out) or None), per LayerNorm (weight, bias) as (K, 1, 1, D), per LayerScale
+    gamma (K, 1, D) or None."""
+    out: dict[str, Any] = {}
+    for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        bias = stacks.get(f"{name}.bias")
+        out[name] = (stacks[f"{name}.weight"].transpose(1, 2), None if bias is None else bias.unsqueeze(1))
+    for name in ("norm1", "norm2"):
+        out[name] = (stacks[f"{name}.weight"][:, None, None], stacks[f"{name}.bias"][:, None, None])
+    for name in ("ls1", "ls2"):
+        gamma = stacks.get(f"{name}.gamma")
+        out[name] = None if gamma is None else gamma.unsqueeze(1)
+    return out
+
+
+def _linear(x: torch.Tensor, linear: tuple, outputs: slice | None = None) -> torch.Tensor:
+    """Per-expert linear layer: x (K, R, in) @ weight^T (K, in, out) + bias (K, 1, out), for the
     output features ``outputs`` only."""
-    bias = W.get(f"{name}.bias")
-    weight = W[f"{name}.weight"][:, outputs].transpose(1, 2)
-    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias[:, outputs].unsqueeze(1), x, weight)
+    weight_t, bias = linear
+    if outputs is not None:
+        weight_t, bias = weight_t[:, :, outputs], None if bias is None else bias[:, :, outputs]
+    return torch.bmm(x, weight_t) if bias is None else torch.baddbmm(bias, x, weight_t)
 
 
-def _layer_norm(x: torch.Tensor, W: dict, name: str, eps: float) -> torch.Tensor:
-    """LayerNorm with each expert's own affine parameters: x (K, B, T, D)."""
-    weight, bias = W[f"{name}.weight"], W[f"{name}.bias"]
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * weight[:, None, None] + bias[:, None, None]
+def _layer_norm(x: torch.Tensor, affine: tuple, eps: float) -> torch.Tensor:
+    """LayerNorm with each expert's own affine parameters (K, 1, 1, D): x (K, B, T, D)."""
+    weight, bias = affine
+    return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=eps), weight)
 
 
-def _layer_scale(x: torch.Tensor, W: dict, name: str) -> torch.Tensor:
-    """timm's LayerScale (gamma per channel) when the block has one: x (K, R, D)."""
-    gamma = W.get(f"{name}.gamma")
-    return x if gamma is None else x * gamma.unsqueeze(1)
+def _layer_scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """timm's LayerScale (gamma (K, 1, D) per channel) when the block has one: x (K, R, D)."""
+    return x if gamma is None else x * gamma

@@ -238,10 +238,11 @@ def test_xformers_says_why_it_cannot_serve_on_cpu():
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_torch_compile_inference(mode, device):
+@pytest.mark.parametrize("execution", ["auto", "batched"])
+def test_torch_compile_inference(mode, device, execution):
     """The inference path compiles (reduce-overhead captures CUDA graphs on a GPU; on a CPU it
-    compiles without them) and matches eager."""
-    model = PMoE(same_arch(2), **CONFIG).to(device).eval()
+    compiles without them) and matches eager; "auto" runs the experts one by one on a CPU."""
+    model = PMoE(same_arch(2), **CONFIG, execution=execution).to(device).eval()
     x = torch.randn(2, 3, IMG, IMG, device=device)
     with torch.no_grad():
         expected = model(x)
