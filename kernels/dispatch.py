@@ -21,14 +21,16 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   prompt_out); K*B*S_T programs each take a chunk of BLOCK_T tokens of one (k, b) and keep the sum
   over its tokens of f_z - b2 (K floats). Splitting the tokens gives K*B*S_T programs (768 at the
   target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197 tokens.
-  Every program stores the pre-activations x W1^T + b1 of its rows in float32 (K*B*T*H floats
-  for the tokens, 9.7 MB at the target against 58 MB of tokens): the backward reads them instead
-  of recomputing them from all of D. Then each program counts itself done with the (k, b) it
-  served (an atomic counter per (k, b); f_e's programs count for every b), and the program that
-  completes a count, whichever it is, finishes that (k, b): it sums the chunks' partial logits in
-  a fixed order (the result does not depend on which program finishes), takes the softmax over K
-  and writes weights and ipt. Reads K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D (P, L2-resident);
-  writes K*B*Np*(D+K) elements and K*B*(T+Np)*H floats.
+  When a backward will follow, every program stores the pre-activations x W1^T + b1 of its rows
+  in float32 (K*B*T*H floats for the tokens, 9.7 MB at the target against 58 MB of tokens): the
+  backward reads them instead of recomputing them from all of D. Then each program counts itself
+  done with the (k, b) it served (an atomic counter per (k, b); f_e's programs count for every
+  b), and the program that completes a count, whichever it is, finishes that (k, b): it sums the
+  chunks' partial logits in a fixed order (the result does not depend on which program
+  finishes), takes the softmax over K and writes weights and ipt, into a new tensor or into the
+  prompt slots of the experts' sequences, where Z_P was (``Dispatcher.dispatch_into``). Reads
+  K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D (P, L2-resident); writes K*B*Np*(D+K) elements,
+  and K*B*(T+Np)*H floats for a backward.
 * Backward, THREE launches:
   1. grid (K, B): dlogits = weights * (dweights - <weights, dweights>), with
      dweights[j] = <grad_ipt, P[j]>. Reads grad_ipt once (K*B*Np*D) and P (L2); writes
@@ -65,6 +67,7 @@ from __future__ import annotations
 import functools
 import os
 import types
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +190,7 @@ def _mlp_rows(
     x_ptrs,  # (BLOCK_R,) pointers to the first element of each row, each row D contiguous
     row_mask,  # (BLOCK_R,)
     h_ptrs,  # (BLOCK_R,) pointers to each row's H pre-activations (out, float32); unused when H = 0
+    save_hidden,  # 0 or 1: whether to store the pre-activations (1 when a backward will read them)
     w1_ptr,  # (H, D)
     stride_w1_h,
     b1_ptr,  # (H,)
@@ -202,15 +206,16 @@ def _mlp_rows(
     BLOCK_K: tl.constexpr,
 ):
     """f(x) - b2 for one tile of rows: (BLOCK_R, BLOCK_K) float32, zero in masked rows. With a
-    hidden layer it also stores the pre-activations x W1^T + b1, which the backward reads instead
-    of recomputing them from all of D."""
+    hidden layer and ``save_hidden`` it also stores the pre-activations x W1^T + b1, which the
+    backward reads instead of recomputing them from all of D."""
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     if HAS_HIDDEN:
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         h = _hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H)
-        tl.store(h_ptrs[:, None] + offs_h[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
+        if save_hidden:
+            tl.store(h_ptrs[:, None] + offs_h[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
         a = tl.where(row_mask[:, None], _gelu(h), 0.0)
         w2t = tl.load(
             w2_ptr + offs_k[None, :] * stride_w2_k + offs_h[:, None],
@@ -241,7 +246,7 @@ def _softmax_and_mix(
     row,  # (BLOCK_N,) their rows of (K, B, Np)
     prompts_ptr,  # (K, Np, D)
     weights_ptr,  # (K, B, Np, K) out, float32, contiguous
-    ipt_ptr,  # (K, B, Np, D) out, contiguous
+    ipt_rows,  # (BLOCK_N,) out: pointers to the first element of each prompt's IPT row, D contiguous
     stride_prompts_k,
     stride_prompts_n,
     K,
@@ -268,11 +273,11 @@ def _softmax_and_mix(
             w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
             p_j = tl.load(prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :], mask=mask, other=0.0)
             acc += w_j[:, None] * p_j.to(tl.float32)
-        tl.store(ipt_ptr + row[:, None] * D + d[None, :], acc.to(ipt_ptr.dtype.element_ty), mask=mask)
+        tl.store(ipt_rows[:, None] + d[None, :], acc.to(ipt_rows.dtype.element_ty), mask=mask)
 
 
 # Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
-@triton.jit(do_not_specialize=["has_prompt_out"])
+@triton.jit(do_not_specialize=["has_prompt_out", "save_hidden"])
 def _dispatch_fwd_kernel(
     prompts_ptr,  # (K, Np, D) P
     tokens_ptr,  # (K, B, T, D) Z, any strides with stride(-1) == 1
@@ -290,13 +295,14 @@ def _dispatch_fwd_kernel(
     b1z_ptr,  # (H,)
     w2z_ptr,  # (K, H) or (K, D)
     b2z_ptr,  # (K,)
-    ipt_ptr,  # (K, B, Np, D) out, contiguous, the prompts' dtype
+    ipt_ptr,  # (K, B, Np, D) out, any strides with stride(-1) == 1: the prompts' dtype, or the
+    #           tokens' when it is the prompt slots of their sequences (and may be prompt_out itself)
     weights_ptr,  # (K, B, Np, K) out, contiguous, float32; f_p's logits until a (k, b) finishes
     hidden_e_ptr,  # (K, Np, H) out, float32: f_e's pre-activations; the three hidden_* are
-    hidden_p_ptr,  # (K, B, Np, H) out: f_p's     placeholders when HAS_HIDDEN is False, and
-    hidden_z_ptr,  # (K, B, T, H) out: f_z's      hidden_p when has_prompt_out is 0
-    logits_e_ptr,  # (K, Np, K) float32 scratch: f_e(P[k, n])
-    partials_ptr,  # (K * B, S_T, K) float32 scratch: per token chunk, the sum of f_z - b2_z
+    hidden_p_ptr,  # (K, B, Np, H) out: f_p's     placeholders when save_hidden is 0 or HAS_HIDDEN
+    hidden_z_ptr,  # (K, B, T, H) out: f_z's      is False, and hidden_p when has_prompt_out is 0
+    scratch_ptr,  # float32 scratch: f_e(P[k, n]) (K, Np, K) at 0, then at the next multiple of 4
+    #               elements the per-token-chunk sums of f_z - b2_z (K * B, S_T, K)
     arrivals_ptr,  # (K * B,) int32, zero on entry: how many programs are done with (k, b)
     stride_prompts_k,
     stride_prompts_n,
@@ -306,6 +312,9 @@ def _dispatch_fwd_kernel(
     stride_prompt_out_k,
     stride_prompt_out_b,
     stride_prompt_out_n,
+    stride_ipt_k,
+    stride_ipt_b,
+    stride_ipt_n,
     stride_w1e_h,
     stride_w2e_k,
     stride_w1p_h,
@@ -320,6 +329,7 @@ def _dispatch_fwd_kernel(
     H,
     S_T,  # token chunks of BLOCK_T rows per (k, b): ceil(max_k (end_k - start_k) / BLOCK_T)
     has_prompt_out,  # 0 or 1, a run-time switch: one compiled variant serves both cases
+    save_hidden,  # 0 or 1, a run-time switch: store the pre-activations (hidden_*) for a backward
     HAS_HIDDEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -331,8 +341,12 @@ def _dispatch_fwd_kernel(
     prompt_out) f_p over Z_P[k, b]; then K * B * S_T token chunks (k, b, s), each f_z over BLOCK_T
     tokens. Each stores its logits (or their sum over its tokens), then counts itself done with
     the (k, b) it served (f_e: every b). The program that completes the count of a (k, b), whichever
-    it is, finishes it: softmax over the K experts and the mixture of the EPTs."""
+    it is, finishes it: softmax over the K experts and the mixture of the EPTs. Only the finishing
+    program of a (k, b) writes its IPT rows, after f_p has read Z_P[k, b]: the IPT may overwrite
+    Z_P in place."""
     pid = tl.program_id(0)
+    logits_e_ptr = scratch_ptr
+    partials_ptr = scratch_ptr + (K * Np * K + 3) // 4 * 4
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     offs_n = tl.arange(0, BLOCK_N)
@@ -343,7 +357,7 @@ def _dispatch_fwd_kernel(
             n = n0 + offs_n
             n_mask = n < Np
             logits = _mlp_rows(
-                prompts_ptr + k * stride_prompts_k + n * stride_prompts_n, n_mask, hidden_e_ptr + (k * Np + n) * H,
+                prompts_ptr + k * stride_prompts_k + n * stride_prompts_n, n_mask, hidden_e_ptr + (k * Np + n) * H, save_hidden,
                 w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k,
                 K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
             ) + tl.load(b2e_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
@@ -360,7 +374,7 @@ def _dispatch_fwd_kernel(
             n_mask = n < Np
             logits = _mlp_rows(
                 prompt_out_ptr + k * stride_prompt_out_k + b_lo * stride_prompt_out_b + n * stride_prompt_out_n,
-                n_mask, hidden_p_ptr + (kb * Np + n) * H,
+                n_mask, hidden_p_ptr + (kb * Np + n) * H, save_hidden,
                 w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
                 K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
             ) + tl.load(b2p_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
@@ -377,7 +391,7 @@ def _dispatch_fwd_kernel(
         t_mask = t < end
         out = _mlp_rows(
             tokens_ptr + k * stride_tokens_k + b_lo * stride_tokens_b + t * stride_tokens_t, t_mask,
-            hidden_z_ptr + (kb * T + t) * H,
+            hidden_z_ptr + (kb * T + t) * H, save_hidden,
             w1z_ptr, stride_w1z_h, b1z_ptr, w2z_ptr, stride_w2z_k,
             K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_K,
         )
@@ -409,8 +423,9 @@ def _dispatch_fwd_kernel(
                     logits += tl.load(
                         weights_ptr + row[:, None] * K + offs_k[None, :], mask=mask_nk, other=0.0, cache_modifier=".cg"
                     )
+                ipt_rows = ipt_ptr + k * stride_ipt_k + b * stride_ipt_b + n * stride_ipt_n
                 _softmax_and_mix(
-                    logits, n, row, prompts_ptr, weights_ptr, ipt_ptr, stride_prompts_k, stride_prompts_n,
+                    logits, n, row, prompts_ptr, weights_ptr, ipt_rows, stride_prompts_k, stride_prompts_n,
                     K, Np, D, BLOCK_N, BLOCK_D, BLOCK_K,
                 )
 
@@ -933,12 +948,17 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     }
 
 
-def dispatch_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> dict[str, int]:
-    """The block sizes the launchers use: ``default_blocks``, with any of them pinned by
+def dispatch_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> Mapping[str, int]:
+    """The block sizes the launchers use (read-only): ``default_blocks``, with any of them pinned by
     ``PMOE_TRITON_BLOCKS="BLOCK_D=32,B_PER_PROG=1"`` for debugging (tl.dot needs BLOCK_T,
     BLOCK_N, BLOCK_D, BLOCK_DW, BLOCK_H and BLOCK_KB >= 16 on a GPU)."""
+    return _dispatch_blocks(K, B, Np, D, H, device, os.environ.get(BLOCK_ENV, "").strip())
+
+
+@functools.lru_cache(maxsize=256)
+def _dispatch_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device, pinned: str) -> Mapping[str, int]:
+    """``dispatch_blocks``, computed once per shape and pinning: host time at every launch."""
     blocks = default_blocks(K, B, Np, D, H, device)
-    pinned = os.environ.get(BLOCK_ENV, "").strip()
     if pinned:
         for item in pinned.split(","):
             key, _, value = item.partition("=")
@@ -946,7 +966,7 @@ def dispatch_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.devic
             if key not in blocks or not value.strip().isdigit():
                 raise ValueError(f"{BLOCK_ENV}: cannot read {item!r}; expected KEY=INT with KEY one of {tuple(blocks)}")
             blocks[key] = int(value)
-    return blocks
+    return types.MappingProxyType(blocks)
 
 
 def _hidden_width(params: Params) -> int:
@@ -1009,30 +1029,51 @@ def _param_pointers(params: Params):
     return (w1, b1, w2), (w1.stride(0), w2.stride(0))
 
 
-def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z):
-    """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype, weights (K, B, Np, K) float32,
-    and the pre-activations the backward needs, float32: (hidden_e (K, Np, H), hidden_p
-    (K, B, Np, H), hidden_z (K, B, T, H)), each None without a hidden layer (hidden_p also
-    without prompt_out)."""
-    H = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
+def dispatch_fwd(
+    prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, ipt_out=None, save_hidden=True,
+    check=True,
+):
+    """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype (or ``ipt_out``), weights
+    (K, B, Np, K) float32, and the pre-activations the backward needs, float32: (hidden_e (K, Np, H),
+    hidden_p (K, B, Np, H), hidden_z (K, B, T, H)), each None without a hidden layer (hidden_p also
+    without prompt_out) or without ``save_hidden`` (nothing will differentiate this call).
+
+    ``ipt_out`` (K, B, Np, D), of the prompts' or the tokens' dtype with stride(-1) == 1, receives
+    the IPTs instead of a new tensor: the prompt slots of the experts' sequences, say. It may be
+    ``prompt_out`` itself: each Z_P row is read before its IPT overwrites it.
+
+    ``check=False`` skips validating the inputs, for a caller that has validated them already
+    (``Dispatcher``): at B = 1 the host's time is the launch's time."""
+    if check:
+        H = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
+    else:
+        H = _hidden_width(params_e)
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     device = prompts.device
     blocks = dispatch_blocks(K, B, Np, D, H, device)
     has_prompt_out = prompt_out is not None
+    save_hidden = bool(save_hidden and H)
     chunks = cdiv(max(e - s for s, e in zip(tok_start, tok_end)), blocks["BLOCK_T_FWD"])
-    ipt = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
+    if ipt_out is None:
+        ipt_out = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
+    elif ipt_out.shape != (K, B, Np, D) or ipt_out.stride(-1) != 1 or ipt_out.dtype not in (prompts.dtype, tokens.dtype):
+        raise ValueError(
+            f"ipt_out must be (K={K}, B={B}, Np={Np}, D={D}) with stride(-1) == 1 in the prompts' or the tokens' "
+            f"dtype, got {tuple(ipt_out.shape)}, strides {ipt_out.stride()}, {ipt_out.dtype}"
+        )
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
     hidden = (None, None, None)
-    if H:
+    if save_hidden:
         hidden_p = torch.empty((K, B, Np, H), dtype=torch.float32, device=device) if has_prompt_out else None
         hidden = (
             torch.empty((K, Np, H), dtype=torch.float32, device=device),
             hidden_p,
             torch.empty((K, B, T, H), dtype=torch.float32, device=device),
         )
-    logits_e = torch.empty((K, Np, K), dtype=torch.float32, device=device)
-    partials = torch.empty((K * B, chunks, K), dtype=torch.float32, device=device)
+    # Scratch, one allocation: f_e's logits (K, Np, K), then (from a 16-byte boundary) the token
+    # chunks' partial sums (K * B, chunks, K), where the kernel expects them.
+    scratch = torch.empty(-(-K * Np * K // 4) * 4 + K * B * chunks * K, dtype=torch.float32, device=device)
     arrivals = torch.zeros(K * B, dtype=torch.int32, device=device)
     pout = prompt_out if has_prompt_out else tokens
     ptrs_e, strides_e = _param_pointers(params_e)
@@ -1042,16 +1083,16 @@ def dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, para
     _dispatch_fwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
-        ipt, weights, *_hidden_pointers(hidden, device),
-        logits_e, partials, arrivals,
-        *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out),
+        ipt_out, weights, *_hidden_pointers(hidden, weights),
+        scratch, arrivals,
+        *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *ipt_out.stride()[:3],
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, chunks,
-        int(has_prompt_out), HAS_HIDDEN=H > 0,
+        int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
         BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, num_warps=_NUM_WARPS["fwd"], num_stages=_NUM_STAGES["fwd"],
     )
-    return ipt, weights, hidden
+    return ipt_out, weights, hidden
 
 
 def outer_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -1060,10 +1101,9 @@ def outer_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else tuple(t.stride()[:3])
 
 
-def _hidden_pointers(hidden: tuple, device: torch.device) -> list:
-    """The three pre-activation tensors as kernel arguments: an empty float32 placeholder for
-    each that is None (the kernels never read it)."""
-    placeholder = torch.empty(0, dtype=torch.float32, device=device)
+def _hidden_pointers(hidden: tuple, placeholder: torch.Tensor) -> list:
+    """The three pre-activation tensors as kernel arguments, ``placeholder`` (any float32 tensor
+    of the call: the kernels never touch it) for each that is None."""
     return [placeholder if h is None else h for h in hidden]
 
 
@@ -1097,6 +1137,8 @@ def dispatch_bwd(
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     H = _hidden_width(params_e)
+    if H and (hidden[0] is None or hidden[2] is None):
+        raise ValueError("dispatch_bwd needs the pre-activations the forward keeps: run dispatch_fwd with save_hidden=True")
     device = prompts.device
     blocks = dispatch_blocks(K, B, Np, D, H, device)
     has_prompt_out = prompt_out is not None
@@ -1132,7 +1174,7 @@ def dispatch_bwd(
     (w1z, _, w2z), strides_z = _param_pointers(params_z)
     grid = (cdiv(D, blocks["BLOCK_DW"]), K * b_groups + n_groups)
     _dispatch_bwd_kernel[grid](
-        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *_hidden_pointers(hidden, device),
+        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *_hidden_pointers(hidden, weights),
         w1e, w2e, w1p, w2p, w1z, w2z,
         grad_prompts, *(placeholder if t is None else t for t in (grad_tokens, grad_prompt_out, grad_tokens_add)), partials,
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *grad_ipt.stride(),
@@ -1193,9 +1235,11 @@ class FusedDispatch(torch.autograd.Function):
     tensors passed directly."""
 
     @staticmethod
-    def forward(ctx, prompts, tokens, tok_start, tok_end, prompt_out, *params):
+    def forward(ctx, prompts, tokens, tok_start, tok_end, prompt_out, save_hidden, *params):
         params_e, params_p, params_z = params[0:4], params[4:8], params[8:12]
-        ipt, weights, hidden = dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z)
+        ipt, weights, hidden = dispatch_fwd(
+            prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, save_hidden=save_hidden
+        )
         ctx.mark_non_differentiable(weights)
         # No zero-filled gradient for weights: it would be one more launch, and unused.
         ctx.set_materialize_grads(False)
@@ -1206,7 +1250,7 @@ class FusedDispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ipt, _grad_weights):
         if grad_ipt is None:
-            return (None,) * (5 + 12)
+            return (None,) * (6 + 12)
         prompts, tokens, prompt_out, weights, *saved = ctx.saved_tensors
         hidden, params = saved[:3], saved[3:]
         grad_prompts, grad_tokens, grad_prompt_out, grads_e, grads_p, grads_z = dispatch_bwd(
@@ -1217,7 +1261,7 @@ class FusedDispatch(torch.autograd.Function):
         # A source without its own gradients shares the tensors of an earlier source, whose
         # gradient already holds its contribution; None adds nothing to those tensors.
         return (
-            grad_prompts, grad_tokens, None, None, grad_prompt_out,
+            grad_prompts, grad_tokens, None, None, grad_prompt_out, None,
             *(grads_e or none), *(grads_p or none), *(grads_z or none),
         )
 
@@ -1231,9 +1275,11 @@ def fused_dispatch(prompts, tokens, tok_start, tok_end, prompt_out, params_e, pa
     W2 (K, H), b2 (K,)), or (None, None, W2 (K, D), b2 (K,)) for H = 0. The three tuples may
     hold the very same tensors (one shared MLP).
     """
-    return FusedDispatch.apply(
-        prompts, tokens, tuple(tok_start), tuple(tok_end), prompt_out, *params_e, *params_p, *params_z
-    )
+    params = (*params_e, *params_p, *params_z)
+    # The pre-activations are kept for a backward only: not in inference.
+    differentiable = (prompts, tokens, prompt_out, *params)
+    save_hidden = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    return FusedDispatch.apply(prompts, tokens, tuple(tok_start), tuple(tok_end), prompt_out, save_hidden, *params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1322,24 +1368,29 @@ _POINTER_DTYPES = {
     "ipt_ptr": "param", "weights_ptr": "fp32", "grad_ipt_ptr": "param", "dlogits_ptr": "fp32",
     "grad_prompts_ptr": "param", "grad_tokens_ptr": "act", "grad_prompt_out_ptr": "act", "grad_add_ptr": "act",
     "partials_ptr": "fp32", "out_ptr": "param", "hidden_e_ptr": "fp32", "hidden_p_ptr": "fp32",
-    "hidden_z_ptr": "fp32", "logits_e_ptr": "fp32", "arrivals_ptr": "i32",
+    "hidden_z_ptr": "fp32", "scratch_ptr": "fp32", "arrivals_ptr": "i32",
 }
 
 
-def _variant(kernel, name: str, param: str, act: str, num_warps: int, num_stages: int, **constexprs) -> dict:
+def _variant(
+    kernel, name: str, param: str, act: str, num_warps: int, num_stages: int, pointers: dict | None = None, **constexprs
+) -> dict:
     """One compiled variant: the signature ASTSource takes (pointers typed, every other
-    non-constexpr argument an i32) and the constexpr values."""
+    non-constexpr argument an i32) and the constexpr values. ``pointers`` overrides the dtype
+    ("param", "act" or a Triton type) of some pointer arguments."""
     dtypes = {"param": param, "act": act}
+    pointer_dtypes = {**_POINTER_DTYPES, **(pointers or {})}
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*" + dtypes.get(_POINTER_DTYPES[arg], _POINTER_DTYPES[arg])
+            signature[arg] = "*" + dtypes.get(pointer_dtypes[arg], pointer_dtypes[arg])
         else:
             signature[arg] = "i32"
+    overrides = "".join(f"{arg.removesuffix('_ptr')}={kind}," for arg, kind in (pointers or {}).items())
     return {
-        "name": f"{name}[{param}-params,{act}-tokens," + ",".join(f"{k}={v}" for k, v in constexprs.items()) + "]",
+        "name": f"{name}[{param}-params,{act}-tokens,{overrides}" + ",".join(f"{k}={v}" for k, v in constexprs.items()) + "]",
         "kernel": kernel,
         "signature": signature,
         "constexprs": constexprs,
@@ -1360,11 +1411,16 @@ def _kernel_variants() -> list[dict]:
         for H in (0, 64, 128):
             # K, B, Np and D do not change the constexprs (BLOCK_K is always 16).
             b = default_blocks(K=6, B=32, Np=16, D=768, H=H, device=torch.device("cpu"))
+            # The IPTs go to a tensor of the prompts' dtype (fused_dispatch) or into the prompt
+            # slots of the tokens' sequences (Dispatcher.dispatch_into).
             found = [
                 _variant(
-                    _dispatch_fwd_kernel, "fwd", param, act, _NUM_WARPS["fwd"], _NUM_STAGES["fwd"], HAS_HIDDEN=H > 0,
-                    BLOCK_T=b["BLOCK_T_FWD"], BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
-                ),
+                    _dispatch_fwd_kernel, "fwd", param, act, _NUM_WARPS["fwd"], _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
+                    HAS_HIDDEN=H > 0, BLOCK_T=b["BLOCK_T_FWD"], BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"],
+                    BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
+                )
+                for ipt in (("param",) if param == act else ("param", "act"))
+            ] + [
                 _variant(
                     _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], HAS_HIDDEN=H > 0,
                     BLOCK_T=b["BLOCK_T"], BLOCK_N=b["BLOCK_N"], BLOCK_DW=b["BLOCK_DW"], BLOCK_H=b["BLOCK_H"], BLOCK_K=16,

@@ -216,7 +216,8 @@ class Dispatcher(nn.Module):
             self.last_backend = "torch"
             eye = torch.eye(K, device=prompts.device, dtype=_acc_dtype(prompts))
             return prompts.unsqueeze(1).expand(K, B, Np, D), eye[:, None, None, :].expand(K, B, Np, K)
-        self.last_backend = self._choose_backend(prompts, tokens, prompt_out)
+        sources = self.source_params()
+        self.last_backend = self._choose_backend(prompts, tokens, prompt_out, [t for s in sources for t in s])
         if self.last_backend == "torch":
             token_list = list(tokens.unbind(0)) if isinstance(tokens, torch.Tensor) else list(tokens)
             return self._forward_torch(prompts, token_list, prompt_out, prefix)
@@ -224,10 +225,10 @@ class Dispatcher(nn.Module):
         end = [tokens.shape[2]] * K
         if self.kind == "moe":
             ipt, weights, self.aux_loss = _fused_op(self.last_backend, "moe")(
-                prompts, tokens, start, end, prompt_out, *self.source_params(), self.top_k
+                prompts, tokens, start, end, prompt_out, *sources, self.top_k
             )
             return ipt, weights
-        return _fused_op(self.last_backend)(prompts, tokens, start, end, prompt_out, *self.source_params())
+        return _fused_op(self.last_backend)(prompts, tokens, start, end, prompt_out, *sources)
 
     def dispatch_into(
         self,
@@ -264,21 +265,25 @@ class Dispatcher(nn.Module):
                 "seq is a leaf tensor that requires grad, and dispatch_into may write into it in place; "
                 "pass a tensor computed from it (e.g. seq.clone())"
             )
-        tokens, slots = seq[:, :, Np:], seq[:, :, :Np]
+        tokens, slots = seq.narrow(2, Np, seq.shape[2] - Np), seq.narrow(2, 0, Np)
         prompt_out = slots if has_prompt_out else None
         if self.kind == "mlp":
             B, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
-            backend = self._choose_backend(prompts, tokens, prompt_out)
+            params = [t for source in self.source_params() for t in source]
+            backend = self._choose_backend(prompts, tokens, prompt_out, params)
             if backend != "torch":
-                self.last_backend, self.aux_loss = backend, None
+                # Each nn.Module attribute write costs microseconds; at B = 1 those add up.
+                if self.last_backend != backend:
+                    self.last_backend = backend
+                if self.aux_loss is not None:
+                    self.aux_loss = None
                 start = prefix if self.pool == "patches" else [0] * len(prefix)
                 end = [tokens.shape[2]] * len(prefix)
-                params = [t for source in self.source_params() for t in source]
                 if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (seq, prompts, *params)):
                     return _DispatchInto.apply(backend, seq, prompts, tuple(start), tuple(end), has_prompt_out, *params)
-                # Nothing to differentiate (inference): Z_P is read where it is, nothing is kept.
-                ipt, weights, _ = _fused_forward(backend, prompts, tokens, start, end, prompt_out, params)
-                slots.copy_(ipt)
+                # Nothing to differentiate (inference): Z_P is read where it is and overwritten
+                # by the IPTs; nothing is kept.
+                weights, _ = _fused_forward(backend, prompts, tokens, start, end, prompt_out, params, slots, False)
                 return seq, weights
         ipt, weights = self(prompts, tokens, prompt_out, num_prefix_tokens)
         return torch.cat([ipt.to(seq.dtype), tokens], dim=2), weights
@@ -349,12 +354,13 @@ class Dispatcher(nn.Module):
         check = fused_dispatch.cuda_not_supported_reasons if backend == "cuda" else fused_dispatch.cpp_not_supported_reasons
         return check(prompts, tokens, [0] * K, [T] * K, prompt_out, *params)
 
-    def _choose_backend(self, prompts, tokens, prompt_out) -> str:
+    def _choose_backend(self, prompts, tokens, prompt_out, params: list) -> str:
         """The backend for these inputs, decided once per input signature: everything the
-        backends' reasons look at (each tensor's device, dtype, shape and strides, the parameters'
-        included)."""
+        backends' reasons look at (each tensor's device, dtype, shape and strides, those of the
+        parameters ``params``, ``source_params()`` flattened, included)."""
+        # A shared MLP gives the same tensors three times: each once.
         tensors = [prompts, prompt_out, *(tokens if isinstance(tokens, (list, tuple)) else [tokens])]
-        tensors += [*self.parameters()]
+        tensors += {id(t): t for t in params}.values()
         key = tuple(None if t is None else (t.device, t.dtype, t.shape, t.stride()) for t in tensors)
         if key not in self._chosen:
             if len(self._chosen) >= 64:  # shapes that keep changing: forget the old ones
@@ -456,8 +462,9 @@ class _DispatchInto(torch.autograd.Function):
     def forward(ctx, backend, seq, prompts, tok_start, tok_end, has_prompt_out, *params):
         Np = prompts.shape[1]
         prompt_out = seq[:, :, :Np].clone() if has_prompt_out else None
-        ipt, weights, saved = _fused_forward(backend, prompts, seq[:, :, Np:], tok_start, tok_end, prompt_out, params)
-        seq[:, :, :Np].copy_(ipt)
+        weights, saved = _fused_forward(
+            backend, prompts, seq[:, :, Np:], tok_start, tok_end, prompt_out, params, seq[:, :, :Np], True
+        )
         ctx.mark_dirty(seq)
         ctx.mark_non_differentiable(weights)
         ctx.set_materialize_grads(False)
@@ -479,18 +486,25 @@ class _DispatchInto(torch.autograd.Function):
         return (None, grad_in, grad_prompts if ctx.needs_input_grad[2] else None, None, None, None, *param_grads)
 
 
-def _fused_forward(backend, prompts, tokens, tok_start, tok_end, prompt_out, params):
-    """A fused kind "mlp" backend's forward, without autograd: (ipt, weights, what its backward
-    takes besides the inputs). ``params``: the 12 tensors (W1, b1, W2, b2) of sources e, p, z."""
+def _fused_forward(backend, prompts, tokens, tok_start, tok_end, prompt_out, params, ipt_out, save: bool):
+    """A fused kind "mlp" backend's forward, without autograd, writing the IPTs into ``ipt_out``
+    (K, B, Np, D), which may be ``prompt_out`` itself (Triton writes them there in its launch).
+    Returns (weights, the tensors its backward takes besides the inputs); Triton keeps those only
+    with ``save``. ``params``: the 12 tensors (W1, b1, W2, b2) of sources e, p, z."""
     if backend == "triton":
         from pmoe_fast.kernels.dispatch import dispatch_fwd
 
-        return dispatch_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params[0:4], params[4:8], params[8:12])
+        # Dispatcher has checked the inputs (_check, and the backend's reasons): no second time.
+        _, weights, hidden = dispatch_fwd(
+            prompts, tokens, tok_start, tok_end, prompt_out, params[0:4], params[4:8], params[8:12], ipt_out, save, check=False
+        )
+        return weights, hidden
     w1, b1, w2, b2 = (list(params[i::4]) for i in range(4))
     ipt, weights, z_act, z_mean = torch.ops.pmoe_fast.dispatch_mlp(
         prompts, tokens, list(tok_start), list(tok_end), prompt_out, w1, b1, w2, b2
     )
-    return ipt, weights, (z_act, z_mean)
+    ipt_out.copy_(ipt)
+    return weights, (z_act, z_mean)
 
 
 def _fused_backward(backend, grad_seq, prompts, seq, tok_start, tok_end, prompt_out, params, weights, saved, need_seq):

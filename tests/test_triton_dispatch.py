@@ -364,13 +364,45 @@ def _call_signature(kernel, args, kwargs):
     return kernel.__name__, signature, constexprs, kwargs["num_warps"], kwargs.get("num_stages", 3)
 
 
+KERNELS = ("_dispatch_fwd_kernel", "_dispatch_bwd_softmax_kernel", "_dispatch_bwd_kernel", "_dispatch_bwd_reduce_kernel")
+
+
+def record_launches(monkeypatch) -> list:
+    """Replaces the four kernels by recorders: the returned list receives each launch's
+    ``_call_signature`` plus its run-time arguments by name, instead of running it."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                values = dict(zip(self.kernel.arg_names, args))
+                launches.append((*_call_signature(self.kernel, args, kwargs), values))
+
+            return launch
+
+    for name in KERNELS:
+        monkeypatch.setattr(kd, name, Recorder(getattr(kd, name)))
+    return launches
+
+
+def assert_listed(launches: list) -> None:
+    listed = [
+        (v["kernel"].__name__, v["signature"], v["constexprs"], v["num_warps"], v["num_stages"]) for v in kd.KERNEL_VARIANTS
+    ]
+    for launch in launches:
+        assert launch[:5] in listed, f"{launch[0]} launched with a variant KERNEL_VARIANTS does not list: {launch[2]}"
+
+
 class WorkLog(TorchDispatchMode):
     """The torch ops that do work (beyond allocating and viewing) while it is active. The
     forward's zeroed arrival counters (K * B ints, a memset) count as an allocation."""
 
     FREE = {
         "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor", "aten.select.int",
-        "aten.zeros.default",
+        "aten.zeros.default", "aten.detach.default",
     }
 
     def __init__(self):
@@ -391,18 +423,7 @@ class WorkLog(TorchDispatchMode):
 def test_one_launch_forward_three_backward_all_listed_variants(case, monkeypatch):
     """Records the launches instead of running them (only their count and signatures matter),
     and every torch op beyond allocation and views: there must be none."""
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(_call_signature(self.kernel, args, kwargs))
-
-    kernels = ("_dispatch_fwd_kernel", "_dispatch_bwd_softmax_kernel", "_dispatch_bwd_kernel", "_dispatch_bwd_reduce_kernel")
-    for name in kernels:
-        monkeypatch.setattr(kd, name, Recorder(getattr(kd, name)))
+    launches = record_launches(monkeypatch)
     inputs = make_inputs(dataclasses.replace(case, K=2, B=1, Np=2, T=5, D=16))
     leaves = [t.to(DEVICE).requires_grad_(True) for t in inputs["leaves"]]
     prompts, tokens, prompt_out, pe, pp, pz = inputs["build"](leaves)
@@ -413,12 +434,53 @@ def test_one_launch_forward_three_backward_all_listed_variants(case, monkeypatch
         ipt, _ = kd.fused_dispatch(*args)
         torch.autograd.grad(ipt, leaves, torch.empty_like(ipt), allow_unused=True)
     assert work.ops == []
-    assert [launch[0] for launch in launches] == list(kernels)
-    listed = [
-        (v["kernel"].__name__, v["signature"], v["constexprs"], v["num_warps"], v["num_stages"]) for v in kd.KERNEL_VARIANTS
-    ]
-    for launch in launches:
-        assert launch in listed, f"{launch[0]} launched with a variant KERNEL_VARIANTS does not list: {launch[2]}"
+    assert [launch[0] for launch in launches] == list(KERNELS)
+    assert_listed(launches)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_dispatch_into_writes_the_ipts_in_its_launch(grad, monkeypatch):
+    """Dispatcher.dispatch_into with fp32 parameters and fp16 sequences (the model's mixed case;
+    bf16 compiles alike): the forward kernel writes the IPTs into the prompt slots in the tokens'
+    dtype, a variant KERNEL_VARIANTS lists, so inference runs no torch op but allocations and views,
+    and keeps no pre-activations (save_hidden = 0); training keeps them for its backward."""
+    launches = record_launches(monkeypatch)
+    K, B, Np, T, D = 2, 1, 2, 5, 16
+    disp = Dispatcher(D, K, hidden=24, backend="triton").to(DEVICE)
+    prompts = torch.randn(K, Np, D, device=DEVICE, requires_grad=grad)
+    seq = torch.randn(K, B, Np + T, D, device=DEVICE, dtype=torch.float16)
+    with torch.set_grad_enabled(grad):
+        disp.dispatch_into(prompts, seq.clone(), True, 1)  # the backend choice and token ranges, once
+        launches.clear()
+        seq_in = seq.clone() if grad else seq
+        with WorkLog() as work:
+            out, _ = disp.dispatch_into(prompts, seq_in, True, 1)
+        if grad:
+            out.backward(torch.ones_like(out))
+    assert_listed(launches)
+    forward = launches[0]
+    assert forward[0] == "_dispatch_fwd_kernel" and forward[1]["ipt_ptr"] == "*fp16"
+    assert forward[5]["save_hidden"] == int(grad)
+    if grad:
+        assert [launch[0] for launch in launches] == list(KERNELS)
+        assert work.ops == ["aten.clone.default"]  # the Z_P rows the IPTs overwrite, kept for backward
+    else:
+        assert len(launches) == 1 and work.ops == [] and out is seq
+
+
+def test_a_forward_without_saved_pre_activations_has_no_backward():
+    """save_hidden=False (inference): the same IPTs and weights, bit for bit, nothing kept, and
+    dispatch_bwd refuses to run from it."""
+    inputs = make_inputs(Case(K=2, B=2, Np=2, T=5, D=16, H=24))
+    prompts, tokens, prompt_out, pe, pp, pz = inputs["build"]([t.to(DEVICE) for t in inputs["leaves"]])
+    args = (prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz)
+    ipt, weights, hidden = kd.dispatch_fwd(*args)
+    ipt_bare, weights_bare, nothing = kd.dispatch_fwd(*args, save_hidden=False)
+    assert all(h is not None for h in hidden) and nothing == (None, None, None)
+    torch.testing.assert_close(ipt_bare, ipt, rtol=0, atol=0)
+    torch.testing.assert_close(weights_bare, weights, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="save_hidden=True"):
+        kd.dispatch_bwd(torch.ones_like(ipt), prompts, tokens, *args[2:5], weights, nothing, pe, pp, pz)
 
 
 COMPILE_SCRIPT = textwrap.dedent(
