@@ -37,7 +37,8 @@ of concatenating new sequences at every layer.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,7 @@ class PMoE(ReferencePMoE):
             raise ValueError("execution='batched' cannot serve these experts: " + "; ".join(self._batched_reasons))
         self.last_execution: str | None = None  # what the last forward ran
         self._stack_names: list[list[str]] = []
-        self._block_weights: list[dict[str, Any]] = []  # per layer, views of the stacks as the batched block reads them
+        self._stacked_blocks: list[_StackedBlock] = []  # per layer, what the batched block reads
         self._streams: list[torch.cuda.Stream] = []
         if execution in ("auto", "batched") and not self._batched_reasons:
             self._stack_expert_weights()
@@ -170,7 +171,7 @@ class PMoE(ReferencePMoE):
         return info.num_prefix_tokens, info.num_patches, info.embed_dim, blocks
 
     def _expert_dtype(self) -> torch.dtype:
-        return next(self.experts.parameters()).dtype
+        return self._adapters[0].module.patch_embed.proj.weight.dtype
 
     # -- stacked weights (batched execution) ----------------------------------------------------
 
@@ -186,13 +187,13 @@ class PMoE(ReferencePMoE):
         self._tie_experts_to_stacks()
 
     def _tie_experts_to_stacks(self) -> None:
-        self._block_weights = []
+        self._stacked_blocks = []
         for l, names in enumerate(self._stack_names):
             stacks = {name: self.get_buffer(_buffer_name(l, name)) for name in names}
             for name, stack in stacks.items():
                 for k in range(self.num_experts):
                     self.experts[k].blocks[l].get_parameter(name).data = stack[k]
-            self._block_weights.append(_block_weights(stacks))
+            self._stacked_blocks.append(_StackedBlock.of(self.experts[0].blocks[l], stacks))
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() convert parameters and buffers separately: re-point the
@@ -211,9 +212,11 @@ class PMoE(ReferencePMoE):
         # Each expert's sequence, prompt-first: Np prompt slots, empty until block 0's prompts
         # enter, then Z_k^0, its own embedding (B, Q_k + N_k, D). Stacked when batched.
         slots = (0, 0, self.num_prompts, 0)
-        seqs = [F.pad(a.embed(images.to(dtype)), slots) for a in self._adapters]
+        images = images.to(dtype)
         if self.last_execution == "batched":
-            seqs = torch.stack(seqs)  # (K, B, Np + T, D)
+            seqs = F.pad(torch.stack([a.embed(images) for a in self._adapters]), slots)  # (K, B, Np + T, D)
+        else:
+            seqs = [F.pad(a.embed(images), slots) for a in self._adapters]
         weights, aux = [], []
         state = self._enter(0, seqs, None, weights, aux)  # (sequences, the prompts that entered)
         del seqs  # where _enter made new sequences, the padded ones are garbage now
@@ -279,16 +282,18 @@ class PMoE(ReferencePMoE):
         prompt layer's IPTs, GaPT's gated mix, or, for VPT, Z_P itself (carried: nothing to do).
         Batched, a fused dispatcher writes the IPTs in place (``Dispatcher.dispatch_into``).
         ``entering``: the prompts that entered block l-1. Returns (sequences, prompts entering
-        block l); dispatch weights and MoE losses go to ``weights`` and ``aux``."""
+        block l, or None where no gate reads them); dispatch weights and MoE losses go to
+        ``weights`` and ``aux``."""
         Np = self.num_prompts
         batched = isinstance(seqs, torch.Tensor)
         if l >= self.prompt_layers and not self._gates_prompts(l):
             return seqs, None  # Z_P carried; no later block reads the prompts entering this one
         if batched and l < self.prompt_layers:
-            seqs, w = self.dispatchers[l].dispatch_into(self.prompts[l], seqs, l > 0, self._prefix())
+            dispatcher = self.dispatchers[l]
+            seqs, w = dispatcher.dispatch_into(self.prompts[l], seqs, l > 0, self._prefix())
             weights.append(w.detach())
-            aux.append(self.dispatchers[l].aux_loss)
-            return seqs, seqs[:, :, :Np]
+            aux.append(dispatcher.aux_loss)
+            return seqs, seqs[:, :, :Np] if self._gates_prompts(l + 1) else None
         prompt_out = None
         if l > 0:
             prompt_out = seqs[:, :, :Np] if batched else torch.stack([s[:, :Np] for s in seqs])
@@ -332,31 +337,74 @@ class PMoE(ReferencePMoE):
         """Block l of all K experts at once. x (K, B, T, D) -> (K, B, T, D), or (K, B, R, D) for
         the rows x[:, :, rows] only (as ``Expert.block``)."""
         K, B, T, D = x.shape
-        block = self.experts[0].blocks[l]  # structure and hyper-parameters; weights from the stacks
-        attn = block.attn
-        W = self._block_weights[l]
-        heads, hd = attn.num_heads, attn.head_dim
+        blk = self._stacked_blocks[l]
+        heads, hd = blk.heads, blk.head_dim
 
-        h = _layer_norm(x, W["norm1"], block.norm1.eps)
+        h = _layer_norm(x, blk.norm1, blk.eps1)
         if rows is None:
-            qkv = _linear(h.view(K, B * T, D), W["attn.qkv"]).view(K * B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            qkv = _linear(h.view(K, B * T, D), blk.qkv).view(K * B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)  # (K * B, heads, T, hd): one attention call over K x B sequences
         else:
             x = x[:, :, rows]
             R = x.shape[2]
-            q = _linear(h[:, :, rows].reshape(K, B * R, D), W["attn.qkv"], slice(0, D))
+            q = _linear(h[:, :, rows].reshape(K, B * R, D), blk.qkv, slice(0, D))
             q = q.view(K * B, R, heads, hd).transpose(1, 2)
-            kv = _linear(h.view(K, B * T, D), W["attn.qkv"], slice(D, 3 * D))
+            kv = _linear(h.view(K, B * T, D), blk.qkv, slice(D, 3 * D))
             k, v = kv.view(K * B, T, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         R = x.shape[2]
         backend = attention_backends.resolve(self.attention, q)
         o = attention_backends.attention(q, k, v, hd**-0.5 if scale is None else scale, backend)
-        o = _linear(o.transpose(1, 2).reshape(K, B * R, heads * hd), W["attn.proj"])
-        x = x + _layer_scale(o, W["ls1"]).view(K, B, R, D)
+        o = _linear(o.transpose(1, 2).reshape(K, B * R, heads * hd), blk.proj)
+        x = x + _layer_scale(o, blk.ls1).view(K, B, R, D)
 
-        h = _layer_norm(x, W["norm2"], block.norm2.eps).view(K, B * R, D)
-        h = _linear(block.mlp.act(_linear(h, W["mlp.fc1"])), W["mlp.fc2"])
-        return x + _layer_scale(h, W["ls2"]).view(K, B, R, D)
+        h = _layer_norm(x, blk.norm2, blk.eps2).view(K, B * R, D)
+        h = _linear(blk.act(_linear(h, blk.fc1)), blk.fc2)
+        return x + _layer_scale(h, blk.ls2).view(K, B, R, D)
+
+
+@dataclass(frozen=True)
+class _StackedBlock:
+    """One layer's block for all K experts as ``PMoE._batched_block`` reads it, made once (at B = 1
+    every view and attribute lookup per call is host time the GPU waits for): per linear layer
+    (weight^T (K, in, out), bias (K, 1, out) or None), per LayerNorm (weight, bias) as
+    (K, 1, 1, D) and its eps, per LayerScale gamma (K, 1, D) or None, all views of the stacked
+    weights; the heads, head width and activation of the experts' block."""
+
+    qkv: tuple
+    proj: tuple
+    fc1: tuple
+    fc2: tuple
+    norm1: tuple
+    norm2: tuple
+    ls1: torch.Tensor | None
+    ls2: torch.Tensor | None
+    eps1: float
+    eps2: float
+    heads: int
+    head_dim: int
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    @staticmethod
+    def of(block: nn.Module, stacks: dict[str, torch.Tensor]) -> _StackedBlock:
+        """From one expert's block (structure and hyper-parameters) and the layer's stacks."""
+
+        def linear(name):
+            bias = stacks.get(f"{name}.bias")
+            return stacks[f"{name}.weight"].transpose(1, 2), None if bias is None else bias.unsqueeze(1)
+
+        def gamma(name):
+            g = stacks.get(f"{name}.gamma")
+            return None if g is None else g.unsqueeze(1)
+
+        def norm(name):
+            return stacks[f"{name}.weight"][:, None, None], stacks[f"{name}.bias"][:, None, None]
+
+        return _StackedBlock(
+            qkv=linear("attn.qkv"), proj=linear("attn.proj"), fc1=linear("mlp.fc1"), fc2=linear("mlp.fc2"),
+            norm1=norm("norm1"), norm2=norm("norm2"), ls1=gamma("ls1"), ls2=gamma("ls2"),
+            eps1=block.norm1.eps, eps2=block.norm2.eps, heads=block.attn.num_heads, head_dim=block.attn.head_dim,
+            act=block.mlp.act,
+        )
 
 
 def _buffer_name(layer: int, name: str) -> str:
@@ -374,23 +422,6 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
 def _stack_if_equal(tokens: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     """One (K, B, T, D) tensor for the fused dispatcher when every expert has T tokens."""
     return torch.stack(tokens) if len({t.shape for t in tokens}) == 1 else tokens
-
-
-def _block_weights(stacks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """One layer's stacked weights as ``_batched_block`` reads them, as views made once (each
-    view is host time at every call of a launch-bound block): per linear layer (weight^T (K, in,
-    out), bias (K, 1, out) or None), per LayerNorm (weight, bias) as (K, 1, 1, D), per LayerScale
-    gamma (K, 1, D) or None."""
-    out: dict[str, Any] = {}
-    for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-        bias = stacks.get(f"{name}.bias")
-        out[name] = (stacks[f"{name}.weight"].transpose(1, 2), None if bias is None else bias.unsqueeze(1))
-    for name in ("norm1", "norm2"):
-        out[name] = (stacks[f"{name}.weight"][:, None, None], stacks[f"{name}.bias"][:, None, None])
-    for name in ("ls1", "ls2"):
-        gamma = stacks.get(f"{name}.gamma")
-        out[name] = None if gamma is None else gamma.unsqueeze(1)
-    return out
 
 
 def _linear(x: torch.Tensor, linear: tuple, outputs: slice | None = None) -> torch.Tensor:
