@@ -952,12 +952,20 @@ def dispatch_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.devic
     """The block sizes the launchers use (read-only): ``default_blocks``, with any of them pinned by
     ``PMOE_TRITON_BLOCKS="BLOCK_D=32,B_PER_PROG=1"`` for debugging (tl.dot needs BLOCK_T,
     BLOCK_N, BLOCK_D, BLOCK_DW, BLOCK_H and BLOCK_KB >= 16 on a GPU)."""
-    return _dispatch_blocks(K, B, Np, D, H, device, os.environ.get(BLOCK_ENV, "").strip())
+    key = (K, B, Np, D, H, device, os.environ.get(BLOCK_ENV, "").strip())
+    if key not in _BLOCKS:
+        if len(_BLOCKS) >= 256:  # shapes that keep changing: forget the old ones
+            _BLOCKS.clear()
+        _BLOCKS[key] = _pinned_blocks(*key)
+    return _BLOCKS[key]
 
 
-@functools.lru_cache(maxsize=256)
-def _dispatch_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device, pinned: str) -> Mapping[str, int]:
-    """``dispatch_blocks``, computed once per shape and pinning: host time at every launch."""
+# dispatch_blocks' answers, once per shape and pinning: at B = 1 the host's time is the launch's.
+# (A plain dict: torch.compile traces through it, where it would warn about functools' caches.)
+_BLOCKS: dict = {}
+
+
+def _pinned_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device, pinned: str) -> Mapping[str, int]:
     blocks = default_blocks(K, B, Np, D, H, device)
     if pinned:
         for item in pinned.split(","):
