@@ -11,7 +11,7 @@ dispatcher, whose kernels are replaced by launches that do nothing (the inputs a
 the Triton interpreter's flag lets the backend accept them). A GPU adds each launch's own cost on
 top (Triton's launcher and CUDA's), which this does not see.
 
-Prints the median of 15 alternating rounds of 100 forwards each (no grad), their ratio, and the
+Prints the median of 25 alternating rounds of 100 forwards each (no grad), their ratio, and the
 per-layer parts: one batched block for both experts beside one plain block, and one prompt layer's
 ``dispatch_into``.
 """
@@ -45,7 +45,7 @@ def vit() -> VisionTransformer:
     return VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=0)
 
 
-def medians_us(fns: dict, calls: int = 100, rounds: int = 15) -> dict[str, float]:
+def medians_us(fns: dict, calls: int = 100, rounds: int = 25) -> dict[str, float]:
     """Median time per call of each function, timed in alternating rounds so drifts in the
     machine's speed hit all of them alike."""
     for fn in fns.values():
