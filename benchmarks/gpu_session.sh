@@ -23,6 +23,12 @@ python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/$stage-env.txt"
 $python -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' | tee -a "$OUT/$stage-env.txt"
 
+# One GPU image's CXX (a g++ in /opt/gcc) links libstdc++ into _C statically, and every failing
+# C++ check then crashes instead of raising (README, Building): build with the distribution's.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
+echo "compilers: CXX=${CXX:-unset} CC=${CC:-unset}" | tee -a "$OUT/$stage-env.txt"
 if ! $python -c 'import pmoe_fast.kernels, pmoe_fast._C' 2>/dev/null; then
     start=$SECONDS
     PMOE_FAST_FORCE_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-16} $python -m pip install --no-index --no-deps --no-build-isolation -e . \
