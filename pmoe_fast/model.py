@@ -104,6 +104,7 @@ class PMoE(ReferencePMoE):
         self._streams: list[torch.cuda.Stream] = []
         if execution in ("auto", "batched") and not self._batched_reasons:
             self._stack_expert_weights()
+            self.register_load_state_dict_post_hook(_restack_after_assigning_load)
         # The rows of its sequence (prompt-first) each expert's pooling reads from the last block's
         # output: its class token, or None for every token.
         self._last_rows = [
@@ -194,6 +195,17 @@ class PMoE(ReferencePMoE):
                 for k in range(self.num_experts):
                     self.experts[k].blocks[l].get_parameter(name).data = stack[k]
             self._stacked_blocks.append(_StackedBlock.of(self.experts[0].blocks[l], stacks))
+
+    def _stacks_tied(self) -> bool:
+        """Whether every expert's block parameter is still its row of its stack."""
+        for l, names in enumerate(self._stack_names):
+            for name in names:
+                stack = self.get_buffer(_buffer_name(l, name))
+                for k in range(self.num_experts):
+                    p = self.experts[k].blocks[l].get_parameter(name)
+                    if p.data_ptr() != stack[k].data_ptr() or p.dtype != stack.dtype or p.device != stack.device:
+                        return False
+        return True
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() convert parameters and buffers separately: re-point the
@@ -405,6 +417,15 @@ class _StackedBlock:
             eps1=block.norm1.eps, eps2=block.norm2.eps, heads=block.attn.num_heads, head_dim=block.attn.head_dim,
             act=block.mlp.act,
         )
+
+
+def _restack_after_assigning_load(model: PMoE, incompatible_keys) -> None:
+    """``load_state_dict(..., assign=True)`` makes the state dict's own tensors the experts'
+    parameters, which are then no longer the rows of the stacks the batched path reads (it would
+    run the old weights): stack them anew."""
+    if not model._stacks_tied():
+        model._stack_names = []
+        model._stack_expert_weights()
 
 
 def _buffer_name(layer: int, name: str) -> str:

@@ -170,6 +170,19 @@ def test_batched_experts_share_one_copy_of_their_weights():
     assert fast.experts[2].blocks[1].attn.qkv.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
 
 
+def test_batched_experts_run_the_weights_an_assigning_load_brings():
+    """load_state_dict(assign=True) puts the state dict's tensors in place of the experts'
+    parameters; the batched path must run them, still from one copy."""
+    ref = Reference(same_arch(), **CONFIG)
+    fast = PMoE(same_arch(), **CONFIG, execution="batched")
+    fast.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x))
+    stack = fast.get_buffer("_stacked_1_attn_qkv_weight")
+    assert fast.experts[2].blocks[1].attn.qkv.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_frozen_experts_bit_identical_after_a_step(device):
     fast = PMoE(same_arch(), **CONFIG, checkpoint=1).to(device)
