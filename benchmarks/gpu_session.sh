@@ -4,17 +4,19 @@
 #   OUT=gpu-out bash benchmarks/gpu_session.sh check   # build, then the test suite on the GPU
 #   OUT=gpu-out bash benchmarks/gpu_session.sh tune    # the Triton dispatcher's launch settings
 #   OUT=gpu-out bash benchmarks/gpu_session.sh bench   # the issues' GPU targets, side by side
+#   OUT=gpu-out bash benchmarks/gpu_session.sh profile # the fast training step's kernels, by group
 #
 # Each installs the package (editable, with the extension built for the GPU it finds) unless it is
 # installed already. `check` runs the test suite (the
 # CUDA and compiled-Triton tests run instead of being skipped; the slow CMake build test is left
 # out, the CUDA-graph compile test kept); `tune` runs benchmarks/tune_triton_dispatch.py; `bench` runs
 # `pmoe_fast.bench --profile targets-gpu`, whose report ends with each target's verdict, then
-# benchmarks/bench_dispatch_into.py (IPTs written in place against concatenated sequences).
+# benchmarks/bench_dispatch_into.py (IPTs written in place against concatenated sequences);
+# `profile` runs benchmarks/profile_step.py (issue 4's step, K = 6 ViT-B/16, B = 32, bf16).
 # Every step's output goes to $OUT as well as to the terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: OUT=DIR bash benchmarks/gpu_session.sh check|tune|bench}
+stage=${1:?usage: OUT=DIR bash benchmarks/gpu_session.sh check|tune|bench|profile}
 OUT=${OUT:?set OUT to a folder for the logs and results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -50,8 +52,11 @@ bench)
     $python -m pytest -q -p no:cacheprovider benchmarks/bench_dispatch_into.py --benchmark-columns=median,iqr,min,rounds \
         --benchmark-sort=name 2>&1 | tee "$OUT/dispatch_into.txt"
     ;;
+profile)
+    $python benchmarks/profile_step.py 2>&1 | tee "$OUT/profile_step.txt"
+    ;;
 *)
-    echo "unknown stage $stage: check, tune or bench" >&2
+    echo "unknown stage $stage: check, tune, bench or profile" >&2
     exit 2
     ;;
 esac

@@ -322,3 +322,13 @@ def test_smoke_profile_end_to_end(tmp_path):
     for name in bench.PLOT_NAMES.values():
         with Image.open(out / name) as im:
             assert im.format == "PNG"
+
+
+def test_profile_step_groups_the_step_by_kernel(tmp_path):
+    """benchmarks/profile_step.py (a GPU session's kernel breakdown) runs, here on the CPU at its
+    small size, and attributes time to the dispatcher's own op."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--small"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shares = dict(re.findall(r"^(dispatcher|matmul)\s+[\d.]+\s+([\d.]+)%$", proc.stdout, re.M))
+    assert set(shares) == {"dispatcher", "matmul"} and float(shares["dispatcher"]) > 0, proc.stdout

@@ -1,0 +1,105 @@
+"""Where the fast model's training step spends its device time, by kernel group.
+
+    python benchmarks/profile_step.py            # issue 4's step: K = 6 ViT-B/16, B = 32, Np = 10, bf16 experts
+    python benchmarks/profile_step.py --small    # 2 tiny experts: runs anywhere, in seconds
+
+Runs 3 warm-up steps (forward, backward, AdamW), then profiles 3 more with ``torch.profiler`` and
+prints the time per step of each group of kernels: the dispatcher's own (issue 4 wants them
+under 3% of the step), matrix products, attention, LayerNorm, copies and the rest, then the 25
+costliest kernels. On a GPU it counts CUDA kernels' device time; on a CPU, operators' self time.
+The wall time per step is that of the 3 profiled steps, profiler overhead included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from pmoe_fast import PMoE, vit
+
+# Kernel or operator name fragments (lower case) per group; the first group that matches wins.
+GROUPS = (
+    ("dispatcher", ("_dispatch_", "dispatch_mlp", "moe_", "pmoe_fast::")),
+    ("attention", ("flash", "fmha", "attention", "cudnn", "scaled_dot_product")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "aten::mm", "aten::bmm", "addmm", "baddbmm", "aten::linear")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("copy / cat / fill", ("copy", "memcpy", "memset", "cat", "fill", "zero")),
+)
+
+
+def group_of(name: str) -> str:
+    lower = name.lower()
+    return next((group for group, parts in GROUPS if any(p in lower for p in parts)), "other")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="2 tiny experts at 32 px, B = 2, float32")
+    parser.add_argument("--checkpoint", type=int, default=0, help="PMoE(checkpoint=...)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.small:
+        arch, kwargs, K, B, dtype = "vit_tiny_patch16_224", dict(img_size=32, depth=2), 2, 2, None
+    else:
+        arch, kwargs, K, B, dtype = "vit_base_patch16_224", dict(img_size=224), 6, 32, torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        experts = [vit.create_model(arch, num_classes=0, **kwargs) for _ in range(K)]
+        model = PMoE(experts, num_classes=100, num_prompts=10, expert_dtype=dtype, checkpoint=args.checkpoint)
+    images = torch.randn(B, 3, kwargs["img_size"], kwargs["img_size"], device=device)
+    labels = torch.randint(0, 100, (B,), device=device)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    sync()
+    steps = 3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - start) / steps
+
+    if device.type == "cuda":
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    events = [(name, us / steps, count / steps) for name, us, count in events if us > 0]
+    total = sum(us for _, us, _ in events)
+    groups: dict[str, float] = {}
+    for name, us, _ in events:
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + us
+
+    kind = "CUDA kernels' device time" if device.type == "cuda" else "operators' self CPU time"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{K} x {arch} ({kwargs}), B={B}, Np=10, experts {dtype or torch.float32}, checkpoint={args.checkpoint}; "
+          f"{name}, torch {torch.__version__}")
+    print(f"plan: {model.execution_plan()}")
+    print(f"one step: {wall * 1e3:.1f} ms wall (profiled); {kind}: {total / 1e3:.1f} ms")
+    print(f"{'group':20s} {'ms/step':>9s} {'share':>7s}")
+    for group, us in sorted(groups.items(), key=lambda g: -g[1]):
+        print(f"{group:20s} {us / 1e3:9.2f} {us / total:7.1%}")
+    print(f"\n{'ms/step':>9s} {'calls':>6s}  kernel")
+    for name, us, count in sorted(events, key=lambda e: -e[1])[:25]:
+        print(f"{us / 1e3:9.3f} {count:6.0f}  [{group_of(name)}] {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
