@@ -8,8 +8,9 @@ how the forward runs, chosen once when the model is built and reported by ``exec
   (same depth, width, heads, token count): their frozen weights are stacked once and each expert's
   parameters become views into the stacks (no second copy), every linear layer is one batched
   matmul and attention one call over K x B sequences. Change those parameters in place (as
-  ``load_state_dict`` does; after ``assign=True`` the stacks are rebuilt from the new tensors). "streams" runs each expert's block on its
-  own CUDA stream (in sequence on a CPU), for experts that differ. "sequential" runs them one by one.
+  ``load_state_dict`` does; after ``assign=True`` the stacks are rebuilt from the new tensors).
+  "streams" runs each expert's block on its own CUDA stream (in sequence on a CPU), for experts
+  that differ. "sequential" runs them one by one.
   "auto" decides by the device of each forward: on CUDA, batched when the experts can be, else
   streams; on a CPU, sequential, where kernel launches cost little and one large batched matmul
   measured slower than K plain ones (a ViT-tiny training step, K = 3, B = 8: 1.46 s against 1.22 s).
