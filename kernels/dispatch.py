@@ -1065,10 +1065,14 @@ def dispatch_fwd(
     chunks = cdiv(max(e - s for s, e in zip(tok_start, tok_end)), blocks["BLOCK_T_FWD"])
     if ipt_out is None:
         ipt_out = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
-    elif ipt_out.shape != (K, B, Np, D) or ipt_out.stride(-1) != 1 or ipt_out.dtype not in (prompts.dtype, tokens.dtype):
+    elif (
+        ipt_out.shape != (K, B, Np, D) or ipt_out.stride(-1) != 1 or ipt_out.dtype not in (prompts.dtype, tokens.dtype)
+        or sum((n - 1) * s for n, s in zip(ipt_out.shape, ipt_out.stride())) >= 2**31
+    ):
         raise ValueError(
             f"ipt_out must be (K={K}, B={B}, Np={Np}, D={D}) with stride(-1) == 1 in the prompts' or the tokens' "
-            f"dtype, got {tuple(ipt_out.shape)}, strides {ipt_out.stride()}, {ipt_out.dtype}"
+            f"dtype, spanning less than 2**31 elements, got {tuple(ipt_out.shape)}, strides {ipt_out.stride()}, "
+            f"{ipt_out.dtype}"
         )
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
     hidden = (None, None, None)

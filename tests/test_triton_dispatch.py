@@ -468,6 +468,29 @@ def test_dispatch_into_writes_the_ipts_in_its_launch(grad, monkeypatch):
         assert len(launches) == 1 and work.ops == [] and out is seq
 
 
+def test_the_forward_writes_the_ipts_into_a_given_tensor():
+    """ipt_out: a strided view in the tokens' dtype (fp32 parameters, fp16 tokens) receives the IPTs
+    the forward would return, rounded once; nothing around it is touched; what it cannot take is
+    refused by name."""
+    K, B, Np, T, D = 2, 3, 3, 5, 16
+    inputs = make_inputs(Case(K=K, B=B, Np=Np, T=T, D=D, H=24, act_dtype=torch.float16))
+    prompts, tokens, prompt_out, pe, pp, pz = inputs["build"]([t.to(DEVICE) for t in inputs["leaves"]])
+    args = (prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz)
+    ipt, weights, _ = kd.dispatch_fwd(*args)
+    seq = torch.zeros(K, B, 1 + Np + 2, D, dtype=torch.float16, device=DEVICE)
+    slots = seq[:, :, 1 : 1 + Np]
+    out, weights_into, _ = kd.dispatch_fwd(*args, ipt_out=slots)
+    assert out is slots
+    torch.testing.assert_close(slots, ipt.to(torch.float16), rtol=0, atol=0)
+    torch.testing.assert_close(weights_into, weights, rtol=0, atol=0)
+    assert not seq[:, :, 0].any() and not seq[:, :, 1 + Np :].any()
+    wrong_dtype = torch.empty(K, B, Np, D, dtype=torch.float64, device=DEVICE)
+    wrong_stride = torch.empty(K, B, D, Np, dtype=torch.float16, device=DEVICE).transpose(2, 3)
+    for bad in (wrong_dtype, slots[:, :, :-1], wrong_stride):
+        with pytest.raises(ValueError, match="ipt_out must be"):
+            kd.dispatch_fwd(*args, ipt_out=bad)
+
+
 def test_a_forward_without_saved_pre_activations_has_no_backward():
     """save_hidden=False (inference): the same IPTs and weights, bit for bit, nothing kept, and
     dispatch_bwd refuses to run from it."""
