@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> None:
         wall = (time.perf_counter() - start) / steps
 
     if device.type == "cuda":
+        # Kernels are the device-side events; an operator's self device time is its kernels' again.
         events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        if not events:
+            raise SystemExit("the profiler recorded no CUDA kernels (is CUPTI available to torch.profiler?)")
     else:
         events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
     events = [(name, us / steps, count / steps) for name, us, count in events if us > 0]
