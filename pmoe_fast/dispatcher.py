@@ -248,11 +248,13 @@ class Dispatcher(nn.Module):
             num_prefix_tokens: Q_k, as ``forward`` takes it (counted within the tokens Z).
         Returns:
             seq with each expert's IPT (in seq's dtype) in its prompt slots, and weights
-            (K, B, Np, K) as ``forward``. The fused kind "mlp" backends (triton, cuda, cpp) write
-            the IPTs into ``seq`` itself, differentiably: the gradient of the Z_P they overwrite
-            comes from the dispatcher, and nothing else may have saved ``seq`` for backward
-            (without gradients to compute, they read Z_P in place and keep nothing). The
-            other backends return a new tensor, as concatenating IPT and Z would. Either way the
+            (K, B, Np, K) as ``forward``. The fused backends (kind "mlp": triton, cuda, cpp; kind
+            "moe": triton) write the IPTs into ``seq`` itself, differentiably: the gradient of
+            the Z_P they overwrite comes from the dispatcher, and nothing else may have saved
+            ``seq`` for backward (without gradients to compute, they read Z_P in place and keep
+            nothing). The torch backend and kind "none" return a new tensor, as concatenating
+            IPT and Z would. Kind "moe" leaves its load-balancing loss in ``aux_loss``, as
+            ``forward`` does. Either way the
             result equals ``torch.cat([ipt.to(seq.dtype), seq[:, :, Np:]], 2)`` with ``ipt`` from
             ``forward(prompts, seq[:, :, Np:], seq[:, :, :Np] or None, num_prefix_tokens)``.
         """
@@ -267,7 +269,7 @@ class Dispatcher(nn.Module):
             )
         tokens, slots = seq.narrow(2, Np, seq.shape[2] - Np), seq.narrow(2, 0, Np)
         prompt_out = slots if has_prompt_out else None
-        if self.kind == "mlp":
+        if self.kind != "none":
             B, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
             params = [t for source in self.source_params() for t in source]
             backend = self._choose_backend(prompts, tokens, prompt_out, params)
@@ -275,12 +277,22 @@ class Dispatcher(nn.Module):
                 # Each nn.Module attribute write costs microseconds; at B = 1 those add up.
                 if self.last_backend != backend:
                     self.last_backend = backend
+                start = tuple(prefix if self.pool == "patches" else [0] * len(prefix))
+                end = (tokens.shape[2],) * len(prefix)
+                grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (seq, prompts, *params))
+                if self.kind == "moe":
+                    if grad:
+                        seq, weights, self.aux_loss = _DispatchIntoMoE.apply(
+                            seq, prompts, start, end, has_prompt_out, self.top_k, *params
+                        )
+                        return seq, weights
+                    ipt, weights, self.aux_loss, _, _ = _moe_forward(prompts, tokens, start, end, prompt_out, params, self.top_k)
+                    slots.copy_(ipt)  # after the launch that read Z_P from the slots
+                    return seq, weights
                 if self.aux_loss is not None:
                     self.aux_loss = None
-                start = prefix if self.pool == "patches" else [0] * len(prefix)
-                end = [tokens.shape[2]] * len(prefix)
-                if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (seq, prompts, *params)):
-                    return _DispatchInto.apply(backend, seq, prompts, tuple(start), tuple(end), has_prompt_out, *params)
+                if grad:
+                    return _DispatchInto.apply(backend, seq, prompts, start, end, has_prompt_out, *params)
                 # Nothing to differentiate (inference): Z_P is read where it is and overwritten
                 # by the IPTs; nothing is kept.
                 weights, _ = _fused_forward(backend, prompts, tokens, start, end, prompt_out, params, slots, False)
@@ -486,6 +498,69 @@ class _DispatchInto(torch.autograd.Function):
         return (None, grad_in, grad_prompts if ctx.needs_input_grad[2] else None, None, None, None, *param_grads)
 
 
+class _DispatchIntoMoE(torch.autograd.Function):
+    """``Dispatcher.dispatch_into`` for kind "moe" (Triton): as ``_DispatchInto``, the IPTs
+    written into the prompt slots of ``seq`` in place, plus the layer's load-balancing loss as a
+    third output, differentiable. Keeps ``seq``, a copy of the Z_P rows it overwrites and the
+    router's gates."""
+
+    @staticmethod
+    def forward(ctx, seq, prompts, tok_start, tok_end, has_prompt_out, top_k, *params):
+        Np = prompts.shape[1]
+        prompt_out = seq[:, :, :Np].clone() if has_prompt_out else None
+        ipt, weights, aux, coef, gates = _moe_forward(prompts, seq[:, :, Np:], tok_start, tok_end, prompt_out, params, top_k)
+        seq[:, :, :Np].copy_(ipt)
+        ctx.mark_dirty(seq)
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)
+        ctx.tok_range, ctx.top_k = (tok_start, tok_end), top_k
+        ctx.save_for_backward(seq, prompts, prompt_out, weights, coef, *gates, *params)
+        return seq, weights, aux
+
+    @staticmethod
+    def backward(ctx, grad_seq, _grad_weights, grad_aux):
+        if grad_seq is None and grad_aux is None:
+            return (None,) * (6 + 18)
+        from pmoe_fast.kernels.dispatch_moe import dispatch_moe_bwd
+
+        seq, prompts, prompt_out, weights, coef, gates_e, gates_p, gates_z, *params = ctx.saved_tensors
+        Np = prompts.shape[1]
+        need_seq = ctx.needs_input_grad[0]
+        if grad_seq is None:  # a loss on the load-balancing loss alone
+            grad_seq = torch.zeros(seq.shape, dtype=seq.dtype, device=seq.device)
+        grad_seq = grad_seq if grad_seq.stride(-1) == 1 else grad_seq.contiguous()
+        grad_prompts, grad_tokens, grad_prompt_out, *grads = dispatch_moe_bwd(
+            grad_seq[:, :, :Np].to(prompts.dtype), grad_aux, prompts, seq[:, :, Np:], *ctx.tok_range, prompt_out,
+            weights, coef, (gates_e, gates_p, gates_z), tuple(params[0:6]), tuple(params[6:12]), tuple(params[12:18]),
+            ctx.top_k, need_grad_tokens=need_seq,
+        )
+        grad_in = _sequence_grad(grad_seq, Np, grad_prompt_out, grad_tokens) if need_seq else None
+        flat = [g for source in grads for g in (source or (None,) * 6)]
+        flat = [g if need else None for g, need in zip(flat, ctx.needs_input_grad[6:])]
+        return (grad_in, grad_prompts if ctx.needs_input_grad[1] else None, None, None, None, None, *flat)
+
+
+def _moe_forward(prompts, tokens, tok_start, tok_end, prompt_out, params, top_k):
+    """Kind "moe"'s Triton forward, without autograd: (ipt, weights, aux_loss, and what its
+    backward takes: coef, gates). ``params``: the 18 tensors of sources e, p, z."""
+    from pmoe_fast.kernels.dispatch_moe import dispatch_moe_fwd
+
+    return dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params[0:6], params[6:12], params[12:18], top_k)
+
+
+def _sequence_grad(grad_seq, Np: int, grad_prompt_out, grad_tokens) -> torch.Tensor:
+    """The gradient of a sequence whose prompt slots a dispatcher overwrote with its IPTs, as it
+    was before: dZ_P in the slots (zero without prompt_out), and in the token rows the gradient
+    ``grad_seq`` brought plus the dispatcher's dZ."""
+    grad_in = torch.empty(grad_seq.shape, dtype=grad_seq.dtype, device=grad_seq.device)
+    if grad_prompt_out is None:
+        grad_in[:, :, :Np].zero_()
+    else:
+        grad_in[:, :, :Np].copy_(grad_prompt_out)
+    torch.add(grad_seq[:, :, Np:], grad_tokens, out=grad_in[:, :, Np:])
+    return grad_in
+
+
 def _fused_forward(backend, prompts, tokens, tok_start, tok_end, prompt_out, params, ipt_out, save: bool):
     """A fused kind "mlp" backend's forward, without autograd, writing the IPTs into ``ipt_out``
     (K, B, Np, D), which may be ``prompt_out`` itself (Triton writes them there in its launch).
@@ -519,12 +594,12 @@ def _fused_backward(backend, grad_seq, prompts, seq, tok_start, tok_end, prompt_
     # kernels are built and tested for.
     grad_ipt = grad_seq[:, :, :Np].to(prompts.dtype)
     tokens, has_prompt_out = seq[:, :, Np:], prompt_out is not None
-    grad_in = torch.empty(grad_seq.shape, dtype=grad_seq.dtype, device=grad_seq.device) if need_seq else None
-    if need_seq and not has_prompt_out:
-        grad_in[:, :, :Np].zero_()
     if backend == "triton":
         from pmoe_fast.kernels.dispatch import dispatch_bwd
 
+        grad_in = torch.empty(grad_seq.shape, dtype=grad_seq.dtype, device=grad_seq.device) if need_seq else None
+        if need_seq and not has_prompt_out:
+            grad_in[:, :, :Np].zero_()
         # The kernel writes dZ_P and dZ + grad_seq's token rows straight into grad_in.
         grad_prompts, _, _, *grads = dispatch_bwd(
             grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights, tuple(saved),
@@ -538,10 +613,7 @@ def _fused_backward(backend, grad_seq, prompts, seq, tok_start, tok_end, prompt_
         grad_ipt, prompts, tokens, list(tok_start), list(tok_end), prompt_out, w1, b1, w2, b2,
         weights, *saved, [True, need_seq, has_prompt_out and need_seq],
     )
-    if need_seq:
-        if has_prompt_out:
-            grad_in[:, :, :Np].copy_(grad_prompt_out)
-        torch.add(grad_seq[:, :, Np:], grad_tokens, out=grad_in[:, :, Np:])
+    grad_in = _sequence_grad(grad_seq, Np, grad_prompt_out if has_prompt_out else None, grad_tokens) if need_seq else None
     hidden = w1[0] is not None
     grads = []
     for s in range(3):

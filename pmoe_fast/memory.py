@@ -527,10 +527,11 @@ def _resolve_backend(d: _Description, device: str, execution: str) -> str:
 
 def _in_place(s: _Setup, layer: int) -> bool:
     """Whether the prompts entering block ``layer`` go into block ``layer - 1``'s output itself,
-    which then is block ``layer``'s input: VPT carries Z_P there, and the fused "mlp" dispatchers
-    write their IPTs into it when batched (``Dispatcher.dispatch_into``). Otherwise block
-    ``layer``'s input is a new, concatenated sequence."""
-    batched_fused = not s.per_expert and s.d.kind == "mlp" and s.backend in ("triton", "cuda", "cpp")
+    which then is block ``layer``'s input: VPT carries Z_P there, and the fused dispatchers (kind
+    "mlp" on triton, cuda and cpp; "moe" on triton) write their IPTs into it when batched
+    (``Dispatcher.dispatch_into``). Otherwise block ``layer``'s input is a new, concatenated
+    sequence."""
+    batched_fused = not s.per_expert and s.d.kind in ("mlp", "moe") and s.backend in ("triton", "cuda", "cpp")
     return layer >= s.d.prompt_layers or batched_fused
 
 

@@ -215,8 +215,49 @@ def test_dispatch_into_without_gradients_writes_in_place_too(backend, has_prompt
     torch.testing.assert_close(w, w_expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("has_prompt_out", [True, False], ids=["prompt-out", "first-layer"])
+def test_moe_dispatch_into_writes_in_place_as_concatenating_would(has_prompt_out):
+    """Kind "moe" on Triton writes the IPTs into the prompt slots too. The result, the weights, the
+    load-balancing loss and every gradient (through the IPTs and through the loss) are those of
+    concatenating the same backend's forward with the tokens, bit for bit (the kernels' parity with
+    float64 is tests/test_triton_dispatch_moe.py's); without gradients as well."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    disp = Dispatcher(D, K, hidden=H, kind="moe", num_dispatch_experts=3, top_k=2, backend="triton").to(device)
+    prompts, seq, _ = make_inputs()
+    prompts, seq = prompts.float().to(device), seq.float().to(device)
+    weight = torch.randn(K, B, NP + T, D, device=device)
+
+    def run(into):
+        p, leaf = prompts.clone().requires_grad_(), seq.clone().requires_grad_()
+        s = leaf * 1
+        disp.zero_grad()
+        if into:
+            out, w = disp.dispatch_into(p, s, has_prompt_out, 2)
+            assert out is s
+        else:
+            ipt, w = disp(p, s[:, :, NP:], s[:, :, :NP] if has_prompt_out else None, 2)
+            out = torch.cat([ipt, s[:, :, NP:]], dim=2)
+        ((out * weight).sum() + 3.0 * disp.aux_loss).backward()
+        return [out.detach(), w, disp.aux_loss.detach(), p.grad, leaf.grad] + [q.grad for q in disp.parameters()]
+
+    expected, got = run(into=False), run(into=True)
+    names = ["seq", "weights", "aux_loss", "prompts", "seq grad"] + [n for n, _ in disp.named_parameters()]
+    for name, e, g in zip(names, expected, got):
+        assert (e is None) == (g is None), name
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        s = seq.clone()
+        out, w = disp.dispatch_into(prompts, s, has_prompt_out, 2)
+    assert out is s and disp.last_backend == "triton"
+    torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(disp.aux_loss, expected[2], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["moe", "none"])
 def test_dispatch_into_other_kinds_concatenate(kind):
+    """Backends that do not write in place (here torch, for "moe" on a CPU) concatenate."""
     torch.manual_seed(0)
     disp = Dispatcher(D, K, hidden=H, kind=kind).double()
     prompts, seq, _ = make_inputs()

@@ -96,6 +96,21 @@ def test_batched_fused_dispatchers_write_into_the_sequences(backend, execution, 
     assert len(calls) == (len(experts[0].blocks) if execution == "batched" else 0)  # a prompt layer per block
 
 
+@pytest.mark.skipif("triton" not in FUSED_CPU_BACKENDS, reason="Triton takes CPU tensors under its interpreter only")
+def test_batched_moe_dispatcher_writes_into_the_sequences(monkeypatch):
+    """Kind "moe" on Triton writes the IPTs in place too (its load-balancing loss differentiable
+    beside them), and the model, checkpointed, matches the reference."""
+    from pmoe_fast import dispatcher
+
+    calls = []
+    apply = dispatcher._DispatchIntoMoE.apply
+    monkeypatch.setattr(dispatcher._DispatchIntoMoE, "apply", lambda *args: calls.append(args[0]) or apply(*args))
+    experts = same_arch(2)
+    config = dict(CONFIG, dispatcher="moe", separate_mlps=True, top_k=2)
+    assert_matches_reference(experts, config=config, execution="batched", dispatcher_backend="triton", checkpoint=1)
+    assert len(calls) >= len(experts[0].blocks)  # every prompt layer's forward, then the recomputed ones
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 def test_attention_backends(attention):
     assert_matches_reference(same_arch(), attention=attention)
