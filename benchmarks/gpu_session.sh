@@ -25,16 +25,22 @@ python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/$stage-env.txt"
 $python -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' | tee -a "$OUT/$stage-env.txt"
 
-# One GPU image's CXX (a g++ in /opt/gcc) links libstdc++ into _C statically, and every failing
-# C++ check then crashes instead of raising (README, Building): build with the distribution's.
-if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
-    export CXX=/usr/bin/g++ CC=/usr/bin/gcc
-fi
-echo "compilers: CXX=${CXX:-unset} CC=${CC:-unset}" | tee -a "$OUT/$stage-env.txt"
+install() {
+    echo "compilers: CXX=${CXX:-unset} CC=${CC:-unset}" | tee -a "$OUT/$stage-env.txt"
+    PMOE_FAST_FORCE_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-16} $python -m pip install --no-index --no-deps --no-build-isolation -e . \
+        >> "$OUT/build.txt" 2>&1
+}
 if ! $python -c 'import pmoe_fast.kernels, pmoe_fast._C' 2>/dev/null; then
     start=$SECONDS
-    PMOE_FAST_FORCE_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-16} $python -m pip install --no-index --no-deps --no-build-isolation -e . \
-        > "$OUT/build.txt" 2>&1 || { tail -n 40 "$OUT/build.txt"; exit 1; }
+    # One GPU image's CXX (a g++ in /opt/gcc) links libstdc++ into _C statically, and every failing
+    # C++ check then crashes instead of raising (README, Building): build with the distribution's
+    # compilers where there are some (CC is nvcc's host compiler too), else, or if nvcc refuses
+    # them, with the image's.
+    if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ] && CXX=/usr/bin/g++ CC=/usr/bin/gcc install; then
+        :
+    else
+        install || { tail -n 40 "$OUT/build.txt"; exit 1; }
+    fi
     echo "installed in $((SECONDS - start)) s" | tee -a "$OUT/build.txt"
 fi
 $python -m pmoe_fast info | tee -a "$OUT/$stage-env.txt"
