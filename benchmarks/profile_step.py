@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     total = sum(us for _, us, _ in events)
     groups: dict[str, float] = {}
     for name, us, _ in events:
-        groups[group_of(name)] = groups.get(group_of(name), 0.0) + us
+        group = group_of(name)
+        groups[group] = groups.get(group, 0.0) + us
 
     kind = "CUDA kernels' device time" if device.type == "cuda" else "operators' self CPU time"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
