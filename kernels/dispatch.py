@@ -1085,7 +1085,7 @@ def dispatch_fwd(
         )
     # Scratch, one allocation: f_e's logits (K, Np, K), then (from a 16-byte boundary) the token
     # chunks' partial sums (K * B, chunks, K), where the kernel expects them.
-    scratch = torch.empty(-(-K * Np * K // 4) * 4 + K * B * chunks * K, dtype=torch.float32, device=device)
+    scratch = torch.empty((K * Np * K + 3) // 4 * 4 + K * B * chunks * K, dtype=torch.float32, device=device)
     arrivals = torch.zeros(K * B, dtype=torch.int32, device=device)
     pout = prompt_out if has_prompt_out else tokens
     ptrs_e, strides_e = _param_pointers(params_e)
