@@ -57,9 +57,11 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 
 Numerics. Every reduction accumulates in float32. Matrix products take their operands in the
 parameters' dtype, as ``Dispatcher`` does (``x.to(param.dtype)``): fp32 parameters with bf16
-tokens multiply in fp32, using ``input_precision="tf32x3"`` (about fp32 accuracy on tensor cores;
-plain tf32 would give 1e-3 relative errors). Softmax subtracts the row maximum; softmax and
-fusion run in float32 whatever the input dtype.
+tokens multiply to fp32 accuracy on tensor cores (``_dot``): tf32x3, three tf32 products of
+heads and rests (plain tf32 would give 1e-3 relative errors), or two where one operand comes
+from 16-bit tokens, which tf32 holds exactly. The one exception is the tokens' gradient when it
+is stored in bf16: one tf32 product errs well below bf16's rounding. Softmax subtracts the row
+maximum; softmax and fusion run in float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -153,6 +155,39 @@ def _gelu_grad(h):
 
 
 @triton.jit
+def _tf32_head(x):
+    """float32 x cut toward zero to tf32's 11 significant bits: tensor cores take it exactly, and
+    x - head, the rest, is exact in float32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a @ b, accumulated in float32, the products to about float32's accuracy.
+
+    Operands of one 16-bit dtype multiply as they are; two float32 operands take tf32x3 (three
+    tf32 products of heads and rests). A 16-bit operand beside a float32 one (bf16 or fp16 tokens
+    against float32 parameters) is exact in tf32, so only the float32 one is split: two tf32
+    products where tf32x3 takes three."""
+    if a.dtype == b.dtype:
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(a, b, acc)
+    elif a.dtype == tl.float32:
+        b = b.to(tl.float32)
+        head = _tf32_head(a)
+        acc = tl.dot(head, b, acc, input_precision="tf32")
+        acc = tl.dot(a - head, b, acc, input_precision="tf32")
+    else:
+        a = a.to(tl.float32)
+        head = _tf32_head(b)
+        acc = tl.dot(a, head, acc, input_precision="tf32")
+        acc = tl.dot(a, b - head, acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit
 def _hidden_preact(
     x_ptrs,  # (BLOCK_R,) pointers to the first element of each row, each row D contiguous
     row_mask,  # (BLOCK_R,)
@@ -179,8 +214,9 @@ def _hidden_preact(
             mask=h_mask[None, :] & d_mask[:, None],
             other=0.0,
         )  # (BLOCK_D, BLOCK_H), W1 transposed
-        # Operands in the parameters' dtype, as Dispatcher computes x.to(param.dtype).
-        acc = tl.dot(x.to(w1t.dtype), w1t, acc, input_precision="tf32x3")
+        # x in the tokens' dtype against W1 in the parameters': as Dispatcher's x.to(param.dtype)
+        # @ W1, since a 16-bit x meets float32 parameters only, which hold it exactly.
+        acc = _dot(x, w1t, acc)
     b1 = tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0)
     return acc + b1.to(tl.float32)[None, :]
 
@@ -235,7 +271,7 @@ def _mlp_rows(
                 mask=k_mask[None, :] & d_mask[:, None],
                 other=0.0,
             )  # (BLOCK_D, BLOCK_K)
-            out = tl.dot(x.to(w2t.dtype), w2t, out, input_precision="tf32x3")
+            out = _dot(x, w2t, out)
     return out
 
 
@@ -532,25 +568,87 @@ def _mlp_bwd_tile(
             w2_ptr + offs_k[:, None] * stride_w2_k + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0
         )  # (BLOCK_K, BLOCK_H)
         dl_c = dl.to(w2.dtype)
-        da = tl.dot(dl_c, w2, input_precision="tf32x3")  # (BLOCK_R, BLOCK_H)
+        da = _dot(dl_c, w2, tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32))
         a = tl.where(row_mask[:, None], _gelu(h), 0.0)
         dh = tl.where(row_mask[:, None], da * _gelu_grad(h), 0.0)
-        acc_w2 = tl.dot(tl.trans(dl_c), a.to(w2.dtype), acc_w2, input_precision="tf32x3")
+        acc_w2 = _dot(tl.trans(dl_c), a.to(w2.dtype), acc_w2)
         acc_b1 += tl.sum(dh, axis=0)
-        w1 = tl.load(
-            w1_ptr + offs_h[:, None] * stride_w1_h + offs_dw[None, :], mask=h_mask[:, None] & dw_mask[None, :], other=0.0
-        )  # (BLOCK_H, BLOCK_DW); reloaded per tile from L1/L2 rather than held in registers
-        dh_c = dh.to(w1.dtype)
-        dx = tl.dot(dh_c, w1, input_precision="tf32x3")
-        acc_w1 = tl.dot(tl.trans(dh_c), x.to(w1.dtype), acc_w1, input_precision="tf32x3")
+        dx, acc_w1 = _hidden_bwd(x, dh, offs_dw, w1_ptr, stride_w1_h, acc_w1, D, H, BLOCK_H)
     else:
         w2 = tl.load(
             w2_ptr + offs_k[:, None] * stride_w2_k + offs_dw[None, :], mask=k_mask[:, None] & dw_mask[None, :], other=0.0
         )  # (BLOCK_K, BLOCK_DW)
         dl_c = dl.to(w2.dtype)
-        dx = tl.dot(dl_c, w2, input_precision="tf32x3")
-        acc_w2 = tl.dot(tl.trans(dl_c), x.to(w2.dtype), acc_w2, input_precision="tf32x3")
+        dx = _dot(dl_c, w2, tl.zeros((BLOCK_R, offs_dw.shape[0]), dtype=tl.float32))
+        acc_w2 = _dot(tl.trans(dl_c), x, acc_w2)
     return dx, acc_w1, acc_b1, acc_w2, acc_b2
+
+
+@triton.jit
+def _hidden_bwd(
+    x,  # (BLOCK_R, BLOCK_DW) the rows' columns offs_dw, in their own dtype
+    dh,  # (BLOCK_R, BLOCK_H) float32 dL/d(x W1^T + b1), zero in masked rows
+    offs_dw,  # (BLOCK_DW,)
+    w1_ptr,  # (H, D)
+    stride_w1_h,
+    acc_w1,  # (BLOCK_H, BLOCK_DW) float32
+    D,
+    H,
+    BLOCK_H: tl.constexpr,
+):
+    """The first layer's backward on one tile: dL/dx = dh W1 for the columns offs_dw, (BLOCK_R,
+    BLOCK_DW) float32, and acc_w1 + dh^T x."""
+    offs_h = tl.arange(0, BLOCK_H)
+    w1 = tl.load(
+        w1_ptr + offs_h[:, None] * stride_w1_h + offs_dw[None, :],
+        mask=(offs_h < H)[:, None] & (offs_dw < D)[None, :],
+        other=0.0,
+    )  # (BLOCK_H, BLOCK_DW); reloaded per tile from L1/L2 rather than held in registers
+    dh_c = dh.to(w1.dtype)
+    dx = tl.zeros((dh.shape[0], offs_dw.shape[0]), dtype=tl.float32)
+    if x.dtype == tl.bfloat16 and w1.dtype == tl.float32:
+        # dL/dx is stored in bf16, 8 significant bits: one tf32 product (11-bit operands) errs
+        # well below that rounding, where tf32x3 would take three.
+        dx = tl.dot(dh_c, w1, dx, input_precision="tf32")
+    else:
+        dx = _dot(dh_c, w1, dx)
+    acc_w1 = _dot(tl.trans(dh_c), x, acc_w1)
+    return dx, acc_w1
+
+
+@triton.jit
+def _token_tile_bwd(
+    x_ptrs,  # (BLOCK_T,) pointers to the first element of each token row
+    h_ptrs,  # (BLOCK_T,) pointers to each token's H pre-activations, as the forward stored them
+    t_mask,  # (BLOCK_T,)
+    da,  # (BLOCK_H,) float32 dL/d gelu, the same for every token; (BLOCK_DW,) dL/dx when H = 0
+    offs_dw,  # (BLOCK_DW,) the columns of x this program owns
+    w1_ptr,  # (H, D)
+    stride_w1_h,
+    acc_w1,  # (BLOCK_H, BLOCK_DW) float32
+    acc_b1,  # (BLOCK_H,)
+    a_sum,  # (BLOCK_H,) float32: the sum of gelu over the tokens so far; (BLOCK_DW,) of x when H = 0
+    D,
+    H,
+    HAS_HIDDEN: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Backward of f_z over one tile of tokens of a (k, b), which all receive the same dL/d f:
+    dL/dx for the columns offs_dw, (BLOCK_T, BLOCK_DW) float32, and acc_w1, acc_b1 and a_sum plus
+    this tile's share."""
+    x = tl.load(x_ptrs[:, None] + offs_dw[None, :], mask=t_mask[:, None] & (offs_dw < D)[None, :], other=0.0)
+    if HAS_HIDDEN:
+        offs_h = tl.arange(0, BLOCK_H)
+        h = tl.load(h_ptrs[:, None] + offs_h[None, :], mask=t_mask[:, None] & (offs_h < H)[None, :], other=0.0)
+        a_sum += tl.sum(tl.where(t_mask[:, None], _gelu(h), 0.0), axis=0)
+        dh = tl.where(t_mask[:, None], da[None, :] * _gelu_grad(h), 0.0)
+        acc_b1 += tl.sum(dh, axis=0)
+        dx, acc_w1 = _hidden_bwd(x, dh, offs_dw, w1_ptr, stride_w1_h, acc_w1, D, H, BLOCK_H)
+    else:
+        a_sum += tl.sum(x.to(tl.float32), axis=0)
+        dx = tl.zeros((BLOCK_T, 1), dtype=tl.float32) + da[None, :]
+    return dx, acc_w1, acc_b1, a_sum
 
 
 @triton.jit
@@ -736,12 +834,26 @@ def _dispatch_bwd_kernel(
                 K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
             )
 
-        # f_z: every token of (k, b) in [start, end) receives the same dL/d f = sum_n dlogits / count.
+        # f_z: every token of (k, b) in [start, end) receives the same dL/d f = sum_n dlogits / count,
+        # so dL/d(gelu) = dL/df W2 is one row for all of them (without a hidden layer, dL/dx
+        # itself), and W2's gradient is dL/df times the sum over the tokens of gelu (or of x):
+        # only W1's two products run per token tile.
         start = tl.load(tok_range_ptr + 2 * k)
         end = tl.load(tok_range_ptr + 2 * k + 1)
         count = (end - start).to(tl.float32)
         offs_t = tl.arange(0, BLOCK_T)
         acc_w1, acc_b1, acc_w2, acc_b2 = _grad_accumulators(HAS_HIDDEN, BLOCK_H, BLOCK_K, BLOCK_DW)
+        if HAS_HIDDEN:
+            offs_w2 = tl.arange(0, BLOCK_H)
+            w2_cols = H
+        else:
+            offs_w2 = offs_dw
+            w2_cols = D
+        w2 = tl.load(
+            w2z_ptr + offs_k[:, None] * stride_w2z_k + offs_w2[None, :],
+            mask=k_mask[:, None] & (offs_w2 < w2_cols)[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_K, BLOCK_H), or (BLOCK_K, BLOCK_DW) when H = 0
         for b in range(b_lo, b_hi):
             dl_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for n0 in range(0, Np, BLOCK_N):
@@ -752,24 +864,25 @@ def _dispatch_bwd_kernel(
                 )
                 dl_sum += tl.sum(dl, axis=0)
             dl_token = dl_sum / count
+            acc_b2 += dl_sum
+            da = tl.sum(dl_token[:, None] * w2, axis=0)
+            a_sum = tl.zeros(da.shape, dtype=tl.float32)
             tok_base = tokens_ptr + k * stride_tokens_k + b * stride_tokens_b
             grad_base = grad_tokens_ptr + k * stride_grad_tokens_k + b * stride_grad_tokens_b
             add_base = grad_add_ptr + k * stride_grad_add_k + b * stride_grad_add_b
             for t0 in range(start, end, BLOCK_T):
                 t = t0 + offs_t
                 t_mask = t < end
-                dl = tl.where(t_mask[:, None], dl_token[None, :], 0.0)
-                dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
-                    tok_base + t * stride_tokens_t, hidden_z_ptr + ((k * B + b) * T + t) * H, t_mask, dl, offs_dw,
-                    w1z_ptr, stride_w1z_h, w2z_ptr, stride_w2z_k,
-                    acc_w1, acc_b1, acc_w2, acc_b2,
-                    K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H, BLOCK_K,
+                dx, acc_w1, acc_b1, a_sum = _token_tile_bwd(
+                    tok_base + t * stride_tokens_t, hidden_z_ptr + ((k * B + b) * T + t) * H, t_mask, da, offs_dw,
+                    w1z_ptr, stride_w1z_h, acc_w1, acc_b1, a_sum, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H,
                 )
                 if need_grad_tokens:
                     _store_grad_tokens(
                         dx, grad_base, add_base, t, t_mask, offs_dw, dw_mask,
                         stride_grad_tokens_t, stride_grad_add_t, add_grad,
                     )
+            acc_w2 += dl_token[:, None] * a_sum[None, :]
             if need_grad_tokens:
                 # Tokens outside [start, end) do not enter the mean: dZ is zero there. Writing it
                 # here saves zero-filling all of dZ beforehand.
@@ -884,10 +997,10 @@ MAX_HIDDEN = 128  # H: BLOCK_H is 64 or 128; each wider one is one more variant 
 BLOCK_ENV = "PMOE_TRITON_BLOCKS"
 # The forward with 4 warps: on an H100 (benchmarks/results/triton_tuning_h100.txt, K=6, B=32,
 # T=197, D=768, H=64, bf16 tokens), the forward of one program per (k, b) was 1.7x slower with 8.
-# The main backward with 8 warps and two pipeline stages: with its saved pre-activations, that is
-# what keeps ptxas' spills under 0.6 KB a thread and shared memory under 114 KB, two programs an
-# SM, at fp32 parameters (benchmarks/results/triton_sm90_resources.txt); 4 warps spill 6 KB, three
-# stages take 139 KB. Not yet timed on a GPU.
+# The main backward with 8 warps and two pipeline stages: at H <= 64 that keeps ptxas' spills
+# under 0.3 KB a thread and shared memory at 64 KB or less, two programs an SM
+# (benchmarks/results/triton_sm90_resources.txt); 4 warps spill 1.2 KB with fp32 parameters and
+# bf16 tokens. Not yet timed on a GPU.
 _NUM_WARPS = {"fwd": 4, "bwd_softmax": 4, "bwd": 8, "bwd_reduce": 4}
 _NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
 
@@ -915,14 +1028,15 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     """Block sizes and work split for one shape, without autotuning."""
     block_h = _hidden_blocks(H)
     # Registers of the backward: dW1's accumulator (BLOCK_H x BLOCK_DW) and the W1 tile at 4096
-    # floats each, 16 a thread at 8 warps, beside the hidden tiles (BLOCK_T x BLOCK_H) and their
-    # tf32x3 halves; BLOCK_H = 128 takes a narrower d-tile and half the rows.
+    # floats each, 16 a thread at 8 warps, beside the hidden tiles (BLOCK_T x BLOCK_H) and the
+    # heads and rests of their split products; BLOCK_H = 128 takes a narrower d-tile and half the rows.
     block_dw = 4096 // max(block_h, 64)
     block_t = 32 if block_h <= 64 else 16
-    # The W1 tile (BLOCK_D x BLOCK_H) of the D loop is pipelined through shared memory, three
-    # stages deep: 4096 elements a stage (16 KB in fp32) keep every variant at 74 KB of shared
-    # memory or less on sm_90 (BLOCK_D=64 with BLOCK_H=128 and fp32 parameters took 122 KB).
-    block_d = 4096 // max(block_h, 64)
+    # The W1 tile (BLOCK_D x BLOCK_H) of the forward's D loop is pipelined through shared memory,
+    # three stages deep: 2048 elements a stage keep every forward variant within 24 bytes of
+    # spills a thread on sm_90 (4096, BLOCK_D=64 at H=64, spilled 112 with fp32 parameters and
+    # bf16 tokens, 272 with fp32 tokens; benchmarks/triton_resources.py).
+    block_d = 2048 // max(block_h, 64)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight

@@ -96,7 +96,7 @@ except ImportError as exc:
     tl = types.SimpleNamespace(constexpr=None)
 
 # kernels/dispatch.py's device functions, called by the kernels below.
-_gelu, _gelu_grad, _softmax_and_mix = kd._gelu, kd._gelu_grad, kd._softmax_and_mix
+_gelu, _gelu_grad, _softmax_and_mix, _dot = kd._gelu, kd._gelu_grad, kd._softmax_and_mix, kd._dot
 _grad_accumulators = kd._grad_accumulators
 
 # (router weight R (M, D), router bias r (M,), W1 (M, H, D) or None, b1 (M, H) or None,
@@ -207,8 +207,8 @@ def _preact(
         d_mask = d < D
         x = _load_x(xa_ptrs, xp_ptrs, from_p, row_mask, d, d_mask)
         wt = tl.load(w_ptr + offs_o[None, :] * stride_w_o + d[:, None], mask=o_mask[None, :] & d_mask[:, None], other=0.0)
-        # Operands in the parameters' dtype, as Dispatcher computes x.to(param.dtype).
-        acc = tl.dot(x.to(wt.dtype), wt, acc, input_precision="tf32x3")
+        # x in the tokens' dtype against W in the parameters': as Dispatcher's x.to(param.dtype) @ W.
+        acc = _dot(x, wt, acc)
     b = tl.load(b_ptr + offs_o, mask=o_mask, other=0.0)
     return acc + b.to(tl.float32)[None, :]
 
@@ -580,7 +580,7 @@ def _moe_bwd_tile(
                     acc_w2 = tl.dot(tl.trans(dl_m.to(w2.dtype)), a.to(w2.dtype), acc_w2, input_precision="tf32x3")
                     acc_b1 += tl.sum(dh, axis=0)
                     w1_dtype = w1_ptr.dtype.element_ty
-                    acc_w1 = tl.dot(tl.trans(dh.to(w1_dtype)), x.to(w1_dtype), acc_w1, input_precision="tf32x3")
+                    acc_w1 = _dot(tl.trans(dh.to(w1_dtype)), x, acc_w1)
             else:
                 w2_dtype = w2_ptr.dtype.element_ty
                 dl_c = dl_m.to(w2_dtype)
@@ -599,7 +599,7 @@ def _moe_bwd_tile(
                     dx = tl.dot(dl_c, w2, dx, input_precision="tf32x3")
                 else:
                     acc_b2 += tl.sum(dl_m, axis=0)
-                    acc_w2 = tl.dot(tl.trans(dl_c), x.to(w2_dtype), acc_w2, input_precision="tf32x3")
+                    acc_w2 = _dot(tl.trans(dl_c), x, acc_w2)
     if is_router:
         # dL/dg_m = [m chosen] <dl, MLP_m(x)> + gamma_m, through the router's softmax.
         dg = tl.where(row_mask[:, None] & m_mask[None, :], dg + gamma[None, :], 0.0)
@@ -609,7 +609,7 @@ def _moe_bwd_tile(
         )  # (BLOCK_M, BLOCK_DW)
         du_c = du.to(rw.dtype)
         dx = tl.dot(du_c, rw, dx, input_precision="tf32x3")
-        acc_rw = tl.dot(tl.trans(du_c), x.to(rw.dtype), acc_rw, input_precision="tf32x3")
+        acc_rw = _dot(tl.trans(du_c), x, acc_rw)
         acc_rb += tl.sum(du, axis=0)
     return dx, acc_rw, acc_rb, acc_w1, acc_b1, acc_w2, acc_b2
 
