@@ -5,7 +5,7 @@
 At the issue's shape (K=6, B=32, Np 50 and 10, T=197, D=768, H=64; bf16 tokens as a strided view
 of the experts' sequences, fp32 prompts and dispatcher, as in the model), for each setting: the
 number of warps of the forward and of the main backward kernel, and the forward's token chunk or
-the backward's batch split (``PMOE_TRITON_BLOCKS``). Every setting is first checked against the torch backend (outputs and
+D step, the backward's token tile or d-tile, or its batch split (``PMOE_TRITON_BLOCKS``). Every setting is first checked against the torch backend (outputs and
 gradients), then timed with ``triton.testing.do_bench`` (median; L2 flushed before each call),
 forward alone and forward+backward, with the achieved GB/s for the bytes the op must move
 (``bench_dispatch.moved_bytes``). Needs a CUDA GPU.
@@ -28,7 +28,8 @@ from pmoe_fast.kernels import dispatch as triton_dispatch  # noqa: E402
 
 K, B, T, D, H, Q = 6, 32, 197, 768, 64, 1
 WARPS = (4, 8)
-SPLITS = ("", "BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "B_PER_PROG=1", "B_PER_PROG=4")
+SPLITS = ("", "BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D=64", "BLOCK_DW=32", "BLOCK_T=64,BLOCK_DW=32",
+          "B_PER_PROG=1", "B_PER_PROG=4")
 
 
 def inputs(Np: int):
@@ -72,7 +73,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"K={K} B={B} T={T} D={D} H={H}; bf16 tokens (strided view), fp32 prompts and dispatcher; "
           "do_bench median in us; GB/s for the bytes the op must move")
-    print(f"{'Np':>3} {'backend':8} {'fwd warps':>9} {'bwd warps':>9} {'split':14} {'max rel err':>11} "
+    print(f"{'Np':>3} {'backend':8} {'fwd warps':>9} {'bwd warps':>9} {'split':22} {'max rel err':>11} "
           f"{'fwd us':>8} {'fwd GB/s':>8} {'f+b us':>8} {'f+b GB/s':>8}")
     default_warps = dict(triton_dispatch._NUM_WARPS)
     for Np in (50, 10):
@@ -92,7 +93,7 @@ def main() -> None:
             disp.load_state_dict(reference.state_dict())
             err = max(relative_error(g, w) for g, w in zip(outputs(disp, args), gold))
             fwd, both = timed(disp, args, False), timed(disp, args, True)
-            print(f"{Np:3d} {backend:8} {fwd_warps or '-':>9} {bwd_warps or '-':>9} {split or 'default':14} {err:11.2e} "
+            print(f"{Np:3d} {backend:8} {fwd_warps or '-':>9} {bwd_warps or '-':>9} {split or 'default':22} {err:11.2e} "
                   f"{1e3 * fwd:8.1f} {bytes_fwd / fwd / 1e6:8.0f} {1e3 * both:8.1f} {bytes_both / both / 1e6:8.0f}", flush=True)
     os.environ.pop(triton_dispatch.BLOCK_ENV, None)
     triton_dispatch._NUM_WARPS.update(default_warps)
