@@ -32,8 +32,10 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D (P, L2-resident); writes K*B*Np*(D+K) elements,
   and K*B*(T+Np)*H floats for a backward.
 * Backward, THREE launches:
-  1. grid (K, B): dlogits = weights * (dweights - <weights, dweights>), with
-     dweights[j] = <grad_ipt, P[j]>. Reads grad_ipt once (K*B*Np*D) and P (L2); writes
+  1. grid (Np, K*B / BLOCK_KB): dlogits = weights * (dweights - <weights, dweights>), with
+     dweights[j] = <grad_ipt, P[j]>, for prompt n one product (BLOCK_KB rows (k, b) x D) @
+     (D x K) per program. Reads grad_ipt once (K*B*Np*D) and P[:, n] once per BLOCK_KB rows
+     (where a program per (k, b) read all of P: 177 MB from L2 at K=6, B=32, Np=50); writes
      K*B*Np*K floats.
   2. grid (S_D, K*S_B + S_N), S_D = ceil(D / BLOCK_DW): the MLP backward of every row and the
      fusion gradient of P. Program (d-tile, k, group of batch rows) reads the saved
@@ -482,37 +484,50 @@ def _dispatch_bwd_softmax_kernel(
     K,
     Np,
     D,
-    BLOCK_N: tl.constexpr,
+    BLOCK_KB: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Program (k, b): dlogits = w * (dw - <w, dw>) with dw[j] = <grad_ipt, P[j]>, in float32."""
-    pid_k = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    """Program (prompt n, block of BLOCK_KB rows (k, b)): dlogits = w * (dw - <w, dw>) with
+    dw[j] = <grad_ipt[k, b, n], P[j, n]>, one product over D for the block's rows, so each program
+    reads P[:, n] once for BLOCK_KB rows."""
+    n = tl.program_id(0)
+    kb = tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)
+    kb_mask = kb < K * B
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    grad_base = grad_ipt_ptr + pid_k * stride_grad_k + pid_b * stride_grad_b
-    for n0 in range(0, Np, BLOCK_N):
-        n = n0 + offs_n
-        n_mask = n < Np
-        dw = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            mask = n_mask[:, None] & (d[None, :] < D)
-            g = tl.load(grad_base + n[:, None] * stride_grad_n + d[None, :] * stride_grad_d, mask=mask, other=0.0)
-            g = g.to(tl.float32)
-            for j in range(K):
-                p_j = tl.load(
-                    prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :], mask=mask, other=0.0
-                )
-                dw += tl.where(offs_k[None, :] == j, tl.sum(g * p_j.to(tl.float32), axis=1)[:, None], 0.0)
-        row = (pid_k * B + pid_b) * Np + n
-        mask = n_mask[:, None] & k_mask[None, :]
-        w = tl.load(weights_ptr + row[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
-        dl = w * (dw - tl.sum(w * dw, axis=1)[:, None])
-        tl.store(dlogits_ptr + row[:, None] * K + offs_k[None, :], dl, mask=mask)
+    g_rows = grad_ipt_ptr + (kb // B) * stride_grad_k + (kb % B) * stride_grad_b + n * stride_grad_n
+    dw = tl.zeros((BLOCK_KB, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        g = tl.load(g_rows[:, None] + d[None, :] * stride_grad_d, mask=kb_mask[:, None] & d_mask[None, :], other=0.0)
+        p_t = tl.load(
+            prompts_ptr + offs_k[None, :] * stride_prompts_k + n * stride_prompts_n + d[:, None],
+            mask=k_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_K): P[:, n] transposed
+        dw = _dot(g, p_t, dw)
+    row = kb * Np + n  # (BLOCK_KB,) rows of (K, B, Np)
+    mask = kb_mask[:, None] & k_mask[None, :]
+    w = tl.load(weights_ptr + row[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+    dl = w * (dw - tl.sum(w * dw, axis=1)[:, None])
+    tl.store(dlogits_ptr + row[:, None] * K + offs_k[None, :], dl, mask=mask)
+
+
+def _launch_bwd_softmax(grad_ipt, prompts, weights, blocks) -> torch.Tensor:
+    """dL/d logits (K, B, Np, K) float32 from the IPTs' gradient: one launch, grid (Np, K*B / BLOCK_KB)."""
+    K, B, Np, D = grad_ipt.shape
+    dlogits = torch.empty((K, B, Np, K), dtype=torch.float32, device=grad_ipt.device)
+    _dispatch_bwd_softmax_kernel[(Np, cdiv(K * B, blocks["BLOCK_KB"]))](
+        grad_ipt, prompts, weights, dlogits,
+        *grad_ipt.stride(), *prompts.stride()[:2],
+        B, K, Np, D,
+        BLOCK_KB=blocks["BLOCK_KB"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16,
+        num_warps=_NUM_WARPS["bwd_softmax"], num_stages=_NUM_STAGES["bwd_softmax"],
+    )
+    return dlogits
 
 
 @triton.jit
@@ -1270,14 +1285,7 @@ def dispatch_bwd(
     has_prompt_out = prompt_out is not None
     C = H * D + H + K * H + K if H else K * D + K
 
-    dlogits = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
-    _dispatch_bwd_softmax_kernel[(K, B)](
-        grad_ipt, prompts, weights, dlogits,
-        *grad_ipt.stride(), *prompts.stride()[:2],
-        B, K, Np, D,
-        BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16,
-        num_warps=_NUM_WARPS["bwd_softmax"], num_stages=_NUM_STAGES["bwd_softmax"],
-    )
+    dlogits = _launch_bwd_softmax(grad_ipt, prompts, weights, blocks)
 
     b_groups = cdiv(B, blocks["B_PER_PROG"])
     n_groups = cdiv(Np, blocks["N_PER_PROG"])
@@ -1556,7 +1564,7 @@ def _kernel_variants() -> list[dict]:
             # These two see no activations: the fp32-parameter signatures share one variant.
             found.append(_variant(
                 _dispatch_bwd_softmax_kernel, "bwd_softmax", param, param, _NUM_WARPS["bwd_softmax"], _NUM_STAGES["bwd_softmax"],
-                BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"], BLOCK_K=16,
+                BLOCK_KB=b["BLOCK_KB"], BLOCK_D=b["BLOCK_D"], BLOCK_K=16,
             ))
             found.append(_variant(
                 _dispatch_bwd_reduce_kernel, "bwd_reduce", param, param, _NUM_WARPS["bwd_reduce"], _NUM_STAGES["bwd_reduce"],

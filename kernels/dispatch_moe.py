@@ -1107,13 +1107,7 @@ def dispatch_moe_bwd(
     has_prompt_out = prompt_out is not None
     C = M * D + M + (M * H * D + M * H + M * K * H + M * K if H else M * K * D + M * K)
 
-    dlogits = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
-    kd._dispatch_bwd_softmax_kernel[(K, B)](
-        grad_ipt, prompts, weights, dlogits,
-        *grad_ipt.stride(), *prompts.stride()[:2],
-        B, K, Np, D,
-        BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16, num_warps=kd._NUM_WARPS["bwd_softmax"],
-    )
+    dlogits = kd._launch_bwd_softmax(grad_ipt, prompts, weights, blocks)
 
     b_groups = kd.cdiv(B, blocks["B_PER_PROG"])
     n_groups = kd.cdiv(Np, blocks["N_PER_PROG"])
