@@ -41,14 +41,17 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      fusion gradient of P. Program (d-tile, k, group of batch rows) reads the saved
      pre-activations of its rows of Z_P and Z (H floats a row; the S_D programs of a row group have
      adjacent ids and share them through L2) and its d-tile of those rows, and writes dZ_P and dZ
-     for its d-tile, plus its share of the weight gradients; program (d-tile, group of prompts)
+     for its d-tile, plus its share of the weight gradients. Every token of a (k, b) receives
+     the same dL/d f_z, so dL/d gelu is one row per (k, b) and W2_z's gradient needs only the
+     tokens' summed activations: a token tile costs W1's two products (dZ and dW1), with W1's
+     d-tile loaded once per program. Program (d-tile, group of prompts)
      does the same for the rows P[:, n] and adds the fusion gradient
      sum_{k,b} weights[k, b, n, :] grad_ipt[k, b, n, d-tile], a GEMM over the K*B rows. Reads
      K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*Np*D (grad_ipt) + K*B*(T+Np)*H floats; writes as
      many elements (dZ, dZ_P, dP), and R x C floats of partial weight gradients: one row per row
      group, R = K*S_B (f_z) + K*S_B (f_p) + S_N (f_e), C = H*D + H + K*H + K. The number of groups
-     trades parallelism against these bytes: at the target (H100, H=64, Np=10) S_D=6, S_B=7,
-     R=94 rows of C=49606, 19 MB, against the 116 MB of tokens read and dZ written.
+     trades parallelism against these bytes: at the target (H100, H=64, Np=10) S_D=12, S_B=3,
+     R=46 rows of C=49606, 9 MB, against the 116 MB of tokens read and dZ written.
   3. grid (ceil(C / BLOCK_C), G): sums the partial rows of each parameter group in a fixed order
      (deterministic, where atomics would not be) and writes the gradients in the parameters'
      dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
@@ -588,7 +591,8 @@ def _mlp_bwd_tile(
         dh = tl.where(row_mask[:, None], da * _gelu_grad(h), 0.0)
         acc_w2 = _dot(tl.trans(dl_c), a.to(w2.dtype), acc_w2)
         acc_b1 += tl.sum(dh, axis=0)
-        dx, acc_w1 = _hidden_bwd(x, dh, offs_dw, w1_ptr, stride_w1_h, acc_w1, D, H, BLOCK_H)
+        w1 = _load_w1_tile(w1_ptr, stride_w1_h, offs_dw, D, H, BLOCK_H)
+        dx, acc_w1 = _hidden_bwd(x, dh, w1, acc_w1)
     else:
         w2 = tl.load(
             w2_ptr + offs_k[:, None] * stride_w2_k + offs_dw[None, :], mask=k_mask[:, None] & dw_mask[None, :], other=0.0
@@ -600,27 +604,27 @@ def _mlp_bwd_tile(
 
 
 @triton.jit
-def _hidden_bwd(
-    x,  # (BLOCK_R, BLOCK_DW) the rows' columns offs_dw, in their own dtype
-    dh,  # (BLOCK_R, BLOCK_H) float32 dL/d(x W1^T + b1), zero in masked rows
-    offs_dw,  # (BLOCK_DW,)
-    w1_ptr,  # (H, D)
-    stride_w1_h,
-    acc_w1,  # (BLOCK_H, BLOCK_DW) float32
-    D,
-    H,
-    BLOCK_H: tl.constexpr,
-):
-    """The first layer's backward on one tile: dL/dx = dh W1 for the columns offs_dw, (BLOCK_R,
-    BLOCK_DW) float32, and acc_w1 + dh^T x."""
+def _load_w1_tile(w1_ptr, stride_w1_h, offs_dw, D, H, BLOCK_H: tl.constexpr):
+    """W1[:, offs_dw] (H, D): (BLOCK_H, BLOCK_DW), zero in padded rows and columns."""
     offs_h = tl.arange(0, BLOCK_H)
-    w1 = tl.load(
+    return tl.load(
         w1_ptr + offs_h[:, None] * stride_w1_h + offs_dw[None, :],
         mask=(offs_h < H)[:, None] & (offs_dw < D)[None, :],
         other=0.0,
-    )  # (BLOCK_H, BLOCK_DW); reloaded per tile from L1/L2 rather than held in registers
+    )
+
+
+@triton.jit
+def _hidden_bwd(
+    x,  # (BLOCK_R, BLOCK_DW) the rows' columns offs_dw, in their own dtype
+    dh,  # (BLOCK_R, BLOCK_H) float32 dL/d(x W1^T + b1), zero in masked rows
+    w1,  # (BLOCK_H, BLOCK_DW) W1's columns offs_dw, zero in padded rows and columns
+    acc_w1,  # (BLOCK_H, BLOCK_DW) float32
+):
+    """The first layer's backward on one tile: dL/dx = dh W1 for the tile's columns, (BLOCK_R,
+    BLOCK_DW) float32, and acc_w1 + dh^T x."""
     dh_c = dh.to(w1.dtype)
-    dx = tl.zeros((dh.shape[0], offs_dw.shape[0]), dtype=tl.float32)
+    dx = tl.zeros((dh.shape[0], w1.shape[1]), dtype=tl.float32)
     if x.dtype == tl.bfloat16 and w1.dtype == tl.float32:
         # dL/dx is stored in bf16, 8 significant bits: one tf32 product (11-bit operands) errs
         # well below that rounding, where tf32x3 would take three.
@@ -638,8 +642,7 @@ def _token_tile_bwd(
     t_mask,  # (BLOCK_T,)
     da,  # (BLOCK_H,) float32 dL/d gelu, the same for every token; (BLOCK_DW,) dL/dx when H = 0
     offs_dw,  # (BLOCK_DW,) the columns of x this program owns
-    w1_ptr,  # (H, D)
-    stride_w1_h,
+    w1,  # (BLOCK_H, BLOCK_DW) W1[:, offs_dw], loaded once per program; unused when H = 0
     acc_w1,  # (BLOCK_H, BLOCK_DW) float32
     acc_b1,  # (BLOCK_H,)
     a_sum,  # (BLOCK_H,) float32: the sum of gelu over the tokens so far; (BLOCK_DW,) of x when H = 0
@@ -659,7 +662,7 @@ def _token_tile_bwd(
         a_sum += tl.sum(tl.where(t_mask[:, None], _gelu(h), 0.0), axis=0)
         dh = tl.where(t_mask[:, None], da[None, :] * _gelu_grad(h), 0.0)
         acc_b1 += tl.sum(dh, axis=0)
-        dx, acc_w1 = _hidden_bwd(x, dh, offs_dw, w1_ptr, stride_w1_h, acc_w1, D, H, BLOCK_H)
+        dx, acc_w1 = _hidden_bwd(x, dh, w1, acc_w1)
     else:
         a_sum += tl.sum(x.to(tl.float32), axis=0)
         dx = tl.zeros((BLOCK_T, 1), dtype=tl.float32) + da[None, :]
@@ -869,6 +872,10 @@ def _dispatch_bwd_kernel(
             mask=k_mask[:, None] & (offs_w2 < w2_cols)[None, :],
             other=0.0,
         ).to(tl.float32)  # (BLOCK_K, BLOCK_H), or (BLOCK_K, BLOCK_DW) when H = 0
+        if HAS_HIDDEN:
+            w1 = _load_w1_tile(w1z_ptr, stride_w1z_h, offs_dw, D, H, BLOCK_H)  # held for all the tiles
+        else:
+            w1 = w2
         for b in range(b_lo, b_hi):
             dl_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for n0 in range(0, Np, BLOCK_N):
@@ -890,7 +897,7 @@ def _dispatch_bwd_kernel(
                 t_mask = t < end
                 dx, acc_w1, acc_b1, a_sum = _token_tile_bwd(
                     tok_base + t * stride_tokens_t, hidden_z_ptr + ((k * B + b) * T + t) * H, t_mask, da, offs_dw,
-                    w1z_ptr, stride_w1z_h, acc_w1, acc_b1, a_sum, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H,
+                    w1, acc_w1, acc_b1, a_sum, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H,
                 )
                 if need_grad_tokens:
                     _store_grad_tokens(
