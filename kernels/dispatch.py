@@ -19,15 +19,18 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 * Forward, ONE launch, grid (K + K*B + K*B*S_T,), three roles: K programs evaluate f_e on the
   prompts P[k] (once per expert, not per image); K*B programs evaluate f_p on Z_P[k, b] (with
   prompt_out); K*B*S_T programs each take a chunk of BLOCK_T tokens of one (k, b) and keep the sum
-  over its tokens of f_z - b2 (K floats). Splitting the tokens gives K*B*S_T programs (768 at the
-  target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197 tokens.
-  When a backward will follow, every program stores the pre-activations x W1^T + b1 of its rows
-  in float32 (K*B*T*H floats for the tokens, 9.7 MB at the target against 58 MB of tokens): the
-  backward reads them instead of recomputing them from all of D. Then each program counts itself
+  over its tokens of gelu(x W1^T + b1) (H floats: the mean over tokens commutes with W2), or of
+  f_z - b2 without a hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (768
+  at the target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197
+  tokens. When a backward will follow, the programs of P and Z_P store the pre-activations
+  x W1^T + b1 of their rows in float32, and the token programs the GELU slopes
+  gelu'(x W1^T + b1) (K*B*T*H floats, 9.7 MB at the target against 58 MB of tokens), with which
+  the backward needs neither the product over all of D nor any transcendental function per
+  token; the chunks' sums are kept too. Then each program counts itself
   done with the (k, b) it served (an atomic counter per (k, b); f_e's programs count for every
   b), and the program that completes a count, whichever it is, finishes that (k, b): it sums the
-  chunks' partial logits in a fixed order (the result does not depend on which program
-  finishes), takes the softmax over K and writes weights and ipt, into a new tensor or into the
+  chunks' sums in a fixed order (the result does not depend on which program finishes),
+  multiplies them by W2, takes the softmax over K and writes weights and ipt, into a new tensor or into the
   prompt slots of the experts' sequences, where Z_P was (``Dispatcher.dispatch_into``). Reads
   K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D (P, L2-resident); writes K*B*Np*(D+K) elements,
   and K*B*(T+Np)*H floats for a backward.
@@ -39,12 +42,13 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      K*B*Np*K floats.
   2. grid (S_D, K*S_B + S_N), S_D = ceil(D / BLOCK_DW): the MLP backward of every row and the
      fusion gradient of P. Program (d-tile, k, group of batch rows) reads the saved
-     pre-activations of its rows of Z_P and Z (H floats a row; the S_D programs of a row group have
-     adjacent ids and share them through L2) and its d-tile of those rows, and writes dZ_P and dZ
-     for its d-tile, plus its share of the weight gradients. Every token of a (k, b) receives
-     the same dL/d f_z, so dL/d gelu is one row per (k, b) and W2_z's gradient needs only the
-     tokens' summed activations: a token tile costs W1's two products (dZ and dW1), with W1's
-     d-tile loaded once per program. Program (d-tile, group of prompts)
+     pre-activations of its rows of Z_P and slopes of its rows of Z (H floats a row; the S_D
+     programs of a row group have adjacent ids and share them through L2) and its d-tile of those
+     rows, and writes dZ_P and dZ for its d-tile, plus its share of the weight gradients. Every
+     token of a (k, b) receives the same dL/d f_z, so dL/d gelu is one row per (k, b), dh is
+     that row times the slopes, and W2_z's gradient needs only the chunks' sums of gelu: a token
+     tile costs W1's two products (dZ and dW1), with W1's d-tile loaded once per program.
+     Program (d-tile, group of prompts)
      does the same for the rows P[:, n] and adds the fusion gradient
      sum_{k,b} weights[k, b, n, :] grad_ipt[k, b, n, d-tile], a GEMM over the K*B rows. Reads
      K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*Np*D (grad_ipt) + K*B*(T+Np)*H floats; writes as
@@ -339,11 +343,13 @@ def _dispatch_fwd_kernel(
     ipt_ptr,  # (K, B, Np, D) out, any strides with stride(-1) == 1: the prompts' dtype, or the
     #           tokens' when it is the prompt slots of their sequences (and may be prompt_out itself)
     weights_ptr,  # (K, B, Np, K) out, contiguous, float32; f_p's logits until a (k, b) finishes
-    hidden_e_ptr,  # (K, Np, H) out, float32: f_e's pre-activations; the three hidden_* are
-    hidden_p_ptr,  # (K, B, Np, H) out: f_p's     placeholders when save_hidden is 0 or HAS_HIDDEN
-    hidden_z_ptr,  # (K, B, T, H) out: f_z's      is False, and hidden_p when has_prompt_out is 0
-    scratch_ptr,  # float32 scratch: f_e(P[k, n]) (K, Np, K) at 0, then at the next multiple of 4
-    #               elements the per-token-chunk sums of f_z - b2_z (K * B, S_T, K)
+    hidden_e_ptr,  # (K, Np, H) out, float32: f_e's pre-activations; the three are placeholders
+    hidden_p_ptr,  # (K, B, Np, H) out: f_p's     when save_hidden is 0 or HAS_HIDDEN is False,
+    slopes_z_ptr,  # (K, B, T, H) out: f_z's GELU slopes gelu'(x W1^T + b1)   and hidden_p when
+    #                has_prompt_out is 0
+    scratch_ptr,  # float32: f_e(P[k, n]) (K, Np, K) at 0, then at the next multiple of 4 elements
+    #               each token chunk's sums over its tokens: of gelu(x W1^T + b1) (K * B, S_T, H),
+    #               or of f_z - b2_z (K * B, S_T, K) when HAS_HIDDEN is False
     arrivals_ptr,  # (K * B,) int32, zero on entry: how many programs are done with (k, b)
     stride_prompts_k,
     stride_prompts_n,
@@ -430,13 +436,28 @@ def _dispatch_fwd_kernel(
         end = tl.load(tok_range_ptr + 2 * k + 1)
         t = tl.load(tok_range_ptr + 2 * k) + s * BLOCK_T + tl.arange(0, BLOCK_T)
         t_mask = t < end
-        out = _mlp_rows(
-            tokens_ptr + k * stride_tokens_k + b_lo * stride_tokens_b + t * stride_tokens_t, t_mask,
-            hidden_z_ptr + (kb * T + t) * H, save_hidden,
-            w1z_ptr, stride_w1z_h, b1z_ptr, w2z_ptr, stride_w2z_k,
-            K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_K,
-        )
-        tl.store(partials_ptr + (kb * S_T + s) * K + offs_k, tl.sum(out, axis=0), mask=k_mask)
+        x_ptrs = tokens_ptr + k * stride_tokens_k + b_lo * stride_tokens_b + t * stride_tokens_t
+        if HAS_HIDDEN:
+            # The mean over tokens commutes with W2: the chunk keeps its sum of gelu (H floats),
+            # and the finishing program multiplies by W2 once. For a backward it stores the GELU
+            # slopes, which is all the backward needs per token (every token of (k, b) receives
+            # the same dL/d f_z).
+            offs_h = tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            h = _hidden_preact(x_ptrs, t_mask, w1z_ptr, stride_w1z_h, b1z_ptr, D, H, BLOCK_T, BLOCK_D, BLOCK_H)
+            if save_hidden:
+                tl.store(
+                    slopes_z_ptr + ((kb * T + t) * H)[:, None] + offs_h[None, :], _gelu_grad(h),
+                    mask=t_mask[:, None] & h_mask[None, :],
+                )
+            a = tl.where(t_mask[:, None], _gelu(h), 0.0)
+            tl.store(partials_ptr + (kb * S_T + s) * H + offs_h, tl.sum(a, axis=0), mask=h_mask)
+        else:
+            out = _mlp_rows(
+                x_ptrs, t_mask, x_ptrs, 0, w1z_ptr, stride_w1z_h, b1z_ptr, w2z_ptr, stride_w2z_k,
+                K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_K,
+            )
+            tl.store(partials_ptr + (kb * S_T + s) * K + offs_k, tl.sum(out, axis=0), mask=k_mask)
 
     # Count in. The barrier orders every thread's stores above before the release of the count;
     # the finishing program reads what the others stored with .cg loads (from L2, past its SM's L1).
@@ -447,9 +468,23 @@ def _dispatch_fwd_kernel(
         if done_before == S_T + has_prompt_out:  # the others: f_e, f_p and the S_T token chunks
             start = tl.load(tok_range_ptr + 2 * k)
             end = tl.load(tok_range_ptr + 2 * k + 1)
-            token_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for c in range(0, S_T):  # in a fixed order, so the logits are reproducible
-                token_sum += tl.load(partials_ptr + (kb * S_T + c) * K + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg")
+            # The chunks' sums, in a fixed order, so the logits are reproducible.
+            if HAS_HIDDEN:
+                offs_h = tl.arange(0, BLOCK_H)
+                h_mask = offs_h < H
+                a_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+                for c in range(0, S_T):
+                    a_sum += tl.load(partials_ptr + (kb * S_T + c) * H + offs_h, mask=h_mask, other=0.0, cache_modifier=".cg")
+                w2 = tl.load(
+                    w2z_ptr + offs_k[:, None] * stride_w2z_k + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0
+                )  # (BLOCK_K, BLOCK_H)
+                token_sum = tl.sum(w2.to(tl.float32) * a_sum[None, :], axis=1)
+            else:
+                token_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                for c in range(0, S_T):
+                    token_sum += tl.load(
+                        partials_ptr + (kb * S_T + c) * K + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg"
+                    )
             token_logits = token_sum / (end - start).to(tl.float32)
             token_logits += tl.load(b2z_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             for n0 in range(0, Np, BLOCK_N):
@@ -638,14 +673,14 @@ def _hidden_bwd(
 @triton.jit
 def _token_tile_bwd(
     x_ptrs,  # (BLOCK_T,) pointers to the first element of each token row
-    h_ptrs,  # (BLOCK_T,) pointers to each token's H pre-activations, as the forward stored them
+    slope_ptrs,  # (BLOCK_T,) pointers to each token's H GELU slopes, as the forward stored them
     t_mask,  # (BLOCK_T,)
     da,  # (BLOCK_H,) float32 dL/d gelu, the same for every token; (BLOCK_DW,) dL/dx when H = 0
     offs_dw,  # (BLOCK_DW,) the columns of x this program owns
     w1,  # (BLOCK_H, BLOCK_DW) W1[:, offs_dw], loaded once per program; unused when H = 0
     acc_w1,  # (BLOCK_H, BLOCK_DW) float32
     acc_b1,  # (BLOCK_H,)
-    a_sum,  # (BLOCK_H,) float32: the sum of gelu over the tokens so far; (BLOCK_DW,) of x when H = 0
+    a_sum,  # (BLOCK_DW,) float32 when H = 0: the sum of x over the tokens so far; unused otherwise
     D,
     H,
     HAS_HIDDEN: tl.constexpr,
@@ -654,13 +689,12 @@ def _token_tile_bwd(
 ):
     """Backward of f_z over one tile of tokens of a (k, b), which all receive the same dL/d f:
     dL/dx for the columns offs_dw, (BLOCK_T, BLOCK_DW) float32, and acc_w1, acc_b1 and a_sum plus
-    this tile's share."""
+    this tile's share. With the forward's GELU slopes, no transcendental function runs here."""
     x = tl.load(x_ptrs[:, None] + offs_dw[None, :], mask=t_mask[:, None] & (offs_dw < D)[None, :], other=0.0)
     if HAS_HIDDEN:
         offs_h = tl.arange(0, BLOCK_H)
-        h = tl.load(h_ptrs[:, None] + offs_h[None, :], mask=t_mask[:, None] & (offs_h < H)[None, :], other=0.0)
-        a_sum += tl.sum(tl.where(t_mask[:, None], _gelu(h), 0.0), axis=0)
-        dh = tl.where(t_mask[:, None], da[None, :] * _gelu_grad(h), 0.0)
+        slopes = tl.load(slope_ptrs[:, None] + offs_h[None, :], mask=t_mask[:, None] & (offs_h < H)[None, :], other=0.0)
+        dh = da[None, :] * slopes  # zero in masked rows
         acc_b1 += tl.sum(dh, axis=0)
         dx, acc_w1 = _hidden_bwd(x, dh, w1, acc_w1)
     else:
@@ -744,9 +778,11 @@ def _dispatch_bwd_kernel(
     grad_ipt_ptr,  # (K, B, Np, D) dL/d ipt, any strides
     weights_ptr,  # (K, B, Np, K) float32, contiguous
     dlogits_ptr,  # (K, B, Np, K) float32, contiguous, from _dispatch_bwd_softmax_kernel
-    hidden_e_ptr,  # (K, Np, H) float32: the pre-activations the forward stored; the three are
-    hidden_p_ptr,  # (K, B, Np, H)    placeholders when HAS_HIDDEN is False, and hidden_p
-    hidden_z_ptr,  # (K, B, T, H)     when has_prompt_out is 0
+    hidden_e_ptr,  # (K, Np, H) float32, as the forward stored them: pre-activations of P,
+    hidden_p_ptr,  # (K, B, Np, H)    of Z_P,
+    slopes_z_ptr,  # (K, B, T, H)     the tokens' GELU slopes,
+    act_sums_z_ptr,  # (K, B, S_T, H) and the token chunks' sums of gelu; the four are
+    #                  placeholders when HAS_HIDDEN is False, and hidden_p when has_prompt_out is 0
     w1e_ptr,  # (H, D) f_e; W1 is a placeholder when HAS_HIDDEN is False
     w2e_ptr,  # (K, H), or (K, D) when H = 0
     w1p_ptr,  # (H, D) f_p
@@ -792,6 +828,7 @@ def _dispatch_bwd_kernel(
     D,
     H,
     C,  # columns of a partial row: H*D + H + K*H + K, or K*D + K when H = 0
+    S_T,  # token chunks of act_sums_z per (k, b)
     B_PER_PROG,  # batch rows per expert program: K * ceil(B / B_PER_PROG) row groups per source
     N_PER_PROG,  # prompts per prompt program
     row_p0,  # first partial row of f_p (one per expert row group)
@@ -888,7 +925,12 @@ def _dispatch_bwd_kernel(
             dl_token = dl_sum / count
             acc_b2 += dl_sum
             da = tl.sum(dl_token[:, None] * w2, axis=0)
-            a_sum = tl.zeros(da.shape, dtype=tl.float32)
+            if HAS_HIDDEN:
+                a_sum = tl.zeros(da.shape, dtype=tl.float32)
+                for c in range(0, S_T):  # the forward's chunks, in its order
+                    a_sum += tl.load(act_sums_z_ptr + ((k * B + b) * S_T + c) * H + offs_w2, mask=offs_w2 < H, other=0.0)
+            else:
+                a_sum = tl.zeros(da.shape, dtype=tl.float32)
             tok_base = tokens_ptr + k * stride_tokens_k + b * stride_tokens_b
             grad_base = grad_tokens_ptr + k * stride_grad_tokens_k + b * stride_grad_tokens_b
             add_base = grad_add_ptr + k * stride_grad_add_k + b * stride_grad_add_b
@@ -896,7 +938,7 @@ def _dispatch_bwd_kernel(
                 t = t0 + offs_t
                 t_mask = t < end
                 dx, acc_w1, acc_b1, a_sum = _token_tile_bwd(
-                    tok_base + t * stride_tokens_t, hidden_z_ptr + ((k * B + b) * T + t) * H, t_mask, da, offs_dw,
+                    tok_base + t * stride_tokens_t, slopes_z_ptr + ((k * B + b) * T + t) * H, t_mask, da, offs_dw,
                     w1, acc_w1, acc_b1, a_sum, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H,
                 )
                 if need_grad_tokens:
@@ -1178,9 +1220,12 @@ def dispatch_fwd(
     check=True,
 ):
     """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype (or ``ipt_out``), weights
-    (K, B, Np, K) float32, and the pre-activations the backward needs, float32: (hidden_e (K, Np, H),
-    hidden_p (K, B, Np, H), hidden_z (K, B, T, H)), each None without a hidden layer (hidden_p also
-    without prompt_out) or without ``save_hidden`` (nothing will differentiate this call).
+    (K, B, Np, K) float32, and what the backward needs of the hidden layer, float32: (hidden_e
+    (K, Np, H) and hidden_p (K, B, Np, H), the pre-activations x W1^T + b1 of P and Z_P; slopes_z
+    (K, B, T, H), the GELU slopes gelu'(x W1^T + b1) of the tokens; act_sums_z (K, B, S_T, H),
+    the sums of gelu(x W1^T + b1) over each chunk of BLOCK_T_FWD tokens), each None without a
+    hidden layer (hidden_p also without prompt_out) or without ``save_hidden`` (nothing will
+    differentiate this call).
 
     ``ipt_out`` (K, B, Np, D), of the prompts' or the tokens' dtype with stride(-1) == 1, receives
     the IPTs instead of a new tensor: the prompt slots of the experts' sequences, say. It may be
@@ -1211,17 +1256,20 @@ def dispatch_fwd(
             f"{ipt_out.dtype}"
         )
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
-    hidden = (None, None, None)
+    # Scratch, one allocation: f_e's logits (K, Np, K), then (from a 16-byte boundary) the token
+    # chunks' sums (K * B, chunks, H or K), where the kernel expects them.
+    sums_at = (K * Np * K + 3) // 4 * 4
+    sums_width = H or K
+    scratch = torch.empty(sums_at + K * B * chunks * sums_width, dtype=torch.float32, device=device)
+    hidden = (None, None, None, None)
     if save_hidden:
         hidden_p = torch.empty((K, B, Np, H), dtype=torch.float32, device=device) if has_prompt_out else None
         hidden = (
             torch.empty((K, Np, H), dtype=torch.float32, device=device),
             hidden_p,
             torch.empty((K, B, T, H), dtype=torch.float32, device=device),
+            scratch[sums_at:].view(K, B, chunks, H),
         )
-    # Scratch, one allocation: f_e's logits (K, Np, K), then (from a 16-byte boundary) the token
-    # chunks' partial sums (K * B, chunks, K), where the kernel expects them.
-    scratch = torch.empty((K * Np * K + 3) // 4 * 4 + K * B * chunks * K, dtype=torch.float32, device=device)
     arrivals = torch.zeros(K * B, dtype=torch.int32, device=device)
     pout = prompt_out if has_prompt_out else tokens
     ptrs_e, strides_e = _param_pointers(params_e)
@@ -1231,7 +1279,7 @@ def dispatch_fwd(
     _dispatch_fwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
-        ipt_out, weights, *_hidden_pointers(hidden, weights),
+        ipt_out, weights, *_hidden_pointers(hidden[:3], weights),
         scratch, arrivals,
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *ipt_out.stride()[:3],
         *strides_e, *strides_p, *strides_z,
@@ -1250,8 +1298,8 @@ def outer_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
 
 
 def _hidden_pointers(hidden: tuple, placeholder: torch.Tensor) -> list:
-    """The three pre-activation tensors as kernel arguments, ``placeholder`` (any float32 tensor
-    of the call: the kernels never touch it) for each that is None."""
+    """Saved hidden-layer tensors as kernel arguments, ``placeholder`` (any float32 tensor of the
+    call: the kernels never touch it) for each that is None."""
     return [placeholder if h is None else h for h in hidden]
 
 
@@ -1285,7 +1333,7 @@ def dispatch_bwd(
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     H = _hidden_width(params_e)
-    if H and (hidden[0] is None or hidden[2] is None):
+    if H and hidden[0] is None:
         raise ValueError("dispatch_bwd needs the pre-activations the forward keeps: run dispatch_fwd with save_hidden=True")
     device = prompts.device
     blocks = dispatch_blocks(K, B, Np, D, H, device)
@@ -1321,7 +1369,8 @@ def dispatch_bwd(
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *grad_ipt.stride(),
         *outer_strides(grad_tokens), *outer_strides(grad_prompt_out), *outer_strides(grad_tokens_add),
         *strides_e, *strides_p, *strides_z,
-        B, K, Np, T, D, H, C, blocks["B_PER_PROG"], blocks["N_PER_PROG"], row_p0, row_z0, row_e0,
+        B, K, Np, T, D, H, C, hidden[3].shape[2] if H else 0, blocks["B_PER_PROG"], blocks["N_PER_PROG"],
+        row_p0, row_z0, row_e0,
         int(has_prompt_out), int(need_grad_tokens), int(grad_tokens_add is not None), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"],
         BLOCK_DW=blocks["BLOCK_DW"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, BLOCK_KB=blocks["BLOCK_KB"],
@@ -1393,7 +1442,7 @@ class FusedDispatch(torch.autograd.Function):
         if grad_ipt is None:
             return (None,) * (6 + 12)
         prompts, tokens, prompt_out, weights, *saved = ctx.saved_tensors
-        hidden, params = saved[:3], saved[3:]
+        hidden, params = saved[:4], saved[4:]
         grad_prompts, grad_tokens, grad_prompt_out, grads_e, grads_p, grads_z = dispatch_bwd(
             grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, weights, tuple(hidden),
             tuple(params[0:4]), tuple(params[4:8]), tuple(params[8:12]), need_grad_tokens=ctx.needs_input_grad[1],
@@ -1509,7 +1558,7 @@ _POINTER_DTYPES = {
     "ipt_ptr": "param", "weights_ptr": "fp32", "grad_ipt_ptr": "param", "dlogits_ptr": "fp32",
     "grad_prompts_ptr": "param", "grad_tokens_ptr": "act", "grad_prompt_out_ptr": "act", "grad_add_ptr": "act",
     "partials_ptr": "fp32", "out_ptr": "param", "hidden_e_ptr": "fp32", "hidden_p_ptr": "fp32",
-    "hidden_z_ptr": "fp32", "scratch_ptr": "fp32", "arrivals_ptr": "i32",
+    "slopes_z_ptr": "fp32", "act_sums_z_ptr": "fp32", "scratch_ptr": "fp32", "arrivals_ptr": "i32",
 }
 
 

@@ -499,7 +499,7 @@ def test_a_forward_without_saved_pre_activations_has_no_backward():
     args = (prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz)
     ipt, weights, hidden = kd.dispatch_fwd(*args)
     ipt_bare, weights_bare, nothing = kd.dispatch_fwd(*args, save_hidden=False)
-    assert all(h is not None for h in hidden) and nothing == (None, None, None)
+    assert all(h is not None for h in hidden) and nothing == (None, None, None, None)
     torch.testing.assert_close(ipt_bare, ipt, rtol=0, atol=0)
     torch.testing.assert_close(weights_bare, weights, rtol=0, atol=0)
     with pytest.raises(ValueError, match="save_hidden=True"):
