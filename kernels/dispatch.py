@@ -590,8 +590,7 @@ def _mlp_bwd_tile(
     row_mask,  # (BLOCK_R,)
     dl,  # (BLOCK_R, BLOCK_K) float32 dL/d f(x), zero in masked rows and columns
     offs_dw,  # (BLOCK_DW,) the columns of x this program owns
-    w1_ptr,  # (H, D)
-    stride_w1_h,
+    w1,  # (BLOCK_H, BLOCK_DW) W1[:, offs_dw], loaded once per program; unused when H = 0
     w2_ptr,  # (K, H), or (K, D) when H = 0
     stride_w2_k,
     acc_w1,  # (BLOCK_H, BLOCK_DW) float32
@@ -626,7 +625,6 @@ def _mlp_bwd_tile(
         dh = tl.where(row_mask[:, None], da * _gelu_grad(h), 0.0)
         acc_w2 = _dot(tl.trans(dl_c), a.to(w2.dtype), acc_w2)
         acc_b1 += tl.sum(dh, axis=0)
-        w1 = _load_w1_tile(w1_ptr, stride_w1_h, offs_dw, D, H, BLOCK_H)
         dx, acc_w1 = _hidden_bwd(x, dh, w1, acc_w1)
     else:
         w2 = tl.load(
@@ -640,7 +638,9 @@ def _mlp_bwd_tile(
 
 @triton.jit
 def _load_w1_tile(w1_ptr, stride_w1_h, offs_dw, D, H, BLOCK_H: tl.constexpr):
-    """W1[:, offs_dw] (H, D): (BLOCK_H, BLOCK_DW), zero in padded rows and columns."""
+    """W1[:, offs_dw] (H, D): (BLOCK_H, BLOCK_DW), zero in padded rows and columns (all zeros,
+    reading nothing, when H = 0). A program loads its d-tile once and holds it for all its rows:
+    reloading it per tile of rows read several times their bytes again from L1/L2."""
     offs_h = tl.arange(0, BLOCK_H)
     return tl.load(
         w1_ptr + offs_h[:, None] * stride_w1_h + offs_dw[None, :],
@@ -863,6 +863,7 @@ def _dispatch_bwd_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         if has_prompt_out:
             acc_w1, acc_b1, acc_w2, acc_b2 = _grad_accumulators(HAS_HIDDEN, BLOCK_H, BLOCK_K, BLOCK_DW)
+            w1 = _load_w1_tile(w1p_ptr, stride_w1p_h, offs_dw, D, H, BLOCK_H)
             for b in range(b_lo, b_hi):
                 for n0 in range(0, Np, BLOCK_N):
                     n = n0 + offs_n
@@ -873,8 +874,7 @@ def _dispatch_bwd_kernel(
                     )
                     dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
                         prompt_out_ptr + k * stride_prompt_out_k + b * stride_prompt_out_b + n * stride_prompt_out_n,
-                        hidden_p_ptr + row * H, n_mask, dl, offs_dw,
-                        w1p_ptr, stride_w1p_h, w2p_ptr, stride_w2p_k,
+                        hidden_p_ptr + row * H, n_mask, dl, offs_dw, w1, w2p_ptr, stride_w2p_k,
                         acc_w1, acc_b1, acc_w2, acc_b2,
                         K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_H, BLOCK_K,
                     )
@@ -909,10 +909,7 @@ def _dispatch_bwd_kernel(
             mask=k_mask[:, None] & (offs_w2 < w2_cols)[None, :],
             other=0.0,
         ).to(tl.float32)  # (BLOCK_K, BLOCK_H), or (BLOCK_K, BLOCK_DW) when H = 0
-        if HAS_HIDDEN:
-            w1 = _load_w1_tile(w1z_ptr, stride_w1z_h, offs_dw, D, H, BLOCK_H)  # held for all the tiles
-        else:
-            w1 = w2
+        w1 = _load_w1_tile(w1z_ptr, stride_w1z_h, offs_dw, D, H, BLOCK_H)
         for b in range(b_lo, b_hi):
             dl_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for n0 in range(0, Np, BLOCK_N):
@@ -972,6 +969,7 @@ def _dispatch_bwd_kernel(
         n_hi = tl.minimum(n_lo + N_PER_PROG, Np)
         offs_kb = tl.arange(0, BLOCK_KB)
         acc_w1, acc_b1, acc_w2, acc_b2 = _grad_accumulators(HAS_HIDDEN, BLOCK_H, BLOCK_K, BLOCK_DW)
+        w1 = _load_w1_tile(w1e_ptr, stride_w1e_h, offs_dw, D, H, BLOCK_H)
         for n in range(n_lo, n_hi):
             # f_e on the K rows P[:, n] (padded to BLOCK_K >= 16 rows for tl.dot): its dL/d f is
             # the sum over the batch of dlogits[k, b, n].
@@ -983,8 +981,7 @@ def _dispatch_bwd_kernel(
                 )
             dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
                 prompts_ptr + offs_k * stride_prompts_k + n * stride_prompts_n, hidden_e_ptr + (offs_k * Np + n) * H,
-                k_mask, dl, offs_dw,
-                w1e_ptr, stride_w1e_h, w2e_ptr, stride_w2e_k,
+                k_mask, dl, offs_dw, w1, w2e_ptr, stride_w2e_k,
                 acc_w1, acc_b1, acc_w2, acc_b2,
                 K, D, H, HAS_HIDDEN, BLOCK_K, BLOCK_H, BLOCK_K,
             )
