@@ -27,12 +27,14 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   gelu'(x W1^T + b1) (K*B*T*H floats, 9.7 MB at the target against 58 MB of tokens), with which
   the backward needs neither the product over all of D nor any transcendental function per
   token; the chunks' sums are kept too. Then each program counts itself
-  done with the (k, b) it served (an atomic counter per (k, b); f_e's programs count for every
-  b), and the program that completes a count, whichever it is, finishes that (k, b): it sums the
-  chunks' sums in a fixed order (the result does not depend on which program finishes),
-  multiplies them by W2, takes the softmax over K and writes weights and ipt, into a new tensor or into the
-  prompt slots of the experts' sequences, where Z_P was (``Dispatcher.dispatch_into``). Reads
-  K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D (P, L2-resident); writes K*B*Np*(D+K) elements,
+  done with the group of B_PER_FIN images of expert k it served (an atomic counter per group;
+  f_e's programs count for every group), and the program that completes a count, whichever it
+  is, finishes that group: it sums the chunks' sums in a fixed order (the result does not depend
+  on which program finishes), multiplies them by W2, takes the softmax over K and writes weights
+  and ipt, into a new tensor or into the prompt slots of the experts' sequences, where Z_P was
+  (``Dispatcher.dispatch_into``). Mixing the EPTs reads all of P (K*Np*D): once per group of
+  images, not once per image (177 MB from L2 at K=6, B=32, Np=50, fp32). Reads
+  K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D / B_PER_FIN (P, L2-resident); writes K*B*Np*(D+K) elements,
   and K*B*(T+Np)*H floats for a backward.
 * Backward, THREE launches:
   1. grid (Np, K*B / BLOCK_KB): dlogits = weights * (dweights - <weights, dweights>), with
@@ -286,39 +288,49 @@ def _mlp_rows(
 
 @triton.jit
 def _softmax_and_mix(
-    logits,  # (BLOCK_N, BLOCK_K) float32, the logits of prompts n of one (k, b)
+    logits,  # (G, BLOCK_N, BLOCK_K) float32: the logits of prompts n of G images of one expert
     n,  # (BLOCK_N,) the prompts
-    row,  # (BLOCK_N,) their rows of (K, B, Np)
+    rows,  # (G, BLOCK_N) their rows of (K, B, Np)
+    row_mask,  # (G, BLOCK_N)
     prompts_ptr,  # (K, Np, D)
     weights_ptr,  # (K, B, Np, K) out, float32, contiguous
-    ipt_rows,  # (BLOCK_N,) out: pointers to the first element of each prompt's IPT row, D contiguous
+    ipt_rows,  # (G, BLOCK_N) out: pointers to the first element of each prompt's IPT row, D contiguous
     stride_prompts_k,
     stride_prompts_n,
     K,
     Np,
     D,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """weights = softmax(logits) over the K experts, and ipt = sum_j weights[:, j] P[j, n], in float32."""
+    """weights = softmax(logits) over the K experts, and ipt = sum_j weights[..., j] P[j, n], in
+    float32. Each tile of P is read once for the G images."""
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
-    n_mask = n < Np
-    logits = tl.where(k_mask[None, :], logits, float("-inf"))
-    w = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    w = w / tl.sum(w, axis=1)[:, None]
-    tl.store(weights_ptr + row[:, None] * K + offs_k[None, :], w, mask=n_mask[:, None] & k_mask[None, :])
+    logits = tl.where(k_mask[None, None, :], logits, float("-inf"))
+    w = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
+    w = w / tl.sum(w, axis=2)[:, :, None]
+    tl.store(
+        weights_ptr + rows[:, :, None] * K + offs_k[None, None, :], w, mask=row_mask[:, :, None] & k_mask[None, None, :]
+    )
     offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
-        mask = n_mask[:, None] & (d[None, :] < D)
-        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        d_mask = d < D
+        acc = tl.zeros((w.shape[0], w.shape[1], BLOCK_D), dtype=tl.float32)
         for j in range(K):
-            w_j = tl.sum(tl.where(offs_k[None, :] == j, w, 0.0), axis=1)
-            p_j = tl.load(prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :], mask=mask, other=0.0)
-            acc += w_j[:, None] * p_j.to(tl.float32)
-        tl.store(ipt_rows[:, None] + d[None, :], acc.to(ipt_rows.dtype.element_ty), mask=mask)
+            w_j = tl.sum(tl.where(offs_k[None, None, :] == j, w, 0.0), axis=2)  # (G, BLOCK_N)
+            p_j = tl.load(
+                prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :],
+                mask=(n < Np)[:, None] & d_mask[None, :],
+                other=0.0,
+            )  # (BLOCK_N, BLOCK_D)
+            acc += w_j[:, :, None] * p_j.to(tl.float32)[None, :, :]
+        tl.store(
+            ipt_rows[:, :, None] + d[None, None, :],
+            acc.to(ipt_rows.dtype.element_ty),
+            mask=row_mask[:, :, None] & d_mask[None, None, :],
+        )
 
 
 # Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
@@ -350,7 +362,8 @@ def _dispatch_fwd_kernel(
     scratch_ptr,  # float32: f_e(P[k, n]) (K, Np, K) at 0, then at the next multiple of 4 elements
     #               each token chunk's sums over its tokens: of gelu(x W1^T + b1) (K * B, S_T, H),
     #               or of f_z - b2_z (K * B, S_T, K) when HAS_HIDDEN is False
-    arrivals_ptr,  # (K * B,) int32, zero on entry: how many programs are done with (k, b)
+    arrivals_ptr,  # (K, ceil(B / B_PER_FIN)) int32, zero on entry: how many programs are done
+    #                with each group of B_PER_FIN images of an expert
     stride_prompts_k,
     stride_prompts_n,
     stride_tokens_k,
@@ -383,14 +396,15 @@ def _dispatch_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    B_PER_FIN: tl.constexpr,
 ):
     """Three roles by program id: [0, K) f_e over the prompts P[k]; the next K * B (with
     prompt_out) f_p over Z_P[k, b]; then K * B * S_T token chunks (k, b, s), each f_z over BLOCK_T
-    tokens. Each stores its logits (or their sum over its tokens), then counts itself done with
-    the (k, b) it served (f_e: every b). The program that completes the count of a (k, b), whichever
-    it is, finishes it: softmax over the K experts and the mixture of the EPTs. Only the finishing
-    program of a (k, b) writes its IPT rows, after f_p has read Z_P[k, b]: the IPT may overwrite
-    Z_P in place."""
+    tokens. Each stores its logits (or its tokens' sums), then counts itself done with the group
+    of B_PER_FIN images of expert k it served (f_e: every group). The program that completes the
+    count of a group, whichever it is, finishes it: softmax over the K experts and the mixture of
+    the EPTs. Only the finishing program of a group writes its IPT rows, after f_p has read Z_P
+    of each of its images: the IPT may overwrite Z_P in place."""
     pid = tl.program_id(0)
     logits_e_ptr = scratch_ptr
     partials_ptr = scratch_ptr + (K * Np * K + 3) // 4 * 4
@@ -409,13 +423,14 @@ def _dispatch_fwd_kernel(
                 K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
             ) + tl.load(b2e_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
-        b_lo = pid * 0
-        b_hi = b_lo + B
+        g_lo = pid * 0
+        g_hi = g_lo + tl.cdiv(B, B_PER_FIN)
     elif pid < K + p_programs:
         kb = pid - K
         k = kb // B
         b_lo = kb % B
-        b_hi = b_lo + 1
+        g_lo = b_lo // B_PER_FIN
+        g_hi = g_lo + 1
         for n0 in range(0, Np, BLOCK_N):
             n = n0 + offs_n
             n_mask = n < Np
@@ -432,7 +447,8 @@ def _dispatch_fwd_kernel(
         kb = chunk // S_T
         k = kb // B
         b_lo = kb % B
-        b_hi = b_lo + 1
+        g_lo = b_lo // B_PER_FIN
+        g_hi = g_lo + 1
         end = tl.load(tok_range_ptr + 2 * k + 1)
         t = tl.load(tok_range_ptr + 2 * k) + s * BLOCK_T + tl.arange(0, BLOCK_T)
         t_mask = t < end
@@ -462,47 +478,56 @@ def _dispatch_fwd_kernel(
     # Count in. The barrier orders every thread's stores above before the release of the count;
     # the finishing program reads what the others stored with .cg loads (from L2, past its SM's L1).
     tl.debug_barrier()
-    for b in range(b_lo, b_hi):
+    for g in range(g_lo, g_hi):
+        b = g * B_PER_FIN + tl.arange(0, B_PER_FIN)  # the group's images
+        b_mask = b < B
         kb = k * B + b
-        done_before = tl.atomic_add(arrivals_ptr + kb, 1, sem="acq_rel")
-        if done_before == S_T + has_prompt_out:  # the others: f_e, f_p and the S_T token chunks
+        images = tl.minimum(B - g * B_PER_FIN, B_PER_FIN)
+        done_before = tl.atomic_add(arrivals_ptr + k * tl.cdiv(B, B_PER_FIN) + g, 1, sem="acq_rel")
+        if done_before == images * (S_T + has_prompt_out):  # the others: f_e, f_p and the token chunks
             start = tl.load(tok_range_ptr + 2 * k)
             end = tl.load(tok_range_ptr + 2 * k + 1)
             # The chunks' sums, in a fixed order, so the logits are reproducible.
             if HAS_HIDDEN:
                 offs_h = tl.arange(0, BLOCK_H)
                 h_mask = offs_h < H
-                a_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+                a_sum = tl.zeros((B_PER_FIN, BLOCK_H), dtype=tl.float32)
                 for c in range(0, S_T):
-                    a_sum += tl.load(partials_ptr + (kb * S_T + c) * H + offs_h, mask=h_mask, other=0.0, cache_modifier=".cg")
+                    a_sum += tl.load(
+                        partials_ptr + ((kb * S_T + c) * H)[:, None] + offs_h[None, :],
+                        mask=b_mask[:, None] & h_mask[None, :], other=0.0, cache_modifier=".cg",
+                    )
                 w2 = tl.load(
                     w2z_ptr + offs_k[:, None] * stride_w2z_k + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0
                 )  # (BLOCK_K, BLOCK_H)
-                token_sum = tl.sum(w2.to(tl.float32) * a_sum[None, :], axis=1)
+                token_sum = tl.sum(w2.to(tl.float32)[None, :, :] * a_sum[:, None, :], axis=2)  # (B_PER_FIN, BLOCK_K)
             else:
-                token_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                token_sum = tl.zeros((B_PER_FIN, BLOCK_K), dtype=tl.float32)
                 for c in range(0, S_T):
                     token_sum += tl.load(
-                        partials_ptr + (kb * S_T + c) * K + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg"
+                        partials_ptr + ((kb * S_T + c) * K)[:, None] + offs_k[None, :],
+                        mask=b_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
                     )
             token_logits = token_sum / (end - start).to(tl.float32)
-            token_logits += tl.load(b2z_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            token_logits += tl.load(b2z_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             for n0 in range(0, Np, BLOCK_N):
                 n = n0 + offs_n
                 n_mask = n < Np
-                mask_nk = n_mask[:, None] & k_mask[None, :]
-                logits = token_logits[None, :] + tl.load(
-                    logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], mask=mask_nk, other=0.0, cache_modifier=".cg"
-                )
-                row = kb * Np + n  # (BLOCK_N,) row of (K, B, Np)
+                logits = token_logits[:, None, :] + tl.load(
+                    logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :],
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
+                )[None, :, :]
+                rows = kb[:, None] * Np + n[None, :]  # (B_PER_FIN, BLOCK_N) rows of (K, B, Np)
+                row_mask = b_mask[:, None] & n_mask[None, :]
                 if has_prompt_out:
                     logits += tl.load(
-                        weights_ptr + row[:, None] * K + offs_k[None, :], mask=mask_nk, other=0.0, cache_modifier=".cg"
+                        weights_ptr + rows[:, :, None] * K + offs_k[None, None, :],
+                        mask=row_mask[:, :, None] & k_mask[None, None, :], other=0.0, cache_modifier=".cg",
                     )
-                ipt_rows = ipt_ptr + k * stride_ipt_k + b * stride_ipt_b + n * stride_ipt_n
+                ipt_rows = ipt_ptr + k * stride_ipt_k + b[:, None] * stride_ipt_b + n[None, :] * stride_ipt_n
                 _softmax_and_mix(
-                    logits, n, row, prompts_ptr, weights_ptr, ipt_rows, stride_prompts_k, stride_prompts_n,
-                    K, Np, D, BLOCK_N, BLOCK_D, BLOCK_K,
+                    logits, n, rows, row_mask, prompts_ptr, weights_ptr, ipt_rows, stride_prompts_k, stride_prompts_n,
+                    K, Np, D, BLOCK_D, BLOCK_K,
                 )
 
 
@@ -1118,6 +1143,9 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_H": block_h,
         "BLOCK_KB": 32,
         "BLOCK_C": 512,
+        # Images finished by one program: each tile of P it mixes serves them all (a program
+        # per image read all of P, K*Np*D, from L2 for every image).
+        "B_PER_FIN": 4,
         "B_PER_PROG": cdiv(B, b_groups),
         "N_PER_PROG": cdiv(Np, n_groups),
     }
@@ -1267,7 +1295,7 @@ def dispatch_fwd(
             torch.empty((K, B, T, H), dtype=torch.float32, device=device),
             scratch[sums_at:].view(K, B, chunks, H),
         )
-    arrivals = torch.zeros(K * B, dtype=torch.int32, device=device)
+    arrivals = torch.zeros(K * cdiv(B, blocks["B_PER_FIN"]), dtype=torch.int32, device=device)
     pout = prompt_out if has_prompt_out else tokens
     ptrs_e, strides_e = _param_pointers(params_e)
     ptrs_p, strides_p = _param_pointers(params_p)
@@ -1283,7 +1311,8 @@ def dispatch_fwd(
         B, K, Np, T, D, H, chunks,
         int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
-        BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, num_warps=_NUM_WARPS["fwd"], num_stages=_NUM_STAGES["fwd"],
+        BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, B_PER_FIN=blocks["B_PER_FIN"],
+        num_warps=_NUM_WARPS["fwd"], num_stages=_NUM_STAGES["fwd"],
     )
     return ipt_out, weights, hidden
 
@@ -1604,7 +1633,7 @@ def _kernel_variants() -> list[dict]:
                 _variant(
                     _dispatch_fwd_kernel, "fwd", param, act, _NUM_WARPS["fwd"], _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
                     HAS_HIDDEN=H > 0, BLOCK_T=b["BLOCK_T_FWD"], BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"],
-                    BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
+                    BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b["B_PER_FIN"],
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
             ] + [

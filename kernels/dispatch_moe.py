@@ -475,8 +475,8 @@ def _dispatch_moe_fwd_kernel(
         if has_prompt_out:
             logits += tl.load(f_ep_ptr + (K * B * Np + row)[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
         _softmax_and_mix(
-            logits, n, row, prompts_ptr, weights_ptr, ipt_ptr + row * D, stride_prompts_k, stride_prompts_n,
-            K, Np, D, BLOCK_N, BLOCK_D, BLOCK_K,
+            logits[None, :, :], n, row[None, :], n_mask[None, :], prompts_ptr, weights_ptr, (ipt_ptr + row * D)[None, :],
+            stride_prompts_k, stride_prompts_n, K, Np, D, BLOCK_D, BLOCK_K,
         )
 
     # 3. Routing statistics; the routed counts are scaled here so that the loss is one dot product.

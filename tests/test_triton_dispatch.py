@@ -63,7 +63,8 @@ CASES = {
     "layer0": Case(prompt_out=False, shared=False),
     "K1-B1": Case(K=1, B=1, T=9),
     # Token chunks of 16: experts 1 and 2 have fewer chunks than expert 0, their last one empty.
-    "patches": Case(starts=(1, 5, 0), ends=(37, 37, 30), shared=False, blocks="BLOCK_T_FWD=16"),
+    # One image per finishing program: B groups of one.
+    "patches": Case(starts=(1, 5, 0), ends=(37, 37, 30), shared=False, blocks="BLOCK_T_FWD=16,B_PER_FIN=1"),
     # Logits in the thousands: the softmax saturates (its gradients underflow to zero in fp32,
     # as in PyTorch), and must stay finite.
     "large-logits": Case(w2_scale=1e3),
@@ -72,7 +73,8 @@ CASES = {
     "hidden-128": Case(H=100, K=2, T=20),
     "small-tiles": Case(
         Np=20, B=3, D=48, shared=False,
-        blocks="BLOCK_T_FWD=16,BLOCK_T=16,BLOCK_N=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=1,N_PER_PROG=3",
+        blocks="BLOCK_T_FWD=16,BLOCK_T=16,BLOCK_N=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=1,N_PER_PROG=3,"
+        "B_PER_FIN=2",  # B = 3: a group of two images and a group of one
     ),
     "small-tiles-linear": Case(
         H=0, Np=20, B=3, D=48,
