@@ -4,8 +4,9 @@
 
 At the issue's shape (K=6, B=32, Np 50 and 10, T=197, D=768, H=64; bf16 tokens as a strided view
 of the experts' sequences, fp32 prompts and dispatcher, as in the model), for each setting: the
-number of warps of the forward and of the main backward kernel, and the forward's token chunk or
-D step, the backward's token tile or d-tile, or its batch split (``PMOE_TRITON_BLOCKS``). Every setting is first checked against the torch backend (outputs and
+number of warps of the forward and of the main backward kernel; then, at the default warps, the
+forward's token chunk, D step or images per finishing program, the backward's token tile or
+d-tile, or its batch split (``PMOE_TRITON_BLOCKS``). Every setting is first checked against the torch backend (outputs and
 gradients), then timed with ``triton.testing.do_bench`` (median; L2 flushed before each call),
 forward alone and forward+backward, with the achieved GB/s for the bytes the op must move
 (``bench_dispatch.moved_bytes``). Needs a CUDA GPU.
@@ -28,8 +29,10 @@ from pmoe_fast.kernels import dispatch as triton_dispatch  # noqa: E402
 
 K, B, T, D, H, Q = 6, 32, 197, 768, 64, 1
 WARPS = (4, 8)
-SPLITS = ("", "BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D=64", "BLOCK_DW=32", "BLOCK_T=64,BLOCK_DW=32",
-          "B_PER_PROG=1", "B_PER_PROG=4")
+# Each split runs with the default warps; the warps are swept at the default split (every
+# distinct setting is one more compilation of the large kernels, which dominates the run).
+SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D=64", "B_PER_FIN=1", "BLOCK_T=64", "BLOCK_DW=32",
+          "BLOCK_T=64,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4")
 
 
 def inputs(Np: int):
@@ -83,7 +86,8 @@ def main() -> None:
         bytes_fwd = moved_bytes(K, B, Np, T, D, H, 2, backward=False)
         bytes_both = moved_bytes(K, B, Np, T, D, H, 2, backward=True)
         settings = [("torch", None, None, ""), ("cuda", None, None, "")]
-        settings += [("triton", fw, bw, split) for split in SPLITS for fw, bw in itertools.product(WARPS, WARPS)]
+        settings += [("triton", fw, bw, "") for fw, bw in itertools.product(WARPS, WARPS)]
+        settings += [("triton", default_warps["fwd"], default_warps["bwd"], split) for split in SPLITS]
         for backend, fwd_warps, bwd_warps, split in settings:
             triton_dispatch._NUM_WARPS.update(default_warps)
             if backend == "triton":
