@@ -33,9 +33,9 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   on which program finishes), multiplies them by W2, takes the softmax over K and writes weights
   and ipt, into a new tensor or into the prompt slots of the experts' sequences, where Z_P was
   (``Dispatcher.dispatch_into``). Mixing the EPTs reads all of P (K*Np*D): once per group of
-  images, not once per image (177 MB from L2 at K=6, B=32, Np=50, fp32). Reads
-  K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D / B_PER_FIN (P, L2-resident); writes K*B*Np*(D+K) elements,
-  and K*B*(T+Np)*H floats for a backward.
+  images, not once per image (177 MB from L2 at K=6, B=32, Np=50, fp32). Reads K*B*T*D
+  (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D / B_PER_FIN (P, L2-resident); writes K*B*Np*(D+K)
+  elements, and (K*B*(T+Np+S_T) + K*Np)*H floats for a backward.
 * Backward, THREE launches:
   1. grid (Np, K*B / BLOCK_KB): dlogits = weights * (dweights - <weights, dweights>), with
      dweights[j] = <grad_ipt, P[j]>, for prompt n one product (BLOCK_KB rows (k, b) x D) @
@@ -50,8 +50,8 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      token of a (k, b) receives the same dL/d f_z, so dL/d gelu is one row per (k, b), dh is
      that row times the slopes, and W2_z's gradient needs only the chunks' sums of gelu: a token
      tile costs W1's two products (dZ and dW1), with W1's d-tile loaded once per program.
-     Program (d-tile, group of prompts)
-     does the same for the rows P[:, n] and adds the fusion gradient
+     Program (d-tile, group of prompts) does the same for the rows P[:, n] and adds the fusion
+     gradient
      sum_{k,b} weights[k, b, n, :] grad_ipt[k, b, n, d-tile], a GEMM over the K*B rows. Reads
      K*B*T*D (tokens) + K*B*Np*D (Z_P) + K*B*Np*D (grad_ipt) + K*B*(T+Np)*H floats; writes as
      many elements (dZ, dZ_P, dP), and R x C floats of partial weight gradients: one row per row
@@ -62,7 +62,7 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      (deterministic, where atomics would not be) and writes the gradients in the parameters'
      dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
      gradients are summed here rather than by autograd.
-  Allocations aside (and zeroing the forward's K*B counters), no other torch op runs (tests
+  Allocations aside (and zeroing the forward's K*ceil(B/B_PER_FIN) counters), no other torch op runs (tests
   check it). The gradient of tokens that need none (those of a first prompt layer, from a frozen
   embedding) is not written.
 
@@ -498,7 +498,9 @@ def _dispatch_fwd_kernel(
                         mask=b_mask[:, None] & h_mask[None, :], other=0.0, cache_modifier=".cg",
                     )
                 w2 = tl.load(
-                    w2z_ptr + offs_k[:, None] * stride_w2z_k + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0
+                    w2z_ptr + offs_k[:, None] * stride_w2z_k + offs_h[None, :],
+                    mask=k_mask[:, None] & h_mask[None, :],
+                    other=0.0,
                 )  # (BLOCK_K, BLOCK_H)
                 token_sum = tl.sum(w2.to(tl.float32)[None, :, :] * a_sum[:, None, :], axis=2)  # (B_PER_FIN, BLOCK_K)
             else:
@@ -950,7 +952,9 @@ def _dispatch_bwd_kernel(
             if HAS_HIDDEN:
                 a_sum = tl.zeros(da.shape, dtype=tl.float32)
                 for c in range(0, S_T):  # the forward's chunks, in its order
-                    a_sum += tl.load(act_sums_z_ptr + ((k * B + b) * S_T + c) * H + offs_w2, mask=offs_w2 < H, other=0.0)
+                    a_sum += tl.load(
+                        act_sums_z_ptr + ((k * B + b) * S_T + c) * H + offs_w2, mask=offs_w2 < H, other=0.0
+                    )
             else:
                 a_sum = tl.zeros(da.shape, dtype=tl.float32)
             tok_base = tokens_ptr + k * stride_tokens_k + b * stride_tokens_b
