@@ -949,14 +949,13 @@ def _dispatch_bwd_kernel(
             dl_token = dl_sum / count
             acc_b2 += dl_sum
             da = tl.sum(dl_token[:, None] * w2, axis=0)
+            # The tokens' sum of gelu (the forward's chunks, in its order), or of x (the tiles below).
+            a_sum = tl.zeros(da.shape, dtype=tl.float32)
             if HAS_HIDDEN:
-                a_sum = tl.zeros(da.shape, dtype=tl.float32)
-                for c in range(0, S_T):  # the forward's chunks, in its order
+                for c in range(0, S_T):
                     a_sum += tl.load(
                         act_sums_z_ptr + ((k * B + b) * S_T + c) * H + offs_w2, mask=offs_w2 < H, other=0.0
                     )
-            else:
-                a_sum = tl.zeros(da.shape, dtype=tl.float32)
             tok_base = tokens_ptr + k * stride_tokens_k + b * stride_tokens_b
             grad_base = grad_tokens_ptr + k * stride_grad_tokens_k + b * stride_grad_tokens_b
             add_base = grad_add_ptr + k * stride_grad_add_k + b * stride_grad_add_b
