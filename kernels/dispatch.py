@@ -1463,7 +1463,7 @@ class FusedDispatch(torch.autograd.Function):
         # No zero-filled gradient for weights: it would be one more launch, and unused.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(prompts, tokens, prompt_out, weights, *hidden, *params)
-        ctx.tok_range = (tuple(tok_start), tuple(tok_end))
+        ctx.tok_range, ctx.num_hidden = (tuple(tok_start), tuple(tok_end)), len(hidden)
         return ipt, weights
 
     @staticmethod
@@ -1471,7 +1471,7 @@ class FusedDispatch(torch.autograd.Function):
         if grad_ipt is None:
             return (None,) * (6 + 12)
         prompts, tokens, prompt_out, weights, *saved = ctx.saved_tensors
-        hidden, params = saved[:4], saved[4:]
+        hidden, params = saved[: ctx.num_hidden], saved[ctx.num_hidden :]
         grad_prompts, grad_tokens, grad_prompt_out, grads_e, grads_p, grads_z = dispatch_bwd(
             grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, weights, tuple(hidden),
             tuple(params[0:4]), tuple(params[4:8]), tuple(params[8:12]), need_grad_tokens=ctx.needs_input_grad[1],
