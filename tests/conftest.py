@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -7,6 +8,11 @@ import torch
 # imports a module that defines kernels. Without a GPU the interpreter is the only way to run them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    # The interpreter's tl.dot and bf16 casts, made to round as an H100's (see the module).
+    from triton_interpreter import install
+
+    install()
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +41,7 @@ def pytest_terminal_summary(terminalreporter):
         f"C++ CPU ops: {'ran' if ext['loaded'] else 'NOT AVAILABLE: ' + str(ext['error'])}",
         f"CUDA sources: {'compiled, linked and imported' if ext['cuda'] else 'not built'}; "
         f"CUDA kernels {'ran on ' + gpu if gpu and ext['cuda'] else 'not executed (no GPU)'}",
-        f"Triton: {'interpreter (TRITON_INTERPRET=1)' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}",
+        f"Triton: {'interpreter (TRITON_INTERPRET=1; dots and bf16 casts rounded as on sm_90)' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}",
     ]
     terminalreporter.section("pmoe_fast kernel paths")
     for line in lines:

@@ -308,18 +308,32 @@ def test_cuda_model_options(config, execution):
     assert_matches_reference(same_arch(2), config=config, device="cuda", execution=execution)
 
 
-@needs_cuda
-@pytest.mark.parametrize("execution", ["batched", "streams"])
-def test_cuda_bf16_experts_within_twice_the_error_of_bf16_autocast(execution):
+# (device, execution, dispatcher backend): on a GPU both executions with the backend "auto" picks;
+# on a CPU the batched experts with every dispatcher backend that runs here.
+BF16_RUNS = (
+    [("cuda", "batched", "auto"), ("cuda", "streams", "auto")]
+    if torch.cuda.is_available()
+    else [("cpu", "batched", backend) for backend in ["torch", *FUSED_CPU_BACKENDS]]
+)
+
+
+@pytest.mark.parametrize("device,execution,backend", BF16_RUNS)
+def test_bf16_experts_within_twice_the_error_of_bf16_autocast(device, execution, backend):
     """bf16 frozen experts against the float64 reference: at most twice the error of the fp32
-    reference under bf16 autocast (the plain PyTorch way to run it in bf16), plus a floor."""
+    reference under bf16 autocast (the plain PyTorch way to run it in bf16), plus a floor. The
+    dispatcher takes bf16 tokens beside its fp32 parameters, as in the GPU targets."""
     torch.manual_seed(1)
-    ref = Reference([e.cuda() for e in same_arch()], **CONFIG).cuda()
-    fast = PMoE([e.cuda() for e in same_arch()], **CONFIG, execution=execution, expert_dtype=torch.bfloat16).cuda()
+    ref = Reference([e.to(device) for e in same_arch()], **CONFIG).to(device)
+    fast = PMoE(
+        [e.to(device) for e in same_arch()], **CONFIG, execution=execution, expert_dtype=torch.bfloat16,
+        dispatcher_backend=backend,
+    ).to(device)
     fast.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(4, 3, IMG, IMG, device="cuda")
+    x = torch.randn(4, 3, IMG, IMG, device=device)
     got, got_grads = outputs_and_grads(fast, x)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    if backend != "auto":
+        assert fast.execution_plan()["dispatcher_backend_last_run"] == backend
+    with torch.autocast(device, dtype=torch.bfloat16):
         plain, plain_grads = outputs_and_grads(ref, x)
     gold, gold_grads = outputs_and_grads(ref.double(), x.double())
     assert set(got_grads) == set(gold_grads) and got.dtype == torch.float32

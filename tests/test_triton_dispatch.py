@@ -2,7 +2,8 @@
 reference, the Dispatcher module, what it refuses, and that every variant builds for an H100.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET
-before this module imports them); on a GPU the same tests run compiled, plus the bf16 cases.
+before this module imports them, and makes its products round as an H100's: bf16 operands and
+tf32, tests/triton_interpreter.py); on a GPU the same tests run compiled.
 """
 
 from __future__ import annotations
@@ -80,10 +81,10 @@ CASES = {
         H=0, Np=20, B=3, D=48,
         blocks="BLOCK_T_FWD=16,BLOCK_T=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=2,N_PER_PROG=7",
     ),
+    # bf16 runs in the interpreter too, rounding as an H100 does (tests/triton_interpreter.py).
+    "bf16-shared": Case(dtype=torch.bfloat16),
+    "fp32-params-bf16-tokens": Case(act_dtype=torch.bfloat16, shared=False),
 }
-if DEVICE.type == "cuda":
-    CASES["bf16-shared"] = Case(dtype=torch.bfloat16)
-    CASES["fp32-params-bf16-tokens"] = Case(act_dtype=torch.bfloat16, shared=False)
 
 
 def make_params(K, D, H, dtype, w2_scale=1.0):
@@ -325,8 +326,21 @@ def test_reasons_cpu_without_interpreter(monkeypatch):
 
 def test_reasons_bf16_in_interpreter(monkeypatch):
     monkeypatch.setattr(kd, "_INTERPRETED", True)
+    monkeypatch.setattr(kd, "interpreter_computes_bf16", lambda: False)
     reasons = kd.triton_not_supported_reasons(*reason_inputs(dtype=torch.bfloat16))
     assert reasons and all("bfloat16" in r and "interpreter" in r for r in reasons)
+
+
+@pytest.mark.skipif(not kd._INTERPRETED, reason="probes Triton's interpreter")
+def test_bf16_probe_sees_the_interpreters_own_dot(monkeypatch):
+    """Triton 3.8's interpreter multiplies bfloat16 bits as integers: the probe must say so, and
+    must pass the mended dot of tests/triton_interpreter.py that the bf16 cases above run on."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    assert kd.interpreter_computes_bf16.__wrapped__()
+    monkeypatch.setattr(builder, "create_dot", builder.create_dot.original)
+    assert not kd.interpreter_computes_bf16.__wrapped__()
 
 
 def test_reasons_last_stride(monkeypatch):
