@@ -84,6 +84,13 @@ CASES = {
     # bf16 runs in the interpreter too, rounding as an H100 does (tests/triton_interpreter.py).
     "bf16-shared": Case(dtype=torch.bfloat16),
     "fp32-params-bf16-tokens": Case(act_dtype=torch.bfloat16, shared=False),
+    # The GPU targets' layer at K = 2, B = 5 (about 20 s here): D = 768, H = 64, T = 197 with
+    # the class token left out of the mean, fp32 dispatcher, bf16 sequences holding the prompt
+    # slots, default blocks (groups of 4 images to finish, the last one partial).
+    "model-shape": Case(
+        K=2, B=5, Np=10, T=197, D=768, H=64, act_dtype=torch.bfloat16, shared=False, strided=True,
+        starts=(1, 1), ends=(197, 197),
+    ),
 }
 
 
