@@ -8,7 +8,9 @@ how the forward runs, chosen once when the model is built and reported by ``exec
   (same depth, width, heads, token count): their frozen weights are stacked once and each expert's
   parameters become views into the stacks (no second copy), every linear layer is one batched
   matmul and attention one call over K x B sequences. Change those parameters in place (as
-  ``load_state_dict`` does; after ``assign=True`` the stacks are rebuilt from the new tensors).
+  ``load_state_dict`` does); where one is replaced instead (``assign=True``, a new
+  ``nn.Parameter``, ``.data = ...``), the next batched forward finds it and stacks them anew
+  (under ``torch.compile``, replace before compiling).
   "streams" runs each expert's block on its own CUDA stream (in sequence on a CPU), for experts
   that differ. "sequential" runs them one by one.
   "auto" decides by the device of each forward: on CUDA, batched when the experts can be, else
@@ -191,23 +193,33 @@ class PMoE(ReferencePMoE):
 
     def _tie_experts_to_stacks(self) -> None:
         self._stacked_blocks = []
+        # (module, attribute, parameter, address of its stack row): what _stacks_tied checks.
+        self._ties: list[tuple[nn.Module, str, nn.Parameter, int]] = []
         for l, names in enumerate(self._stack_names):
             stacks = {name: self.get_buffer(_buffer_name(l, name)) for name in names}
             for name, stack in stacks.items():
+                owner, _, attr = name.rpartition(".")
                 for k in range(self.num_experts):
-                    self.experts[k].blocks[l].get_parameter(name).data = stack[k]
+                    module = self.experts[k].blocks[l].get_submodule(owner)
+                    param = module.get_parameter(attr)
+                    param.data = stack[k]
+                    self._ties.append((module, attr, param, param.data_ptr()))
             self._stacked_blocks.append(_StackedBlock.of(self.experts[0].blocks[l], stacks))
 
     def _stacks_tied(self) -> bool:
-        """Whether every expert's block parameter is still its row of its stack."""
-        for l, names in enumerate(self._stack_names):
-            for name in names:
-                stack = self.get_buffer(_buffer_name(l, name))
-                for k in range(self.num_experts):
-                    p = self.experts[k].blocks[l].get_parameter(name)
-                    if p.data_ptr() != stack[k].data_ptr() or p.dtype != stack.dtype or p.device != stack.device:
-                        return False
-        return True
+        """Whether every expert's block parameter is still the tensor tied to its row of its
+        stack: a new parameter (``block.attn.qkv.weight = nn.Parameter(...)``), new data
+        (``.data = ...``) or ``load_state_dict(..., assign=True)`` unties it. A few hundred
+        identity and address checks for K = 6 ViT-B/16 experts."""
+        return all(module._parameters.get(attr) is param and param.data_ptr() == address
+                   for module, attr, param, address in self._ties)
+
+    def _restack_if_untied(self) -> None:
+        """Stack the experts' parameters anew where any was replaced: the batched path reads the
+        stacks, and would otherwise run the old weights."""
+        if not self._stacks_tied():
+            self._stack_names = []
+            self._stack_expert_weights()
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() convert parameters and buffers separately: re-point the
@@ -228,6 +240,8 @@ class PMoE(ReferencePMoE):
         slots = (0, 0, self.num_prompts, 0)
         images = images.to(dtype)
         if self.last_execution == "batched":
+            if not torch.compiler.is_compiling():  # compiled graphs do not see parameter swaps
+                self._restack_if_untied()
             seqs = F.pad(torch.stack([a.embed(images) for a in self._adapters]), slots)  # (K, B, Np + T, D)
         else:
             seqs = [F.pad(a.embed(images), slots) for a in self._adapters]
@@ -423,11 +437,8 @@ class _StackedBlock:
 
 def _restack_after_assigning_load(model: PMoE, incompatible_keys) -> None:
     """``load_state_dict(..., assign=True)`` makes the state dict's own tensors the experts'
-    parameters, which are then no longer the rows of the stacks the batched path reads (it would
-    run the old weights): stack them anew."""
-    if not model._stacks_tied():
-        model._stack_names = []
-        model._stack_expert_weights()
+    parameters: stack them anew now rather than at the next forward."""
+    model._restack_if_untied()
 
 
 def _buffer_name(layer: int, name: str) -> str:

@@ -198,6 +198,28 @@ def test_batched_experts_run_the_weights_an_assigning_load_brings():
     assert fast.experts[2].blocks[1].attn.qkv.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("how", ["new-parameter", "new-data"])
+def test_batched_experts_run_replaced_parameters(how):
+    """A parameter replaced rather than changed in place is no longer its row of the stack the
+    batched blocks read: the next forward must find it and run it."""
+    ref = Reference(same_arch(), **CONFIG)
+    fast = PMoE(same_arch(), **CONFIG, execution="batched")
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        fast(x)
+        new = torch.randn_like(ref.experts[1].blocks[2].mlp.fc1.weight)
+        ref.experts[1].blocks[2].mlp.fc1.weight.copy_(new)
+        fc1 = fast.experts[1].blocks[2].mlp.fc1
+        if how == "new-parameter":
+            fc1.weight = torch.nn.Parameter(new.clone(), requires_grad=False)
+        else:
+            fc1.weight.data = new.clone()
+        torch.testing.assert_close(fast(x), ref(x))
+    stack = fast.get_buffer("_stacked_2_mlp_fc1_weight")
+    assert fc1.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_frozen_experts_bit_identical_after_a_step(device):
     fast = PMoE(same_arch(), **CONFIG, checkpoint=1).to(device)
