@@ -582,3 +582,35 @@ def test_variant_compiles_for_sm90(name, compiled_variants):
     # The H100 gives a block at most 227 KB of shared memory; two programs an SM want half.
     assert result["shared"] <= 114 * 1024, f"{name} needs {result['shared']} bytes of shared memory"
     assert result["ptx"] > 0
+
+
+# What the model runs on a GPU (fp32 dispatcher, bf16 sequences, H <= 64): spill budgets in bytes a
+# thread, as ptxas reports them for sm_90a (benchmarks/triton_resources.py lists every variant).
+MODEL_SPILL_BUDGETS = {"fwd[fp32-params,bf16-tokens,": 0, "bwd[fp32-params,bf16-tokens,": 64}
+
+
+@pytest.mark.slow
+def test_model_configuration_spills_within_budget(compiled_variants):
+    """Spilled registers go to local memory, traffic beside the tokens in kernels bound by memory:
+    the model's forward must spill nothing and its main backward at most 64 bytes a thread. A
+    change that spills more fails here, without a GPU. (Runs after the sm_90 builds above, whose
+    compilations Triton's cache keeps.)"""
+    picked = {
+        i: budget
+        for i, v in enumerate(kd.KERNEL_VARIANTS)
+        for prefix, budget in MODEL_SPILL_BUDGETS.items()
+        if v["name"].startswith(prefix) and "BLOCK_H=64," in v["name"]
+    }
+    assert len(picked) == 3  # the forward writing IPTs as fp32 or into the bf16 sequences; the backward
+    script = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); from triton_resources import usage; "
+        f"print(json.dumps([usage('dispatch', i) for i in {list(picked)}]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for (name, usage), budget in zip(json.loads(proc.stdout), picked.values()):
+        assert isinstance(usage, dict), f"{name}: {usage}"
+        spilled = max(usage["spill_stores"], usage["spill_loads"])
+        assert spilled <= budget, f"{name} spills {spilled} bytes a thread on sm_90a, over its budget of {budget}"
