@@ -1530,8 +1530,9 @@ def interpreter_computes_bf16() -> bool:
 def input_reasons(prompts, tokens, prompt_out, sources, interpreted: bool, module: str) -> list[str]:
     """What every dispatcher kernel of this package needs of its inputs, as sentences: Triton,
     one device (CUDA, or the CPU under the interpreter), float32/float16/bfloat16 (bfloat16 in
-    the interpreter only where it multiplies bfloat16 right), a contiguous last dimension, 32-bit offsets, and two dtypes at most: one for
-    the prompts and every parameter, one for the activations (tokens and prompt_out). ``sources``
+    the interpreter only where it multiplies bfloat16 right), a contiguous last dimension, 32-bit
+    offsets, and two dtypes at most: one for the prompts and every parameter, one for the
+    activations (tokens and prompt_out). ``sources``
     holds the parameter tuples of f_e, f_p and f_z; ``module`` names the kernels' module."""
     if _TRITON_IMPORT_ERROR is not None:
         return [f"Triton cannot be imported ({_TRITON_IMPORT_ERROR})."]
