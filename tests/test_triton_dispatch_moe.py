@@ -4,7 +4,8 @@ refuses, and that every variant builds for an H100.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET
 before this module imports them, and tests/triton_interpreter.py makes its products round as an
-H100's), a few seconds per case here; on a GPU the same tests run compiled. The sm_90 builds start with the first test and run beside them.
+H100's), a few seconds per case here; on a GPU the same tests run compiled. The sm_90 builds
+start with the first test and run beside them.
 
 Routing is discontinuous: were two gates of a row within rounding of each other, the float64
 truth, PyTorch at the test dtype and the kernels could pick different MLPs and differ by O(1).

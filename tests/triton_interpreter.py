@@ -47,12 +47,12 @@ def install() -> None:
     original_dot, original_cast = builder_cls.create_dot, builder_cls.cast_impl
 
     def operand(handle, input_precision):
-        data = handle.data
         if handle.dtype.scalar == tl.bfloat16:
-            data = interpreter._convert_float(data, tl.bfloat16, tl.float32, None).view(np.float32)
-        elif handle.dtype.scalar == tl.float32 and input_precision == ir.INPUT_PRECISION.TF32:
-            data = _tf32(data)
-        return interpreter.TensorHandle(data, tl.float32 if data.dtype == np.float32 else handle.dtype.scalar)
+            widened = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(widened, tl.float32)
+        if handle.dtype.scalar == tl.float32 and input_precision == ir.INPUT_PRECISION.TF32:
+            return interpreter.TensorHandle(_tf32(handle.data), tl.float32)
+        return handle
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         a, b = operand(a, input_precision), operand(b, input_precision)
