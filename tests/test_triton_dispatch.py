@@ -281,6 +281,53 @@ def test_matches_dispatcher_module(hidden, separate):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def operator_args(case: Case, grad: bool):
+    inputs = make_inputs(case)
+    leaves = [t.to(DEVICE).requires_grad_(grad) for t in inputs["leaves"]]
+    prompts, tokens, prompt_out, pe, pp, pz = inputs["build"](leaves)
+    w1, b1, w2, b2 = (list(group) for group in zip(pe, pp, pz))
+    return prompts, tokens, list(inputs["starts"]), list(inputs["ends"]), prompt_out, w1, b1, w2, b2
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(K=3, B=2, Np=3, T=9, D=20, H=24, shared=False, strided=True, starts=(1, 0, 2), ends=(9, 9, 7)),
+     Case(K=2, B=1, Np=2, T=5, D=16, H=0, prompt_out=False)],
+    ids=["separate-H24-strided", "shared-linear-layer0"],
+)
+def test_opcheck(case):
+    """Schemas, fake implementations, autograd registration and AOT dispatch of both operators.
+    The forward is compared over whole token ranges: it leaves the slopes of tokens outside an
+    expert's range unwritten (nothing reads them)."""
+    whole_ranges = dataclasses.replace(case, starts=None, ends=None)
+    torch.library.opcheck(kd.triton_dispatch_mlp, (*operator_args(whole_ranges, True), True))
+    args = operator_args(case, False)
+    _, weights, *hidden = kd.triton_dispatch_mlp(*args, True)
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
+    for need_grad_tokens, shared in ((True, case.shared), (False, False)):
+        torch.library.opcheck(kd.triton_dispatch_mlp_backward, (grad_ipt, *args, weights, hidden, need_grad_tokens, shared))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
+def test_torch_compile_fullgraph(shared):
+    """torch.compile traces fused_dispatch as one operator, forward and backward (no graph
+    break), and computes what eager does."""
+    case = Case(K=2, B=2, Np=3, T=7, D=16, H=8, shared=shared, strided=True, starts=(1, 0))
+    inputs = make_inputs(case)
+    leaves = [t.to(DEVICE) for t in inputs["leaves"]]
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
+
+    def layer(prompts, tokens, prompt_out, pe, pp, pz):
+        ipt, weights = kd.fused_dispatch(prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz)
+        return ipt * 2, weights
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager = run(lambda p, t, _s, _e, po, *params: layer(p, t, po, *params), inputs, leaves, grad_ipt)
+    traced = run(lambda p, t, _s, _e, po, *params: compiled(p, t, po, *params), inputs, leaves, grad_ipt)
+    for a, b in zip((*eager[:2], *eager[2]), (*traced[:2], *traced[2])):
+        torch.testing.assert_close(a, b)
+
+
 def test_weights_are_not_differentiable():
     case = Case(K=2, B=1, Np=2, T=5, D=16, H=0)
     inputs = make_inputs(case)
@@ -425,7 +472,7 @@ class WorkLog(TorchDispatchMode):
 
     FREE = {
         "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor", "aten.select.int",
-        "aten.zeros.default", "aten.detach.default",
+        "aten.zeros.default", "aten.detach.default", "aten.new_empty.default",
     }
 
     def __init__(self):
@@ -433,9 +480,20 @@ class WorkLog(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = kd.OPERATOR_BODIES.get(str(func))
+        if body is not None:  # the package's own operators: log what they run
+            with self:
+                return body(*args, **(kwargs or {}))
         if str(func) not in self.FREE:
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def via_operators(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z):
+    """fused_dispatch as torch.compile runs it: the operator, with its registered autograd."""
+    w1, b1, w2, b2 = (list(group) for group in zip(params_e, params_p, params_z))
+    ipt, weights, *_ = kd.triton_dispatch_mlp(prompts, tokens, list(tok_start), list(tok_end), prompt_out, w1, b1, w2, b2, True)
+    return ipt, weights
 
 
 @pytest.mark.parametrize(
@@ -443,18 +501,21 @@ class WorkLog(TorchDispatchMode):
     [Case(H=0, prompt_out=False), Case(H=24), Case(H=100, act_dtype=torch.float16, shared=False), Case(dtype=torch.float16)],
     ids=["linear-layer0", "hidden24", "hidden100-mixed", "fp16"],
 )
-def test_one_launch_forward_three_backward_all_listed_variants(case, monkeypatch):
+@pytest.mark.parametrize("path", ["eager", "operators"])
+def test_one_launch_forward_three_backward_all_listed_variants(case, path, monkeypatch):
     """Records the launches instead of running them (only their count and signatures matter),
-    and every torch op beyond allocation and views: there must be none."""
+    and every torch op beyond allocation and views: there must be none. Eagerly (fused_dispatch)
+    and through the operators torch.compile calls."""
     launches = record_launches(monkeypatch)
     inputs = make_inputs(dataclasses.replace(case, K=2, B=1, Np=2, T=5, D=16))
     leaves = [t.to(DEVICE).requires_grad_(True) for t in inputs["leaves"]]
     prompts, tokens, prompt_out, pe, pp, pz = inputs["build"](leaves)
     args = (prompts, tokens, inputs["starts"], inputs["ends"], prompt_out, pe, pp, pz)
-    kd.fused_dispatch(*args)  # uploads the token ranges once; later calls reuse them
+    dispatch = kd.fused_dispatch if path == "eager" else via_operators
+    dispatch(*args)  # uploads the token ranges once; later calls reuse them
     launches.clear()
     with WorkLog() as work:
-        ipt, _ = kd.fused_dispatch(*args)
+        ipt, _ = dispatch(*args)
         torch.autograd.grad(ipt, leaves, torch.empty_like(ipt), allow_unused=True)
     assert work.ops == []
     assert [launch[0] for launch in launches] == list(KERNELS)
