@@ -1202,6 +1202,9 @@ class FusedDispatchMoE(torch.autograd.Function):
         )
 
 
+# torch.compile runs it as written, between two graphs: Dynamo cannot trace the launchers, and
+# unlike kind "mlp"'s (kernels/dispatch.py) they are not operators.
+@torch.compiler.disable
 def fused_dispatch_moe(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k):
     """ipt (K, B, Np, D) in the prompts' dtype, weights (K, B, Np, K) float32 (non-differentiable)
     and aux_loss, a 0-d float32 tensor (the layer's load-balancing loss, differentiable).

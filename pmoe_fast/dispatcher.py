@@ -252,8 +252,8 @@ class Dispatcher(nn.Module):
             "moe": triton) write the IPTs into ``seq`` itself, differentiably: the gradient of
             the Z_P they overwrite comes from the dispatcher, and nothing else may have saved
             ``seq`` for backward (without gradients to compute, they read Z_P in place and keep
-            nothing). The torch backend and kind "none" return a new tensor, as concatenating
-            IPT and Z would. Kind "moe" leaves its load-balancing loss in ``aux_loss``, as
+            nothing). The torch backend, kind "none" and every backend under ``torch.compile``
+            return a new tensor, as concatenating IPT and Z would. Kind "moe" leaves its load-balancing loss in ``aux_loss``, as
             ``forward`` does. Either way the
             result equals ``torch.cat([ipt.to(seq.dtype), seq[:, :, Np:]], 2)`` with ``ipt`` from
             ``forward(prompts, seq[:, :, Np:], seq[:, :, :Np] or None, num_prefix_tokens)``.
@@ -273,7 +273,9 @@ class Dispatcher(nn.Module):
             B, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
             params = [t for source in self.source_params() for t in source]
             backend = self._choose_backend(prompts, tokens, prompt_out, params)
-            if backend != "torch":
+            # Under torch.compile the functional ops below trace without a graph break; writing
+            # in place would break the graph at every layer.
+            if backend != "torch" and not torch.compiler.is_compiling():
                 # Each nn.Module attribute write costs microseconds; at B = 1 those add up.
                 if self.last_backend != backend:
                     self.last_backend = backend

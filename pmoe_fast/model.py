@@ -260,10 +260,10 @@ class PMoE(ReferencePMoE):
         for first in range(0, self.depth, step):
             layers = range(first, min(first + step, self.depth))
             if self.checkpoint and torch.is_grad_enabled():
-                state, w, a = torch_checkpoint(
-                    self._layers, layers, state, use_reentrant=False,
-                    context_fn=lambda: (nullcontext(), self._keep_dispatcher_losses()),
-                )
+                # Compiled, the recomputation is part of the backward graph and runs no module's
+                # forward: no loss to restore (and Dynamo takes no context_fn).
+                keep = {} if torch.compiler.is_compiling() else {"context_fn": self._recompute_context}
+                state, w, a = torch_checkpoint(self._layers, layers, state, use_reentrant=False, **keep)
             else:
                 state, w, a = self._layers(layers, state)
             weights += w
@@ -273,6 +273,9 @@ class PMoE(ReferencePMoE):
         tokens = state[0]
         pooled = torch.stack([a.pool(tokens[k]) for k, a in enumerate(self._adapters)])
         return pooled.mean(0).to(self.head.weight.dtype)
+
+    def _recompute_context(self):
+        return nullcontext(), self._keep_dispatcher_losses()
 
     @contextmanager
     def _keep_dispatcher_losses(self) -> Iterator[None]:

@@ -301,6 +301,42 @@ def test_torch_compile_inference(mode, device, execution):
         torch.testing.assert_close(compiled(x), expected)
 
 
+COMPILED_TRAINING_RUNS = (
+    [("cpu", backend, 0, "mlp") for backend in ["torch", *FUSED_CPU_BACKENDS]]
+    + [("cpu", "cpp", 1, "mlp")]
+    + ([("cpu", "triton", 0, "moe")] if "triton" in FUSED_CPU_BACKENDS else [])
+    + [pytest.param("cuda", b, 0, kind, marks=needs_cuda) for b, kind in [("triton", "mlp"), ("cuda", "mlp"), ("triton", "moe")]]
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend,checkpoint,kind", COMPILED_TRAINING_RUNS)
+def test_torch_compile_training(device, backend, checkpoint, kind):
+    """A training step of the batched model under torch.compile gives eager's logits and
+    gradients. Kind "mlp" compiles into one graph (fullgraph: every fused dispatcher is an
+    operator with a fake implementation and autograd); kind "moe" on Triton runs its dispatchers
+    as written, between graphs."""
+    torch.manual_seed(0)
+    model = PMoE(same_arch(2), **CONFIG, execution="batched", dispatcher=kind, dispatcher_backend=backend, checkpoint=checkpoint)
+    model = model.to(device)
+    x = torch.randn(2, 3, IMG, IMG, device=device)
+    trainable = list(model.trainable_parameters())
+
+    def step(forward):
+        model.zero_grad()
+        logits = forward(x)
+        loss = (logits * torch.linspace(-1, 1, logits.shape[-1], device=device)).sum()
+        (loss if model.last_aux_loss is None else loss + model.last_aux_loss).backward()
+        return [logits.detach()] + [p.grad.clone() for p in trainable]
+
+    expected = step(model)
+    fullgraph = kind == "mlp" or backend == "torch"
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager" if device == "cpu" else "inductor")
+    step(compiled)
+    for got, want in zip(step(compiled), expected):
+        torch.testing.assert_close(got, want)
+
+
 # -- on a CUDA GPU ------------------------------------------------------------------------------
 
 
