@@ -4,9 +4,9 @@ AdamW step) and inference, over the profile's sweep of K, B and Np.
     python -m pytest benchmarks/bench_model.py --bench-profile quick --benchmark-json=model.json
 
 Providers (``pmoe_fast.bench.MODEL_PROVIDERS``): the reference (eager), ``torch.compile`` of the
-reference (skipped with the error when compiling fails), the fast model with its default plan
-and with the variants a profile lists (checkpointing, batched or stream execution, the torch
-dispatcher), and for inference one plain expert's own forward (``single-vit``: no prompts, in the
+reference (skipped with the error when compiling fails), the fast model with its default plan,
+compiled (``fast-compiled``), and with the variants a profile lists (checkpointing, batched or
+stream execution, the torch dispatcher), and for inference one plain expert's own forward (``single-vit``: no prompts, in the
 profile's dtype), the latency a pMoE over K experts is compared with; on a GPU both also under
 ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs (``fast-graphed``,
 ``single-vit-graphed``). In a bf16 profile the fast model keeps its frozen experts in bf16 and the reference
@@ -16,7 +16,7 @@ Each case is timed with pytest-benchmark after a first call (compilation, kernel
 the profile's warm-up rounds; on a GPU the timed callable synchronises, so a round is the step's
 whole device time. Peak memory and its split (frozen weights, trainable state, activations) come
 from ``pmoe_fast.memory.measure_step`` in a separate, untimed step, so tracking memory does not
-slow the timed ones. On a CPU the compiled reference's memory is not measured: the CPU tracker is
+slow the timed ones. On a CPU the compiled models' memory is not measured: the CPU tracker is
 a TorchDispatchMode, and dynamo runs a compiled model eagerly under one.
 """
 
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from pmoe_fast import PMoE, vit
-from pmoe_fast.bench import GRAPHED, Case, MODEL_PROVIDERS, REFERENCE_PROVIDER
+from pmoe_fast.bench import COMPILED, GRAPHED, Case, MODEL_PROVIDERS, REFERENCE_PROVIDER
 from pmoe_fast.memory import measure_step
 from pmoe_fast.reference import PMoE as Reference
 
@@ -48,7 +48,7 @@ def build(provider: str, K: int, Np: int, profile) -> torch.nn.Module:
                 model = PMoE(experts, num_classes=NUM_CLASSES, num_prompts=Np, expert_dtype=expert_dtype, **MODEL_PROVIDERS[provider])
             except ValueError as e:  # a variant these experts cannot run, e.g. batched execution of one expert
                 pytest.skip(f"{provider}: {e}")
-    if provider == "reference-compiled" or provider in GRAPHED:
+    if provider in COMPILED:
         # Every case compiles the same forward at new shapes; past dynamo's recompile limit it
         # would quietly run eager. A fresh dynamo state per case keeps each one compiled.
         torch._dynamo.reset()
@@ -94,13 +94,13 @@ def test_model(benchmark, model_case, profile, environment):
     try:
         step()  # compilation for the compiled provider, kernel selection and caches for all
     except Exception as e:
-        if case.provider != "reference-compiled" and case.provider not in GRAPHED:
+        if case.provider not in COMPILED:
             raise
         message = str(e).strip()
         pytest.skip(f"torch.compile failed: {type(e).__name__}" + (f": {message.splitlines()[0]}" if message else ""))
     benchmark.pedantic(step, warmup_rounds=profile.warmup, rounds=profile.rounds, iterations=1)
 
-    if case.provider == "reference-compiled" and device.type == "cpu":
+    if case.provider in COMPILED and device.type == "cpu":
         # The numbers would be the eager reference's (module docstring).
         memory = dict(memory_source="not measured: on a CPU memory is tracked by a TorchDispatchMode, "
                       "under which torch.compile runs the model eagerly")
