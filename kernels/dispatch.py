@@ -1470,13 +1470,6 @@ def unpack_groups(out: torch.Tensor, groups: Mapping[str, int], unpack) -> dict:
     return grads
 
 
-def reduce_param_grads(partials, C: int, dtype, sources, row_ranges, blocks, unpack) -> dict:
-    """``reduce_partials`` and ``unpack_groups``, sources passing the very same tensors in one
-    group. ``sources`` lists (name, params) of the sources that got input."""
-    groups = _param_groups(sources)
-    return unpack_groups(reduce_partials(partials, C, dtype, groups, row_ranges, blocks), groups, unpack)
-
-
 # ---------------------------------------------------------------------------------------------
 # Operators, autograd and the functional entry point
 # ---------------------------------------------------------------------------------------------

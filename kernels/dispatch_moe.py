@@ -18,7 +18,8 @@ M * sum_m (routed_m / (rows * top_k)) * (gate_sum_m / rows); aux_loss is the mea
 Its gradient flows through gate_sum only (the routed counts are constants).
 
 The file reads top to bottom as the whole op: the reference in plain PyTorch, the kernels, the
-launchers, the autograd Function and the functional entry point, then what the launchers can run
+launchers, the autograd Function, the operators torch.compile traces and the functional entry
+point, then what the launchers can run
 (``moe_not_supported_reasons``) and every variant they compile (``KERNEL_VARIANTS``). It reuses
 from kernels/dispatch.py its GELU, its block sizes, the forward's last step (softmax over the K
 experts and the mixture of the EPTs) and two of its kernels unchanged: the softmax
@@ -1048,18 +1049,19 @@ def _aux_scales(K, B, Np, tok_start, tok_end, has_prompt_out, shared, M, top_k) 
     return tuple(M / (n_f * r * r * top_k) if r else 0.0 for r in rows.values())
 
 
-def dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k):
+def dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k, shared=None):
     """One Triton launch and two torch ops (a sum, a dot). Returns ipt (K, B, Np, D) in the prompts'
     dtype, weights (K, B, Np, K) float32, aux_loss () float32 and coef, d aux / d gate_sum: (3, M)
     float32, or (M,) when the sources share one f (then the same for all three), and the gates
-    of the rows of each source, (gates_e, gates_p or None, gates_z), for the backward."""
+    of the rows of each source, (gates_e, gates_p or None, gates_z), for the backward. ``shared``:
+    whether the sources share one f; by default, whether they pass the very same tensors."""
     M, H = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k)
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     device = prompts.device
     blocks = moe_blocks(K, B, Np, D, H, M, device)
     has_prompt_out = prompt_out is not None
-    shared = _is_shared(params_e, params_p, params_z)
+    shared = _is_shared(params_e, params_p, params_z) if shared is None else shared
     ipt = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
     stats = torch.empty((K * B, 2, 3, M), dtype=torch.float32, device=device)
@@ -1087,25 +1089,27 @@ def dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, 
     # [gate sums; scaled routed counts]: per source, or summed over the sources of one shared f.
     # torch.sum reduces in a fixed order for a fixed shape: the loss is deterministic.
     totals = stats.sum((0, 2)) if shared else stats.sum(0)
-    aux = torch.dot(totals[0].reshape(-1), totals[1].reshape(-1))
+    aux = torch.dot(totals[0].view(-1), totals[1].view(-1))  # rows of a contiguous tensor: views
     return ipt, weights, aux, totals[1], (gates_e, gates_p, gates_z)
 
 
 def dispatch_moe_bwd(
     grad_ipt, grad_aux, prompts, tokens, tok_start, tok_end, prompt_out, weights, coef, gates,
-    params_e, params_p, params_z, top_k, need_grad_tokens: bool = True,
+    params_e, params_p, params_z, top_k, need_grad_tokens: bool = True, groups=None, packed: bool = False,
 ):
     """Three Triton launches, no torch op. ``grad_aux`` None: nothing differentiates the aux loss.
     Returns (dprompts, dtokens or None, dprompt_out or None, grads_e, grads_p, grads_z), each
     grads_s a (dR, dr, dW1, db1, dW2, db2) tuple (dW1, db1 None when H = 0), or None for a source
-    that shares its parameters with an earlier one or that did not run (f_p without prompt_out)."""
+    that shares its parameters with an earlier one or that did not run (f_p without prompt_out).
+    ``groups`` and ``packed`` as for kernels/dispatch.py's dispatch_bwd (``unpack_moe_param_grads``
+    reads a packed row)."""
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     M, H = _moe_sizes(params_e)
     device = prompts.device
     blocks = moe_blocks(K, B, Np, D, H, M, device)
     has_prompt_out = prompt_out is not None
-    C = M * D + M + (M * H * D + M * H + M * K * H + M * K if H else M * K * D + M * K)
+    C = moe_param_grad_width(K, D, H, M)
 
     dlogits = kd._launch_bwd_softmax(grad_ipt, prompts, weights, blocks)
 
@@ -1140,23 +1144,35 @@ def dispatch_moe_bwd(
         BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, BLOCK_M=BLOCK_M, num_warps=_NUM_WARPS["bwd"],
     )
 
-    def unpack(row: torch.Tensor) -> tuple:
-        # [R (M*D) | r (M) | W1 (M*H*D) | b1 (M*H) | W2 (M*K*H or M*K*D) | b2 (M*K)]: views.
-        sizes = [M * D, M, M * H * D, M * H, M * K * (H or D), M * K]
-        shapes = [(M, D), (M,), (M, H, D), (M, H), (M, K, H or D), (M, K)]
-        parts = [p.view(s) for p, s in zip(row.split(sizes), shapes)]
-        if not H:
-            parts[2] = parts[3] = None
-        return tuple(parts)
-
     sources = [("e", params_e)] + ([("p", params_p)] if has_prompt_out else []) + [("z", params_z)]
+    groups = groups or kd._param_groups(sources)
     row_ranges = {"e": (row_e0, row_e0 + n_groups), "p": (row_p0, row_p0 + K * b_groups), "z": (row_z0, row_z0 + K * b_groups)}
-    grads = kd.reduce_param_grads(partials, C, params_e[0].dtype, sources, row_ranges, blocks, unpack)
+    out = kd.reduce_partials(partials, C, params_e[0].dtype, groups, row_ranges, blocks)
+    if packed:
+        return grad_prompts, grad_tokens, grad_prompt_out, out
+    grads = kd.unpack_groups(out, groups, lambda row: unpack_moe_param_grads(row, K, D, H, M))
     return grad_prompts, grad_tokens, grad_prompt_out, grads.get("e"), grads.get("p"), grads.get("z")
 
 
+def moe_param_grad_width(K: int, D: int, H: int, M: int) -> int:
+    """C, the floats of one f's gradients: [R (M*D) | r (M) | W1 (M*H*D) | b1 (M*H) | W2 (M*K*H,
+    or M*K*D when H = 0) | b2 (M*K)]."""
+    return M * D + M + (M * H * D + M * H + M * K * H + M * K if H else M * K * D + M * K)
+
+
+def unpack_moe_param_grads(row: torch.Tensor, K: int, D: int, H: int, M: int) -> tuple:
+    """(dR, dr, dW1, db1, dW2, db2), views of one row of C floats (``moe_param_grad_width``); dW1
+    and db1 are None when H = 0."""
+    sizes = [M * D, M, M * H * D, M * H, M * K * (H or D), M * K]
+    shapes = [(M, D), (M,), (M, H, D), (M, H), (M, K, H or D), (M, K)]
+    parts = [p.view(s) for p, s in zip(row.split(sizes), shapes)]
+    if not H:
+        parts[2] = parts[3] = None
+    return tuple(parts)
+
+
 # ---------------------------------------------------------------------------------------------
-# Autograd and the functional entry point
+# Autograd, operators and the functional entry point
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1202,9 +1218,164 @@ class FusedDispatchMoE(torch.autograd.Function):
         )
 
 
-# torch.compile runs it as written, between two graphs: Dynamo cannot trace the launchers, and
-# unlike kind "mlp"'s (kernels/dispatch.py) they are not operators.
-@torch.compiler.disable
+# For torch.compile, the launchers as two operators, as kernels/dispatch.py does for kind "mlp"
+# (its comment says why and how). Whether the sources share one f changes the loss: traced, it is
+# decided once, from the tensors' identity, and passed to both operators.
+
+_EMPTY = (0,)
+
+
+def _triton_dispatch_moe(
+    prompts: torch.Tensor,
+    tokens: torch.Tensor,
+    tok_start: list[int],
+    tok_end: list[int],
+    prompt_out: torch.Tensor | None,
+    router_w: list[torch.Tensor],
+    router_b: list[torch.Tensor],
+    w1: list[torch.Tensor | None],
+    b1: list[torch.Tensor | None],
+    w2: list[torch.Tensor],
+    b2: list[torch.Tensor],
+    top_k: int,
+    shared: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dispatch_moe_fwd: (ipt, weights, aux_loss, coef, gates_e, gates_p, gates_z); gates_p is (0,)
+    without prompt_out, and the gates of tokens outside each expert's range are not written. The
+    six lists hold one entry per source e, p, z."""
+    params = zip(router_w, router_b, w1, b1, w2, b2)
+    ipt, weights, aux, coef, gates = dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, *params, top_k, shared)
+    gates_e, gates_p, gates_z = gates
+    # coef is a row of the loss's totals: an operator's output starts where its storage does.
+    return ipt, weights, aux, coef.clone(), gates_e, weights.new_empty(_EMPTY) if gates_p is None else gates_p, gates_z
+
+
+triton_dispatch_moe = torch.library.custom_op("pmoe_fast::triton_dispatch_moe", _triton_dispatch_moe, mutates_args=())
+
+
+@triton_dispatch_moe.register_fake
+def _(prompts, tokens, tok_start, tok_end, prompt_out, router_w, router_b, w1, b1, w2, b2, top_k, shared):
+    M, _ = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, *zip(router_w, router_b, w1, b1, w2, b2), top_k)
+    K, Np, D = prompts.shape
+    B, T = tokens.shape[1:3]
+    f32 = dict(dtype=torch.float32)
+    return (
+        prompts.new_empty((K, B, Np, D)),
+        prompts.new_empty((K, B, Np, K), **f32),
+        prompts.new_empty((), **f32),
+        prompts.new_empty((M,) if shared else (3, M), **f32),
+        prompts.new_empty((K, Np, M), **f32),
+        prompts.new_empty((K, B, Np, M) if prompt_out is not None else _EMPTY, **f32),
+        prompts.new_empty((K, B, T, M), **f32),
+    )
+
+
+def _triton_dispatch_moe_backward(
+    grad_ipt: torch.Tensor,
+    grad_aux: torch.Tensor | None,
+    prompts: torch.Tensor,
+    tokens: torch.Tensor,
+    tok_start: list[int],
+    tok_end: list[int],
+    prompt_out: torch.Tensor | None,
+    router_w: list[torch.Tensor],
+    router_b: list[torch.Tensor],
+    w1: list[torch.Tensor | None],
+    b1: list[torch.Tensor | None],
+    w2: list[torch.Tensor],
+    b2: list[torch.Tensor],
+    weights: torch.Tensor,
+    coef: torch.Tensor,
+    gates: list[torch.Tensor],
+    top_k: int,
+    need_grad_tokens: bool,
+    shared: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dispatch_moe_bwd: (dprompts, dtokens, dprompt_out, the parameter gradients (G, C) in the
+    parameters' dtype, a row per group of kernels/dispatch.py's ``_op_groups``); dtokens is (0,)
+    without ``need_grad_tokens``, dprompt_out without prompt_out. ``gates``: the last three
+    outputs of triton_dispatch_moe."""
+    grad_prompts, grad_tokens, grad_prompt_out, packed = dispatch_moe_bwd(
+        grad_ipt, grad_aux, prompts, tokens, tok_start, tok_end, prompt_out, weights, coef,
+        tuple(None if g.numel() == 0 else g for g in gates), *zip(router_w, router_b, w1, b1, w2, b2), top_k,
+        need_grad_tokens=need_grad_tokens, groups=kd._op_groups(shared, prompt_out is not None), packed=True,
+    )
+    grad_tokens, grad_prompt_out = (tokens.new_empty(_EMPTY) if g is None else g for g in (grad_tokens, grad_prompt_out))
+    return grad_prompts, grad_tokens, grad_prompt_out, packed
+
+
+triton_dispatch_moe_backward = torch.library.custom_op(
+    "pmoe_fast::triton_dispatch_moe_backward", _triton_dispatch_moe_backward, mutates_args=()
+)
+OPERATOR_BODIES = {
+    "pmoe_fast.triton_dispatch_moe.default": _triton_dispatch_moe,
+    "pmoe_fast.triton_dispatch_moe_backward.default": _triton_dispatch_moe_backward,
+}
+
+
+@triton_dispatch_moe_backward.register_fake
+def _(grad_ipt, grad_aux, prompts, tokens, tok_start, tok_end, prompt_out, router_w, router_b, w1, b1, w2, b2,
+      weights, coef, gates, top_k, need_grad_tokens, shared):
+    K, Np, D = prompts.shape
+    B, T = tokens.shape[1:3]
+    M, H = _moe_sizes((router_w[0], None, w1[0]))
+    groups = max(kd._op_groups(shared, prompt_out is not None).values()) + 1
+    return (
+        prompts.new_empty((K, Np, D)),
+        tokens.new_empty((K, B, T, D) if need_grad_tokens else _EMPTY),
+        tokens.new_empty(_EMPTY) if prompt_out is None else prompt_out.new_empty((K, B, Np, D)),
+        prompts.new_empty((groups, moe_param_grad_width(K, D, H, M)), dtype=router_w[0].dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    prompts, tokens, tok_start, tok_end, prompt_out, *params, top_k, shared = inputs
+    _, weights, _, coef, *gates = output
+    ctx.mark_non_differentiable(weights, coef, *gates)
+    ctx.set_materialize_grads(False)
+    ctx.tok_range, ctx.top_k, ctx.shared = (list(tok_start), list(tok_end)), top_k, shared
+    ctx.has_prompt_out = prompt_out is not None
+    ctx.save_for_backward(prompts, tokens, prompt_out, weights, coef, *gates, *(t for group in params for t in group))
+
+
+def _backward(ctx, grad_ipt, _grad_weights, grad_aux, *_unused):
+    needs = ctx.needs_input_grad
+    if grad_ipt is None and grad_aux is None:
+        return (None,) * 5 + tuple([None] * 3 if isinstance(n, list) else None for n in needs[5:11]) + (None, None)
+    prompts, tokens, prompt_out, weights, coef, *saved = ctx.saved_tensors
+    gates, flat = saved[:3], saved[3:]
+    params = [list(flat[i : i + 3]) for i in range(0, 18, 3)]  # router_w, router_b, w1, b1, w2, b2
+    if grad_ipt is None:  # a loss on aux_loss alone: one zero-fill, then the same launches
+        grad_ipt = prompts.new_zeros(weights.shape[:3] + prompts.shape[-1:])
+    grad_prompts, grad_tokens, grad_prompt_out, packed = torch.ops.pmoe_fast.triton_dispatch_moe_backward(
+        grad_ipt, grad_aux, prompts, tokens, *ctx.tok_range, prompt_out, *params, weights, coef, gates, ctx.top_k,
+        bool(needs[1]), ctx.shared,
+    )
+    K, Np, D = prompts.shape
+    M, H = _moe_sizes((params[0][0], None, params[2][0]))
+    per_source = [(None,) * 6] * 3
+    for name, row in kd.unpack_groups(packed, kd._op_groups(ctx.shared, ctx.has_prompt_out), lambda r: r).items():
+        per_source["epz".index(name)] = unpack_moe_param_grads(row, K, D, H, M)
+    # needs_input_grad holds a bool per tensor of a list, or one bool for a list of Nones.
+    param_grads = [
+        [g if need else None for g, need in zip(grads, n)] if isinstance(n, list) else None
+        for grads, n in zip(zip(*per_source), needs[5:11])
+    ]
+    return (
+        grad_prompts if needs[0] else None,
+        grad_tokens if needs[1] else None,
+        None,
+        None,
+        grad_prompt_out if ctx.has_prompt_out and needs[4] else None,
+        *param_grads,
+        None,
+        None,
+    )
+
+
+triton_dispatch_moe.register_autograd(_backward, setup_context=_setup_context)
+
+
 def fused_dispatch_moe(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k):
     """ipt (K, B, Np, D) in the prompts' dtype, weights (K, B, Np, K) float32 (non-differentiable)
     and aux_loss, a 0-d float32 tensor (the layer's load-balancing loss, differentiable).
@@ -1214,7 +1385,17 @@ def fused_dispatch_moe(prompts, tokens, tok_start, tok_end, prompt_out, params_e
     (K, B, Np, D) or None; params_s = (router_w (M, D), router_b (M,), W1 (M, H, D), b1 (M, H),
     W2 (M, K, H), b2 (M, K)), or with W1 = b1 = None and W2 (M, K, D) for H = 0; the very same
     tensors three times for one shared f. top_k: MLPs per row, 1 <= top_k <= M.
+
+    Eagerly it runs through ``FusedDispatchMoE``, compiled through the operators (host time, as
+    for kind "mlp").
     """
+    if torch.compiler.is_compiling():
+        shared = _is_shared(params_e, params_p, params_z)
+        params = [list(group) for group in zip(params_e, params_p, params_z)]
+        ipt, weights, aux, *_ = triton_dispatch_moe(
+            prompts, tokens, list(tok_start), list(tok_end), prompt_out, *params, int(top_k), shared
+        )
+        return ipt, weights, aux
     return FusedDispatchMoE.apply(
         prompts, tokens, tuple(tok_start), tuple(tok_end), prompt_out, int(top_k), *params_e, *params_p, *params_z
     )

@@ -359,12 +359,59 @@ def _call_signature(kernel, args, kwargs):
     return kernel.__name__, signature, constexprs, kwargs["num_warps"], kwargs.get("num_stages", 3)
 
 
+def via_operators(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k):
+    """fused_dispatch_moe as torch.compile runs it: the operator, with its registered autograd."""
+    params = [list(group) for group in zip(params_e, params_p, params_z)]
+    shared = km._is_shared(params_e, params_p, params_z)
+    ipt, weights, aux, *_ = km.triton_dispatch_moe(
+        prompts, tokens, list(tok_start), list(tok_end), prompt_out, *params, top_k, shared
+    )
+    return ipt, weights, aux
+
+
+@pytest.mark.parametrize("name", ["M4-top2-H24-separate-strided", "M3-top1-H0-layer0-shared"])
+def test_opcheck(name):
+    """Schemas, fake implementations, autograd registration and AOT dispatch of both operators.
+    The forward is compared over whole token ranges: it leaves the gates of tokens outside an
+    expert's range unwritten (nothing reads them)."""
+    case = dataclasses.replace(CASES[name], prefix=0, K=2, Np=2, T=6, D=24)
+    disp, _, leaves, build = make_inputs(case)
+    prompts, tokens, prompt_out = build([t.requires_grad_() for t in leaves])
+    params = [list(group) for group in zip(*(moe_params(disp, s) for s in "epz"))]
+    ranges = ([0] * case.K, [case.T] * case.K)
+    torch.library.opcheck(km.triton_dispatch_moe, (prompts, tokens, *ranges, prompt_out, *params, case.top_k, case.shared))
+    detached = [[None if t is None else t.detach() for t in group] for group in params]
+    inputs = [None if t is None else t.detach() for t in (prompts, tokens)] + [None if prompt_out is None else prompt_out.detach()]
+    _, weights, _, coef, *gates = km.triton_dispatch_moe(*inputs[:2], *ranges, inputs[2], *detached, case.top_k, case.shared)
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
+    for grad_aux, need_grad_tokens in ((torch.tensor(2.0, device=DEVICE), True), (None, False)):
+        torch.library.opcheck(km.triton_dispatch_moe_backward, (
+            grad_ipt, grad_aux, *inputs[:2], *ranges, inputs[2], *detached, weights, coef, gates, case.top_k,
+            need_grad_tokens, case.shared,
+        ))
+
+
+@pytest.mark.parametrize("name", ["M3-top1-H24-shared", "M4-top2-H24-separate-strided"])
+def test_torch_compile_fullgraph(name):
+    """torch.compile traces fused_dispatch_moe as one operator, forward and backward (no graph
+    break), and computes what eager does, the aux loss and its gradients included."""
+    case = dataclasses.replace(CASES[name], K=2, Np=2, T=6, D=24)
+    disp, _, leaves, build = make_inputs(case)
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
+    compiled = torch.compile(km.fused_dispatch_moe, fullgraph=True, backend="aot_eager")
+    eager = run(km.fused_dispatch_moe, disp, leaves, build, case, grad_ipt)
+    traced = run(compiled, disp, leaves, build, case, grad_ipt)
+    for a, b in zip((*eager[:3], *eager[3]), (*traced[:3], *traced[3])):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 class WorkLog(TorchDispatchMode):
     """The torch ops that do work (beyond allocating and viewing) while it is active."""
 
     FREE = {
         "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor",
-        "aten.select.int", "aten.split.Tensor", "aten.split_with_sizes.default",
+        "aten.select.int", "aten.split.Tensor", "aten.split_with_sizes.default", "aten.new_empty.default",
+        "aten.detach.default",
     }
 
     def __init__(self):
@@ -372,6 +419,10 @@ class WorkLog(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = km.OPERATOR_BODIES.get(str(func))
+        if body is not None:  # the package's own operators: log what they run
+            with self:
+                return body(*args, **(kwargs or {}))
         if str(func) not in self.FREE:
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
@@ -387,10 +438,12 @@ class WorkLog(TorchDispatchMode):
     ],
     ids=["linear-layer0-shared", "hidden24-separate", "hidden100-separate", "fp16-M9"],
 )
-def test_one_launch_forward_three_backward_all_listed_variants(case, monkeypatch):
+@pytest.mark.parametrize("path", ["eager", "operators"])
+def test_one_launch_forward_three_backward_all_listed_variants(case, path, monkeypatch):
     """Records the launches instead of running them (only their count and signatures matter),
     and every torch op beyond allocation and views: the forward's sum and dot (the aux loss),
-    nothing else."""
+    nothing else; through the operators torch.compile calls, a copy of the loss's coefficients
+    too (an operator's output may not be a view into another tensor)."""
     launches = []
 
     class Recorder:
@@ -414,15 +467,16 @@ def test_one_launch_forward_three_backward_all_listed_variants(case, monkeypatch
     prompt_out = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE, dtype=case.dtype) if case.prompt_out else None
     ranges = ([case.prefix] * case.K, [case.T] * case.K)
     args = (leaves[0], leaves[1], *ranges, prompt_out, *(moe_params(disp, s) for s in "epz"), case.top_k)
-    km.fused_dispatch_moe(*args)  # uploads the token ranges once; later calls reuse them
+    dispatch = km.fused_dispatch_moe if path == "eager" else via_operators
+    dispatch(*args)  # uploads the token ranges once; later calls reuse them
     launches.clear()
     grad_aux = torch.tensor(1.0, device=DEVICE)
     with WorkLog() as forward:
-        ipt, _, aux = km.fused_dispatch_moe(*args)
+        ipt, _, aux = dispatch(*args)
     grad_ipt = torch.empty_like(ipt)
     with WorkLog() as backward:
         torch.autograd.grad([ipt, aux], leaves + list(disp.parameters()), [grad_ipt, grad_aux], allow_unused=True)
-    assert forward.ops == ["aten.sum.dim_IntList", "aten.dot.default"]
+    assert forward.ops == ["aten.sum.dim_IntList", "aten.dot.default"] + (["aten.clone.default"] if path == "operators" else [])
     assert backward.ops == []
     assert [launch[0] for launch in launches] == [
         "_dispatch_moe_fwd_kernel", "_dispatch_bwd_softmax_kernel", "_dispatch_moe_bwd_kernel", "_dispatch_bwd_reduce_kernel"
