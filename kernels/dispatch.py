@@ -1482,6 +1482,19 @@ def unpack_groups(out: torch.Tensor, groups: Mapping[str, int], unpack) -> dict:
 # autograd Function FusedDispatch calls the launchers itself, for less host time.
 
 _EMPTY = (0,)
+# The Python bodies of the operators of kernels/, by overload name (the tests look inside them).
+OPERATOR_BODIES: dict = {}
+
+
+def operator(name: str, body):
+    """``body`` as the operator pmoe_fast::``name``, which mutates none of its inputs."""
+    OPERATOR_BODIES[f"pmoe_fast.{name}.default"] = body
+    return torch.library.custom_op(f"pmoe_fast::{name}", body, mutates_args=())
+
+
+def empty_for_none(like: torch.Tensor, *tensors) -> tuple:
+    """The tensors, each None replaced by an empty tensor like ``like`` (an operator returns no None)."""
+    return tuple(like.new_empty(_EMPTY) if t is None else t for t in tensors)
 
 
 def _triton_dispatch_mlp(
@@ -1502,10 +1515,10 @@ def _triton_dispatch_mlp(
     ipt, weights, hidden = dispatch_fwd(
         prompts, tokens, tok_start, tok_end, prompt_out, *zip(w1, b1, w2, b2), save_hidden=save_hidden
     )
-    return ipt, weights, *(weights.new_empty(_EMPTY) if h is None else h for h in hidden)
+    return ipt, weights, *empty_for_none(weights, *hidden)
 
 
-triton_dispatch_mlp = torch.library.custom_op("pmoe_fast::triton_dispatch_mlp", _triton_dispatch_mlp, mutates_args=())
+triton_dispatch_mlp = operator("triton_dispatch_mlp", _triton_dispatch_mlp)
 
 
 @triton_dispatch_mlp.register_fake
@@ -1559,18 +1572,10 @@ def _triton_dispatch_mlp_backward(
         tuple(None if h.numel() == 0 else h for h in hidden), *zip(w1, b1, w2, b2),
         need_grad_tokens=need_grad_tokens, groups=_op_groups(shared, prompt_out is not None), packed=True,
     )
-    grad_tokens, grad_prompt_out = (tokens.new_empty(_EMPTY) if g is None else g for g in (grad_tokens, grad_prompt_out))
-    return grad_prompts, grad_tokens, grad_prompt_out, packed
+    return grad_prompts, *empty_for_none(tokens, grad_tokens, grad_prompt_out), packed
 
 
-triton_dispatch_mlp_backward = torch.library.custom_op(
-    "pmoe_fast::triton_dispatch_mlp_backward", _triton_dispatch_mlp_backward, mutates_args=()
-)
-# The Python bodies of the operators, by name (the tests look inside them).
-OPERATOR_BODIES = {
-    "pmoe_fast.triton_dispatch_mlp.default": _triton_dispatch_mlp,
-    "pmoe_fast.triton_dispatch_mlp_backward.default": _triton_dispatch_mlp_backward,
-}
+triton_dispatch_mlp_backward = operator("triton_dispatch_mlp_backward", _triton_dispatch_mlp_backward)
 
 
 @triton_dispatch_mlp_backward.register_fake
@@ -1585,6 +1590,21 @@ def _(grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2,
         tokens.new_empty(_EMPTY) if prompt_out is None else prompt_out.new_empty((K, B, Np, D)),
         prompts.new_empty((groups, param_grad_width(K, D, H)), dtype=w2[0].dtype),
     )
+
+
+def list_param_grads(packed: torch.Tensor, shared: bool, has_prompt_out: bool, unpack, needs) -> list:
+    """An operator backward's parameter gradients as autograd takes them for the parameter lists
+    (one entry per source): per list, a gradient or None per source (None where the source shares
+    an earlier one's row, did not run, or needs none), or None for a list of Nones. ``packed``: its
+    (G, C) rows, one per group of ``_op_groups``; ``unpack`` turns a row into one gradient per
+    list; ``needs``: the lists' entries of needs_input_grad (a bool per tensor, or one bool)."""
+    per_source = [(None,) * len(needs)] * 3
+    for name, grads in unpack_groups(packed, _op_groups(shared, has_prompt_out), unpack).items():
+        per_source["epz".index(name)] = grads
+    return [
+        [g if need else None for g, need in zip(grads, n)] if isinstance(n, list) else None
+        for grads, n in zip(zip(*per_source), needs)
+    ]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -1612,14 +1632,8 @@ def _backward(ctx, grad_ipt, *_unused):
     )
     K, Np, D = prompts.shape
     H = _hidden_width((w1[0],))
-    per_source = [(None,) * 4] * 3
-    for name, row in unpack_groups(packed, _op_groups(ctx.shared, ctx.has_prompt_out), lambda r: r).items():
-        per_source["epz".index(name)] = unpack_param_grads(row, K, D, H)
-    # needs_input_grad holds a bool per tensor of a list, or one bool for a list of Nones.
-    param_grads = [
-        [g if need else None for g, need in zip(grads, n)] if isinstance(n, list) else None
-        for grads, n in zip(zip(*per_source), needs[5:9])
-    ]
+    unpack = functools.partial(unpack_param_grads, K=K, D=D, H=H)
+    param_grads = list_param_grads(packed, ctx.shared, ctx.has_prompt_out, unpack, needs[5:9])
     return (
         grad_prompts if needs[0] else None,
         grad_tokens if needs[1] else None,

@@ -77,6 +77,7 @@ the dtype (the torch backend returns it in the parameters' dtype).
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 
@@ -1222,7 +1223,7 @@ class FusedDispatchMoE(torch.autograd.Function):
 # (its comment says why and how). Whether the sources share one f changes the loss: traced, it is
 # decided once, from the tensors' identity, and passed to both operators.
 
-_EMPTY = (0,)
+_EMPTY = kd._EMPTY
 
 
 def _triton_dispatch_moe(
@@ -1247,10 +1248,10 @@ def _triton_dispatch_moe(
     ipt, weights, aux, coef, gates = dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, *params, top_k, shared)
     gates_e, gates_p, gates_z = gates
     # coef is a row of the loss's totals: an operator's output starts where its storage does.
-    return ipt, weights, aux, coef.clone(), gates_e, weights.new_empty(_EMPTY) if gates_p is None else gates_p, gates_z
+    return ipt, weights, aux, coef.clone(), gates_e, *kd.empty_for_none(weights, gates_p), gates_z
 
 
-triton_dispatch_moe = torch.library.custom_op("pmoe_fast::triton_dispatch_moe", _triton_dispatch_moe, mutates_args=())
+triton_dispatch_moe = kd.operator("triton_dispatch_moe", _triton_dispatch_moe)
 
 
 @triton_dispatch_moe.register_fake
@@ -1300,17 +1301,10 @@ def _triton_dispatch_moe_backward(
         tuple(None if g.numel() == 0 else g for g in gates), *zip(router_w, router_b, w1, b1, w2, b2), top_k,
         need_grad_tokens=need_grad_tokens, groups=kd._op_groups(shared, prompt_out is not None), packed=True,
     )
-    grad_tokens, grad_prompt_out = (tokens.new_empty(_EMPTY) if g is None else g for g in (grad_tokens, grad_prompt_out))
-    return grad_prompts, grad_tokens, grad_prompt_out, packed
+    return grad_prompts, *kd.empty_for_none(tokens, grad_tokens, grad_prompt_out), packed
 
 
-triton_dispatch_moe_backward = torch.library.custom_op(
-    "pmoe_fast::triton_dispatch_moe_backward", _triton_dispatch_moe_backward, mutates_args=()
-)
-OPERATOR_BODIES = {
-    "pmoe_fast.triton_dispatch_moe.default": _triton_dispatch_moe,
-    "pmoe_fast.triton_dispatch_moe_backward.default": _triton_dispatch_moe_backward,
-}
+triton_dispatch_moe_backward = kd.operator("triton_dispatch_moe_backward", _triton_dispatch_moe_backward)
 
 
 @triton_dispatch_moe_backward.register_fake
@@ -1353,14 +1347,8 @@ def _backward(ctx, grad_ipt, _grad_weights, grad_aux, *_unused):
     )
     K, Np, D = prompts.shape
     M, H = _moe_sizes((params[0][0], None, params[2][0]))
-    per_source = [(None,) * 6] * 3
-    for name, row in kd.unpack_groups(packed, kd._op_groups(ctx.shared, ctx.has_prompt_out), lambda r: r).items():
-        per_source["epz".index(name)] = unpack_moe_param_grads(row, K, D, H, M)
-    # needs_input_grad holds a bool per tensor of a list, or one bool for a list of Nones.
-    param_grads = [
-        [g if need else None for g, need in zip(grads, n)] if isinstance(n, list) else None
-        for grads, n in zip(zip(*per_source), needs[5:11])
-    ]
+    unpack = functools.partial(unpack_moe_param_grads, K=K, D=D, H=H, M=M)
+    param_grads = kd.list_param_grads(packed, ctx.shared, ctx.has_prompt_out, unpack, needs[5:11])
     return (
         grad_prompts if needs[0] else None,
         grad_tokens if needs[1] else None,

@@ -419,7 +419,7 @@ class WorkLog(TorchDispatchMode):
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        body = km.OPERATOR_BODIES.get(str(func))
+        body = kd.OPERATOR_BODIES.get(str(func))
         if body is not None:  # the package's own operators: log what they run
             with self:
                 return body(*args, **(kwargs or {}))
