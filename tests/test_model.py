@@ -302,21 +302,28 @@ def test_torch_compile_inference(mode, device, execution):
 
 
 COMPILED_TRAINING_RUNS = (
-    [("cpu", backend, 0, "mlp") for backend in ["torch", *FUSED_CPU_BACKENDS]]
-    + [("cpu", "cpp", 1, "mlp")]
-    + ([("cpu", "triton", 0, "moe")] if "triton" in FUSED_CPU_BACKENDS else [])
-    + [pytest.param("cuda", b, 0, kind, marks=needs_cuda) for b, kind in [("triton", "mlp"), ("cuda", "mlp"), ("triton", "moe")]]
+    [("cpu", "batched", backend, 0, "mlp") for backend in ["torch", *FUSED_CPU_BACKENDS]]
+    + [("cpu", "batched", "cpp", 1, "mlp")]
+    + [("cpu", "sequential", backend, 0, "mlp") for backend in FUSED_CPU_BACKENDS]
+    + ([("cpu", "batched", "triton", 0, "moe")] if "triton" in FUSED_CPU_BACKENDS else [])
+    + [
+        pytest.param("cuda", execution, backend, 0, kind, marks=needs_cuda)
+        for execution, backend, kind in [
+            ("batched", "triton", "mlp"), ("batched", "cuda", "mlp"), ("batched", "triton", "moe"), ("streams", "triton", "mlp"),
+        ]
+    ]
 )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device,backend,checkpoint,kind", COMPILED_TRAINING_RUNS)
-def test_torch_compile_training(device, backend, checkpoint, kind):
-    """A training step of the batched model compiles into one graph (fullgraph: every fused
-    dispatcher is an operator with a fake implementation and autograd) and gives eager's logits
-    and gradients, the load-balancing loss's included for kind "moe"."""
+@pytest.mark.parametrize("device,execution,backend,checkpoint,kind", COMPILED_TRAINING_RUNS)
+def test_torch_compile_training(device, execution, backend, checkpoint, kind):
+    """A training step compiles and gives eager's logits and gradients, the load-balancing
+    loss's included for kind "moe". Batched or sequential, into one graph (fullgraph: every fused
+    dispatcher is an operator with a fake implementation and autograd); on streams, as Dynamo
+    splits it."""
     torch.manual_seed(0)
-    model = PMoE(same_arch(2), **CONFIG, execution="batched", dispatcher=kind, dispatcher_backend=backend, checkpoint=checkpoint)
+    model = PMoE(same_arch(2), **CONFIG, execution=execution, dispatcher=kind, dispatcher_backend=backend, checkpoint=checkpoint)
     model = model.to(device)
     x = torch.randn(2, 3, IMG, IMG, device=device)
     trainable = list(model.trainable_parameters())
@@ -329,7 +336,7 @@ def test_torch_compile_training(device, backend, checkpoint, kind):
         return [logits.detach()] + [p.grad.clone() for p in trainable]
 
     expected = step(model)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(model, fullgraph=execution != "streams", backend="aot_eager" if device == "cpu" else "inductor")
     step(compiled)
     for got, want in zip(step(compiled), expected):
         torch.testing.assert_close(got, want)
