@@ -1492,6 +1492,14 @@ def operator(name: str, body):
     return torch.library.custom_op(f"pmoe_fast::{name}", body, mutates_args=())
 
 
+def check_shared(shared: bool, *param_lists) -> None:
+    """Raises when ``shared`` is set but a list (one entry per source e, p, z) holds different
+    tensors: the operators sum the gradients of shared sources in one row by this flag alone.
+    (Unset with the very same tensors, each source gets its own row and autograd sums them.)"""
+    if shared and not all(a is b for params in param_lists for a, b in zip(params, params[1:])):
+        raise ValueError("shared=True, but the sources pass different parameter tensors")
+
+
 def empty_for_none(like: torch.Tensor, *tensors) -> tuple:
     """The tensors, each None replaced by an empty tensor like ``like`` (an operator returns no None)."""
     return tuple(like.new_empty(_EMPTY) if t is None else t for t in tensors)
@@ -1567,6 +1575,7 @@ def _triton_dispatch_mlp_backward(
     parameters' dtype, a row per group of ``_op_groups(shared, prompt_out is not None)``); dtokens
     is (0,) without ``need_grad_tokens``, dprompt_out without prompt_out. ``hidden``: the last four
     outputs of triton_dispatch_mlp. ``shared``: the three sources pass the very same tensors."""
+    check_shared(shared, w1, b1, w2, b2)
     grad_prompts, grad_tokens, grad_prompt_out, packed = dispatch_bwd(
         grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights,
         tuple(None if h.numel() == 0 else h for h in hidden), *zip(w1, b1, w2, b2),
@@ -1616,7 +1625,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.tok_range = (list(tok_start), list(tok_end))
     ctx.has_prompt_out = prompt_out is not None
     # One f for all sources: the kernels sum its gradients in one row, not autograd in three.
-    ctx.shared = all(a is b for x in (w1, b1, w2, b2) for a, b in zip(x, x[1:]))
+    ctx.shared = all(a is b for params in (w1, b1, w2, b2) for a, b in zip(params, params[1:]))
     ctx.save_for_backward(prompts, tokens, prompt_out, weights, *hidden, *w1, *b1, *w2, *b2)
 
 

@@ -1244,6 +1244,7 @@ def _triton_dispatch_moe(
     """dispatch_moe_fwd: (ipt, weights, aux_loss, coef, gates_e, gates_p, gates_z); gates_p is (0,)
     without prompt_out, and the gates of tokens outside each expert's range are not written. The
     six lists hold one entry per source e, p, z."""
+    kd.check_shared(shared, router_w, router_b, w1, b1, w2, b2)
     params = zip(router_w, router_b, w1, b1, w2, b2)
     ipt, weights, aux, coef, gates = dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, *params, top_k, shared)
     gates_e, gates_p, gates_z = gates
@@ -1296,6 +1297,7 @@ def _triton_dispatch_moe_backward(
     parameters' dtype, a row per group of kernels/dispatch.py's ``_op_groups``); dtokens is (0,)
     without ``need_grad_tokens``, dprompt_out without prompt_out. ``gates``: the last three
     outputs of triton_dispatch_moe."""
+    kd.check_shared(shared, router_w, router_b, w1, b1, w2, b2)
     grad_prompts, grad_tokens, grad_prompt_out, packed = dispatch_moe_bwd(
         grad_ipt, grad_aux, prompts, tokens, tok_start, tok_end, prompt_out, weights, coef,
         tuple(None if g.numel() == 0 else g for g in gates), *zip(router_w, router_b, w1, b1, w2, b2), top_k,

@@ -304,8 +304,20 @@ def test_opcheck(case):
     args = operator_args(case, False)
     _, weights, *hidden = kd.triton_dispatch_mlp(*args, True)
     grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
-    for need_grad_tokens, shared in ((True, case.shared), (False, False)):
-        torch.library.opcheck(kd.triton_dispatch_mlp_backward, (grad_ipt, *args, weights, hidden, need_grad_tokens, shared))
+    # opcheck copies the inputs, so shared tensors arrive as copies: each source gets its own row.
+    for need_grad_tokens in (True, False):
+        torch.library.opcheck(kd.triton_dispatch_mlp_backward, (grad_ipt, *args, weights, hidden, need_grad_tokens, False))
+
+
+def test_operators_refuse_a_wrong_shared_flag():
+    """The backward sums the gradients of shared sources by its flag alone: a flag that does not
+    match the tensors raises instead of mixing gradients up."""
+    case = Case(K=2, B=1, Np=2, T=5, D=16, H=8, shared=False)
+    args = operator_args(case, False)
+    _, weights, *hidden = kd.triton_dispatch_mlp(*args, True)
+    grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
+    with pytest.raises(ValueError, match="shared=True, but the sources pass different parameter tensors"):
+        kd.triton_dispatch_mlp_backward(grad_ipt, *args, weights, hidden, True, True)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])

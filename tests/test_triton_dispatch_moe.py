@@ -379,15 +379,16 @@ def test_opcheck(name):
     prompts, tokens, prompt_out = build([t.requires_grad_() for t in leaves])
     params = [list(group) for group in zip(*(moe_params(disp, s) for s in "epz"))]
     ranges = ([0] * case.K, [case.T] * case.K)
-    torch.library.opcheck(km.triton_dispatch_moe, (prompts, tokens, *ranges, prompt_out, *params, case.top_k, case.shared))
+    # opcheck copies the inputs, so shared tensors arrive as copies: one f per source (shared=False).
+    torch.library.opcheck(km.triton_dispatch_moe, (prompts, tokens, *ranges, prompt_out, *params, case.top_k, False))
     detached = [[None if t is None else t.detach() for t in group] for group in params]
     inputs = [None if t is None else t.detach() for t in (prompts, tokens)] + [None if prompt_out is None else prompt_out.detach()]
-    _, weights, _, coef, *gates = km.triton_dispatch_moe(*inputs[:2], *ranges, inputs[2], *detached, case.top_k, case.shared)
+    _, weights, _, coef, *gates = km.triton_dispatch_moe(*inputs[:2], *ranges, inputs[2], *detached, case.top_k, False)
     grad_ipt = torch.randn(case.K, case.B, case.Np, case.D, device=DEVICE)
     for grad_aux, need_grad_tokens in ((torch.tensor(2.0, device=DEVICE), True), (None, False)):
         torch.library.opcheck(km.triton_dispatch_moe_backward, (
             grad_ipt, grad_aux, *inputs[:2], *ranges, inputs[2], *detached, weights, coef, gates, case.top_k,
-            need_grad_tokens, case.shared,
+            need_grad_tokens, False,
         ))
 
 
