@@ -296,6 +296,7 @@ def test_torch_compile_inference(mode, device, execution):
     x = torch.randn(2, 3, IMG, IMG, device=device)
     with torch.no_grad():
         expected = model(x)
+        torch._dynamo.reset()  # as in test_torch_compile_training
         compiled = torch.compile(model, mode=mode)
         compiled(x)
         torch.testing.assert_close(compiled(x), expected)
@@ -336,6 +337,9 @@ def test_torch_compile_training(device, execution, backend, checkpoint, kind):
         return [logits.detach()] + [p.grad.clone() for p in trainable]
 
     expected = step(model)
+    # Every test compiles the same forward for a new model; past Dynamo's recompile limit (8 per
+    # code object in a process) fullgraph fails. A fresh Dynamo state per test.
+    torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=execution != "streams", backend="aot_eager" if device == "cpu" else "inductor")
     step(compiled)
     for got, want in zip(step(compiled), expected):
