@@ -1492,11 +1492,16 @@ def operator(name: str, body):
     return torch.library.custom_op(f"pmoe_fast::{name}", body, mutates_args=())
 
 
+def same_tensors(*param_lists) -> bool:
+    """Whether each list (one entry per source e, p, z) holds the very same tensor (or None) thrice."""
+    return all(a is b for params in param_lists for a, b in zip(params, params[1:]))
+
+
 def check_shared(shared: bool, *param_lists) -> None:
-    """Raises when ``shared`` is set but a list (one entry per source e, p, z) holds different
-    tensors: the operators sum the gradients of shared sources in one row by this flag alone.
-    (Unset with the very same tensors, each source gets its own row and autograd sums them.)"""
-    if shared and not all(a is b for params in param_lists for a, b in zip(params, params[1:])):
+    """Raises when ``shared`` is set but the sources pass different tensors: the operators sum the
+    gradients of shared sources in one row by this flag alone. (Unset with the very same tensors,
+    each source gets its own row and autograd sums them.)"""
+    if shared and not same_tensors(*param_lists):
         raise ValueError("shared=True, but the sources pass different parameter tensors")
 
 
@@ -1625,7 +1630,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.tok_range = (list(tok_start), list(tok_end))
     ctx.has_prompt_out = prompt_out is not None
     # One f for all sources: the kernels sum its gradients in one row, not autograd in three.
-    ctx.shared = all(a is b for params in (w1, b1, w2, b2) for a, b in zip(params, params[1:]))
+    ctx.shared = same_tensors(w1, b1, w2, b2)
     ctx.save_for_backward(prompts, tokens, prompt_out, weights, *hidden, *w1, *b1, *w2, *b2)
 
 
