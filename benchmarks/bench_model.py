@@ -6,10 +6,10 @@ AdamW step) and inference, over the profile's sweep of K, B and Np.
 Providers (``pmoe_fast.bench.MODEL_PROVIDERS``): the reference (eager), ``torch.compile`` of the
 reference (skipped with the error when compiling fails), the fast model with its default plan,
 compiled (``fast-compiled``), and with the variants a profile lists (checkpointing, batched or
-stream execution, the torch dispatcher), and for inference one plain expert's own forward (``single-vit``: no prompts, in the
-profile's dtype), the latency a pMoE over K experts is compared with; on a GPU both also under
-``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs (``fast-graphed``,
-``single-vit-graphed``). In a bf16 profile the fast model keeps its frozen experts in bf16 and the reference
+stream execution, the torch dispatcher), and for inference one plain expert's own forward
+(``single-vit``: no prompts, in the profile's dtype), the latency a pMoE over K experts is
+compared with; on a GPU both also under ``torch.compile(mode="reduce-overhead")``, which replays
+CUDA graphs (``fast-graphed``, ``single-vit-graphed``). In a bf16 profile the fast model keeps its frozen experts in bf16 and the reference
 runs under bf16 autocast. Weights are random: speed and memory do not depend on them.
 
 Each case is timed with pytest-benchmark after a first call (compilation, kernel selection) and

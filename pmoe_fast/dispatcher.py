@@ -253,9 +253,9 @@ class Dispatcher(nn.Module):
             the Z_P they overwrite comes from the dispatcher, and nothing else may have saved
             ``seq`` for backward (without gradients to compute, they read Z_P in place and keep
             nothing). The torch backend, kind "none" and every backend under ``torch.compile``
-            return a new tensor, as concatenating IPT and Z would. Kind "moe" leaves its load-balancing loss in ``aux_loss``, as
-            ``forward`` does. Either way the
-            result equals ``torch.cat([ipt.to(seq.dtype), seq[:, :, Np:]], 2)`` with ``ipt`` from
+            return a new tensor, as concatenating IPT and Z would. Kind "moe" leaves its
+            load-balancing loss in ``aux_loss``, as ``forward`` does. Either way the result equals
+            ``torch.cat([ipt.to(seq.dtype), seq[:, :, Np:]], 2)`` with ``ipt`` from
             ``forward(prompts, seq[:, :, Np:], seq[:, :, :Np] or None, num_prefix_tokens)``.
         """
         Np = prompts.shape[1] if isinstance(prompts, torch.Tensor) and prompts.dim() == 3 else 0
