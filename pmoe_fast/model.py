@@ -471,11 +471,49 @@ def _stack_if_equal(tokens: list[torch.Tensor]) -> torch.Tensor | list[torch.Ten
 
 def _linear(x: torch.Tensor, linear: tuple, outputs: slice | None = None) -> torch.Tensor:
     """Per-expert linear layer: x (K, R, in) @ weight^T (K, in, out) + bias (K, 1, out), for the
-    output features ``outputs`` only."""
+    output features ``outputs`` only.
+
+    With a bias, eagerly: one ``addmm`` per expert (``_per_expert_addmm``), whose 1-D bias cuBLAS
+    adds in the product's epilogue. One ``baddbmm`` for all K would first copy the broadcast bias
+    into the whole output and have the product read it back: on an H100 those copies were 9.6 of
+    a 70 ms training step (K = 6 ViT-B/16, B = 32; benchmarks/profile_step.py). Under
+    ``torch.compile`` it stays one ``baddbmm``, which Inductor lowers to a product and a fused add.
+    """
     weight_t, bias = linear
     if outputs is not None:
         weight_t, bias = weight_t[:, :, outputs], None if bias is None else bias[:, :, outputs]
-    return torch.bmm(x, weight_t) if bias is None else torch.baddbmm(bias, x, weight_t)
+    if bias is None:
+        return torch.bmm(x, weight_t)
+    if (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)  # out= is not autocast
+            or weight_t.requires_grad or bias.requires_grad):
+        return torch.baddbmm(bias, x, weight_t)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenLinear.apply(x, weight_t, bias)
+    return _per_expert_addmm(x, weight_t, bias)
+
+
+def _per_expert_addmm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (K, R, in) @ weight_t (K, in, out) + bias (K, 1, out) -> (K, R, out), one ``addmm`` per
+    expert into its slice of one output tensor."""
+    out = x.new_empty(x.shape[0], x.shape[1], weight_t.shape[2])
+    for k in range(x.shape[0]):
+        torch.addmm(bias[k, 0], x[k], weight_t[k], out=out[k])
+    return out
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``_per_expert_addmm`` under autograd, for frozen weights and bias: the gradient of x only,
+    grad (K, R, out) @ weight_t^T in one ``bmm``, as ``baddbmm``'s backward computes it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight_t)
+        return _per_expert_addmm(x, weight_t, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight_t,) = ctx.saved_tensors
+        return torch.bmm(grad, weight_t.transpose(1, 2)), None, None
 
 
 def _layer_norm(x: torch.Tensor, affine: tuple, eps: float) -> torch.Tensor:
