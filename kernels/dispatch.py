@@ -1089,14 +1089,20 @@ def _dispatch_bwd_reduce_kernel(
 MAX_EXPERTS = 16  # K: the logits tile is BLOCK_K = 16 wide, the minimum tl.dot takes
 MAX_HIDDEN = 128  # H: BLOCK_H is 64 or 128; each wider one is one more variant per dtype to build
 BLOCK_ENV = "PMOE_TRITON_BLOCKS"
-# The forward with 4 warps: on an H100 (benchmarks/results/triton_tuning_h100.txt, K=6, B=32,
-# T=197, D=768, H=64, bf16 tokens), the forward of one program per (k, b) was 1.7x slower with 8.
-# The main backward with 8 warps and two pipeline stages: at H <= 64 that keeps ptxas' spills
-# under 0.3 KB a thread and shared memory at 64 KB or less, two programs an SM
-# (benchmarks/results/triton_sm90_resources.txt); 4 warps spill 1.2 KB with fp32 parameters and
-# bf16 tokens. Not yet timed on a GPU.
-_NUM_WARPS = {"fwd": 4, "bwd_softmax": 4, "bwd": 8, "bwd_reduce": 4}
+# Warps per program, timed on an H100 (benchmarks/results/triton_tuning_h100.txt: K=6, B=32, T=197,
+# D=768, H=64, bf16 tokens, fp32 prompts and dispatcher). The forward's best count depends on the
+# prompts: at Np=10 it took 144 us with 4 warps against 391 with 8, at Np=50 1508 us with 4 against
+# 458 with 8 (``_forward_warps``). The main backward with 4 warps: forward+backward at Np=10 took
+# 821 us with 4 and 4 warps against 1283 with 4 and 8. Its 4 warps spill more registers than 8 did
+# (benchmarks/results/triton_sm90_resources.txt) and still run faster.
+_NUM_WARPS = {"fwd": 4, "fwd_many_prompts": 8, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
 _NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
+
+
+def _forward_warps(Np: int, block_n: int) -> int:
+    """The forward's warps: ``_NUM_WARPS["fwd"]`` while the prompts fit one BLOCK_N tile, else
+    ``_NUM_WARPS["fwd_many_prompts"]`` (timed at Np = 10 and 50 only; see ``_NUM_WARPS``)."""
+    return _NUM_WARPS["fwd"] if Np <= block_n else _NUM_WARPS["fwd_many_prompts"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -1321,7 +1327,7 @@ def dispatch_fwd(
         int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
         BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, B_PER_FIN=blocks["B_PER_FIN"],
-        num_warps=_NUM_WARPS["fwd"], num_stages=_NUM_STAGES["fwd"],
+        num_warps=_forward_warps(Np, blocks["BLOCK_N"]), num_stages=_NUM_STAGES["fwd"],
     )
     return ipt_out, weights, hidden
 
@@ -1878,13 +1884,16 @@ def _kernel_variants() -> list[dict]:
             b = default_blocks(K=6, B=32, Np=16, D=768, H=H, device=torch.device("cpu"))
             # The IPTs go to a tensor of the prompts' dtype (fused_dispatch) or into the prompt
             # slots of the tokens' sequences (Dispatcher.dispatch_into).
+            # The forward with either count of warps (``_forward_warps``), named by it.
             found = [
                 _variant(
-                    _dispatch_fwd_kernel, "fwd", param, act, _NUM_WARPS["fwd"], _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
+                    _dispatch_fwd_kernel, f"fwd{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}", param, act,
+                    warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
                     HAS_HIDDEN=H > 0, BLOCK_T=b["BLOCK_T_FWD"], BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"],
                     BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b["B_PER_FIN"],
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
+                for warps in (_NUM_WARPS["fwd"], _NUM_WARPS["fwd_many_prompts"])
             ] + [
                 _variant(
                     _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], HAS_HIDDEN=H > 0,

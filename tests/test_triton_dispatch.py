@@ -659,13 +659,17 @@ def test_variant_compiles_for_sm90(name, compiled_variants):
 
 # What the model runs on a GPU (fp32 dispatcher, bf16 sequences, H <= 64): spill budgets in bytes a
 # thread, as ptxas reports them for sm_90a (benchmarks/triton_resources.py lists every variant).
-MODEL_SPILL_BUDGETS = {"fwd[fp32-params,bf16-tokens,": 0, "bwd[fp32-params,bf16-tokens,": 64}
+# The main backward's budget is what its 4 warps spill: on an H100 they ran it faster than 8 warps
+# that spilled a quarter as much (kernels/dispatch.py, _NUM_WARPS).
+MODEL_SPILL_BUDGETS = {
+    "fwd[fp32-params,bf16-tokens,": 0, "fwd-8warps[fp32-params,bf16-tokens,": 0, "bwd[fp32-params,bf16-tokens,": 544,
+}
 
 
 @pytest.mark.slow
 def test_model_configuration_spills_within_budget(compiled_variants):
     """Spilled registers go to local memory, traffic beside the tokens in kernels bound by memory:
-    the model's forward must spill nothing and its main backward at most 64 bytes a thread. A
+    the model's forward must spill nothing and its main backward no more than it does now. A
     change that spills more fails here, without a GPU. (Runs after the sm_90 builds above, whose
     compilations Triton's cache keeps.)"""
     picked = {
@@ -674,7 +678,8 @@ def test_model_configuration_spills_within_budget(compiled_variants):
         for prefix, budget in MODEL_SPILL_BUDGETS.items()
         if v["name"].startswith(prefix) and "BLOCK_H=64," in v["name"]
     }
-    assert len(picked) == 3  # the forward writing IPTs as fp32 or into the bf16 sequences; the backward
+    # The forward writing IPTs as fp32 or into the bf16 sequences, with 4 or 8 warps; the backward.
+    assert len(picked) == 5
     script = (
         "import json, sys; sys.path.insert(0, 'benchmarks'); from triton_resources import usage; "
         f"print(json.dumps([usage('dispatch', i) for i in {list(picked)}]))"
