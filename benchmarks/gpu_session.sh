@@ -48,7 +48,7 @@ $python -m pmoe_fast info | tee -a "$OUT/$stage-env.txt"
 case $stage in
 check)
     OMP_NUM_THREADS=2 $python -m pytest -n 8 -m "not slow" -q -rfEs -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.txt" || true
-    $python -m pytest -q -p no:cacheprovider tests/test_model.py -k "torch_compile and cuda" 2>&1 | tail -n 15 | tee -a "$OUT/tests.txt" || true
+    $python -m pytest -q -p no:cacheprovider --tb=short -W ignore tests/test_model.py -k "torch_compile and cuda" 2>&1 | tee -a "$OUT/tests.txt" || true
     ;;
 tune)
     $python benchmarks/tune_triton_dispatch.py 2>&1 | tee "$OUT/triton_tuning.txt"
