@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention as attention_backends
+from .frozen_linear import qkv_heads
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -161,21 +162,26 @@ def attention(
 ) -> torch.Tensor:
     """timm's Attention forward (eval mode) with the softmax scale and the attention backend
     given: x (B, T, D) -> (B, T, D), or (B, R, D) for the query rows x[:, rows] only (keys and
-    values still come from every token; the query and key-value parts of qkv run separately)."""
+    values still come from every token; the query and key-value parts of qkv run separately).
+    q, k and v come from ``qkv_heads``, whose backward does not stack their gradients."""
     B, T, _ = x.shape
     heads, hd = attn.num_heads, attn.head_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
     if rows is None:
-        qkv = attn.qkv(x).reshape(B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv_heads(x[None], _stacked(w, b), heads)
     else:
         D = heads * hd
-        w, b = attn.qkv.weight, attn.qkv.bias
         q = F.linear(x[:, rows], w[:D], None if b is None else b[:D])
         q = q.reshape(B, q.shape[1], heads, hd).transpose(1, 2)
-        kv = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, T, 2, heads, hd).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
+        k, v = qkv_heads(x[None], _stacked(w[D:], None if b is None else b[D:]), heads, parts=2)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = attention_backends.attention(q, k, v, scale, backend)
     out = out.transpose(1, 2).reshape(B, q.shape[2], heads * hd)
     out = attn.norm(out) if hasattr(attn, "norm") else out
     return attn.proj_drop(attn.proj(out))
+
+
+def _stacked(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """An nn.Linear's weight (out, in) and bias (out,) as ``pmoe_fast.frozen_linear`` takes one
+    expert's: weight^T (1, in, out), bias (1, 1, out) or None; views."""
+    return weight.t()[None], None if bias is None else bias[None, None]

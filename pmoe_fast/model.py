@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import attention as attention_backends
+from .frozen_linear import linear, qkv_heads
 from .reference import PMoE as ReferencePMoE
 
 EXECUTIONS = ("auto", "batched", "streams", "sequential")
@@ -381,23 +382,23 @@ class PMoE(ReferencePMoE):
 
         h = _layer_norm(x, blk.norm1, blk.eps1)
         if rows is None:
-            qkv = _linear(h.view(K, B * T, D), blk.qkv).view(K * B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)  # (K * B, heads, T, hd): one attention call over K x B sequences
+            q, k, v = qkv_heads(h, blk.qkv, heads)  # (K * B, heads, T, hd): one attention call over K x B sequences
         else:
             x = x[:, :, rows]
             R = x.shape[2]
-            q = _linear(h[:, :, rows].reshape(K, B * R, D), blk.qkv, slice(0, D))
+            q = linear(h[:, :, rows].reshape(K, B * R, D), blk.qkv, slice(0, D))
             q = q.view(K * B, R, heads, hd).transpose(1, 2)
-            kv = _linear(h.view(K, B * T, D), blk.qkv, slice(D, 3 * D))
-            k, v = kv.view(K * B, T, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            weight_t, bias = blk.qkv
+            kv = (weight_t[:, :, D:], None if bias is None else bias[:, :, D:])
+            k, v = qkv_heads(h, kv, heads, parts=2)
         R = x.shape[2]
         backend = attention_backends.resolve(self.attention, q)
         o = attention_backends.attention(q, k, v, hd**-0.5 if scale is None else scale, backend)
-        o = _linear(o.transpose(1, 2).reshape(K, B * R, heads * hd), blk.proj)
+        o = linear(o.transpose(1, 2).reshape(K, B * R, heads * hd), blk.proj)
         x = x + _layer_scale(o, blk.ls1).view(K, B, R, D)
 
         h = _layer_norm(x, blk.norm2, blk.eps2).view(K, B * R, D)
-        h = _linear(blk.act(_linear(h, blk.fc1)), blk.fc2)
+        h = linear(blk.act(linear(h, blk.fc1)), blk.fc2)
         return x + _layer_scale(h, blk.ls2).view(K, B, R, D)
 
 
@@ -427,7 +428,7 @@ class _StackedBlock:
     def of(block: nn.Module, stacks: dict[str, torch.Tensor]) -> _StackedBlock:
         """From one expert's block (structure and hyper-parameters) and the layer's stacks."""
 
-        def linear(name):
+        def layer(name):
             bias = stacks.get(f"{name}.bias")
             return stacks[f"{name}.weight"].transpose(1, 2), None if bias is None else bias.unsqueeze(1)
 
@@ -439,7 +440,7 @@ class _StackedBlock:
             return stacks[f"{name}.weight"][:, None, None], stacks[f"{name}.bias"][:, None, None]
 
         return _StackedBlock(
-            qkv=linear("attn.qkv"), proj=linear("attn.proj"), fc1=linear("mlp.fc1"), fc2=linear("mlp.fc2"),
+            qkv=layer("attn.qkv"), proj=layer("attn.proj"), fc1=layer("mlp.fc1"), fc2=layer("mlp.fc2"),
             norm1=norm("norm1"), norm2=norm("norm2"), ls1=gamma("ls1"), ls2=gamma("ls2"),
             eps1=block.norm1.eps, eps2=block.norm2.eps, heads=block.attn.num_heads, head_dim=block.attn.head_dim,
             act=block.mlp.act,
@@ -467,54 +468,6 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
 def _stack_if_equal(tokens: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     """One (K, B, T, D) tensor for the fused dispatcher when every expert has T tokens."""
     return torch.stack(tokens) if len({t.shape for t in tokens}) == 1 else tokens
-
-
-def _linear(x: torch.Tensor, linear: tuple, outputs: slice | None = None) -> torch.Tensor:
-    """Per-expert linear layer: x (K, R, in) @ weight^T (K, in, out) + bias (K, 1, out), for the
-    output features ``outputs`` only.
-
-    With a bias, eagerly: one ``addmm`` per expert (``_per_expert_addmm``), whose 1-D bias cuBLAS
-    adds in the product's epilogue. One ``baddbmm`` for all K first copies the broadcast bias into
-    the whole output and has the product read it back: on an H100 (K = 6 ViT-B/16, B = 32;
-    benchmarks/results/profile_step_h100.txt) a training step's copy kernels went from 75 calls
-    and 9.6 ms to 26 calls and 3.5 ms without those copies. Under ``torch.compile`` it stays one
-    ``baddbmm``, the form the compiled-model tests check.
-    """
-    weight_t, bias = linear
-    if outputs is not None:
-        weight_t, bias = weight_t[:, :, outputs], None if bias is None else bias[:, :, outputs]
-    if bias is None:
-        return torch.bmm(x, weight_t)
-    if (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)  # out= is not autocast
-            or weight_t.requires_grad or bias.requires_grad):
-        return torch.baddbmm(bias, x, weight_t)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _FrozenLinear.apply(x, weight_t, bias)
-    return _per_expert_addmm(x, weight_t, bias)
-
-
-def _per_expert_addmm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (K, R, in) @ weight_t (K, in, out) + bias (K, 1, out) -> (K, R, out), one ``addmm`` per
-    expert into its slice of one output tensor."""
-    out = x.new_empty(x.shape[0], x.shape[1], weight_t.shape[2])
-    for k in range(x.shape[0]):
-        torch.addmm(bias[k, 0], x[k], weight_t[k], out=out[k])
-    return out
-
-
-class _FrozenLinear(torch.autograd.Function):
-    """``_per_expert_addmm`` under autograd, for frozen weights and bias: the gradient of x only,
-    grad (K, R, out) @ weight_t^T in one ``bmm``, as ``baddbmm``'s backward computes it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight_t)
-        return _per_expert_addmm(x, weight_t, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight_t,) = ctx.saved_tensors
-        return torch.bmm(grad, weight_t.transpose(1, 2)), None, None
 
 
 def _layer_norm(x: torch.Tensor, affine: tuple, eps: float) -> torch.Tensor:

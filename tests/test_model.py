@@ -418,7 +418,7 @@ def test_batched_linear_routes_match_baddbmm(route):
     """The batched block's linear layer: one addmm per expert (bias in the product's epilogue),
     under autograd or not; one baddbmm where addmm's out= cannot serve (autocast, weights that
     train). Each gives baddbmm's output and gradients."""
-    from pmoe_fast.model import _linear
+    from pmoe_fast.frozen_linear import linear
 
     torch.manual_seed(0)
     dtype = torch.float32 if route == "autocast" else torch.float64  # autocast leaves float64 alone
@@ -427,7 +427,7 @@ def test_batched_linear_routes_match_baddbmm(route):
     bias = torch.randn(3, 1, 4, dtype=dtype, requires_grad=route == "trainable-weights")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=route == "autocast"):
         want = torch.baddbmm(bias, x, weight_t)
-        got = _linear(x, (weight_t, bias), slice(1, 4))
+        got = linear(x, (weight_t, bias), slice(1, 4))
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want[:, :, 1:4], rtol=1e-12, atol=1e-12)
     if route in ("autograd", "trainable-weights"):
@@ -435,5 +435,40 @@ def test_batched_linear_routes_match_baddbmm(route):
         tensors = [t for t in (x, weight_t, bias) if t.requires_grad]
         got_grads = torch.autograd.grad(got, tensors, grad)
         want_grads = torch.autograd.grad(want[:, :, 1:4], tensors, grad)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("parts", [3, 2])
+@pytest.mark.parametrize("route", ["autograd", "no-grad", "autocast", "trainable-weights"])
+def test_qkv_heads_routes_match_unbind(route, parts, bias):
+    """q, k, v (or k, v) of one fused projection, as timm splits them: with frozen weights and a
+    gradient to x, a custom Function whose backward sums one product per part (the second part
+    gets no gradient here, so that None gradients are covered too); elsewhere plain views. Each
+    gives the split's outputs and gradients."""
+    from pmoe_fast.frozen_linear import qkv_heads
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if route == "autocast" else torch.float64
+    K, B, T, D, heads = 3, 2, 7, 8, 2
+    x = torch.randn(K, B, T, D, dtype=dtype, requires_grad=route != "no-grad")
+    weight_t = torch.randn(K, D, parts * D, dtype=dtype, requires_grad=route == "trainable-weights")
+    b = torch.randn(K, 1, parts * D, dtype=dtype, requires_grad=route == "trainable-weights") if bias else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=route == "autocast"):
+        qkv = torch.bmm(x.reshape(K, B * T, D), weight_t) if b is None else torch.baddbmm(b, x.reshape(K, B * T, D), weight_t)
+        want = qkv.reshape(K * B, T, parts, heads, D // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        got = qkv_heads(x, (weight_t, b), heads, parts)
+    assert len(got) == parts
+    assert (type(got[0].grad_fn).__name__ == "_FrozenQKVBackward") == (route == "autograd")
+    for g, w in zip(got, want):
+        assert g.shape == w.shape == (K * B, heads, T, D // heads) and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    if route in ("autograd", "trainable-weights"):
+        grads = [torch.randn_like(t) for t in got]
+        used = [i for i in range(parts) if i != parts - 2]  # k gets no gradient: q and v, or v alone
+        tensors = [t for t in (x, weight_t, b) if t is not None and t.requires_grad]
+        got_grads = torch.autograd.grad([got[i] for i in used], tensors, [grads[i] for i in used])
+        want_grads = torch.autograd.grad([want[i] for i in used], tensors, [grads[i] for i in used])
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
