@@ -5,18 +5,22 @@
 #   OUT=gpu-out bash benchmarks/gpu_session.sh tune    # the Triton dispatcher's launch settings
 #   OUT=gpu-out bash benchmarks/gpu_session.sh bench   # the issues' GPU targets, side by side
 #   OUT=gpu-out bash benchmarks/gpu_session.sh profile # the fast training step's kernels, by group
+#   OUT=gpu-out bash benchmarks/gpu_session.sh ncu     # Nsight Compute on the Triton dispatcher's kernels
 #
 # Each installs the package (editable, with the extension built for the GPU it finds) unless it is
 # installed already. `check` runs the test suite (the
 # CUDA and compiled-Triton tests run instead of being skipped; the slow CMake build test is left
 # out, the CUDA-graph compile test kept); `tune` runs benchmarks/tune_triton_dispatch.py; `bench` runs
 # `pmoe_fast.bench --profile targets-gpu`, whose report ends with each target's verdict, then
-# benchmarks/bench_dispatch_into.py (IPTs written in place against concatenated sequences);
-# `profile` runs benchmarks/profile_step.py (issue 4's step, K = 6 ViT-B/16, B = 32, bf16).
+# benchmarks/bench_dispatch_into.py (IPTs written in place against concatenated sequences) and
+# benchmarks/bench_qkv.py (the q, k, v gradients stacked or taken one product each);
+# `profile` runs benchmarks/profile_step.py (issue 4's step, K = 6 ViT-B/16, B = 32, bf16), then
+# with --infer (K = 2, B = 1 inference beside one plain ViT); `ncu` runs Nsight Compute's full set
+# on one forward+backward of the Triton dispatcher (benchmarks/ncu_dispatch.py) at Np = 10 and 50.
 # Every step's output goes to $OUT as well as to the terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: OUT=DIR bash benchmarks/gpu_session.sh check|tune|bench|profile}
+stage=${1:?usage: OUT=DIR bash benchmarks/gpu_session.sh check|tune|bench|profile|ncu}
 OUT=${OUT:?set OUT to a folder for the logs and results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -57,12 +61,23 @@ bench)
     $python -m pmoe_fast.bench --profile targets-gpu --output "$OUT/targets_gpu" 2>&1 | tee "$OUT/bench.txt"
     $python -m pytest -q -p no:cacheprovider benchmarks/bench_dispatch_into.py --benchmark-columns=median,iqr,min,rounds \
         --benchmark-sort=name 2>&1 | tee "$OUT/dispatch_into.txt"
+    $python -m pytest -q -p no:cacheprovider benchmarks/bench_qkv.py --benchmark-columns=median,iqr,min,rounds \
+        --benchmark-sort=name 2>&1 | tee "$OUT/qkv.txt"
     ;;
 profile)
     $python benchmarks/profile_step.py 2>&1 | tee "$OUT/profile_step.txt"
+    $python benchmarks/profile_step.py --infer 2>&1 | tee "$OUT/profile_infer.txt"
+    ;;
+ncu)
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)
+    [ -n "$ncu" ] || { echo "no ncu (Nsight Compute) on this machine" >&2; exit 1; }
+    for np in 10 50; do
+        "$ncu" --profile-from-start off --set full --kernel-name regex:dispatch \
+            $python benchmarks/ncu_dispatch.py --prompts $np 2>&1 | tee "$OUT/ncu_dispatch_np$np.txt"
+    done
     ;;
 *)
-    echo "unknown stage $stage: check, tune, bench or profile" >&2
+    echo "unknown stage $stage: check, tune, bench, profile or ncu" >&2
     exit 2
     ;;
 esac

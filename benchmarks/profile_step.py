@@ -2,12 +2,17 @@
 
     python benchmarks/profile_step.py            # issue 4's step: K = 6 ViT-B/16, B = 32, Np = 10, bf16 experts
     python benchmarks/profile_step.py --small    # 2 tiny experts: runs anywhere, in seconds
+    python benchmarks/profile_step.py --infer    # issue 4's latency case: inference, K = 2, B = 1
 
 Runs 3 warm-up steps (forward, backward, AdamW), then profiles 3 more with ``torch.profiler`` and
 prints the time per step of each group of kernels: the dispatcher's own (issue 4 wants them
 under 3% of the step), matrix products, attention, LayerNorm, copies and the rest, then the 25
 costliest kernels. On a GPU it counts CUDA kernels' device time; on a CPU, operators' self time.
 The wall time per step is that of the 3 profiled steps, profiler overhead included.
+
+``--infer`` profiles 10 inference forwards of K = 2 experts at B = 1 instead, then 10 forwards of
+one of those experts alone (a plain ViT, the latency target's baseline): the number of kernels
+and their device time say whether the fast model's latency is launches or device work.
 """
 
 from __future__ import annotations
@@ -36,22 +41,96 @@ def group_of(name: str) -> str:
     return next((group for group, parts in GROUPS if any(p in lower for p in parts)), "other")
 
 
+def profile_events(run, steps: int, device: torch.device) -> tuple[list[tuple[str, float, float]], float]:
+    """``run`` profiled ``steps`` times after 3 warm-up calls: (name, us per step, calls per step)
+    of every kernel (CUDA) or operator (CPU, self time), and the wall time per step."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        run()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync()
+        wall = (time.perf_counter() - start) / steps
+    if device.type == "cuda":
+        # Kernels are the device-side events; an operator's self device time is its kernels' again.
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        if not events:
+            raise SystemExit("the profiler recorded no CUDA kernels (is CUPTI available to torch.profiler?)")
+    else:
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    return [(name, us / steps, count / steps) for name, us, count in events if us > 0], wall
+
+
+def report(title: str, events: list[tuple[str, float, float]], wall: float, device: torch.device, top: int = 25) -> None:
+    """The events' total, their time by kernel group, and the ``top`` costliest."""
+    total = sum(us for _, us, _ in events)
+    groups: dict[str, float] = {}
+    for name, us, _ in events:
+        group = group_of(name)
+        groups[group] = groups.get(group, 0.0) + us
+    kind = "CUDA kernels' device time" if device.type == "cuda" else "operators' self CPU time"
+    calls = sum(count for _, _, count in events)
+    print(f"{title}: {wall * 1e3:.1f} ms wall (profiled); {kind}: {total / 1e3:.2f} ms in {calls:.0f} calls")
+    print(f"{'group':20s} {'ms/step':>9s} {'share':>7s}")
+    for group, us in sorted(groups.items(), key=lambda g: -g[1]):
+        print(f"{group:20s} {us / 1e3:9.2f} {us / total:7.1%}")
+    print(f"\n{'ms/step':>9s} {'calls':>6s}  kernel")
+    for name, us, count in sorted(events, key=lambda e: -e[1])[:top]:
+        print(f"{us / 1e3:9.3f} {count:6.0f}  [{group_of(name)}] {name[:110]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="2 tiny experts at 32 px, B = 2, float32")
     parser.add_argument("--checkpoint", type=int, default=0, help="PMoE(checkpoint=...)")
+    parser.add_argument("--infer", action="store_true",
+                        help="issue 4's latency case instead: inference, K = 2, B = 1, beside one plain expert's forward")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.small:
         arch, kwargs, K, B, dtype = "vit_tiny_patch16_224", dict(img_size=32, depth=2), 2, 2, None
     else:
         arch, kwargs, K, B, dtype = "vit_base_patch16_224", dict(img_size=224), 6, 32, torch.bfloat16
+    if args.infer:
+        K, B = 2, 1
     torch.manual_seed(0)
     with torch.device(device):
         experts = [vit.create_model(arch, num_classes=0, **kwargs) for _ in range(K)]
         model = PMoE(experts, num_classes=100, num_prompts=10, expert_dtype=dtype, checkpoint=args.checkpoint)
     images = torch.randn(B, 3, kwargs["img_size"], kwargs["img_size"], device=device)
     labels = torch.randint(0, 100, (B,), device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{K} x {arch} ({kwargs}), B={B}, Np=10, experts {dtype or torch.float32}, checkpoint={args.checkpoint}; "
+          f"{name}, torch {torch.__version__}")
+    print(f"plan: {model.execution_plan()}")
+
+    if args.infer:
+        model.eval()
+        plain = experts[0]  # the model's own expert module, in the experts' dtype
+
+        @torch.no_grad()
+        def forward():
+            model(images)
+
+        @torch.no_grad()
+        def plain_forward():
+            plain(images.to(dtype or torch.float32))
+
+        events, wall = profile_events(forward, 10, device)
+        report("one forward", events, wall, device, top=40)
+        print()
+        events, wall = profile_events(plain_forward, 10, device)
+        report(f"one plain {arch} forward (the latency target's baseline)", events, wall, device, top=10)
+        return
+
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     model.train()
 
@@ -61,48 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         optimizer.step()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(3):
-        step()
-    sync()
-    steps = 3
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        wall = (time.perf_counter() - start) / steps
-
-    if device.type == "cuda":
-        # Kernels are the device-side events; an operator's self device time is its kernels' again.
-        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-        if not events:
-            raise SystemExit("the profiler recorded no CUDA kernels (is CUPTI available to torch.profiler?)")
-    else:
-        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
-    events = [(name, us / steps, count / steps) for name, us, count in events if us > 0]
-    total = sum(us for _, us, _ in events)
-    groups: dict[str, float] = {}
-    for name, us, _ in events:
-        group = group_of(name)
-        groups[group] = groups.get(group, 0.0) + us
-
-    kind = "CUDA kernels' device time" if device.type == "cuda" else "operators' self CPU time"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{K} x {arch} ({kwargs}), B={B}, Np=10, experts {dtype or torch.float32}, checkpoint={args.checkpoint}; "
-          f"{name}, torch {torch.__version__}")
-    print(f"plan: {model.execution_plan()}")
-    print(f"one step: {wall * 1e3:.1f} ms wall (profiled); {kind}: {total / 1e3:.1f} ms")
-    print(f"{'group':20s} {'ms/step':>9s} {'share':>7s}")
-    for group, us in sorted(groups.items(), key=lambda g: -g[1]):
-        print(f"{group:20s} {us / 1e3:9.2f} {us / total:7.1%}")
-    print(f"\n{'ms/step':>9s} {'calls':>6s}  kernel")
-    for name, us, count in sorted(events, key=lambda e: -e[1])[:25]:
-        print(f"{us / 1e3:9.3f} {count:6.0f}  [{group_of(name)}] {name[:110]}")
+    events, wall = profile_events(step, 3, device)
+    report("one step", events, wall, device)
 
 
 if __name__ == "__main__":

@@ -324,11 +324,16 @@ def test_smoke_profile_end_to_end(tmp_path):
             assert im.format == "PNG"
 
 
-def test_profile_step_groups_the_step_by_kernel(tmp_path):
+@pytest.mark.parametrize("mode", ["step", "infer"])
+def test_profile_step_groups_the_step_by_kernel(mode):
     """benchmarks/profile_step.py (a GPU session's kernel breakdown) runs, here on the CPU at its
-    small size, and attributes time to the dispatcher's own op."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--small"],
+    small size, and attributes time to the dispatcher's own op; ``--infer`` profiles a plain
+    expert's forward after the model's."""
+    args = ["--small"] + (["--infer"] if mode == "infer" else [])
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shares = dict(re.findall(r"^(dispatcher|matmul)\s+[\d.]+\s+([\d.]+)%$", proc.stdout, re.M))
     assert set(shares) == {"dispatcher", "matmul"} and float(shares["dispatcher"]) > 0, proc.stdout
+    titles = re.findall(r"^(one \w+)[^:]*: [\d.]+ ms wall", proc.stdout, re.M)
+    assert titles == (["one forward", "one plain"] if mode == "infer" else ["one step"]), proc.stdout
