@@ -13,7 +13,8 @@
 # out, the CUDA-graph compile test kept); `tune` runs benchmarks/tune_triton_dispatch.py; `bench` runs
 # `pmoe_fast.bench --profile targets-gpu`, whose report ends with each target's verdict, then
 # benchmarks/bench_dispatch_into.py (IPTs written in place against concatenated sequences) and
-# benchmarks/bench_qkv.py (the q, k, v gradients stacked or taken one product each);
+# benchmarks/bench_qkv.py (the q, k, v gradients stacked or taken one product each) and
+# benchmarks/bench_layer_norm.py (the batched LayerNorm: composite against the Triton kernels);
 # `profile` runs benchmarks/profile_step.py (issue 4's step, K = 6 ViT-B/16, B = 32, bf16), then
 # with --infer (K = 2, B = 1 inference beside one plain ViT); `ncu` runs Nsight Compute's full set
 # on one forward+backward of the Triton dispatcher (benchmarks/ncu_dispatch.py) at Np = 10 and 50.
@@ -63,6 +64,8 @@ bench)
         --benchmark-sort=name 2>&1 | tee "$OUT/dispatch_into.txt"
     $python -m pytest -q -p no:cacheprovider benchmarks/bench_qkv.py --benchmark-columns=median,iqr,min,rounds \
         --benchmark-sort=name 2>&1 | tee "$OUT/qkv.txt"
+    $python -m pytest -q -p no:cacheprovider benchmarks/bench_layer_norm.py --benchmark-columns=median,iqr,min,rounds \
+        --benchmark-sort=name 2>&1 | tee "$OUT/layer_norm.txt"
     ;;
 profile)
     $python benchmarks/profile_step.py 2>&1 | tee "$OUT/profile_step.txt"

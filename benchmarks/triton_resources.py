@@ -31,9 +31,9 @@ def usage(module: str, index: int) -> tuple[str, dict[str, int] | str]:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from pmoe_fast.kernels import dispatch, dispatch_moe
+    from pmoe_fast.kernels import dispatch, dispatch_moe, layer_norm
 
-    v = {"dispatch": dispatch, "dispatch_moe": dispatch_moe}[module].KERNEL_VARIANTS[index]
+    v = {"dispatch": dispatch, "dispatch_moe": dispatch_moe, "layer_norm": layer_norm}[module].KERNEL_VARIANTS[index]
     compiled = triton.compile(
         ASTSource(v["kernel"], v["signature"], v["constexprs"]),
         target=GPUTarget("cuda", TARGET_ARCH, 32),
@@ -62,10 +62,11 @@ def usage(module: str, index: int) -> tuple[str, dict[str, int] | str]:
 
 
 def main() -> int:
-    from pmoe_fast.kernels import dispatch, dispatch_moe
+    from pmoe_fast.kernels import dispatch, dispatch_moe, layer_norm
 
     jobs = [("dispatch", i) for i in range(len(dispatch.KERNEL_VARIANTS))]
     jobs += [("dispatch_moe", i) for i in range(len(dispatch_moe.KERNEL_VARIANTS))]
+    jobs += [("layer_norm", i) for i in range(len(layer_norm.KERNEL_VARIANTS))]
     if not jobs:
         print("no Triton kernel variants: Triton is not installed", file=sys.stderr)
         return 1

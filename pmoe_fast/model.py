@@ -17,6 +17,11 @@ how the forward runs, chosen once when the model is built and reported by ``exec
   streams; on a CPU, sequential, where kernel launches cost little and one large batched matmul
   measured slower than K plain ones (a ViT-tiny training step, K = 3, B = 8: 1.46 s against 1.22 s).
 - attention: "sdpa", "xformers" or "math" (``pmoe_fast.attention``).
+- layer_norm: what the batched block's LayerNorms run. "triton" normalises and applies each
+  expert's affine in one kernel, forward and backward (``kernels/layer_norm.py``); "torch"
+  normalises with ``F.layer_norm`` and applies the K affines in a second pass. "auto" takes
+  Triton on CUDA where it can serve, and torch under ``torch.compile``, which fuses the second pass
+  itself. The other executions run each expert's own ``nn.LayerNorm``.
 - dispatcher_backend: "torch", "triton", "cuda" or "cpp" (``pmoe_fast.dispatcher``).
 - checkpoint: 0 (off), or recompute activations in backward in segments of that many layers
   (non-reentrant ``torch.utils.checkpoint``).
@@ -55,6 +60,7 @@ from .frozen_linear import linear, qkv_heads
 from .reference import PMoE as ReferencePMoE
 
 EXECUTIONS = ("auto", "batched", "streams", "sequential")
+LAYER_NORMS = ("auto", "torch", "triton")
 EXPERT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Submodules of a block that the batched path replaces by its own arithmetic; each must be a
 # plain (parameter-free) identity where the path assumes one.
@@ -67,6 +73,7 @@ class PMoE(ReferencePMoE):
     Args:
         execution: "auto" (by device, module docstring), "batched", "streams" or "sequential".
         attention: "auto" (SDPA), "sdpa", "xformers" or "math".
+        layer_norm: "auto", "torch" or "triton": the batched block's LayerNorms (module docstring).
         dispatcher_backend: "auto", "torch", "triton", "cuda" or "cpp"; "auto" defers to
             ``PMOE_BACKEND`` when set, then picks per device.
         checkpoint: 0 for none, n >= 1 to checkpoint every segment of n layers.
@@ -80,6 +87,7 @@ class PMoE(ReferencePMoE):
         *args,
         execution: str = "auto",
         attention: str = "auto",
+        layer_norm: str = "auto",
         dispatcher_backend: str = "auto",
         checkpoint: int = 0,
         expert_dtype: torch.dtype | None = None,
@@ -90,6 +98,8 @@ class PMoE(ReferencePMoE):
             raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
         if attention not in attention_backends.BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; choose one of {attention_backends.BACKENDS}")
+        if layer_norm not in LAYER_NORMS:
+            raise ValueError(f"unknown layer_norm {layer_norm!r}; choose one of {LAYER_NORMS}")
         if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
             raise ValueError(f"checkpoint must be an int >= 0 (0: off; n: segments of n layers), got {checkpoint!r}")
         if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
@@ -99,6 +109,8 @@ class PMoE(ReferencePMoE):
         if expert_dtype is not None:
             self.experts.to(expert_dtype)
         self.attention = attention
+        self.layer_norm = layer_norm
+        self.last_layer_norm: str | None = None  # what the last batched forward's LayerNorms ran
         self.checkpoint = checkpoint
         self.execution = execution
         self._batched_reasons = self.batched_reasons()
@@ -129,6 +141,8 @@ class PMoE(ReferencePMoE):
             "why": "; ".join(self._batched_reasons) or "the experts share one architecture",
             "execution_last_run": self.last_execution,
             "attention": self.attention,
+            "layer_norm": self.layer_norm,
+            "layer_norm_last_run": self.last_layer_norm,
             "dispatcher_backend": self.dispatchers[0].backend,
             "dispatcher_backend_last_run": self.dispatchers[0].last_backend,
             "checkpoint": f"every {self.checkpoint} layer(s)" if self.checkpoint else "off",
@@ -252,8 +266,10 @@ class PMoE(ReferencePMoE):
             if not torch.compiler.is_compiling():  # compiled graphs do not see parameter swaps
                 self._restack_if_untied()
             seqs = F.pad(torch.stack([a.embed(images) for a in self._adapters]), slots)  # (K, B, Np + T, D)
+            self.last_layer_norm = self._layer_norm_for(seqs)
         else:
             seqs = [F.pad(a.embed(images), slots) for a in self._adapters]
+            self.last_layer_norm = None  # each expert's own nn.LayerNorm
         weights, aux = [], []
         state = self._enter(0, seqs, None, weights, aux)  # (sequences, the prompts that entered)
         del seqs  # where _enter made new sequences, the padded ones are garbage now
@@ -274,6 +290,22 @@ class PMoE(ReferencePMoE):
         tokens = state[0]
         pooled = torch.stack([a.pool(tokens[k]) for k, a in enumerate(self._adapters)])
         return pooled.mean(0).to(self.head.weight.dtype)
+
+    def _layer_norm_for(self, seqs: torch.Tensor) -> str:
+        """What the batched blocks' LayerNorms run in this forward, "triton" or "torch", decided
+        once (at B = 1 the host's time is the latency). An explicit "triton" that cannot serve
+        raises with every reason."""
+        if self.layer_norm == "torch" or torch.compiler.is_compiling() or not self._stacked_blocks:
+            return "torch"
+        if self.layer_norm == "auto" and seqs.device.type != "cuda":
+            return "torch"
+        from pmoe_fast.kernels import layer_norm as triton_layer_norm
+
+        weight, bias = self._stacked_blocks[0].norm1
+        reasons = triton_layer_norm.not_supported_reasons(seqs, weight[:, 0, 0], bias[:, 0, 0])
+        if reasons and self.layer_norm == "triton":
+            raise RuntimeError("layer_norm='triton' cannot serve: " + " ".join(reasons))
+        return "torch" if reasons else "triton"
 
     def _recompute_context(self):
         return nullcontext(), self._keep_dispatcher_losses()
@@ -380,7 +412,8 @@ class PMoE(ReferencePMoE):
         blk = self._stacked_blocks[l]
         heads, hd = blk.heads, blk.head_dim
 
-        h = _layer_norm(x, blk.norm1, blk.eps1)
+        kernel = self.last_layer_norm == "triton"
+        h = _layer_norm(x, blk.norm1, blk.eps1, kernel)
         if rows is None:
             q, k, v = qkv_heads(h, blk.qkv, heads)  # (K * B, heads, T, hd): one attention call over K x B sequences
         else:
@@ -397,7 +430,7 @@ class PMoE(ReferencePMoE):
         o = linear(o.transpose(1, 2).reshape(K, B * R, heads * hd), blk.proj)
         x = x + _layer_scale(o, blk.ls1).view(K, B, R, D)
 
-        h = _layer_norm(x, blk.norm2, blk.eps2).view(K, B * R, D)
+        h = _layer_norm(x, blk.norm2, blk.eps2, kernel).view(K, B * R, D)
         h = linear(blk.act(linear(h, blk.fc1)), blk.fc2)
         return x + _layer_scale(h, blk.ls2).view(K, B, R, D)
 
@@ -470,9 +503,14 @@ def _stack_if_equal(tokens: list[torch.Tensor]) -> torch.Tensor | list[torch.Ten
     return torch.stack(tokens) if len({t.shape for t in tokens}) == 1 else tokens
 
 
-def _layer_norm(x: torch.Tensor, affine: tuple, eps: float) -> torch.Tensor:
-    """LayerNorm with each expert's own affine parameters (K, 1, 1, D): x (K, B, T, D)."""
+def _layer_norm(x: torch.Tensor, affine: tuple, eps: float, kernel: bool) -> torch.Tensor:
+    """LayerNorm with each expert's own affine parameters (K, 1, 1, D): x (K, B, T, D). With
+    ``kernel``, one Triton kernel each way (``PMoE._layer_norm_for`` checked that it serves)."""
     weight, bias = affine
+    if kernel:
+        from pmoe_fast.kernels.layer_norm import layer_norm
+
+        return layer_norm(x, weight[:, 0, 0], bias[:, 0, 0], eps, check=False)
     return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=eps), weight)
 
 

@@ -97,6 +97,28 @@ def test_batched_fused_dispatchers_write_into_the_sequences(backend, execution, 
 
 
 @pytest.mark.skipif("triton" not in FUSED_CPU_BACKENDS, reason="Triton takes CPU tensors under its interpreter only")
+@pytest.mark.parametrize("checkpoint", [0, 1], ids=["no-ckpt", "ckpt1"])
+@pytest.mark.parametrize("kind", ["p16", "p14reg"], ids=["vit", "layer-scale-registers"])
+def test_batched_triton_layer_norm_matches_reference(kind, checkpoint):
+    """layer_norm="triton": the batched blocks' LayerNorms in one kernel each way (here under the
+    interpreter), outputs and every gradient as the reference's; "auto" on a CPU runs torch."""
+    config = dict(CONFIG, dispatch_pool="patches") if kind == "p14reg" else CONFIG
+    fast = assert_matches_reference(
+        [small_vit(kind), small_vit(kind)], config=config, execution="batched", layer_norm="triton", checkpoint=checkpoint
+    )
+    assert fast.execution_plan()["layer_norm_last_run"] == "triton"
+    auto = PMoE(same_arch(), **CONFIG, execution="batched")
+    auto(torch.randn(1, 3, IMG, IMG))
+    assert auto.execution_plan()["layer_norm"] == "auto" and auto.execution_plan()["layer_norm_last_run"] == "torch"
+
+
+def test_triton_layer_norm_that_cannot_serve_says_why():
+    fast = PMoE(same_arch(), **CONFIG, execution="batched", layer_norm="triton").double()
+    with pytest.raises(RuntimeError, match="layer_norm='triton' cannot serve: x is torch.float64"):
+        fast(torch.randn(1, 3, IMG, IMG, dtype=torch.float64))
+
+
+@pytest.mark.skipif("triton" not in FUSED_CPU_BACKENDS, reason="Triton takes CPU tensors under its interpreter only")
 def test_batched_moe_dispatcher_writes_into_the_sequences(monkeypatch):
     """Kind "moe" on Triton writes the IPTs in place too (its load-balancing loss differentiable
     beside them), and the model, checkpointed, matches the reference."""
@@ -271,8 +293,9 @@ def test_bf16_experts_keep_fp32_trainables():
         (lambda: PMoE(same_arch(), **CONFIG, checkpoint=-1), "checkpoint must be"),
         (lambda: PMoE(same_arch(), **CONFIG, expert_dtype=torch.int8), "expert_dtype"),
         (lambda: PMoE(same_arch(), **CONFIG, dispatcher_backend="tpu"), "unknown dispatcher backend"),
+        (lambda: PMoE(same_arch(), **CONFIG, layer_norm="apex"), "unknown layer_norm"),
     ],
-    ids=["batched-mixed", "execution", "attention", "checkpoint", "dtype", "dispatcher-backend"],
+    ids=["batched-mixed", "execution", "attention", "checkpoint", "dtype", "dispatcher-backend", "layer-norm"],
 )
 def test_bad_options_raise_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
