@@ -86,17 +86,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
+from . import import_triton
 
-    _TRITON_IMPORT_ERROR = None
-except ImportError as exc:
-    # The module stays importable without Triton so that triton_not_supported_reasons() can say
-    # so; the kernels below are then plain Python functions that nothing calls.
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-    triton = types.SimpleNamespace(jit=lambda fn=None, **options: fn or (lambda f: f))
-    tl = types.SimpleNamespace(constexpr=None)
+# Without Triton the kernels below are plain Python functions that nothing calls.
+triton, tl, _TRITON_IMPORT_ERROR = import_triton()
 
 Params = tuple  # (W1 (H, D) or None, b1 (H,) or None, W2 (K, H) or (K, D), b2 (K,))
 

@@ -85,17 +85,10 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch as kd
+from . import import_triton
 
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR = None
-except ImportError as exc:
-    # Importable without Triton, so that moe_not_supported_reasons() can say so.
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-    triton = types.SimpleNamespace(jit=lambda fn=None, **options: fn or (lambda f: f))
-    tl = types.SimpleNamespace(constexpr=None)
+# Without Triton the kernels below are plain Python functions that nothing calls.
+triton, tl, _TRITON_IMPORT_ERROR = import_triton()
 
 # kernels/dispatch.py's device functions, called by the kernels below.
 _gelu, _gelu_grad, _softmax_and_mix, _dot = kd._gelu, kd._gelu_grad, kd._softmax_and_mix, kd._dot

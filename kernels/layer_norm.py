@@ -18,20 +18,13 @@ once (the composite rounds the normalised x, then the affine's result).
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
+from . import import_triton
 
-    _TRITON_IMPORT_ERROR = None
-except ImportError as exc:
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-    triton = types.SimpleNamespace(jit=lambda fn=None, **options: fn or (lambda f: f))
-    tl = types.SimpleNamespace(constexpr=None)
+# Without Triton the kernels below are plain Python functions that nothing calls.
+triton, tl, _TRITON_IMPORT_ERROR = import_triton()
 
 MAX_D = 8192  # one row is one tile: BLOCK_D = next power of two >= D
 
@@ -45,6 +38,17 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row(x_ptr, R, D, BLOCK_D: tl.constexpr):
+    """This program's row of x (K * R, D): (row, its expert k, the columns, their mask, their
+    offsets, the row in float32, zero past D)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    offs = row.to(tl.int64) * D + cols
+    return row, row // R, cols, mask, offs, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -62,12 +66,7 @@ def _layer_norm_fwd_kernel(
     eps,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    k = row // R
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    offs = row.to(tl.int64) * D + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    row, k, cols, mask, offs, x = _row(x_ptr, R, D, BLOCK_D)
     mean = tl.sum(x, axis=0) / D
     xc = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
@@ -92,12 +91,7 @@ def _layer_norm_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, xhat = (x - mean) * rstd."""
-    row = tl.program_id(0)
-    k = row // R
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    offs = row.to(tl.int64) * D + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    row, k, cols, mask, offs, x = _row(x_ptr, R, D, BLOCK_D)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + k * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + row)

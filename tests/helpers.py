@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -81,3 +86,19 @@ def spec_forward(experts, sd: dict, images, num_prompts: int, prompt_layers: int
             Z[k] = torch.cat([x[:, : Q[k]], x[:, Q[k] + Np :]], 1)
         Z_P = torch.stack(outs)
     return torch.stack([m.forward_head(m.norm(z), pre_logits=True) for m, z in zip(experts, Z)]).mean(0)
+
+
+def sm90_usage(module: str, indices: list[int]) -> list[tuple[str, dict | str]]:
+    """Registers and spills of ``pmoe_fast.kernels.<module>.KERNEL_VARIANTS[i]`` for each index, as
+    ptxas reports them for sm_90a (``benchmarks/triton_resources.py``), compiled in a subprocess
+    without TRITON_INTERPRET: (variant name, usage dict or the error)."""
+    script = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); from triton_resources import usage; "
+        f"print(json.dumps([usage({module!r}, i) for i in {list(indices)}]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [tuple(item) for item in json.loads(proc.stdout)]
+

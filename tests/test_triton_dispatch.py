@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 import torch
-
+from helpers import sm90_usage
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pmoe_fast.dispatcher import Dispatcher
@@ -680,15 +680,7 @@ def test_model_configuration_spills_within_budget(compiled_variants):
     }
     # The forward writing IPTs as fp32 or into the bf16 sequences, with 4 or 8 warps; the backward.
     assert len(picked) == 5
-    script = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); from triton_resources import usage; "
-        f"print(json.dumps([usage('dispatch', i) for i in {list(picked)}]))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for (name, usage), budget in zip(json.loads(proc.stdout), picked.values()):
+    for (name, usage), budget in zip(sm90_usage("dispatch", list(picked)), picked.values()):
         assert isinstance(usage, dict), f"{name}: {usage}"
         spilled = max(usage["spill_stores"], usage["spill_loads"])
         assert spilled <= budget, f"{name} spills {spilled} bytes a thread on sm_90a, over its budget of {budget}"

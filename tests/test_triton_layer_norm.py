@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import sm90_usage
 
 from pmoe_fast.kernels import has_triton
 
@@ -122,15 +123,7 @@ def test_model_variants_spill_nothing():
     row in registers on sm_90a: a spill would be traffic beside the row itself."""
     picked = [i for i, v in enumerate(ln.KERNEL_VARIANTS) if "BLOCK_D=1024]" in v["name"]]
     assert len(picked) == 6  # forward and backward, three dtypes
-    script = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); from triton_resources import usage; "
-        f"print(json.dumps([usage('layer_norm', i) for i in {picked}]))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for name, usage in json.loads(proc.stdout):
+    for name, usage in sm90_usage("layer_norm", picked):
         assert isinstance(usage, dict), f"{name}: {usage}"
         assert usage["spill_stores"] == usage["spill_loads"] == 0, f"{name} spills on sm_90a: {usage}"
 
