@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py            # issue 4's step: K = 6 ViT-B/16, B = 32, Np = 10, bf16 experts
     python benchmarks/profile_step.py --small    # 2 tiny experts: runs anywhere, in seconds
     python benchmarks/profile_step.py --infer    # issue 4's latency case: inference, K = 2, B = 1
+    python benchmarks/profile_step.py --infer --graphs   # the same under torch.compile(mode="reduce-overhead")
 
 Runs 3 warm-up steps (forward, backward, AdamW), then profiles 3 more with ``torch.profiler`` and
 prints the time per step of each group of kernels: the dispatcher's own (issue 4 wants them
@@ -12,7 +13,9 @@ The wall time per step is that of the 3 profiled steps, profiler overhead includ
 
 ``--infer`` profiles 10 inference forwards of K = 2 experts at B = 1 instead, then 10 forwards of
 one of those experts alone (a plain ViT, the latency target's baseline): the number of kernels
-and their device time say whether the fast model's latency is launches or device work.
+and their device time say whether the fast model's latency is launches or device work. With
+``--graphs`` both run under ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs
+on a GPU, as the latency target's second measurement does.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=int, default=0, help="PMoE(checkpoint=...)")
     parser.add_argument("--infer", action="store_true",
                         help="issue 4's latency case instead: inference, K = 2, B = 1, beside one plain expert's forward")
+    parser.add_argument("--graphs", action="store_true", help='with --infer: both under torch.compile(mode="reduce-overhead")')
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.small:
@@ -115,14 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.infer:
         model.eval()
         plain = experts[0]  # the model's own expert module, in the experts' dtype
+        run_model, run_plain = model, plain
+        if args.graphs:
+            run_model = torch.compile(model, mode="reduce-overhead")
+            run_plain = torch.compile(plain, mode="reduce-overhead")
 
         @torch.no_grad()
         def forward():
-            model(images)
+            run_model(images)
 
         @torch.no_grad()
         def plain_forward():
-            plain(images.to(dtype or torch.float32))
+            run_plain(images.to(dtype or torch.float32))
 
         events, wall = profile_events(forward, 10, device)
         report("one forward", events, wall, device, top=40)

@@ -4,6 +4,7 @@ target with ``triton.compile`` (as the tests do), then its PTX is assembled by T
 ptxas with ``-v``.
 
     python benchmarks/triton_resources.py > benchmarks/results/triton_sm90_resources.txt
+    python benchmarks/triton_resources.py --bwd-settings   # the main backward at the model's dtypes, per setting
 
 A variant that spills keeps part of its state in local memory (L1, then L2 and DRAM): in these
 memory-bound kernels that is extra traffic beside the tokens. The table says where; whether a
@@ -12,6 +13,7 @@ change of warps, stages or blocks that spills less also runs faster is for a GPU
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -25,15 +27,32 @@ TARGET_ARCH = 90
 
 
 def usage(module: str, index: int) -> tuple[str, dict[str, int] | str]:
-    """(variant name, {registers, spill_stores, spill_loads, shared}) or (name, the error)."""
+    """``variant_usage`` of ``pmoe_fast.kernels.<module>.KERNEL_VARIANTS[index]``."""
+    from pmoe_fast.kernels import dispatch, dispatch_moe, layer_norm
+
+    return variant_usage({"dispatch": dispatch, "dispatch_moe": dispatch_moe, "layer_norm": layer_norm}[module].KERNEL_VARIANTS[index])
+
+
+def bwd_setting_usage(setting: tuple[int, int, int]) -> tuple[str, dict[str, int] | str]:
+    """The main backward as the model runs it (fp32 dispatcher, bf16 tokens, H = 64) with
+    (BLOCK_DW, BLOCK_T, warps) in place of the defaults."""
+    from pmoe_fast.kernels import dispatch
+
+    block_dw, block_t, warps = setting
+    base = next(v for v in dispatch.KERNEL_VARIANTS
+                if v["name"].startswith("bwd[fp32-params,bf16-tokens,") and "BLOCK_H=64," in v["name"])
+    return variant_usage(dict(base, name=f"bwd BLOCK_DW={block_dw} BLOCK_T={block_t} warps={warps}",
+                              constexprs=dict(base["constexprs"], BLOCK_DW=block_dw, BLOCK_T=block_t), num_warps=warps))
+
+
+def variant_usage(v: dict) -> tuple[str, dict[str, int] | str]:
+    """(variant name, {registers, spill_stores, spill_loads, shared, num_warps, num_stages}) or
+    (name, the error), for one variant as the kernel modules' KERNEL_VARIANTS list them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from pmoe_fast.kernels import dispatch, dispatch_moe, layer_norm
-
-    v = {"dispatch": dispatch, "dispatch_moe": dispatch_moe, "layer_norm": layer_norm}[module].KERNEL_VARIANTS[index]
     compiled = triton.compile(
         ASTSource(v["kernel"], v["signature"], v["constexprs"]),
         target=GPUTarget("cuda", TARGET_ARCH, 32),
@@ -64,14 +83,18 @@ def usage(module: str, index: int) -> tuple[str, dict[str, int] | str]:
 def main() -> int:
     from pmoe_fast.kernels import dispatch, dispatch_moe, layer_norm
 
-    jobs = [("dispatch", i) for i in range(len(dispatch.KERNEL_VARIANTS))]
-    jobs += [("dispatch_moe", i) for i in range(len(dispatch_moe.KERNEL_VARIANTS))]
-    jobs += [("layer_norm", i) for i in range(len(layer_norm.KERNEL_VARIANTS))]
-    if not jobs:
+    with ProcessPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+        if "--bwd-settings" in sys.argv[1:]:
+            settings = list(itertools.product((32, 64), (16, 32), (4, 8)))
+            results = list(pool.map(bwd_setting_usage, settings)) if dispatch.KERNEL_VARIANTS else []
+        else:
+            jobs = [("dispatch", i) for i in range(len(dispatch.KERNEL_VARIANTS))]
+            jobs += [("dispatch_moe", i) for i in range(len(dispatch_moe.KERNEL_VARIANTS))]
+            jobs += [("layer_norm", i) for i in range(len(layer_norm.KERNEL_VARIANTS))]
+            results = list(pool.map(usage, *zip(*jobs))) if jobs else []
+    if not results:
         print("no Triton kernel variants: Triton is not installed", file=sys.stderr)
         return 1
-    with ProcessPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(usage, *zip(*jobs)))
     print(f"Triton kernel variants compiled for sm_{TARGET_ARCH}a, as ptxas -v reports them (bytes per thread; shared per block)")
     print(f"{'registers':>9}  {'spill st':>8}  {'spill ld':>8}  {'shared':>7}  {'warps':>5}  {'stages':>6}  variant")
     failed = 0
