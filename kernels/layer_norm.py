@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import import_triton
 
@@ -156,6 +157,7 @@ class _ExpertLayerNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels have no backward of their own: a second derivative raises
     def backward(ctx, dy: torch.Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
         return _launch_bwd(dy.contiguous(), x, weight, mean, rstd), None, None, None
