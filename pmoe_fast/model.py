@@ -20,8 +20,8 @@ how the forward runs, chosen once when the model is built and reported by ``exec
 - layer_norm: what the batched block's LayerNorms run. "triton" normalises and applies each
   expert's affine in one kernel, forward and backward (``kernels/layer_norm.py``); "torch"
   normalises with ``F.layer_norm`` and applies the K affines in a second pass. "auto" takes
-  Triton on CUDA where it can serve, and torch under ``torch.compile``, which fuses the second pass
-  itself. The other executions run each expert's own ``nn.LayerNorm``.
+  Triton on CUDA where it can serve. Under ``torch.compile`` every setting runs torch, whose second
+  pass Inductor fuses itself. The other executions run each expert's own ``nn.LayerNorm``.
 - dispatcher_backend: "torch", "triton", "cuda" or "cpp" (``pmoe_fast.dispatcher``).
 - checkpoint: 0 (off), or recompute activations in backward in segments of that many layers
   (non-reentrant ``torch.utils.checkpoint``).
