@@ -19,6 +19,15 @@ from __future__ import annotations
 import torch
 
 
+# Rows per expert from which a biased product runs as one addmm per expert rather than one
+# baddbmm for all K. Large products save the bias's copy on the device (K = 6 ViT-B/16, B = 32,
+# 6624 rows: above); small ones are bound by the host, which the K addmm calls and their views
+# cost more: at B = 1 (207 rows, K = 2) they raised the batched block's host time from 179 to 321
+# us (benchmarks/model_host_time.py; benchmarks/results/model_host_time_cpu.txt). Between the two,
+# not measured.
+PER_EXPERT_MIN_ROWS = 4096
+
+
 def _eager_frozen(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the custom routes serve: eager, outside autocast, and the weights frozen."""
     return not (
@@ -33,18 +42,18 @@ def linear(x: torch.Tensor, layer: tuple, outputs: slice | None = None) -> torch
     """Per-expert linear layer: x (K, R, in) @ weight^T (K, in, out) + bias (K, 1, out), for the
     output features ``outputs`` only.
 
-    With a bias, eagerly: one ``addmm`` per expert (``_per_expert_addmm``), whose 1-D bias cuBLAS
-    adds in the product's epilogue. One ``baddbmm`` for all K first copies the broadcast bias into
-    the whole output and has the product read it back: on an H100 (K = 6 ViT-B/16, B = 32;
-    benchmarks/results/profile_step_h100.txt) a training step's copy kernels went from 75 calls
-    and 9.6 ms to 26 calls and 3.5 ms without those copies.
+    With a bias, eagerly and from ``PER_EXPERT_MIN_ROWS`` rows: one ``addmm`` per expert
+    (``_per_expert_addmm``), whose 1-D bias cuBLAS adds in the product's epilogue. One ``baddbmm``
+    for all K first copies the broadcast bias into the whole output and has the product read it
+    back: on an H100 (K = 6 ViT-B/16, B = 32; benchmarks/results/profile_step_h100.txt) a training
+    step's copy kernels went from 75 calls and 9.6 ms to 26 calls and 3.5 ms without those copies.
     """
     weight_t, bias = layer
     if outputs is not None:
         weight_t, bias = weight_t[:, :, outputs], None if bias is None else bias[:, :, outputs]
     if bias is None:
         return torch.bmm(x, weight_t)
-    if not _eager_frozen(x, weight_t, bias):
+    if x.shape[1] < PER_EXPERT_MIN_ROWS or not _eager_frozen(x, weight_t, bias):
         return torch.baddbmm(bias, x, weight_t)
     if torch.is_grad_enabled() and x.requires_grad:
         return _FrozenLinear.apply(x, weight_t, bias)
@@ -84,7 +93,7 @@ def qkv_heads(x: torch.Tensor, layer: tuple, heads: int, parts: int = 3) -> tupl
     Eagerly, with frozen weights and x requiring a gradient, ``_FrozenQKV`` computes x's gradient
     from the three gradients without stacking them (module docstring)."""
     weight_t, bias = layer
-    if _eager_frozen(x, weight_t, bias) and torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad and _eager_frozen(x, weight_t, bias):
         return _FrozenQKV.apply(x, weight_t, bias, heads, parts)
     K, B, T, D = x.shape
     return _split_heads(linear(x.reshape(K, B * T, D), layer), K * B, T, heads, parts)
@@ -106,7 +115,12 @@ class _FrozenQKV(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, heads: int, parts: int):
         K, B, T, D = x.shape
         rows = x.reshape(K, B * T, D)
-        qkv = torch.bmm(rows, weight_t) if bias is None else _per_expert_addmm(rows, weight_t, bias)
+        if bias is None:
+            qkv = torch.bmm(rows, weight_t)
+        elif rows.shape[1] < PER_EXPERT_MIN_ROWS:
+            qkv = torch.baddbmm(bias, rows, weight_t)
+        else:
+            qkv = _per_expert_addmm(rows, weight_t, bias)
         ctx.save_for_backward(weight_t)
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)  # an unused q, k or v gives None: no zeros to multiply

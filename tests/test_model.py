@@ -436,13 +436,17 @@ def test_bf16_experts_within_twice_the_error_of_bf16_autocast(device, execution,
         assert err <= 2 * err_plain + 1e-3 * g.norm().item(), f"{name}: {err:.3g} vs bf16 autocast {err_plain:.3g}"
 
 
-@pytest.mark.parametrize("route", ["autograd", "no-grad", "autocast", "trainable-weights"])
-def test_batched_linear_routes_match_baddbmm(route):
+@pytest.mark.parametrize("route", ["autograd", "no-grad", "autocast", "trainable-weights", "few-rows"])
+def test_batched_linear_routes_match_baddbmm(route, monkeypatch):
     """The batched block's linear layer: one addmm per expert (bias in the product's epilogue),
     under autograd or not; one baddbmm where addmm's out= cannot serve (autocast, weights that
-    train). Each gives baddbmm's output and gradients."""
+    train) and below PER_EXPERT_MIN_ROWS rows (the host's time). Each gives baddbmm's output and
+    gradients."""
+    from pmoe_fast import frozen_linear
     from pmoe_fast.frozen_linear import linear
 
+    if route != "few-rows":
+        monkeypatch.setattr(frozen_linear, "PER_EXPERT_MIN_ROWS", 0)  # the test's 7 rows take every route
     torch.manual_seed(0)
     dtype = torch.float32 if route == "autocast" else torch.float64  # autocast leaves float64 alone
     x = torch.randn(3, 7, 5, dtype=dtype, requires_grad=route != "no-grad")
@@ -452,8 +456,10 @@ def test_batched_linear_routes_match_baddbmm(route):
         want = torch.baddbmm(bias, x, weight_t)
         got = linear(x, (weight_t, bias), slice(1, 4))
     assert got.dtype == want.dtype
+    want_fn = {"autograd": "_FrozenLinearBackward", "no-grad": None}.get(route, "BaddbmmBackward0")
+    assert (got.grad_fn and type(got.grad_fn).__name__) == want_fn
     torch.testing.assert_close(got, want[:, :, 1:4], rtol=1e-12, atol=1e-12)
-    if route in ("autograd", "trainable-weights"):
+    if route in ("autograd", "trainable-weights", "few-rows"):
         grad = torch.randn_like(got)
         tensors = [t for t in (x, weight_t, bias) if t.requires_grad]
         got_grads = torch.autograd.grad(got, tensors, grad)
@@ -462,16 +468,20 @@ def test_batched_linear_routes_match_baddbmm(route):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("min_rows", [0, None], ids=["addmm-per-expert", "baddbmm"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("parts", [3, 2])
 @pytest.mark.parametrize("route", ["autograd", "no-grad", "autocast", "trainable-weights"])
-def test_qkv_heads_routes_match_unbind(route, parts, bias):
+def test_qkv_heads_routes_match_unbind(route, parts, bias, min_rows, monkeypatch):
     """q, k, v (or k, v) of one fused projection, as timm splits them: with frozen weights and a
     gradient to x, a custom Function whose backward sums one product per part (the second part
     gets no gradient here, so that None gradients are covered too); elsewhere plain views. Each
     gives the split's outputs and gradients."""
+    from pmoe_fast import frozen_linear
     from pmoe_fast.frozen_linear import qkv_heads
 
+    if min_rows is not None:
+        monkeypatch.setattr(frozen_linear, "PER_EXPERT_MIN_ROWS", min_rows)
     torch.manual_seed(0)
     dtype = torch.float32 if route == "autocast" else torch.float64
     K, B, T, D, heads = 3, 2, 7, 8, 2
