@@ -20,7 +20,8 @@ how the forward runs, chosen once when the model is built and reported by ``exec
 - layer_norm: what the batched block's LayerNorms run. "triton" normalises and applies each
   expert's affine in one kernel, forward and backward (``kernels/layer_norm.py``); "torch"
   normalises with ``F.layer_norm`` and applies the K affines in a second pass. "auto" takes
-  Triton on CUDA where it can serve. Under ``torch.compile`` every setting runs torch, whose second
+  Triton on CUDA where it can serve, from ``TRITON_LAYER_NORM_MIN_ROWS`` rows per expert (a B = 1
+  forward is bound by the host). Under ``torch.compile`` every setting runs torch, whose second
   pass Inductor fuses itself. The other executions run each expert's own ``nn.LayerNorm``.
 - dispatcher_backend: "torch", "triton", "cuda" or "cpp" (``pmoe_fast.dispatcher``).
 - checkpoint: 0 (off), or recompute activations in backward in segments of that many layers
@@ -61,6 +62,12 @@ from .reference import PMoE as ReferencePMoE
 
 EXECUTIONS = ("auto", "batched", "streams", "sequential")
 LAYER_NORMS = ("auto", "torch", "triton")
+# Rows per expert (B x tokens) from which layer_norm="auto" takes the Triton LayerNorm on CUDA.
+# Below, a forward is bound by the host, and one Triton launch through an autograd Function costs
+# it more than the composite's two ops: at B = 1 it added 30 us a LayerNorm to the batched block's
+# host time (benchmarks/model_host_time.py's setting, kernels not launched), for a pass over 1 MB
+# on the device. As for the linear layers' addmm (pmoe_fast/frozen_linear.py).
+TRITON_LAYER_NORM_MIN_ROWS = 4096
 EXPERT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Submodules of a block that the batched path replaces by its own arithmetic; each must be a
 # plain (parameter-free) identity where the path assumes one.
@@ -297,7 +304,9 @@ class PMoE(ReferencePMoE):
         raises with every reason."""
         if self.layer_norm == "torch" or torch.compiler.is_compiling() or not self._stacked_blocks:
             return "torch"
-        if self.layer_norm == "auto" and seqs.device.type != "cuda":
+        if self.layer_norm == "auto" and (
+            seqs.device.type != "cuda" or seqs.shape[1] * seqs.shape[2] < TRITON_LAYER_NORM_MIN_ROWS
+        ):
             return "torch"
         from pmoe_fast.kernels import layer_norm as triton_layer_norm
 

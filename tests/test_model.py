@@ -112,6 +112,21 @@ def test_batched_triton_layer_norm_matches_reference(kind, checkpoint):
     assert auto.execution_plan()["layer_norm"] == "auto" and auto.execution_plan()["layer_norm_last_run"] == "torch"
 
 
+@needs_cuda
+def test_auto_layer_norm_on_cuda_takes_triton_from_its_row_threshold(monkeypatch):
+    """On CUDA "auto" takes the Triton LayerNorm from TRITON_LAYER_NORM_MIN_ROWS rows per expert
+    (B x tokens) and the composite below (the host-bound B = 1 forward), matching the reference
+    both ways."""
+    from pmoe_fast import model as fast_model
+
+    experts = same_arch()
+    tokens = experts[0].patch_embed.num_patches + 1 + CONFIG["num_prompts"]
+    monkeypatch.setattr(fast_model, "TRITON_LAYER_NORM_MIN_ROWS", 2 * tokens)
+    for batch, want in ((1, "torch"), (2, "triton")):
+        fast = assert_matches_reference(experts, batch=batch, device="cuda", execution="batched")
+        assert fast.execution_plan()["layer_norm_last_run"] == want
+
+
 def test_triton_layer_norm_that_cannot_serve_says_why():
     fast = PMoE(same_arch(), **CONFIG, execution="batched", layer_norm="triton").double()
     with pytest.raises(RuntimeError, match="layer_norm='triton' cannot serve: x is torch.float64"):
