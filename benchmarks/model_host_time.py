@@ -9,7 +9,8 @@ script measures that host work without a GPU: both models are 12 blocks deep but
 (5 tokens), so each op's arithmetic is negligible; the fast model runs batched with the Triton
 dispatcher, whose kernels are replaced by launches that do nothing (the inputs are CPU tensors and
 the Triton interpreter's flag lets the backend accept them). A GPU adds each launch's own cost on
-top (Triton's launcher and CUDA's), which this does not see.
+top (Triton's launcher and CUDA's), which this does not see. One part, the batched block with the
+Triton LayerNorm (its kernels not launched either), says what that path costs the host at B = 1.
 
 Prints the median of 25 alternating rounds of 100 forwards each (no grad), their ratio, and the
 per-layer parts: one batched block for both experts beside one plain block, and one prompt layer's
@@ -30,6 +31,7 @@ from dispatch_host_time import KERNELS, NoLaunch  # noqa: E402  (this folder: th
 
 from pmoe_fast import PMoE  # noqa: E402
 from pmoe_fast.kernels import dispatch as kd  # noqa: E402
+from pmoe_fast.kernels import layer_norm as kln  # noqa: E402
 from pmoe_fast.vit import VisionTransformer  # noqa: E402
 
 K, DEPTH, WIDTH, HEADS, IMG, PATCH, NP = 2, 12, 32, 2, 32, 16, 10
@@ -58,10 +60,15 @@ def medians_us(fns: dict, calls: int = 100, rounds: int = 25) -> dict[str, float
 def main() -> None:
     for name in KERNELS:
         setattr(kd, name, NoLaunch())
+    for name in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"):
+        setattr(kln, name, NoLaunch())
     torch.manual_seed(0)
     torch.set_num_threads(1)
     single = vit().eval()
     fast = PMoE([vit() for _ in range(K)], 10, num_prompts=NP, execution="batched", dispatcher_backend="triton").eval()
+    # The Triton LayerNorm, which layer_norm="auto" leaves out at B = 1 on a GPU (pmoe_fast.model).
+    fast_ln = PMoE([vit() for _ in range(K)], 10, num_prompts=NP, execution="batched", dispatcher_backend="triton",
+                   layer_norm="triton").eval()
     images = torch.randn(1, 3, IMG, IMG)
     layer = DEPTH // 2
     seq = torch.randn(K, 1, NP + single.patch_embed.num_patches + 1, WIDTH)
@@ -69,9 +76,11 @@ def main() -> None:
     prefix = fast._prefix()
     with torch.no_grad():
         whole = medians_us({"single": lambda: single(images), "fast": lambda: fast(images)})
+        fast_ln(images)  # decides its LayerNorm for the block below
         parts = medians_us({
             "plain block": lambda: single.blocks[layer](seq[0]),
             "batched block": lambda: fast._batched_block(layer, seq, scale),
+            "the same, Triton LayerNorm": lambda: fast_ln._batched_block(layer, seq, scale),
             "dispatch_into": lambda: fast.dispatchers[layer].dispatch_into(fast.prompts[layer], seq, True, prefix),
         })
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread; {DEPTH} blocks, D={WIDTH}, B=1, Np={NP}; "

@@ -65,7 +65,7 @@ LAYER_NORMS = ("auto", "torch", "triton")
 # Rows per expert (B x tokens) from which layer_norm="auto" takes the Triton LayerNorm on CUDA.
 # Below, a forward is bound by the host, and one Triton launch through an autograd Function costs
 # it more than the composite's two ops: at B = 1 it added 30 us a LayerNorm to the batched block's
-# host time (benchmarks/model_host_time.py's setting, kernels not launched), for a pass over 1 MB
+# host time (benchmarks/model_host_time.py, "the same, Triton LayerNorm"), for a pass over 1 MB
 # on the device. As for the linear layers' addmm (pmoe_fast/frozen_linear.py).
 TRITON_LAYER_NORM_MIN_ROWS = 4096
 EXPERT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
