@@ -114,13 +114,7 @@ class _FrozenQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, heads: int, parts: int):
         K, B, T, D = x.shape
-        rows = x.reshape(K, B * T, D)
-        if bias is None:
-            qkv = torch.bmm(rows, weight_t)
-        elif rows.shape[1] < PER_EXPERT_MIN_ROWS:
-            qkv = torch.baddbmm(bias, rows, weight_t)
-        else:
-            qkv = _per_expert_addmm(rows, weight_t, bias)
+        qkv = linear(x.reshape(K, B * T, D), (weight_t, bias))  # autograd is off in here: no Function
         ctx.save_for_backward(weight_t)
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)  # an unused q, k or v gives None: no zeros to multiply
