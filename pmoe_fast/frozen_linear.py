@@ -10,8 +10,10 @@ into a product: ``linear`` adds its 1-D bias in the product's epilogue, one ``ad
 (``_per_expert_addmm``), and ``qkv_heads`` takes the gradients of the attention's q, k and v into
 the input's gradient with one product each, accumulated into one output, where autograd of
 ``unbind`` stacks them into a new tensor and the ``view`` before it copies that again. Under
-``torch.compile``, autocast (``out=`` is not autocast) or trainable weights, both are the plain
-``baddbmm`` and views, the form the compiled-model tests check.
+autocast (``out=`` is not autocast) or with trainable weights, both are the plain ``baddbmm`` and
+views. Under ``torch.compile`` the product is ``bmm`` + bias, and views: Inductor fuses the bias
+into the pointwise kernel after the product (GELU, the residual add), where ``baddbmm`` would be an
+external call that first copies the bias into its output.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def linear(x: torch.Tensor, layer: tuple, outputs: slice | None = None) -> torch
         weight_t, bias = weight_t[:, :, outputs], None if bias is None else bias[:, :, outputs]
     if bias is None:
         return torch.bmm(x, weight_t)
+    if torch.compiler.is_compiling():
+        # Inductor fuses the bias into the pointwise kernel that consumes the product (GELU, the
+        # residual add); baddbmm would be an external call that copies the bias into its output.
+        return torch.bmm(x, weight_t) + bias
     if x.shape[1] < PER_EXPERT_MIN_ROWS or not _eager_frozen(x, weight_t, bias):
         return torch.baddbmm(bias, x, weight_t)
     if torch.is_grad_enabled() and x.requires_grad:

@@ -483,6 +483,24 @@ def test_batched_linear_routes_match_baddbmm(route, monkeypatch):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+def test_compiled_linear_adds_the_bias_to_a_bmm():
+    """Under torch.compile the batched linear layer is bmm + bias, which Inductor fuses into the
+    pointwise kernel after it, not baddbmm (an external call copying the bias into its output)."""
+    from pmoe_fast.frozen_linear import linear
+
+    x, weight_t, bias = torch.randn(3, 7, 5), torch.randn(3, 5, 4), torch.randn(3, 1, 4)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    got = torch.compile(lambda x: linear(x, (weight_t, bias)), backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(got, torch.baddbmm(bias, x, weight_t))
+    calls = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert any("bmm" in c for c in calls) and not any("baddbmm" in c for c in calls), calls
+
+
 @pytest.mark.parametrize("min_rows", [0, None], ids=["addmm-per-expert", "baddbmm"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("parts", [3, 2])
