@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 
-
 # Rows per expert from which a biased product runs as one addmm per expert rather than one
 # baddbmm for all K. Large products save the bias's copy on the device (K = 6 ViT-B/16, B = 32,
-# 6624 rows: above); small ones are bound by the host, which the K addmm calls and their views
+# 6624 rows: ``linear``); small ones are bound by the host, which the K addmm calls and their views
 # cost more: at B = 1 (207 rows, K = 2) they raised the batched block's host time from 179 to 321
 # us (benchmarks/model_host_time.py; benchmarks/results/model_host_time_cpu.txt). Between the two,
 # not measured.
