@@ -26,11 +26,16 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU target, not for 
 TARGET_ARCH = 90
 
 
-def usage(module: str, index: int) -> tuple[str, dict[str, int] | str]:
-    """``variant_usage`` of ``pmoe_fast.kernels.<module>.KERNEL_VARIANTS[index]``."""
+def kernel_modules() -> dict:
+    """The kernel modules whose KERNEL_VARIANTS this reports, by name."""
     from pmoe_fast.kernels import dispatch, dispatch_moe, layer_norm
 
-    return variant_usage({"dispatch": dispatch, "dispatch_moe": dispatch_moe, "layer_norm": layer_norm}[module].KERNEL_VARIANTS[index])
+    return {"dispatch": dispatch, "dispatch_moe": dispatch_moe, "layer_norm": layer_norm}
+
+
+def usage(module: str, index: int) -> tuple[str, dict[str, int] | str]:
+    """``variant_usage`` of ``pmoe_fast.kernels.<module>.KERNEL_VARIANTS[index]``."""
+    return variant_usage(kernel_modules()[module].KERNEL_VARIANTS[index])
 
 
 def bwd_setting_usage(setting: tuple[int, int, int]) -> tuple[str, dict[str, int] | str]:
@@ -81,16 +86,13 @@ def variant_usage(v: dict) -> tuple[str, dict[str, int] | str]:
 
 
 def main() -> int:
-    from pmoe_fast.kernels import dispatch, dispatch_moe, layer_norm
-
+    modules = kernel_modules()
     with ProcessPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
         if "--bwd-settings" in sys.argv[1:]:
             settings = list(itertools.product((32, 64), (16, 32), (4, 8)))
-            results = list(pool.map(bwd_setting_usage, settings)) if dispatch.KERNEL_VARIANTS else []
+            results = list(pool.map(bwd_setting_usage, settings)) if modules["dispatch"].KERNEL_VARIANTS else []
         else:
-            jobs = [("dispatch", i) for i in range(len(dispatch.KERNEL_VARIANTS))]
-            jobs += [("dispatch_moe", i) for i in range(len(dispatch_moe.KERNEL_VARIANTS))]
-            jobs += [("layer_norm", i) for i in range(len(layer_norm.KERNEL_VARIANTS))]
+            jobs = [(name, i) for name, module in modules.items() for i in range(len(module.KERNEL_VARIANTS))]
             results = list(pool.map(usage, *zip(*jobs))) if jobs else []
     if not results:
         print("no Triton kernel variants: Triton is not installed", file=sys.stderr)

@@ -4,12 +4,6 @@ variant compiled for sm_90, and the reasons it gives where it cannot serve."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from helpers import sm90_usage
@@ -88,52 +82,26 @@ def test_reasons_name_each_problem():
         ln.layer_norm(x, torch.randn(3, 8), torch.randn(3, 8), 1e-6)
 
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, traceback
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from pmoe_fast.kernels.layer_norm import KERNEL_VARIANTS
-
-    results = {}
-    for v in KERNEL_VARIANTS:
-        try:
-            compiled = triton.compile(
-                ASTSource(v["kernel"], v["signature"], v["constexprs"]),
-                target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
-            )
-            results[v["name"]] = {"ptx": len(compiled.asm["ptx"])}
-        except Exception:
-            results[v["name"]] = traceback.format_exc()
-    json.dump(results, sys.stdout)
-    """
-)
+@pytest.fixture(scope="module")
+def sm90():
+    """Every variant compiled for sm_90 and assembled by ptxas (a subprocess without
+    TRITON_INTERPRET: here the kernels are the interpreter's), by name."""
+    return dict(sm90_usage("layer_norm", list(range(len(ln.KERNEL_VARIANTS)))))
 
 
 @pytest.mark.slow
-def test_every_variant_compiles_for_sm90(tmp_path):
-    """Compiled without TRITON_INTERPRET, in a subprocess (here the kernels are the interpreter's)."""
-    script = tmp_path / "compile_layer_norm.py"
-    script.write_text(COMPILE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout)
-    assert set(results) == {v["name"] for v in ln.KERNEL_VARIANTS} and len(results) == 42
-    failed = {name: r for name, r in results.items() if not isinstance(r, dict)}
+def test_every_variant_compiles_for_sm90(sm90):
+    assert set(sm90) == {v["name"] for v in ln.KERNEL_VARIANTS} and len(sm90) == 42
+    failed = {name: r for name, r in sm90.items() if not isinstance(r, dict)}
     assert not failed, f"do not compile for sm_90: {failed}"
 
 
 @pytest.mark.slow
-def test_model_variants_spill_nothing():
+def test_model_variants_spill_nothing(sm90):
     """The variants the batched model runs (D = 768 and 1024, 16-bit and fp32 experts) keep every
     row in registers on sm_90a: a spill would be traffic beside the row itself."""
-    picked = [i for i, v in enumerate(ln.KERNEL_VARIANTS) if "BLOCK_D=1024]" in v["name"]]
+    picked = {name: usage for name, usage in sm90.items() if "BLOCK_D=1024]" in name}
     assert len(picked) == 6  # forward and backward, three dtypes
-    for name, usage in sm90_usage("layer_norm", picked):
+    for name, usage in picked.items():
         assert isinstance(usage, dict), f"{name}: {usage}"
         assert usage["spill_stores"] == usage["spill_loads"] == 0, f"{name} spills on sm_90a: {usage}"
-
