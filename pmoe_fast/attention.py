@@ -77,4 +77,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
         return out.transpose(1, 2)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
+    # Softmax in float32 at least: 16-bit scores in float32, float64 ones in float64.
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+    return torch.matmul(probs.to(q.dtype), v)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import IMG, small_vit
 
+from pmoe_fast import attention as attention_backends
 from pmoe_fast import vit
 from pmoe_fast.experts import Expert, attention
 from pmoe_fast.reference import PMoE
@@ -54,6 +55,14 @@ def test_attention_with_the_default_scale_is_the_blocks_own():
     torch.testing.assert_close(attention(block.attn, x, block.attn.head_dim**-0.5), block.attn(x))
     e = Expert(m)
     torch.testing.assert_close(e.block(0, x, torch.tensor(block.attn.head_dim**-0.5)), block(x))
+
+
+def test_math_attention_keeps_float64():
+    """The written-out softmax runs in float32 for 16-bit inputs, never below the inputs' dtype."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 9, 16, dtype=torch.float64)
+    expected = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+    torch.testing.assert_close(attention_backends.attention(q, k, v, 0.25, "math"), expected, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("kind", list(TWINS))
