@@ -47,9 +47,9 @@ of concatenating new sequences at every layer.
 from __future__ import annotations
 
 import operator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,26 @@ EXPERT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Submodules of a block that the batched path replaces by its own arithmetic; each must be a
 # plain (parameter-free) identity where the path assumes one.
 IDENTITY_PARTS = ("attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm", "mlp.drop1", "mlp.drop2")
+
+
+class _KeepDispatcherLosses:
+    """Around a checkpointed segment's recomputation in backward: it runs the segment's
+    dispatchers again, and each stores a fresh MoE load-balancing loss in ``aux_loss``. Those
+    losses are never used; left there, their graphs would keep what the recomputation saved
+    alive until the next forward. Restores the forward's on exit. Re-entrant: a segment
+    recomputes once per backward through it (``retain_graph=True``, ``create_graph=True``), in
+    the same context object."""
+
+    def __init__(self, dispatchers):
+        self.dispatchers = dispatchers
+        self.kept: list[list] = []
+
+    def __enter__(self) -> None:
+        self.kept.append([d.aux_loss for d in self.dispatchers])
+
+    def __exit__(self, *exc) -> None:
+        for d, aux in zip(self.dispatchers, self.kept.pop()):
+            d.aux_loss = aux
 
 
 class PMoE(ReferencePMoE):
@@ -317,20 +337,7 @@ class PMoE(ReferencePMoE):
         return "torch" if reasons else "triton"
 
     def _recompute_context(self):
-        return nullcontext(), self._keep_dispatcher_losses()
-
-    @contextmanager
-    def _keep_dispatcher_losses(self) -> Iterator[None]:
-        """Around a checkpointed segment's recomputation in backward: it runs the segment's
-        dispatchers again, and each stores a fresh MoE load-balancing loss in ``aux_loss``. Those
-        losses are never used; left there, their graphs would keep what the recomputation saved
-        alive until the next forward. Restore the forward's."""
-        kept = [d.aux_loss for d in self.dispatchers]
-        try:
-            yield
-        finally:
-            for d, aux in zip(self.dispatchers, kept):
-                d.aux_loss = aux
+        return nullcontext(), _KeepDispatcherLosses(self.dispatchers)
 
     def _layers(self, layers: range, state: tuple) -> tuple[tuple, list, list]:
         """Run the experts' blocks ``layers``, each followed by the prompts entering the next

@@ -272,7 +272,6 @@ def test_frozen_experts_bit_identical_after_a_step(device):
     assert all(torch.equal(b, stacks[n]) for n, b in fast.named_buffers() if n.startswith("_stacked"))
 
 
-
 @pytest.mark.parametrize("execution", ["batched", "sequential"])
 def test_checkpoint_recomputation_leaves_the_forwards_moe_losses(execution):
     """Backward recomputes checkpointed segments, dispatchers included; the MoE losses those make
@@ -284,6 +283,19 @@ def test_checkpoint_recomputation_leaves_the_forwards_moe_losses(execution):
     forward_losses = [d.aux_loss for d in model.dispatchers]
     (logits.sum() + model.last_aux_loss).backward()
     assert all(d.aux_loss is a for d, a in zip(model.dispatchers, forward_losses))
+
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_checkpointed_backward_twice(execution):
+    """With retain_graph=True a second backward recomputes each checkpointed segment again, in
+    the same recomputation context."""
+    torch.manual_seed(0)
+    model = PMoE(same_arch(2), **CONFIG, checkpoint=1, execution=execution)
+    loss = model(torch.randn(2, 3, IMG, IMG)).sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.trainable_parameters()]
+    loss.backward()
+    assert all(torch.equal(p.grad, 2 * g) for p, g in zip(model.trainable_parameters(), first))
+
 
 def test_bf16_experts_keep_fp32_trainables():
     ref = Reference(same_arch(), **CONFIG)
