@@ -6,8 +6,11 @@ code that needs it calls ``require_triton()`` for an error that says what is mis
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import types
+
+import torch
 
 
 def has_triton() -> bool:
@@ -36,3 +39,33 @@ def import_triton() -> tuple:
         return stub, types.SimpleNamespace(constexpr=None), f"{type(exc).__name__}: {exc}"
     return triton, tl, None
 
+
+# What ``first_order_only`` tells a user of a fused dispatcher to do instead.
+TWICE_WITH_TORCH_DISPATCHER = (
+    "use the dispatcher's 'torch' backend (Dispatcher(backend='torch'), PMoE(dispatcher_backend='torch'))"
+)
+
+
+def first_order_only(op_name: str, instead: str):
+    """Decorates the backward of an op whose gradients come from kernels, not from differentiable
+    torch ops (an ``autograd.Function``'s, or one given to ``torch.library.register_autograd``).
+
+    Such a backward has no derivative of its own, so it refuses to run under ``create_graph=True``:
+    a second derivative would otherwise leave the op's share out without a word.
+    ``torch.autograd.function.once_differentiable`` does not suffice: its error fires only when a
+    later backward walks every node, and ``torch.autograd.grad(..., inputs=...)`` skips it.
+    ``instead`` says what computes the op differentiably."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{op_name} computes its gradients in kernels and has no second derivative, but its backward "
+                    f"ran with create_graph=True; to differentiate twice, {instead}"
+                )
+            return backward(ctx, *grads)
+
+        return wrapper
+
+    return decorate

@@ -86,7 +86,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from . import import_triton
+from . import TWICE_WITH_TORCH_DISPATCHER, first_order_only, import_triton
 
 # Without Triton the kernels below are plain Python functions that nothing calls.
 triton, tl, _TRITON_IMPORT_ERROR = import_triton()
@@ -1633,6 +1633,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(prompts, tokens, prompt_out, weights, *hidden, *w1, *b1, *w2, *b2)
 
 
+@first_order_only("The Triton dispatcher", TWICE_WITH_TORCH_DISPATCHER)
 def _backward(ctx, grad_ipt, *_unused):
     prompts, tokens, prompt_out, weights, *saved = ctx.saved_tensors
     hidden, params = saved[:4], saved[4:]
@@ -1682,6 +1683,7 @@ class FusedDispatch(torch.autograd.Function):
         return ipt, weights
 
     @staticmethod
+    @first_order_only("The Triton dispatcher", TWICE_WITH_TORCH_DISPATCHER)
     def backward(ctx, grad_ipt, _grad_weights):
         if grad_ipt is None:
             return (None,) * (6 + 12)

@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch as kd
-from . import import_triton
+from . import TWICE_WITH_TORCH_DISPATCHER, first_order_only, import_triton
 
 # Without Triton the kernels below are plain Python functions that nothing calls.
 triton, tl, _TRITON_IMPORT_ERROR = import_triton()
@@ -1191,6 +1191,7 @@ class FusedDispatchMoE(torch.autograd.Function):
         return ipt, weights, aux
 
     @staticmethod
+    @first_order_only("The Triton MoE dispatcher", TWICE_WITH_TORCH_DISPATCHER)
     def backward(ctx, grad_ipt, _grad_weights, grad_aux):
         if grad_ipt is None and grad_aux is None:
             return (None,) * (6 + 18)
@@ -1327,6 +1328,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(prompts, tokens, prompt_out, weights, coef, *gates, *(t for group in params for t in group))
 
 
+@first_order_only("The Triton MoE dispatcher", TWICE_WITH_TORCH_DISPATCHER)
 def _backward(ctx, grad_ipt, _grad_weights, grad_aux, *_unused):
     needs = ctx.needs_input_grad
     if grad_ipt is None and grad_aux is None:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
-
-from . import import_triton
+from . import first_order_only, import_triton
 
 # Without Triton the kernels below are plain Python functions that nothing calls.
 triton, tl, _TRITON_IMPORT_ERROR = import_triton()
@@ -157,7 +155,7 @@ class _ExpertLayerNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels have no backward of their own: a second derivative raises
+    @first_order_only("The Triton LayerNorm", "use PMoE(layer_norm='torch')")
     def backward(ctx, dy: torch.Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
         return _launch_bwd(dy.contiguous(), x, weight, mean, rstd), None, None, None

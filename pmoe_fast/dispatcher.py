@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pmoe_fast.kernels import TWICE_WITH_TORCH_DISPATCHER, first_order_only
+
 KINDS = ("none", "mlp", "moe")
 POOLS = ("all", "patches")
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
@@ -487,6 +489,7 @@ class _DispatchInto(torch.autograd.Function):
         return seq, weights
 
     @staticmethod
+    @first_order_only("Dispatcher.dispatch_into", TWICE_WITH_TORCH_DISPATCHER)
     def backward(ctx, grad_seq, _grad_weights):
         if grad_seq is None:
             return (None,) * (6 + 12)
@@ -520,6 +523,7 @@ class _DispatchIntoMoE(torch.autograd.Function):
         return seq, weights, aux
 
     @staticmethod
+    @first_order_only("Dispatcher.dispatch_into", TWICE_WITH_TORCH_DISPATCHER)
     def backward(ctx, grad_seq, _grad_weights, grad_aux):
         if grad_seq is None and grad_aux is None:
             return (None,) * (6 + 18)

@@ -34,6 +34,7 @@ import torch
 
 from pmoe_fast._ext import extension_status, require_extension, run_as_written_under_autocast
 from pmoe_fast.fusion import _check_dtype, _check_same_device
+from pmoe_fast.kernels import TWICE_WITH_TORCH_DISPATCHER, first_order_only
 
 SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the order of every parameter list
 # The CUDA kernels keep the token ranges of all experts in their launch arguments.
@@ -257,6 +258,7 @@ def _source_grads(grads, needs, has_prompt_out: bool):
     return [g if need and (s != 1 or has_prompt_out) else None for s, (g, need) in enumerate(zip(grads, needs))]
 
 
+@first_order_only("pmoe_fast::dispatch_mlp (cpp, cuda)", TWICE_WITH_TORCH_DISPATCHER)
 def _backward(ctx, grad_ipt, _grad_weights, _grad_z_act, _grad_z_mean):
     if grad_ipt is None:  # the integrated prompts were not used
         nothing = [None] * 3  # one per source

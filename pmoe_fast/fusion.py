@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from pmoe_fast._ext import extension_status, require_extension, run_as_written_under_autocast
+from pmoe_fast.kernels import first_order_only
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -103,6 +104,7 @@ def _prompt_fusion_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(weights, prompts)
 
 
+@first_order_only("pmoe_fast::prompt_fusion", "use torch.einsum('kbnj,jnd->kbnd', weights, prompts)")
 def _prompt_fusion_backward(ctx, grad_out: torch.Tensor):
     weights, prompts = ctx.saved_tensors
     # One op computes both gradients: they read the same grad_out, and asking for only one is

@@ -291,3 +291,37 @@ def test_dispatch_into_takes_any_gradient_layout(backend):
         out.sum().backward()
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Every fused path: (backend, kind, device).
+FUSED_PATHS = [
+    pytest.param("cpp", "mlp", "cpu", id="cpp"),
+    pytest.param(
+        "cuda", "mlp", "cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    ),
+    pytest.param("triton", "mlp", _DEVICE, id="triton"),
+    pytest.param("triton", "moe", _DEVICE, id="triton-moe"),
+]
+
+
+@pytest.mark.parametrize("backend, kind, device", FUSED_PATHS)
+@pytest.mark.parametrize("into", [False, True], ids=["forward", "dispatch_into"])
+def test_fused_backends_refuse_a_second_derivative(backend, kind, device, into):
+    """The fused backends' gradients come from kernels that have no derivative of their own. The
+    torch backend shows that there is a second derivative to lose; asked for a gradient to
+    differentiate (``create_graph=True``), a fused backend must raise rather than drop it."""
+
+    def gradient(backend):
+        torch.manual_seed(0)
+        disp = Dispatcher(16, 2, hidden=8, kind=kind, backend=backend).to(device)
+        prompts = torch.randn(2, 3, 16, device=device, requires_grad=True)
+        leaf = torch.randn(2, 2, 3 + 5, 16, device=device, requires_grad=True)
+        seq = leaf * 1
+        out = disp.dispatch_into(prompts, seq, True)[0] if into else disp(prompts, seq[:, :, 3:], seq[:, :, :3])[0]
+        return torch.autograd.grad(out.pow(2).sum(), prompts, create_graph=True)[0], leaf
+
+    grad, leaf = gradient("torch")
+    assert torch.autograd.grad(grad.sum(), leaf)[0].abs().max() > 0
+    with pytest.raises(RuntimeError, match="no second derivative.*backend='torch'"):
+        gradient(backend)

@@ -297,6 +297,44 @@ def test_checkpointed_backward_twice(execution):
     assert all(torch.equal(p.grad, 2 * g) for p, g in zip(model.trainable_parameters(), first))
 
 
+def penalty_grads(model, x):
+    """Gradients of a gradient penalty: the sum of squares of the loss's parameter gradients."""
+    model.zero_grad()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=True)
+    sum(g.pow(2).sum() for g in grads).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+@pytest.mark.parametrize("checkpoint", [0, 1], ids=["no-ckpt", "ckpt1"])
+def test_second_derivatives_with_differentiable_backends_match_reference(execution, checkpoint):
+    """A gradient penalty differentiates the backward: with the torch dispatcher and LayerNorm and
+    math attention (whose every op has a derivative) the fast model matches the reference in
+    float64, checkpointed too."""
+    torch.manual_seed(1)
+    experts = same_arch(2)
+    for e in experts:  # timm's fused SDPA has no second derivative on a CPU
+        for block in e.blocks:
+            block.attn.fused_attn = False
+    ref = Reference(experts, **CONFIG).double()
+    fast = PMoE(experts, **CONFIG, execution=execution, checkpoint=checkpoint, dispatcher_backend="torch",
+                layer_norm="torch", attention="math").double()
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    gold, got = penalty_grads(ref, x), penalty_grads(fast, x)
+    assert set(got) == set(gold)
+    for name, g in gold.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-10, atol=1e-12 * g.abs().max().item(), msg=name)
+
+
+def test_fused_dispatcher_refuses_a_second_derivative():
+    torch.manual_seed(1)
+    fast = PMoE(same_arch(2), **CONFIG, dispatcher_backend=FUSED_CPU_BACKENDS[0], attention="math")
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        penalty_grads(fast, torch.randn(2, 3, IMG, IMG))
+
+
 def test_bf16_experts_keep_fp32_trainables():
     ref = Reference(same_arch(), **CONFIG)
     fast = PMoE(same_arch(), **CONFIG, expert_dtype=torch.bfloat16)

@@ -127,6 +127,19 @@ def test_gradcheck_float64(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_second_derivative_raises(device):
+    """The mixture is bilinear, so its gradient has a derivative; the op's backward is a kernel
+    without one, and must say so rather than leave that share out."""
+    weights, prompts = make_inputs(3, 2, 3, 5, torch.float64, torch.float64, device)
+    weights.requires_grad_()
+    prompts.requires_grad_()
+    expected = torch.autograd.grad(plain_torch(weights, prompts).pow(2).sum(), prompts, create_graph=True)[0]
+    assert torch.autograd.grad(expected.sum(), weights)[0].abs().max() > 0
+    with pytest.raises(RuntimeError, match="no second derivative.*torch.einsum"):
+        torch.autograd.grad(prompt_fusion(weights, prompts).pow(2).sum(), prompts, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("w_dtype, p_dtype", [DTYPES[0], DTYPES[2]], ids=[DTYPE_IDS[0], DTYPE_IDS[2]])
 def test_opcheck(w_dtype, p_dtype, device):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch."""
