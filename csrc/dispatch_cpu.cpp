@@ -48,6 +48,18 @@ constexpr int64_t kColumnBlock = 128;
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
+// at::parallel_for for a body that calls ATen ops. Its worker threads start with the default
+// thread-local dispatch state, so an op there would pass through autograd again (and, under
+// torch.inference_mode, refuse to write into the inference tensors this op allocated); the op's own
+// thread runs below autograd. Each chunk is put there too.
+template <typename F>
+void parallel_aten(int64_t begin, int64_t end, int64_t grain, const F& body) {
+  at::parallel_for(begin, end, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    body(chunk_begin, chunk_end);
+  });
+}
+
 // One source's f in the accumulation dtype, detached: nothing inside the op is seen by autograd.
 struct Mlp {
   at::Tensor w1, b1;  // (H, D), (H); undefined when H = 0
@@ -156,7 +168,7 @@ void z_forward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r, at:
     }
     return;
   }
-  at::parallel_for(0, s.K * s.B, 1, [&](int64_t begin, int64_t end) {
+  parallel_aten(0, s.K * s.B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t kb = begin; kb < end; ++kb) {
       const int64_t k = kb / s.B, b = kb % s.B, count = r.count(k);
       const at::Tensor x = token_tile(tokens, k, b, r.start[k], count, 0, s.D, acc);
@@ -209,7 +221,7 @@ void z_backward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r,
   // dL/d(pre-activations) of every token, zero outside the ranges: (K, B, T, H).
   at::Tensor da = f.hidden() ? at::zeros_like(z_act) : at::Tensor();
 
-  at::parallel_for(0, KB, 1, [&](int64_t begin, int64_t end) {
+  parallel_aten(0, KB, 1, [&](int64_t begin, int64_t end) {
     for (int64_t kb = begin; kb < end; ++kb) {
       const int64_t k = kb / s.B, b = kb % s.B, start = r.start[k], count = r.count(k);
       const at::Tensor c = coef.select(0, k).select(0, b);
@@ -240,7 +252,7 @@ void z_backward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r,
   // (k, b) pairs in order: no partial copies, and the same bits for any thread count.
   g.w1 = at::empty({s.H, s.D}, z_act.options());
   const int64_t blocks = (s.D + kColumnBlock - 1) / kColumnBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_aten(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t d0 = block * kColumnBlock, width = std::min(kColumnBlock, s.D - d0);
       at::Tensor out = g.w1.narrow(1, d0, width);

@@ -264,6 +264,30 @@ def test_saved_activations_cover_the_token_ranges_and_are_zero_outside(strided):
         torch.testing.assert_close(z_mean[k], torch.nn.functional.gelu(pre).mean(1))
 
 
+@pytest.mark.parametrize("H", [8, 0], ids=["H8", "H0"])
+@pytest.mark.parametrize("strided", [False, True], ids=["one-matrix", "strided"])
+def test_inference_mode_on_several_threads(H, strided):
+    """The op's parallel chunks call ATen on worker threads, which must run below autograd as the
+    op's own thread does: under torch.inference_mode they wrote into inference tensors from outside
+    it and raised (the per-(k, b) paths: H = 0, or tokens that are a view)."""
+    torch.manual_seed(0)
+    disp = Dispatcher(48, 2, hidden=H, backend="cpp")
+    prompts, prompt_out = torch.randn(2, 3, 48), torch.randn(2, 2, 3, 48)
+    seq = torch.randn(2, 2, 3 + 50, 48)
+    tokens = seq[:, :, 3:] if strided else seq[:, :, 3:].contiguous()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            expected = disp(prompts, tokens, prompt_out)
+        with torch.inference_mode():
+            got = disp(prompts, tokens, prompt_out)
+    finally:
+        torch.set_num_threads(threads)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def test_torch_compile_fullgraph():
     """torch.compile traces through the op (fake implementation, autograd) with no graph break."""
     torch._dynamo.reset()
