@@ -269,7 +269,10 @@ class PMoE(ReferencePMoE):
         stacks, and would otherwise run the old weights."""
         if not self._stacks_tied():
             self._stack_names = []
-            self._stack_expert_weights()
+            # Under torch.inference_mode the stacks would be inference tensors, which a later
+            # training forward could not save for backward.
+            with torch.inference_mode(False):
+                self._stack_expert_weights()
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() convert parameters and buffers separately: re-point the
@@ -289,9 +292,11 @@ class PMoE(ReferencePMoE):
         # enter, then Z_k^0, its own embedding (B, Q_k + N_k, D). Stacked when batched.
         slots = (0, 0, self.num_prompts, 0)
         images = images.to(dtype)
+        if self.last_execution == "batched" and not torch.compiler.is_compiling():
+            self._restack_if_untied()  # compiled graphs do not see parameter swaps
+        if self.last_execution == "batched" and torch.is_grad_enabled() and any(p.requires_grad for p in self._tied_params):
+            self.last_execution = self._per_expert_for_trainable_blocks(images.device.type)
         if self.last_execution == "batched":
-            if not torch.compiler.is_compiling():  # compiled graphs do not see parameter swaps
-                self._restack_if_untied()
             seqs = F.pad(torch.stack([a.embed(images) for a in self._adapters]), slots)  # (K, B, Np + T, D)
             self.last_layer_norm = self._layer_norm_for(seqs)
         else:
@@ -317,6 +322,18 @@ class PMoE(ReferencePMoE):
         tokens = state[0]
         pooled = torch.stack([a.pool(tokens[k]) for k, a in enumerate(self._adapters)])
         return pooled.mean(0).to(self.head.weight.dtype)
+
+    def _per_expert_for_trainable_blocks(self, device_type: str) -> str:
+        """The execution for experts whose block parameters require grad: the batched blocks
+        read stacked copies that take no gradient, so "auto" runs the experts one by one and an
+        explicit "batched" raises."""
+        if self.execution == "batched":
+            raise ValueError(
+                "execution='batched' runs the experts' stacked block weights, which take no gradient, but some "
+                "expert block parameters require grad: freeze them (model.experts.requires_grad_(False)) or use "
+                "execution='auto', 'sequential' or 'streams'"
+            )
+        return "streams" if device_type == "cuda" else "sequential"
 
     def _layer_norm_for(self, seqs: torch.Tensor) -> str:
         """What the batched blocks' LayerNorms run in this forward, "triton" or "torch", decided

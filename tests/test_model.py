@@ -257,6 +257,49 @@ def test_batched_experts_run_replaced_parameters(how):
     assert fc1.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
 
 
+def test_replaced_parameters_restack_under_inference_mode_for_training_too():
+    """A restack inside torch.inference_mode must not leave inference tensors as the stacks (and
+    the experts' parameters): a later training forward saves them for backward."""
+    fast = PMoE(same_arch(), **CONFIG, execution="batched")
+    fc1 = fast.experts[1].blocks[2].mlp.fc1
+    fc1.weight = torch.nn.Parameter(torch.randn_like(fc1.weight), requires_grad=False)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.inference_mode():
+        expected = fast(x)
+    assert not fast.get_buffer("_stacked_2_mlp_fc1_weight").is_inference()
+    logits = fast(x)
+    logits.sum().backward()
+    torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=0)
+
+
+def test_expert_blocks_that_train_do_not_run_batched(monkeypatch):
+    """The batched blocks read stacked copies of the experts' weights, which take no gradient:
+    with expert block parameters that require grad, an explicit "batched" raises, and "auto"
+    runs the experts one by one, whose parameters get the reference's gradients."""
+    torch.manual_seed(1)
+    ref = Reference(same_arch(2), **CONFIG)
+    batched = PMoE(same_arch(2), **CONFIG, execution="batched")
+    batched.experts.requires_grad_(True)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():  # nothing to differentiate: batched serves
+        batched(x)
+    assert batched.last_execution == "batched"
+    with pytest.raises(ValueError, match="require grad"):
+        batched(x)
+
+    auto = PMoE(same_arch(2), **CONFIG)
+    auto.load_state_dict(ref.state_dict(), strict=True)
+    monkeypatch.setattr(auto, "execution_for", lambda device_type: "batched")  # as on CUDA
+    for model in (ref, auto):
+        model.experts.requires_grad_(True)
+        model(x).sum().backward()
+    assert auto.last_execution == "sequential"
+    for (name, got), expected in zip(auto.experts.named_parameters(), ref.experts.parameters()):
+        assert (got.grad is None) == (expected.grad is None), name
+        if expected.grad is not None:
+            torch.testing.assert_close(got.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_frozen_experts_bit_identical_after_a_step(device):
     fast = PMoE(same_arch(), **CONFIG, checkpoint=1).to(device)
