@@ -111,6 +111,8 @@ class Expert:
             )
         if images.shape[1] != info.in_chans or tuple(images.shape[2:]) != info.img_size:
             raise ValueError(f"images must have shape {expected}, got {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError(f"images hold no image: shape {tuple(images.shape)}, expected {expected} with B >= 1")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Z^0: the backbone's own embedding. images (B, C, H, W) -> (B, Q + N, D)."""

@@ -120,6 +120,12 @@ class PMoE(ReferencePMoE):
         expert_dtype: torch.dtype | None = None,
         **kwargs,
     ):
+        if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype must be None or one of {EXPERT_DTYPES}, got {expert_dtype}")
+        experts = list(experts)
+        if expert_dtype is not None:
+            for expert in experts:
+                expert.to(expert_dtype)
         super().__init__(experts, num_classes, *args, **kwargs)
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown execution {execution!r}; choose one of {EXECUTIONS}")
@@ -129,12 +135,8 @@ class PMoE(ReferencePMoE):
             raise ValueError(f"unknown layer_norm {layer_norm!r}; choose one of {LAYER_NORMS}")
         if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
             raise ValueError(f"checkpoint must be an int >= 0 (0: off; n: segments of n layers), got {checkpoint!r}")
-        if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
-            raise ValueError(f"expert_dtype must be None or one of {EXPERT_DTYPES}, got {expert_dtype}")
         for d in self.dispatchers:
             d.set_backend(dispatcher_backend)
-        if expert_dtype is not None:
-            self.experts.to(expert_dtype)
         self.attention = attention
         self.layer_norm = layer_norm
         self.last_layer_norm: str | None = None  # what the last batched forward's LayerNorms ran

@@ -93,6 +93,13 @@ class PMoE(nn.Module):
         if len({(i.img_size, i.in_chans) for i in infos}) != 1:
             sizes = ", ".join(f"expert {k}: {i.in_chans}x{i.img_size}" for k, i in enumerate(infos))
             raise ValueError(f"all experts must take the same images (channels x size), got {sizes}")
+        dtypes = [sorted({str(p.dtype) for p in m.parameters() if p.is_floating_point()}) for m in experts]
+        if len({d for expert in dtypes for d in expert}) > 1:
+            listing = ", ".join(f"expert {k}: {' and '.join(d)}" for k, d in enumerate(dtypes))
+            raise ValueError(
+                f"all experts must hold one floating dtype, got {listing}: convert them (expert.to(dtype)), "
+                "or let pmoe_fast.PMoE(expert_dtype=...) do it"
+            )
         if base not in BASES:
             hint = " (LSPT is not in scope: SPEC.md)" if base == "lspt" else ""
             raise ValueError(f"unknown base method {base!r}; choose one of {BASES}{hint}")

@@ -378,6 +378,17 @@ def test_fused_dispatcher_refuses_a_second_derivative():
         penalty_grads(fast, torch.randn(2, 3, IMG, IMG))
 
 
+def test_expert_dtype_converts_experts_of_mixed_dtypes():
+    """Experts of mixed dtypes are refused (the reference's check), unless expert_dtype converts
+    them all first: every parameter of every expert, not only the stacked block weights."""
+    experts = [small_vit("p16"), small_vit("p16").bfloat16()]
+    with pytest.raises(ValueError, match="expert_dtype"):
+        PMoE(experts, **CONFIG)
+    fast = PMoE(experts, **CONFIG, expert_dtype=torch.float32)
+    assert {p.dtype for p in fast.experts.parameters()} == {torch.float32}
+    assert fast(torch.randn(2, 3, IMG, IMG)).dtype == torch.float32
+
+
 def test_bf16_experts_keep_fp32_trainables():
     ref = Reference(same_arch(), **CONFIG)
     fast = PMoE(same_arch(), **CONFIG, expert_dtype=torch.bfloat16)

@@ -223,9 +223,11 @@ def test_experts_stay_in_eval_mode():
         (lambda: PMoE([small_vit("p16")], num_classes=2, dispatcher="moe", num_dispatch_experts=2, top_k=3), "top_k"),
         (lambda: PMoE([torch.nn.Linear(3, 3)], num_classes=2), "not a ViT"),
         (lambda: PMoE([small_vit("p16"), small_vit("p16", img_size=64)], num_classes=2), "same images"),
+        (lambda: PMoE([small_vit("p16"), small_vit("p16").bfloat16()], num_classes=2),
+         "one floating dtype, got expert 0: torch.float32, expert 1: torch.bfloat16"),
     ],
     ids=["K0", "width", "depth", "Np0", "Lp-too-deep", "Lp0", "dispatcher-name", "pool-name", "lspt",
-         "gapt-deep", "gate-without-gapt", "top-k", "not-a-vit", "image-size"],
+         "gapt-deep", "gate-without-gapt", "top-k", "not-a-vit", "image-size", "expert-dtypes"],
 )
 def test_bad_configs_raise_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -239,8 +241,9 @@ def test_bad_configs_raise_clear_errors(make, match):
         (torch.randn(2, 1, IMG, IMG), r"shape \(B, 3, 112, 112\)"),
         (torch.randint(0, 255, (2, 3, IMG, IMG), dtype=torch.uint8), "floating point"),
         (torch.randn(3, IMG, IMG), "4-D"),
+        (torch.randn(0, 3, IMG, IMG), "no image"),
     ],
-    ids=["size", "channels", "integer", "3d"],
+    ids=["size", "channels", "integer", "3d", "empty"],
 )
 def test_bad_images_raise_clear_errors(x, match):
     model = PMoE([small_vit("p16"), small_vit("p14reg")], num_classes=2, num_prompts=2)
