@@ -379,6 +379,7 @@ class Dispatcher(nn.Module):
         tensors += {id(t): t for t in params}.values()
         key = tuple(None if t is None else (t.device, t.dtype, t.shape, t.stride()) for t in tensors)
         if key not in self._chosen:
+            _check_one_device(prompts, tokens, prompt_out, params)
             if len(self._chosen) >= 64:  # shapes that keep changing: forget the old ones
                 self._chosen.clear()
             self._chosen[key] = self._decide_backend(prompts, tokens, prompt_out)
@@ -425,8 +426,6 @@ class Dispatcher(nn.Module):
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() != 4 or tokens.shape[0] != K or tokens.shape[3] != D:
                 raise ValueError(f"tokens must be (K={K}, B, T, D={D}) or a list of K (B, T_k, D), got {tuple(tokens.shape)}")
-            if tokens.device != prompts.device:
-                raise ValueError(f"tokens are on {tokens.device} but prompts are on {prompts.device}")
             B, token_counts = tokens.shape[1], [tokens.shape[2]] * K
         else:
             token_list = list(tokens)
@@ -436,11 +435,10 @@ class Dispatcher(nn.Module):
             for k, z in enumerate(token_list):
                 if z.dim() != 3 or z.shape[0] != B or z.shape[2] != D:
                     raise ValueError(f"tokens[{k}] must be (B={B}, T_k, D={D}), got {tuple(z.shape)}")
-                if z.device != prompts.device:
-                    raise ValueError(f"tokens[{k}] is on {z.device} but prompts are on {prompts.device}")
             token_counts = [z.shape[1] for z in token_list]
-        if prompt_out is not None and tuple(prompt_out.shape) != (K, B, Np, D):
-            raise ValueError(f"prompt_out must be (K={K}, B={B}, Np={Np}, D={D}), got {tuple(prompt_out.shape)}")
+        if prompt_out is not None and (not isinstance(prompt_out, torch.Tensor) or tuple(prompt_out.shape) != (K, B, Np, D)):
+            got = tuple(prompt_out.shape) if isinstance(prompt_out, torch.Tensor) else type(prompt_out).__name__
+            raise ValueError(f"prompt_out must be None or a tensor (K={K}, B={B}, Np={Np}, D={D}), got {got}")
         prefix = [num_prefix_tokens] * K if isinstance(num_prefix_tokens, int) else list(num_prefix_tokens)
         if len(prefix) != K:
             raise ValueError(f"num_prefix_tokens must be one int or K={K} ints, got {len(prefix)}")
@@ -448,6 +446,22 @@ class Dispatcher(nn.Module):
             if not 0 <= q < count:
                 raise ValueError(f"expert {k}: num_prefix_tokens={q} leaves no tokens out of T_k={count}")
         return B, prefix
+
+
+def _check_one_device(prompts, tokens, prompt_out, params) -> None:
+    """Raises a ValueError naming where each input and the parameters are when they are not all
+    on one device."""
+    token_list = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+    where = {"prompts": prompts.device, "tokens": {z.device for z in token_list}}
+    if prompt_out is not None:
+        where["prompt_out"] = prompt_out.device
+    where["the dispatcher's parameters"] = {p.device for p in params if p is not None}
+    devices = {d for v in where.values() for d in (v if isinstance(v, set) else {v})}
+    if len(devices) > 1:
+        listing = ", ".join(
+            f"{name} on {', '.join(sorted(map(str, v))) if isinstance(v, set) else v}" for name, v in where.items()
+        )
+        raise ValueError(f"the dispatcher's inputs and parameters must be on one device, got {listing}")
 
 
 def _fused_op(backend: str, kind: str = "mlp"):

@@ -78,11 +78,18 @@ def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
         (lambda d, p, z, zp: d(p, z[..., :5], zp), r"tokens must be \(K=3, B, T, D=20\)"),
         (lambda d, p, z, zp: d(p, list(z)[:2], zp), "one tensor per expert"),
         (lambda d, p, z, zp: d(p, [z[0], z[1][:1], z[2]], zp), r"tokens\[1\] must be \(B=2"),
-        (lambda d, p, z, zp: d(p, z, zp[:, :, :2]), r"prompt_out must be \(K=3, B=2, Np=3, D=20\)"),
+        (lambda d, p, z, zp: d(p, z, zp[:, :, :2]), r"prompt_out must be None or a tensor \(K=3, B=2, Np=3, D=20\)"),
+        (lambda d, p, z, zp: d(p, z, list(zp)), r"prompt_out must be None or a tensor .*, got list"),
+        # meta stands in for a second device
+        (lambda d, p, z, zp: d(p, z.to("meta"), zp), "one device, got prompts on cpu, tokens on meta"),
+        (lambda d, p, z, zp: d(p, [z[0], z[1].to("meta"), z[2]], zp), "one device, got prompts on cpu, tokens on cpu, meta"),
+        (lambda d, p, z, zp: d(p, z, zp.to("meta")), "prompt_out on meta"),
+        (lambda d, p, z, zp: d.to("meta")(p, z, zp), "the dispatcher's parameters on meta"),
         (lambda d, p, z, zp: d(p, z, zp, [1, 1]), "one int or K=3 ints"),
         (lambda d, p, z, zp: d(p, z, zp, T), "leaves no tokens"),
     ],
-    ids=["prompts", "tokens-width", "tokens-count", "tokens-batch", "prompt-out", "prefix-count", "prefix-too-long"],
+    ids=["prompts", "tokens-width", "tokens-count", "tokens-batch", "prompt-out", "prompt-out-list", "tokens-device",
+         "token-list-device", "prompt-out-device", "parameters-device", "prefix-count", "prefix-too-long"],
 )
 def test_bad_inputs_raise_clear_errors(call, match):
     disp = Dispatcher(D, K, hidden=4, backend="torch")
