@@ -33,7 +33,7 @@ def _eager_frozen(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
     """Whether the custom routes serve: eager, outside autocast, and the weights frozen."""
     return not (
         torch.compiler.is_compiling()
-        or torch.is_autocast_enabled(x.device.type)
+        or (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
         or weight_t.requires_grad
         or (bias is not None and bias.requires_grad)
     )

@@ -378,6 +378,15 @@ def test_fused_dispatcher_refuses_a_second_derivative():
         penalty_grads(fast, torch.randn(2, 3, IMG, IMG))
 
 
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_meta_device_forward_and_backward(execution):
+    """On the meta device (shape inference, no data) the fast model runs as the reference does."""
+    fast = PMoE(same_arch(2), **CONFIG, execution=execution).to("meta")
+    logits = fast(torch.randn(2, 3, IMG, IMG, device="meta"))
+    logits.sum().backward()
+    assert logits.shape == (2, CONFIG["num_classes"]) and fast.prompts.grad.is_meta
+
+
 def test_expert_dtype_converts_experts_of_mixed_dtypes():
     """Experts of mixed dtypes are refused (the reference's check), unless expert_dtype converts
     them all first: every parameter of every expert, not only the stacked block weights."""
