@@ -150,9 +150,10 @@ class Expert:
     @property
     def pool_reads_first_token(self) -> bool:
         """Whether ``pool`` reads only the first token (class-token pooling after a token-wise
-        final norm), so the last block's other outputs are never used."""
+        final norm), so the last block's other outputs are never used. Read from the module, as
+        ``pool`` does: ``reset_classifier(..., global_pool=...)`` may change it after wrapping."""
         norm = self.module.norm
-        return self.info.global_pool == "token" and isinstance(norm, (nn.LayerNorm, nn.Identity))
+        return getattr(self.module, "global_pool", "token") == "token" and isinstance(norm, (nn.LayerNorm, nn.Identity))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and pooling of the non-prompt tokens x (B, Q + N, D) -> (B, D)."""

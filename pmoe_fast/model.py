@@ -152,11 +152,12 @@ class PMoE(ReferencePMoE):
         if execution in ("auto", "batched") and not self._batched_reasons:
             self._stack_expert_weights()
             self.register_load_state_dict_post_hook(_restack_after_assigning_load)
-        # The rows of its sequence (prompt-first) each expert's pooling reads from the last block's
-        # output: its class token, or None for every token.
-        self._last_rows = [
-            slice(self.num_prompts, self.num_prompts + 1) if a.pool_reads_first_token else None for a in self._adapters
-        ]
+        self._last_rows = self._pooled_rows()
+
+    def _pooled_rows(self) -> list[slice | None]:
+        """The rows of its sequence (prompt-first) each expert's pooling reads from the last
+        block's output: its class token, or None for every token."""
+        return [slice(self.num_prompts, self.num_prompts + 1) if a.pool_reads_first_token else None for a in self._adapters]
 
     # -- the plan -------------------------------------------------------------------------------
 
@@ -294,6 +295,7 @@ class PMoE(ReferencePMoE):
         # enter, then Z_k^0, its own embedding (B, Q_k + N_k, D). Stacked when batched.
         slots = (0, 0, self.num_prompts, 0)
         images = images.to(dtype)
+        self._last_rows = self._pooled_rows()  # an expert's pooling may have changed since
         if self.last_execution == "batched" and not torch.compiler.is_compiling():
             self._restack_if_untied()  # compiled graphs do not see parameter swaps
         if self.last_execution == "batched" and torch.is_grad_enabled() and any(p.requires_grad for p in self._tied_params):

@@ -387,6 +387,23 @@ def test_meta_device_forward_and_backward(execution):
     assert logits.shape == (2, CONFIG["num_classes"]) and fast.prompts.grad.is_meta
 
 
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_pooling_changed_after_building_is_followed(execution):
+    """timm's reset_classifier(0, global_pool="avg") after the model is built: the reference pools
+    every token from then on, and the fast model must stop running its last block for the class
+    token alone."""
+    ref = Reference(same_arch(2), **CONFIG)
+    fast = PMoE(same_arch(2), **CONFIG, execution=execution)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    for model in (ref, fast):
+        for expert in model.experts:
+            expert.reset_classifier(0, global_pool="avg")
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x))
+    assert "class token only" not in fast.execution_plan()["last_block"]
+
+
 def test_expert_dtype_converts_experts_of_mixed_dtypes():
     """Experts of mixed dtypes are refused (the reference's check), unless expert_dtype converts
     them all first: every parameter of every expert, not only the stacked block weights."""
