@@ -17,14 +17,16 @@ frozen and may be gigabytes. A tuned checkpoint therefore holds only the trainab
 | ``format`` | ``"pmoe_fast.tuned/1"`` |
 | ``pmoe_fast_version`` | the library version that wrote it |
 | ``config`` | the configuration the model was built from (``pmoe_fast.training.build_model``) |
-| ``experts`` | per expert: name, weight file, kwargs, architecture summary, sha256 of its weights |
+| ``experts`` | per expert: name, weight file, kwargs, architecture summary, sha256 of its weights as held and rounded to bfloat16 |
 | ``state`` | epoch, step, position in the epoch, learning-rate schedule, optimizer hyper-parameters, history |
 | ``rng`` | Python's ``random`` state and the scalar part of NumPy's |
 
 Files are written atomically (``save``): to a temporary file in the same directory, flushed to
 disk, then renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
 ``check_experts`` compares the recorded experts with the ones a model was built with and raises
-``ExpertMismatchError`` listing every difference.
+``ExpertMismatchError`` listing every difference. Weights are compared rounded to bfloat16, so a
+float32 expert and its copies in bfloat16 or float64 (``PMoE(expert_dtype=...)``, ``.double()``)
+match; a float16 copy rounds differently and does not.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ from torch import nn
 FORMAT = "pmoe_fast.tuned/1"
 OPTIMIZER_PREFIX = "optimizer/"
 RNG_PREFIX = "rng/"
+
+
+# What check_experts adds when it could compare a recorded expert's weights only exactly.
+EXACT_ONLY = (
+    "; the checkpoint records only the exact fingerprint, which a copy of the same weights in another dtype "
+    "does not match: if these are such a copy, load the checkpoint into the experts in the dtype it was "
+    "saved from and save it again, and the new file's fingerprints match their bfloat16 and float64 copies too"
+)
 
 
 class ExpertMismatchError(ValueError):
@@ -85,11 +95,16 @@ def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's ``state_dict``: every key, dtype, shape and the tensor bytes."""
+def fingerprint(module: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """sha256 over a module's ``state_dict``: every key, dtype, shape and the tensor bytes. With
+    ``dtype``, of the floating tensors converted to ``dtype``: ``fingerprint(m, torch.bfloat16)``
+    is the same for a float32 ``m`` and for its copies in bfloat16 or float64."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -114,8 +129,9 @@ def architecture(module: nn.Module) -> dict[str, Any]:
 
 def expert_identities(experts: list[nn.Module], specs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One record per expert: its spec (name, weight file, kwargs; empty when not given), its
-    architecture summary and its weights' fingerprint. Compute it from the experts as built,
-    before any dtype conversion, so that it names the weights themselves."""
+    architecture summary and its weights' fingerprints: ``sha256`` of them as held (compute it
+    from the experts as built, before any dtype conversion, so that it names the weights as
+    loaded) and ``sha256_bf16`` of them rounded to bfloat16, which ``check_experts`` compares."""
     specs = specs if specs is not None else [{} for _ in experts]
     if len(specs) != len(experts):
         raise ValueError(f"{len(specs)} expert specs for {len(experts)} experts")
@@ -126,6 +142,7 @@ def expert_identities(experts: list[nn.Module], specs: list[dict[str, Any]] | No
             "kwargs": spec.get("kwargs", {}),
             "architecture": architecture(m),
             "sha256": fingerprint(m),
+            "sha256_bf16": fingerprint(m, torch.bfloat16),
         }
         for m, spec in zip(experts, specs)
     ]
@@ -144,7 +161,9 @@ def model_expert_identities(model: nn.Module) -> list[dict[str, Any]]:
 
 def check_experts(recorded: list[dict[str, Any]], actual: list[dict[str, Any]]) -> None:
     """Raise ``ExpertMismatchError`` listing every difference between the experts a checkpoint
-    recorded and those of the model at hand (count, name, architecture, weights)."""
+    recorded and those of the model at hand (count, name, architecture, weights). Weights are
+    compared by ``sha256_bf16``, so a copy converted to another dtype matches; a record without
+    it (in a checkpoint written before records held it) by the exact ``sha256``."""
     problems = []
     if len(recorded) != len(actual):
         problems.append(f"the checkpoint has {len(recorded)} experts, the model {len(actual)}")
@@ -156,10 +175,11 @@ def check_experts(recorded: list[dict[str, Any]], actual: list[dict[str, Any]]) 
         shape = [f"{key} {arch_w[key]} vs {arch_g[key]}" for key in arch_w if key in arch_g and arch_w[key] != arch_g[key]]
         if shape:
             problems.append(f"{label}: shape differs (checkpoint vs here: {', '.join(shape)})")
-        if want.get("sha256") != got.get("sha256"):
+        key = "sha256_bf16" if "sha256_bf16" in want and "sha256_bf16" in got else "sha256"
+        if want.get(key) != got.get(key):
             where = f" (checkpoint: weights {want.get('weights')!r}; here: {got.get('weights')!r})"
-            problems.append(f"{label}: the frozen weights differ, sha256 {want.get('sha256', '?')[:12]}... "
-                            f"vs {got.get('sha256', '?')[:12]}...{where}")
+            problems.append(f"{label}: the frozen weights differ, {key} {want.get(key, '?')[:12]}... "
+                            f"vs {got.get(key, '?')[:12]}...{where}" + ("" if "sha256_bf16" in want else EXACT_ONLY))
     if problems:
         raise ExpertMismatchError(
             "the checkpoint was tuned on other experts:\n  " + "\n  ".join(problems)
@@ -203,10 +223,32 @@ def restore_rng(rng: dict[str, Any]) -> None:
 # -- saving and loading ---------------------------------------------------------------------------
 
 
+def optimizer_parameter_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The names of ``optimizer``'s parameters in the order its parameter groups hold them, each
+    found by identity among ``trainable_named_parameters(model)`` (the optimizer may hold any of
+    them, in any order). Raises a ValueError naming a parameter that is not one of them."""
+    trainable = {id(p): n for n, p in trainable_named_parameters(model)}
+    anywhere = {id(p): n for n, p in model.named_parameters()}
+    names = []
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) not in trainable:
+                what = (f"the model's parameter {anywhere[id(p)]!r}" if id(p) in anywhere
+                        else f"a tensor of shape {tuple(p.shape)} that is not the model's")
+                raise ValueError(
+                    f"the optimizer's parameter group {g} holds, at position {i}, {what}, which is not one of "
+                    "the model's trainable parameters (checkpoint.trainable_named_parameters), so its state "
+                    "cannot be saved with them; build the optimizer over model.trainable_parameters() or some of them"
+                )
+            names.append(trainable[id(p)])
+    return names
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """The optimizer's per-parameter tensors keyed ``optimizer/<name>/<key>``, and its parameter
     groups' hyper-parameters with parameter names in place of indices. ``names`` names the
-    optimizer's parameters in the order it was given them."""
+    optimizer's parameters in the order its parameter groups hold them
+    (``optimizer_parameter_names``)."""
     sd = optimizer.state_dict()
     tensors = {}
     for index, state in sd["state"].items():
@@ -220,17 +262,33 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], ckpt: Checkpoint) -> None:
-    """Restore ``optimizer`` (built over the parameters ``names`` names, in that order) from a
-    checkpoint; its parameter groups must cover the same names."""
+    """Restore ``optimizer`` from a checkpoint. ``names`` names its parameters in the order its
+    parameter groups hold them. Each of its groups must hold the parameters of one saved group,
+    whose hyper-parameters it takes; the order of the groups, and of the parameters in them, may
+    differ from the saved optimizer's (each parameter gets the state saved under its name)."""
     groups = ckpt.state.get("optimizer_groups")
     if groups is None:
         raise ValueError("the checkpoint holds no optimizer state (it was saved without an optimizer)")
-    index = {n: i for i, n in enumerate(names)}
+    held = sum(len(g["params"]) for g in optimizer.param_groups)
+    if len(names) != held:
+        raise ValueError(f"{len(names)} names for the optimizer's {held} parameters; name each of them, "
+                         "in the order its parameter groups hold them")
     saved = sorted(n for g in groups for n in g["params"])
     if saved != sorted(names):
         raise ValueError(f"the checkpoint's optimizer tunes {saved}, this one {sorted(names)}")
+    index = {n: i for i, n in enumerate(names)}
+    saved_groups = {frozenset(g["params"]): g for g in groups}
+    remaining = iter(names)
+    param_groups = []
+    for group in optimizer.param_groups:
+        mine = [next(remaining) for _ in group["params"]]
+        if frozenset(mine) not in saved_groups:
+            raise ValueError(f"the optimizer has a parameter group of {mine}, which the checkpoint's optimizer "
+                             f"does not have (its groups: {[g['params'] for g in groups]}); build the optimizer's "
+                             "parameter groups as the checkpoint's")
+        # torch matches the saved groups' parameters to the optimizer's by position: list them as it holds them.
+        param_groups.append({**saved_groups[frozenset(mine)], "params": [index[n] for n in mine]})
     state = {index[n]: dict(ckpt.optimizer[n]) for n in names if n in ckpt.optimizer}
-    param_groups = [{**g, "params": [index[n] for n in g["params"]]} for g in groups]
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
@@ -247,8 +305,9 @@ def save(
     """Write a tuned checkpoint of ``model`` to ``path`` atomically (see the module docstring).
 
     Args:
-        optimizer: also save its state (it must have been built over
-            ``trainable_named_parameters(model)``, in that order).
+        optimizer: also save its state, each parameter's under its name. It may hold any of
+            ``trainable_named_parameters(model)``, in any order and parameter groups; a
+            parameter that is not one of them raises a ValueError.
         config: the model's configuration, JSON-able.
         experts: expert identities; None computes them (``model_expert_identities``).
         state: the run's position (epoch, step, schedule, history), JSON-able.
@@ -262,7 +321,7 @@ def save(
     tensors = {n: p.detach().cpu().contiguous() for n, p in named}
     state = dict(state or {})
     if optimizer is not None:
-        opt_tensors, groups = optimizer_state(optimizer, [n for n, _ in named])
+        opt_tensors, groups = optimizer_state(optimizer, optimizer_parameter_names(optimizer, model))
         tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
         state["optimizer_groups"] = groups
     rng_values = None

@@ -134,3 +134,96 @@ def test_other_files_are_refused(tmp_path):
         ckpt_io.load(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError):
         ckpt_io.load(tmp_path / "absent.safetensors")
+
+
+def adamw_steps(model, groups, steps=2):
+    """AdamW over ``groups`` (lists of trainable parameter names, one lr each) after ``steps`` steps."""
+    named = dict(ckpt_io.trainable_named_parameters(model))
+    opt = torch.optim.AdamW([{"params": [named[n] for n in g], "lr": 1e-3 * (i + 1)} for i, g in enumerate(groups)])
+    for _ in range(steps):
+        step(model, opt)
+    return opt
+
+
+def step(model, opt):
+    opt.zero_grad()
+    model(torch.ones(2, 3, 16, 16)).square().sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("layout", ["subset", "all, regrouped"])
+def test_optimizer_state_is_saved_by_parameter_identity(tmp_path, layout):
+    """An optimizer over some trainable parameters, or over all of them in other groups and order,
+    is saved under its parameters' names; an optimizer built in yet another order of groups and
+    parameters takes it back bit-exactly and continues as the saved one does."""
+    model = tiny_model()
+    head = ["head.bias", "head.weight"]
+    rest = [n for n, _ in reversed(ckpt_io.trainable_named_parameters(model)) if n not in head]
+    groups = [head] if layout == "subset" else [head, rest]
+    opt = adamw_steps(model, groups)
+    ckpt_io.save(tmp_path / "c.safetensors", model, optimizer=opt)
+    saved = ckpt_io.load(tmp_path / "c.safetensors")
+    named = dict(ckpt_io.trainable_named_parameters(model))
+    assert sorted(saved.optimizer) == sorted(n for g in groups for n in g)
+    for n in saved.optimizer:
+        assert all(torch.equal(saved.optimizer[n][k], opt.state[named[n]][k]) for k in opt.state[named[n]])
+
+    fresh = tiny_model()
+    ckpt_io.load_into(fresh, saved)
+    fresh_named = dict(ckpt_io.trainable_named_parameters(fresh))
+    regrouped = [list(reversed(g)) for g in reversed(groups)]
+    fresh_opt = torch.optim.AdamW([{"params": [fresh_named[n] for n in g], "lr": 5.0} for g in regrouped])
+    ckpt_io.load_optimizer_state(fresh_opt, [n for g in regrouped for n in g], saved)
+    assert [g["lr"] for g in fresh_opt.param_groups] == [g["lr"] for g in reversed(opt.param_groups)]
+    for n in saved.optimizer:
+        assert all(torch.equal(fresh_opt.state[fresh_named[n]][k], opt.state[named[n]][k]) for k in opt.state[named[n]])
+    step(model, opt)
+    step(fresh, fresh_opt)
+    assert all(torch.equal(fresh_named[n], p) for n, p in named.items())
+
+
+def test_optimizer_over_other_parameters_is_refused(tmp_path):
+    model = tiny_model()
+    frozen = model.experts[0].blocks[0].attn.qkv.weight
+    with pytest.raises(ValueError, match=r"group 0 holds, at position 1, the model's parameter 'experts\.0\.blocks\.0\."
+                                         r"attn\.qkv\.weight', which is not one of the model's trainable parameters"):
+        ckpt_io.save(tmp_path / "c.safetensors", model, optimizer=torch.optim.AdamW([model.head.weight, frozen]))
+    with pytest.raises(ValueError, match=r"group 0 holds, at position 0, a tensor of shape \(3,\) that is not the model's"):
+        ckpt_io.save(tmp_path / "c.safetensors", model, optimizer=torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]))
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("saved_dtype, loaded_dtype",
+                         [(None, torch.bfloat16), (torch.bfloat16, None), (None, torch.float64)])
+def test_the_same_experts_in_another_dtype_match(tmp_path, saved_dtype, loaded_dtype):
+    """A checkpoint loads into a model of the same expert weights converted to another dtype
+    (PMoE's expert_dtype, or .double()); other weights in that dtype still differ."""
+    def model_in(dtype, seeds=(1, 2)):
+        if dtype == torch.float64:
+            return tiny_model(seeds).double()
+        return tiny_model(seeds, expert_dtype=dtype)
+
+    model = model_in(saved_dtype)
+    with torch.no_grad():
+        model.prompts.add_(1.0)
+    ckpt_io.save(tmp_path / "c.safetensors", model)
+    saved = ckpt_io.load(tmp_path / "c.safetensors")
+    converted = model_in(loaded_dtype)
+    ckpt_io.load_into(converted, saved)
+    assert torch.equal(converted.prompts.float(), model.prompts.float())
+    with pytest.raises(ckpt_io.ExpertMismatchError, match="expert 1: the frozen weights differ, sha256_bf16") as e:
+        ckpt_io.load_into(model_in(loaded_dtype, seeds=(1, 3)), saved)
+    assert "expert 0" not in str(e.value)
+
+
+def test_records_with_only_the_exact_fingerprint_compare_it(tmp_path):
+    """A checkpoint whose expert records hold only ``sha256`` (the weights as held) loads into the
+    same experts in the same dtype; in another dtype the error says how to proceed."""
+    model = tiny_model()
+    exact_only = [{k: v for k, v in e.items() if k != "sha256_bf16"} for e in ckpt_io.model_expert_identities(model)]
+    ckpt_io.save(tmp_path / "c.safetensors", model, experts=exact_only)
+    saved = ckpt_io.load(tmp_path / "c.safetensors")
+    ckpt_io.load_into(tiny_model(), saved)
+    with pytest.raises(ckpt_io.ExpertMismatchError, match=r"expert 0: the frozen weights differ, sha256 .* load the "
+                                                          r"checkpoint into the experts in the dtype it was saved from"):
+        ckpt_io.load_into(tiny_model(expert_dtype=torch.bfloat16), saved)
