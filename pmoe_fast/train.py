@@ -17,6 +17,7 @@ continues exactly: same batches, optimizer, schedule and random state.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -24,11 +25,22 @@ from typing import Any
 
 import torch
 
+from . import attention as attention_backends
 from . import training
 from .training import DEFAULT_CONFIG
 
 # Options that may change when resuming: they do not alter the run's arithmetic.
 RESUMABLE = ("epochs", "device", "workers", "output", "save_every", "execution", "attention", "dispatcher_backend")
+# pmoe_fast.PMoE arguments that training.build_model takes from an option of their own; --pmoe-args may not give them.
+PMOE_OPTIONS = {
+    "experts": "--expert", "num_classes": "--data (its classes)", "num_prompts": "--prompts",
+    "prompt_layers": "--prompt-layers", "dispatcher": "--dispatcher", "dispatcher_hidden": "--dispatcher-hidden",
+    "num_dispatch_experts": "--dispatch-experts", "top_k": "--top-k", "base": "--base", "execution": "--execution",
+    "attention": "--attention", "dispatcher_backend": "--dispatcher-backend", "checkpoint": "--grad-checkpoint",
+    "expert_dtype": "--precision",
+}
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Expert and pMoE options (train; eval and plot-dispatch take the expert ones to relocate weights)."""
     g = p.add_argument_group("experts")
@@ -163,6 +175,64 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def pmoe_parameters() -> list[str]:
+    """The arguments pmoe_fast.PMoE takes by name: its own and those it passes on to the reference
+    model it extends (``pmoe_fast.reference.PMoE``)."""
+    from .model import PMoE
+    from .reference import PMoE as ReferencePMoE
+
+    names = []
+    for init in (ReferencePMoE.__init__, PMoE.__init__):
+        names += [p.name for p in inspect.signature(init).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    return names
+
+
+def check_model_arguments(config: dict[str, Any]) -> None:
+    """Exit naming the option when --expert-args or --pmoe-args is not a JSON object, or when
+    --pmoe-args gives an argument pmoe_fast.PMoE does not take or one an option of its own sets
+    (``PMOE_OPTIONS``). The experts' keys are checked as they are built (``build_experts``): a timm
+    architecture's arguments are known to its constructor only."""
+    for option in ("expert_args", "pmoe_args"):
+        if not isinstance(config[option], dict):
+            raise SystemExit(f"pmoe-fast train: --{option.replace('_', '-')} must be a JSON object of keyword "
+                             f"arguments, got {config[option]!r}")
+    accepted = [n for n in pmoe_parameters() if n not in PMOE_OPTIONS]
+    own = [f"{k} (give {PMOE_OPTIONS[k]})" for k in config["pmoe_args"] if k in PMOE_OPTIONS]
+    if own:
+        raise SystemExit(f"pmoe-fast train: --pmoe-args gives arguments that options of their own set: "
+                         f"{', '.join(own)}")
+    unknown = [k for k in config["pmoe_args"] if k not in accepted]
+    if unknown:
+        raise SystemExit(f"pmoe-fast train: --pmoe-args: pmoe_fast.PMoE takes no {', '.join(map(repr, unknown))}; "
+                         f"it takes {', '.join(sorted(accepted))} (help(pmoe_fast.PMoE) documents them)")
+
+
+def build_experts(config: dict[str, Any]) -> tuple[list, list[dict[str, Any]]]:
+    """``training.build_experts``, exiting with one line when an expert's constructor refuses its
+    arguments (a TypeError: a misspelt key or a wrong type in --expert-args or an expert's kwargs)."""
+    from . import vit
+
+    try:
+        return training.build_experts(config)
+    except TypeError as e:
+        ours = [n for n in inspect.signature(vit.VisionTransformer).parameters if n != "num_classes"]
+        raise SystemExit(f"pmoe-fast train: an expert refuses its arguments (--expert-args, or its kwargs in "
+                         f"--config): {e}. pmoe_fast.vit's architectures take {', '.join(sorted(ours))}; a timm "
+                         "architecture, those of its model class")
+
+
+def check_attention(attention: str, device: torch.device) -> None:
+    """Exit naming --attention when its backend cannot run on ``device`` (xformers: CUDA tensors
+    and xformers' compiled ops); the model resolves the backend only in its first forward."""
+    if attention == "auto":
+        return
+    reasons = attention_backends.not_supported_reasons(attention, torch.empty(0, device=device))
+    if reasons:
+        raise SystemExit(f"pmoe-fast train: --attention {attention} cannot run on {device}: {'; '.join(reasons)}. "
+                         "Choose --attention auto, sdpa or math")
+
+
 def apply_memory_budget(config: dict[str, Any], experts, device, fixed: set[str]) -> str:
     """Let ``pmoe_fast.memory.recommend`` choose gradient checkpointing and the experts' dtype for
     ``config["memory_budget"]`` (among the values the user did not fix: ``fixed`` names the options
@@ -216,10 +286,11 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("pmoe-fast train: give --data DIR (one sub-folder per class) or --data demo")
     if not config["output"]:
         raise SystemExit("pmoe-fast train: give --output DIR for the checkpoints and metrics")
+    check_model_arguments(config)
 
     torch.manual_seed(config["seed"])  # the initial prompts, dispatchers and head; experts without weight files
     try:
-        experts = training.build_experts(config)
+        experts = build_experts(config)
         names = [e["name"] for e in config["experts"]]
         if config["mean"] is None or config["std"] is None:
             mean, std, source = normalization(experts[0], names)
@@ -234,6 +305,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"pmoe-fast train: {e}")
     config["classes"], config["num_classes"] = data.classes, len(data.classes)
     device = training.resolve_device(config["device"])
+    check_attention(config["attention"], device)
     if config["memory_budget"] and saved is None:
         print(apply_memory_budget(config, experts[0], device, fixed))
     try:

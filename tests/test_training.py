@@ -321,6 +321,42 @@ def test_config_file_and_flags(tmp_path, weights, capsys):
         main(["train", "--config", str(config)])
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--pmoe-args", '{"dispatch_pol": "patches"}',
+     r"--pmoe-args: pmoe_fast\.PMoE takes no 'dispatch_pol'; it takes .*dispatch_pool.*help\(pmoe_fast\.PMoE\)"),
+    ("--pmoe-args", '{"num_prompts": 3}',
+     r"--pmoe-args gives arguments that options of their own set: num_prompts \(give --prompts\)"),
+    ("--pmoe-args", "[1]", r"--pmoe-args must be a JSON object of keyword arguments, got \[1\]"),
+    ("--expert-args", json.dumps({**EXPERT_ARGS, "img_sise": 16}),
+     r"an expert refuses its arguments \(--expert-args, .*unexpected keyword argument 'img_sise'\. .* take .*img_size"),
+    ("--attention", "xformers", "--attention xformers cannot run on cpu: xformers attention runs on CUDA tensors"),
+], ids=["unknown PMoE argument", "PMoE argument of an option", "not an object", "unknown expert argument",
+        "xformers on a CPU"])
+def test_train_option_mistakes_are_one_line_errors(tmp_path, weights, option, value, message):
+    root = write_images(tmp_path / "imgs", ("a", "b"), per_class=3)
+    with pytest.raises(SystemExit, match=message) as e:
+        main(train_args(weights, root, tmp_path / "out", "--epochs", "1", "--device", "cpu", option, value))
+    assert str(e.value).startswith("pmoe-fast train: ") and "\n" not in str(e.value)
+
+
+def test_pmoe_args_refuse_what_build_model_sets():
+    """train.PMOE_OPTIONS names exactly the PMoE arguments build_model passes itself: each given
+    again is a TypeError, and all the others may be given."""
+    import inspect
+
+    from pmoe_fast import train
+    from pmoe_fast.reference import PMoE as ReferencePMoE
+
+    defaults = {p.name: p.default for init in (ReferencePMoE.__init__, PMoE.__init__)
+                for p in inspect.signature(init).parameters.values()}
+    experts = ([tiny_expert(1), tiny_expert(2)], [])
+    for name in train.PMOE_OPTIONS:
+        with pytest.raises(TypeError, match=f"multiple values for (keyword )?argument '{name}'"):
+            training.build_model({"num_classes": 2, "pmoe_args": {name: defaults[name]}}, experts=experts)
+    others = {n: defaults[n] for n in train.pmoe_parameters() if n not in train.PMOE_OPTIONS}
+    assert training.build_model({"num_classes": 2, "pmoe_args": others}, experts=experts).num_classes == 2
+
+
 def test_train_on_the_demo_set(tmp_path, capsys):
     pytest.importorskip("pmoe_fast.datasets")
     main(["train", "--data", "demo", "--expert", "vit_tiny_patch16_224", "--expert", "vit_tiny_patch16_224",
