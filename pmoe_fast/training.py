@@ -506,7 +506,7 @@ def build_expert(name: str, weights: str | None = None, kwargs: dict[str, Any] |
 
 def build_experts(config: dict[str, Any]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
     """The configured experts (``build_expert``) and their identities (spec, architecture,
-    sha256 of their weights as loaded, before any dtype conversion)."""
+    fingerprints of their weights as loaded, before any dtype conversion: ``checkpoint.expert_identities``)."""
     cfg = {**DEFAULT_CONFIG, **config}
     if not cfg["experts"]:
         raise ValueError("no experts: give at least one, e.g. --expert vit_small_patch16_224:weights/a.safetensors")
