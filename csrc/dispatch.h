@@ -33,22 +33,11 @@ struct DispatchSizes {
   int64_t features() const { return H > 0 ? H : D; }
 };
 
-// The accumulation dtype: float64 when any input is float64, float32 otherwise. The weights,
+// The accumulation dtype, the torch backend's rule (pmoe_fast/dispatcher.py, _acc_dtype): float64
+// when the prompts are float64, float32 otherwise, whatever the other inputs' dtypes. The weights,
 // z_act and z_mean outputs are in it, and the backward expects them back in it.
-inline at::ScalarType dispatch_acc_dtype(const at::Tensor& prompts, const at::Tensor& tokens,
-                                         const std::optional<at::Tensor>& prompt_out,
-                                         const c10::List<std::optional<at::Tensor>>& w1,
-                                         const c10::List<std::optional<at::Tensor>>& b1,
-                                         at::TensorList w2, at::TensorList b2) {
-  bool fp64 = prompts.scalar_type() == at::kDouble || tokens.scalar_type() == at::kDouble ||
-              (prompt_out.has_value() && prompt_out->scalar_type() == at::kDouble);
-  for (int s = 0; s < kNumSources; ++s) {
-    const std::optional<at::Tensor> w = w1.get(s), b = b1.get(s);
-    fp64 = fp64 || (w.has_value() && w->scalar_type() == at::kDouble) ||
-           (b.has_value() && b->scalar_type() == at::kDouble) ||
-           w2[s].scalar_type() == at::kDouble || b2[s].scalar_type() == at::kDouble;
-  }
-  return fp64 ? at::kDouble : at::kFloat;
+inline at::ScalarType dispatch_acc_dtype(const at::Tensor& prompts) {
+  return prompts.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline void check_sizes(const char* op, const char* name, const at::Tensor& t,

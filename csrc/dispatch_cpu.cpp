@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cpu(
     at::TensorList b2) {
   const DispatchSizes s = check_dispatch_inputs("dispatch_mlp", prompts, tokens, tok_start,
                                                 tok_end, prompt_out, w1, b1, w2, b2);
-  const at::ScalarType acc = dispatch_acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2);
+  const at::ScalarType acc = dispatch_acc_dtype(prompts);
   const Mlp f_e = mlp_params(0, w1, b1, w2, b2, acc);
   const Mlp f_p = mlp_params(1, w1, b1, w2, b2, acc);
   const Mlp f_z = mlp_params(2, w1, b1, w2, b2, acc);
@@ -330,7 +330,7 @@ dispatch_mlp_backward_cpu(const at::Tensor& grad_ipt, const at::Tensor& prompts,
   const char* op = "dispatch_mlp_backward";
   const DispatchSizes s =
       check_dispatch_inputs(op, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2);
-  const at::ScalarType acc = dispatch_acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2);
+  const at::ScalarType acc = dispatch_acc_dtype(prompts);
   check_dispatch_saved(op, s, acc, grad_ipt, weights, z_act, z_mean, prompts);
   const auto [need_prompts, need_tokens, need_prompt_out] = output_mask;
   const Mlp f[kNumSources] = {mlp_params(0, w1, b1, w2, b2, acc), mlp_params(1, w1, b1, w2, b2, acc),

@@ -18,8 +18,9 @@ For expert k, image b and prompt token n (SPEC.md, "The dispatcher"; notation of
 
 The semantics are those of ``pmoe_fast.dispatcher.Dispatcher`` (backend "torch"), which the tests
 hold these ops to. The kernels are ``csrc/dispatch_cpu.cpp`` and ``csrc/cuda/dispatch.cu``; they
-accumulate in float32, or float64 when any input is float64 (the "accumulation dtype"). Besides
-ipt and weights, the forward op returns two activations for its backward, in that dtype:
+accumulate in float32, or float64 when the prompts are float64, whatever the other inputs' dtypes
+(the "accumulation dtype": the torch backend's rule). Besides ipt and weights, the forward op
+returns two activations for its backward, in that dtype:
 ``z_act`` (K, B, T, H), the pre-activations W1_z Z + b1_z of the averaged tokens (zero for the
 others), and ``z_mean`` (K, B, Hz), the mean over each token range of gelu(z_act), or of Z itself
 when H = 0 (Hz = H, or D when H = 0). They cost H/D of the tokens' memory and spare the backward
@@ -187,15 +188,14 @@ def _check_inputs(op, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w
     return K, B, Np, T, D, H
 
 
-def _acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2) -> torch.dtype:
-    """float64 when any input is float64, float32 otherwise (dispatch_acc_dtype in dispatch.h)."""
-    tensors = [prompts, tokens, prompt_out, *w1, *b1, *w2, *b2]
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def _acc_dtype(prompts: torch.Tensor) -> torch.dtype:
+    """float64 when the prompts are float64, float32 otherwise (dispatch_acc_dtype in dispatch.h)."""
+    return torch.float64 if prompts.dtype == torch.float64 else torch.float32
 
 
 def _dispatch_mlp_fake(prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2):
     K, B, Np, T, D, H = _check_inputs("dispatch_mlp", prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2)
-    acc = _acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2)
+    acc = _acc_dtype(prompts)
     return (
         prompts.new_empty((K, B, Np, D)),
         prompts.new_empty((K, B, Np, K), dtype=acc),
@@ -209,7 +209,7 @@ def _dispatch_mlp_backward_fake(
 ):
     op = "dispatch_mlp_backward"
     K, B, Np, T, D, H = _check_inputs(op, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2)
-    acc = _acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2)
+    acc = _acc_dtype(prompts)
     _check_dtype(op, "grad_ipt", grad_ipt)
     _check_same_device(op, "grad_ipt", grad_ipt, prompts)
     _check_sizes(op, "grad_ipt", grad_ipt, (K, B, Np, D), "(K, B, Np, D)")
@@ -327,7 +327,7 @@ def dispatch_mlp(
             b2 (K)) of each source's f; pass the same tensors three times for a shared f.
     Returns:
         ipt (K, B, Np, D) in prompts' dtype, and weights (K, B, Np, K) in float32 (float64 when
-        any input is float64), each row summing to 1; weights is not differentiable.
+        the prompts are float64), each row summing to 1; weights is not differentiable.
     """
     require_extension("dispatch_mlp", prompts.device)
     params = (params_e, params_p, params_z)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -194,6 +195,56 @@ def test_weights_are_float64_for_float64_inputs(device):
     params = [source_params(disp, s) for s in ("e", "p", "z")]
     ipt, weights = dispatch_mlp(prompts.double(), seq, *c.ranges(), prompt_out, *params)
     assert ipt.dtype == torch.float64 and weights.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_dtypes_match_the_torch_backend_for_every_dtype_mix(device):
+    """ipt, weights and every gradient come back in the torch backend's dtypes whatever the
+    prompts, tokens, prompt_out and parameters are in: weights float64 only for float64 prompts
+    (float64 tokens with float32 prompts and parameters gave float64 weights)."""
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    K, B, Np, T, D, H = 2, 2, 2, 3, 4, 3
+    backend = "cpp" if device == "cpu" else "cuda"
+    base = Dispatcher(D, K, hidden=H, backend="torch").to(device)
+    mismatches = []
+    for p_dtype, z_dtype, zp_dtype, param_dtype in itertools.product(dtypes, repeat=4):
+        got = {}
+        for name in ("torch", backend):
+            disp = copy.deepcopy(base).to(param_dtype)
+            disp.set_backend(name)
+            prompts = torch.randn(K, Np, D, device=device, dtype=p_dtype, requires_grad=True)
+            tokens = torch.randn(K, B, T, D, device=device, dtype=z_dtype, requires_grad=True)
+            prompt_out = torch.randn(K, B, Np, D, device=device, dtype=zp_dtype, requires_grad=True)
+            ipt, weights = disp(prompts, tokens, prompt_out)
+            ipt.float().sum().backward()
+            grads = [t.grad.dtype for t in (prompts, tokens, prompt_out, *disp.parameters())]
+            got[name] = (ipt.dtype, weights.dtype, grads)
+            assert disp.last_backend == name
+        if got["torch"] != got[backend]:
+            mismatches.append(((p_dtype, z_dtype, zp_dtype, param_dtype), got))
+    assert not mismatches, mismatches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_implementations_follow_the_ops_for_every_dtype_mix(device):
+    """The fake implementations give both ops' outputs the dtypes the ops give them, for prompts,
+    tokens (and prompt_out) and parameters each in any supported dtype."""
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    K, B, Np, T, D, H = 2, 2, 2, 3, 4, 3
+    for p_dtype, z_dtype, param_dtype in itertools.product(dtypes, repeat=3):
+        def randn(*shape, dtype=param_dtype):
+            return torch.randn(*shape, device=device, dtype=dtype)
+
+        inputs = (randn(K, Np, D, dtype=p_dtype), randn(K, B, T, D, dtype=z_dtype), [0, 1], [T, T],
+                  randn(K, B, Np, D, dtype=z_dtype))
+        params = ([randn(H, D)] * 3, [randn(H)] * 3, [randn(K, H)] * 3, [randn(K)] * 3)
+        ipt, *saved = torch.ops.pmoe_fast.dispatch_mlp(*inputs, *params)
+        torch.library.opcheck(torch.ops.pmoe_fast.dispatch_mlp.default, (*inputs, *params), test_utils="test_faketensor")
+        torch.library.opcheck(
+            torch.ops.pmoe_fast.dispatch_mlp_backward.default,
+            (torch.randn_like(ipt), *inputs, *params, *saved, [True, True, True]),
+            test_utils="test_faketensor",
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)

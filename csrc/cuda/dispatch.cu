@@ -3,10 +3,11 @@
 //
 // Written to be correct by construction and to be read, not tuned: FMAs on CUDA cores over
 // shared-memory tiles (no tensor cores), no atomics, every reduction in a fixed order, so results
-// are bitwise reproducible. Arithmetic is in acc_t = at::opmath_type of the tokens' dtype (float,
-// or double for fp64); prompts, prompt_out, parameters and grad_ipt are converted to acc_t up
-// front (small tensors), the tokens are read in place through their strides (fp64 runs convert
-// non-fp64 tokens to fp64 first: fp64 is for checking, not speed).
+// are bitwise reproducible. Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for
+// fp64 prompts, float otherwise); prompts, prompt_out, parameters and grad_ipt are converted to
+// acc_t up front (small tensors), the tokens are read in place through their strides when
+// at::opmath_type of their dtype is acc_t, and converted first otherwise (fp64 tokens in a float
+// run, other tokens in an fp64 run: fp64 is for checking, not speed).
 //
 // Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB):
 //  * forward, ONE launch, grid K*B, block 256: block (k, b) streams its token rows once per chunk
@@ -636,7 +637,9 @@ KernelTensors kernel_tensors(at::ScalarType acc, const at::Tensor& prompts, cons
                              at::TensorList w2, at::TensorList b2) {
   KernelTensors kt;
   kt.prompts = to_acc(prompts, acc);
-  kt.tokens = acc == at::kDouble ? tokens.to(at::kDouble) : tokens;
+  // The kernels compute in at::opmath_type of the tokens' dtype, which must be acc.
+  const bool tokens_fp64 = tokens.scalar_type() == at::kDouble;
+  kt.tokens = tokens_fp64 == (acc == at::kDouble) ? tokens : tokens.to(acc);
   if (prompt_out.has_value()) kt.prompt_out = to_acc(*prompt_out, acc);
   for (int s = 0; s < kNumSources; ++s) {
     const std::optional<at::Tensor> w = w1.get(s), b = b1.get(s);
@@ -688,7 +691,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cuda(
       check_dispatch_inputs(op, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2);
   check_cuda_limits(op, s);
   const c10::cuda::CUDAGuard guard(prompts.device());
-  const at::ScalarType acc = dispatch_acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2);
+  const at::ScalarType acc = dispatch_acc_dtype(prompts);
   const KernelTensors kt = kernel_tensors(acc, prompts, tokens, prompt_out, w1, b1, w2, b2);
   const at::TensorOptions options = prompts.options().dtype(acc);
   at::Tensor ipt = at::empty({s.K, s.B, s.Np, s.D}, options);
@@ -722,7 +725,7 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const DispatchSizes s =
       check_dispatch_inputs(op, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2);
   check_cuda_limits(op, s);
-  const at::ScalarType acc = dispatch_acc_dtype(prompts, tokens, prompt_out, w1, b1, w2, b2);
+  const at::ScalarType acc = dispatch_acc_dtype(prompts);
   check_dispatch_saved(op, s, acc, grad_ipt, weights, z_act, z_mean, prompts);
   const c10::cuda::CUDAGuard guard(prompts.device());
   const auto [need_prompts, need_tokens, need_prompt_out] = output_mask;
