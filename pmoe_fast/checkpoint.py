@@ -95,6 +95,13 @@ def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _hash_tensor(digest, name: str, t: torch.Tensor) -> None:
+    """Feed one state_dict entry to ``digest``: its key, dtype and shape, then its bytes."""
+    t = t.cpu().contiguous()
+    digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def fingerprint(module: nn.Module, dtype: torch.dtype | None = None) -> str:
     """sha256 over a module's ``state_dict``: every key, dtype, shape and the tensor bytes. With
     ``dtype``, of the floating tensors converted to ``dtype``: ``fingerprint(m, torch.bfloat16)``
@@ -104,10 +111,19 @@ def fingerprint(module: nn.Module, dtype: torch.dtype | None = None) -> str:
         t = tensor.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        t = t.cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _hash_tensor(digest, name, t)
     return digest.hexdigest()
+
+
+def fingerprints(module: nn.Module) -> tuple[str, str]:
+    """``(fingerprint(module), fingerprint(module, torch.bfloat16))`` in one walk over the
+    ``state_dict``: each tensor is copied to the CPU once and converted to bfloat16 once."""
+    exact, bf16 = hashlib.sha256(), hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        _hash_tensor(exact, name, t)
+        _hash_tensor(bf16, name, t.to(torch.bfloat16) if t.is_floating_point() else t)
+    return exact.hexdigest(), bf16.hexdigest()
 
 
 def architecture(module: nn.Module) -> dict[str, Any]:
@@ -135,17 +151,18 @@ def expert_identities(experts: list[nn.Module], specs: list[dict[str, Any]] | No
     specs = specs if specs is not None else [{} for _ in experts]
     if len(specs) != len(experts):
         raise ValueError(f"{len(specs)} expert specs for {len(experts)} experts")
-    return [
-        {
+    records = []
+    for m, spec in zip(experts, specs):
+        exact, bf16 = fingerprints(m)
+        records.append({
             "name": spec.get("name"),
             "weights": spec.get("weights"),
             "kwargs": spec.get("kwargs", {}),
             "architecture": architecture(m),
-            "sha256": fingerprint(m),
-            "sha256_bf16": fingerprint(m, torch.bfloat16),
-        }
-        for m, spec in zip(experts, specs)
-    ]
+            "sha256": exact,
+            "sha256_bf16": bf16,
+        })
+    return records
 
 
 def model_expert_identities(model: nn.Module) -> list[dict[str, Any]]:

@@ -227,3 +227,33 @@ def test_records_with_only_the_exact_fingerprint_compare_it(tmp_path):
     with pytest.raises(ckpt_io.ExpertMismatchError, match=r"expert 0: the frozen weights differ, sha256 .* load the "
                                                           r"checkpoint into the experts in the dtype it was saved from"):
         ckpt_io.load_into(tiny_model(expert_dtype=torch.bfloat16), saved)
+
+
+def fingerprinted_module():
+    """A small module with fixed float32 weights and buffers: an int64 vector, a bool vector and
+    a 0-dim float32 scalar."""
+    m = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.arange(6.0).view(2, 3) / 7 - 0.3)
+        m.bias.copy_(torch.tensor([1e-3, -2.5e4]))
+    m.register_buffer("steps", torch.tensor([3, -1, 7]))
+    m.register_buffer("mask", torch.tensor([True, False]))
+    m.register_buffer("scale", torch.tensor(1 / 3))
+    return m
+
+
+def test_fingerprints_keep_the_recorded_digests_in_one_pass(monkeypatch):
+    """Both digests come from one walk over the state_dict and equal what checkpoints recorded
+    before: ``fingerprint(m)`` and ``fingerprint(m, torch.bfloat16)``, written out here (computed by
+    the two-pass code), so that old checkpoints still match."""
+    m = fingerprinted_module()
+    walks = []
+    state_dict = m.state_dict
+    monkeypatch.setattr(m, "state_dict", lambda *a, **k: walks.append(1) or state_dict(*a, **k))
+    exact, bf16 = ckpt_io.fingerprints(m)
+    assert len(walks) == 1
+    assert exact == "b513ee3ee5e28924145eb8eabec20de2c0cbe4753bacb4ec9ddebef30ca72e50"
+    assert bf16 == "d2e19e607add16bf58376a718069aaf17479435165c5ed15db3ab944ec8247f4"
+    assert (exact, bf16) == (ckpt_io.fingerprint(m), ckpt_io.fingerprint(m, torch.bfloat16))
+    doubled = fingerprinted_module().double()
+    assert ckpt_io.fingerprints(doubled) == (ckpt_io.fingerprint(doubled), bf16)
