@@ -221,9 +221,6 @@ class PMoE(ReferencePMoE):
         )
         return info.num_prefix_tokens, info.num_patches, info.embed_dim, blocks
 
-    def _expert_dtype(self) -> torch.dtype:
-        return self._adapters[0].module.patch_embed.proj.weight.dtype
-
     # -- stacked weights (batched execution) ----------------------------------------------------
 
     def _stack_expert_weights(self) -> None:

@@ -159,11 +159,14 @@ class PMoE(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> the experts' pooled features averaged over experts, (B, D).
 
-        After it returns, ``last_dispatch_weights`` holds one detached (K, B, Np, K) tensor per
-        prompt layer, and ``last_aux_loss`` the MoE load-balancing loss (None for other
-        dispatchers) averaged over prompt layers.
+        Images of any floating dtype are converted to the experts' dtype; integer images (such as
+        uint8 pixels) are refused, as they are not normalised. After it returns,
+        ``last_dispatch_weights`` holds one detached (K, B, Np, K) tensor per prompt layer, and
+        ``last_aux_loss`` the MoE load-balancing loss (None for other dispatchers) averaged over
+        prompt layers.
         """
         self._check_images(images)
+        images = images.to(self._expert_dtype())
         K, L, Np = self.num_experts, self.depth, self.num_prompts
         prefix = [a.info.num_prefix_tokens for a in self._adapters]
 
@@ -187,8 +190,9 @@ class PMoE(nn.Module):
 
         self.last_dispatch_weights = weights
         self.last_aux_loss = torch.stack(aux).mean() if aux[0] is not None else None
-        # Each expert's final norm and pooling (prompts excluded), averaged over experts.
-        return torch.stack([a.pool(z) for a, z in zip(self._adapters, tokens)]).mean(0)
+        # Each expert's final norm and pooling (prompts excluded), averaged over experts, in the
+        # head's dtype (the experts' may be lower).
+        return torch.stack([a.pool(z) for a, z in zip(self._adapters, tokens)]).mean(0).to(self.head.weight.dtype)
 
     def _entering_prompts(self, l, tokens, prompt_out, entering, prefix, weights: list, aux: list) -> torch.Tensor:
         """The prompts that enter block l, (K, B, Np, D), from the tokens Z^l entering it (as the
@@ -217,6 +221,10 @@ class PMoE(nn.Module):
             return None
         head_dim = adapter.module.blocks[l].attn.head_dim
         return head_dim**-0.5 / self.temperatures[l].clamp(*TEMPERATURE_RANGE)
+
+    def _expert_dtype(self) -> torch.dtype:
+        """The floating dtype the experts hold (one for all, checked when the model is built)."""
+        return self._adapters[0].module.patch_embed.proj.weight.dtype
 
     def _check_images(self, images: torch.Tensor) -> None:
         self._adapters[0].check_images(images)

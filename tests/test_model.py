@@ -447,6 +447,20 @@ def test_bad_options_raise_clear_errors(make, match):
         make()
 
 
+def test_both_models_take_the_same_images():
+    """Floating images of any dtype into float32 experts: both models convert them to float32 and
+    agree; integer images (unnormalised pixels) both refuse with the same error."""
+    ref = Reference([small_vit("p16", depth=1)], **CONFIG)
+    fast = PMoE([small_vit("p16", depth=1)], **CONFIG)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        torch.testing.assert_close(fast(x.to(dtype)), ref(x.to(dtype)), msg=lambda m: f"{dtype}: {m}")
+    for model in (ref, fast):
+        with pytest.raises(ValueError, match="images must be floating point, got torch.uint8"):
+            model(torch.randint(0, 255, (2, 3, IMG, IMG), dtype=torch.uint8))
+
+
 def test_xformers_says_why_it_cannot_serve_on_cpu():
     fast = PMoE(same_arch(), **CONFIG, attention="xformers")
     with pytest.raises(RuntimeError, match="attention backend 'xformers' cannot serve: xformers attention runs on CUDA tensors"):

@@ -249,3 +249,30 @@ def test_bad_images_raise_clear_errors(x, match):
     model = PMoE([small_vit("p16"), small_vit("p14reg")], num_classes=2, num_prompts=2)
     with pytest.raises(ValueError, match=match):
         model(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=["fp64", "fp16", "bf16"])
+def test_images_of_any_floating_dtype_enter_in_the_experts_dtype(dtype):
+    """Floating images are converted to the experts' dtype where they enter, as the fast model
+    does: the result is that of the converted images, and float64 experts take float32 images."""
+    model = PMoE([small_vit("p16", depth=1)], num_classes=2, num_prompts=2, dispatcher_hidden=4)
+    x = images().to(dtype)
+    assert model(x).dtype == torch.float32
+    torch.testing.assert_close(model(x), model(x.float()), rtol=0, atol=0)
+    model.double()
+    torch.testing.assert_close(model(x.float()), model(x.double()), rtol=0, atol=0)
+
+
+def test_bfloat16_experts_feed_a_float32_head():
+    """Experts converted to bfloat16 (prompts, dispatchers and head stay float32): the pooled
+    features enter the head in its dtype, and the logits stay near the float32 model's."""
+    torch.manual_seed(0)
+    experts = [small_vit("p16", depth=2) for _ in range(2)]
+    model = PMoE(experts, num_classes=3, num_prompts=2, dispatcher_hidden=4)
+    x = images()
+    expected = model(x)
+    for expert in model.experts:
+        expert.to(torch.bfloat16)
+    got = model(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
