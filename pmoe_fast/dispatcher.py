@@ -31,6 +31,7 @@ every reason. ``last_backend`` says which one ran.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Sequence
@@ -209,7 +210,7 @@ class Dispatcher(nn.Module):
                 int for all, or K ints); ``pool="patches"`` leaves them out of the mean.
         Returns:
             ipt (K, B, Np, D) in prompts' dtype, and weights (K, B, Np, K) in float32 (or float64
-            for float64 inputs), each row summing to 1.
+            for float64 prompts), each row summing to 1.
         """
         B, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
         K, Np, D = prompts.shape
@@ -255,7 +256,9 @@ class Dispatcher(nn.Module):
             the Z_P they overwrite comes from the dispatcher, and nothing else may have saved
             ``seq`` for backward (without gradients to compute, they read Z_P in place and keep
             nothing). The torch backend, kind "none" and every backend under ``torch.compile``
-            return a new tensor, as concatenating IPT and Z would. Kind "moe" leaves its
+            return a new tensor, as concatenating IPT and Z would; under ``torch.compile`` a fused
+            kind "mlp" backend's backward reads the tokens from that new tensor, so that ``seq``
+            is not kept for it (``dispatch_into_functional``). Kind "moe" leaves its
             load-balancing loss in ``aux_loss``, as ``forward`` does. Either way the result equals
             ``torch.cat([ipt.to(seq.dtype), seq[:, :, Np:]], 2)`` with ``ipt`` from
             ``forward(prompts, seq[:, :, Np:], seq[:, :, :Np] or None, num_prefix_tokens)``.
@@ -275,16 +278,22 @@ class Dispatcher(nn.Module):
             B, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
             params = [t for source in self.source_params() for t in source]
             backend = self._choose_backend(prompts, tokens, prompt_out, params)
-            # Under torch.compile the functional ops below trace without a graph break; writing
-            # in place would break the graph at every layer.
-            if backend != "torch" and not torch.compiler.is_compiling():
+            if backend != "torch":
                 # Each nn.Module attribute write costs microseconds; at B = 1 those add up.
                 if self.last_backend != backend:
                     self.last_backend = backend
                 start = tuple(prefix if self.pool == "patches" else [0] * len(prefix))
                 end = (tokens.shape[2],) * len(prefix)
                 grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (seq, prompts, *params))
-                if self.kind == "moe":
+                if torch.compiler.is_compiling():
+                    # Writing in place would break the graph at every layer: a functional op
+                    # instead, which saves its own output (kind "mlp"), or forward and a
+                    # concatenation below.
+                    if grad and self.kind == "mlp":
+                        if self.aux_loss is not None:
+                            self.aux_loss = None
+                        return dispatch_into_functional(backend, seq, prompts, start, end, has_prompt_out, params)
+                elif self.kind == "moe":
                     if grad:
                         seq, weights, self.aux_loss = _DispatchIntoMoE.apply(
                             seq, prompts, start, end, has_prompt_out, self.top_k, *params
@@ -293,14 +302,15 @@ class Dispatcher(nn.Module):
                     ipt, weights, self.aux_loss, _, _ = _moe_forward(prompts, tokens, start, end, prompt_out, params, self.top_k)
                     slots.copy_(ipt)  # after the launch that read Z_P from the slots
                     return seq, weights
-                if self.aux_loss is not None:
-                    self.aux_loss = None
-                if grad:
-                    return _DispatchInto.apply(backend, seq, prompts, start, end, has_prompt_out, *params)
-                # Nothing to differentiate (inference): Z_P is read where it is and overwritten
-                # by the IPTs; nothing is kept.
-                weights, _ = _fused_forward(backend, prompts, tokens, start, end, prompt_out, params, slots, False)
-                return seq, weights
+                else:
+                    if self.aux_loss is not None:
+                        self.aux_loss = None
+                    if grad:
+                        return _DispatchInto.apply(backend, seq, prompts, start, end, has_prompt_out, *params)
+                    # Nothing to differentiate (inference): Z_P is read where it is and
+                    # overwritten by the IPTs; nothing is kept.
+                    weights, _ = _fused_forward(backend, prompts, tokens, start, end, prompt_out, params, slots, False)
+                    return seq, weights
         ipt, weights = self(prompts, tokens, prompt_out, num_prefix_tokens)
         return torch.cat([ipt.to(seq.dtype), tokens], dim=2), weights
 
@@ -642,6 +652,118 @@ def _fused_backward(backend, grad_seq, prompts, seq, tok_start, tok_end, prompt_
     return grad_prompts, grad_in, grads
 
 
+def _dispatch_into_mlp(
+    backend: str,
+    seq: torch.Tensor,
+    prompts: torch.Tensor,
+    tok_start: list[int],
+    tok_end: list[int],
+    has_prompt_out: bool,
+    w1: list[torch.Tensor | None],
+    b1: list[torch.Tensor | None],
+    w2: list[torch.Tensor],
+    b2: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``dispatch_into`` as a functional operator, for ``torch.compile``: (the new sequence, a copy
+    of ``seq`` with the IPTs in its prompt slots; weights; a copy of Z_P (K, B, Np, D), or (0,)
+    without prompt_out; what the backend's backward takes, each (0,) where it keeps nothing).
+    w1, b1, w2, b2: one entry per source e, p, z."""
+    Np = prompts.shape[1]
+    out = seq.clone()
+    prompt_out = seq[:, :, :Np].clone() if has_prompt_out else seq.new_empty((0,))
+    params = [t for source in zip(w1, b1, w2, b2) for t in source]
+    weights, saved = _fused_forward(
+        backend, prompts, out[:, :, Np:], tok_start, tok_end, prompt_out if has_prompt_out else None, params,
+        out[:, :, :Np], True,
+    )
+    return out, weights, prompt_out, [weights.new_empty((0,)) if t is None else t for t in saved]
+
+
+_dispatch_into_op = torch.library.custom_op("pmoe_fast::dispatch_into_mlp", _dispatch_into_mlp, mutates_args=())
+
+
+@_dispatch_into_op.register_fake
+def _(backend, seq, prompts, tok_start, tok_end, has_prompt_out, w1, b1, w2, b2):
+    Np = prompts.shape[1]
+    prompt_out = seq[:, :, :Np] if has_prompt_out else None
+    # The backend's own forward operator, faked: its weights and saved tensors.
+    _, weights, *saved = _functional_forward_op(backend)(
+        prompts, seq[:, :, Np:], tok_start, tok_end, prompt_out, w1, b1, w2, b2
+    )
+    return seq.clone(), weights, seq.new_empty((0,)) if prompt_out is None else prompt_out.clone(), saved
+
+
+def _functional_forward_op(backend: str):
+    """The forward operator of a fused kind "mlp" backend, saving what its backward takes."""
+    if backend == "triton":
+        from pmoe_fast.kernels.dispatch import triton_dispatch_mlp
+
+        return functools.partial(triton_dispatch_mlp, save_hidden=True)
+    return torch.ops.pmoe_fast.dispatch_mlp
+
+
+def _dispatch_into_setup_context(ctx, inputs, output) -> None:
+    backend, _, prompts, tok_start, tok_end, has_prompt_out, w1, b1, w2, b2 = inputs
+    out, weights, prompt_out, saved = output
+    ctx.mark_non_differentiable(weights, prompt_out, *saved)
+    ctx.set_materialize_grads(False)
+    ctx.backend, ctx.tok_range, ctx.has_prompt_out = backend, (list(tok_start), list(tok_end)), has_prompt_out
+    ctx.hidden, ctx.num_saved = w1[0] is not None, len(saved)
+    ctx.shared = all(a is b for params in (w1, b1, w2, b2) for a, b in zip(params, params[1:]))
+    # The new sequence, not ``seq``: its token rows are the same, and the next block keeps it anyway.
+    ctx.save_for_backward(out, prompts, prompt_out if has_prompt_out else None, weights, *saved, *w1, *b1, *w2, *b2)
+
+
+@first_order_only("Dispatcher.dispatch_into", TWICE_WITH_TORCH_DISPATCHER)
+def _dispatch_into_backward(ctx, grad_out, _grad_weights, _grad_prompt_out, _grad_saved):
+    needs = ctx.needs_input_grad
+    nothing = [None] * 3  # one per source
+    if grad_out is None:
+        return (None,) * 6 + tuple(nothing if isinstance(n, list) else None for n in needs[6:])
+    out, prompts, prompt_out, weights, *rest = ctx.saved_tensors
+    saved, params = rest[: ctx.num_saved], rest[ctx.num_saved :]
+    w1, b1, w2, b2 = (list(params[i : i + 3]) for i in range(0, 12, 3))
+    Np, has_p, need_seq = prompts.shape[1], ctx.has_prompt_out, bool(needs[1])
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_ipt, tokens = grad_out[:, :, :Np].to(prompts.dtype), out[:, :, Np:]
+    if ctx.backend == "triton":
+        from pmoe_fast.kernels.dispatch import list_param_grads, triton_dispatch_mlp_backward, unpack_param_grads
+
+        grad_prompts, grad_tokens, grad_prompt_out, packed = triton_dispatch_mlp_backward(
+            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, w1, b1, w2, b2, weights, saved, need_seq, ctx.shared
+        )
+        K, _, D = prompts.shape
+        unpack = functools.partial(unpack_param_grads, K=K, D=D, H=w1[0].shape[0] if ctx.hidden else 0)
+        param_grads = list_param_grads(packed, ctx.shared, has_p, unpack, needs[6:])
+    else:
+        from pmoe_fast.fused_dispatch import _source_grads
+
+        mask = [bool(needs[2]), need_seq, has_p and need_seq]
+        grad_prompts, grad_tokens, grad_prompt_out, *grads = torch.ops.pmoe_fast.dispatch_mlp_backward(
+            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, w1, b1, w2, b2, weights, *saved, mask
+        )
+        param_grads = [
+            _source_grads(g, n, has_p) if isinstance(n, list) else None for g, n in zip(grads, needs[6:])
+        ]
+    grad_seq = _sequence_grad(grad_out, Np, grad_prompt_out if has_p else None, grad_tokens) if need_seq else None
+    return (None, grad_seq, grad_prompts if needs[2] else None, None, None, None, *param_grads)
+
+
+_dispatch_into_op.register_autograd(_dispatch_into_backward, setup_context=_dispatch_into_setup_context)
+
+
+def dispatch_into_functional(backend, seq, prompts, tok_start, tok_end, has_prompt_out, params):
+    """``Dispatcher.dispatch_into`` for a fused kind "mlp" backend under ``torch.compile``, with
+    gradients: returns (the new sequence, weights). Against the dispatcher's forward and a
+    concatenation, which would keep the old sequence (the forward's saved tokens are a view of it)
+    beside the new one that the next block keeps, its backward reads the tokens from the new
+    sequence: one sequence kept per prompt layer, as eagerly. ``params``: the 12 tensors (W1, b1,
+    W2, b2) of sources e, p, z."""
+    w1, b1, w2, b2 = (list(params[i::4]) for i in range(4))
+    out, weights, _, _ = _dispatch_into_op(backend, seq, prompts, list(tok_start), list(tok_end), has_prompt_out, w1, b1, w2, b2)
+    return out, weights
+
+
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """Softmax and fusion accumulate in float32, or float64 when the inputs are float64."""
+    """Softmax and fusion accumulate in float32, or float64 when the prompts (``t``) are float64."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -197,6 +197,58 @@ def test_dispatch_into_matches_concatenating_in_float64(backend, seq_dtype, hidd
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "seq_dtype,hidden,separate,pool,has_prompt_out",
+    [(torch.bfloat16, H, True, "patches", True), (torch.float32, 0, False, "all", False)],
+    ids=["bf16-H24-separate-patches", "fp32-H0-first-layer"],
+)
+def test_compiled_dispatch_into_matches_concatenating_in_float64(backend, seq_dtype, hidden, separate, pool, has_prompt_out):
+    """Under torch.compile a fused backend's dispatch_into is the functional operator
+    pmoe_fast::dispatch_into_mlp, whose backward reads the tokens from the sequence it returned:
+    its result and gradients must match concatenating with the torch backend, as eagerly."""
+    torch.manual_seed(0)
+    ref = Dispatcher(D, K, hidden=hidden, separate_mlps=separate, pool=pool, backend="torch")
+    fused = Dispatcher(D, K, hidden=hidden, separate_mlps=separate, pool=pool, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    prompts, seq, _ = make_inputs()
+    seq = seq.to(seq_dtype).double()
+    weight = torch.randn(K, B, NP + T, D, dtype=torch.float64)
+    gold = run_into(ref, prompts, seq, torch.float64, torch.float64, has_prompt_out, 2, weight)
+    plain = run_into(ref, prompts, seq, torch.float32, seq_dtype, has_prompt_out, 2, weight)
+    eager = run_into(fused, prompts, seq, torch.float32, seq_dtype, has_prompt_out, 2, weight)  # as a model's first step
+    fused.zero_grad()
+    p = prompts.float().requires_grad_()
+    leaf = seq.to(seq_dtype).requires_grad_()
+    torch._dynamo.reset()
+    into = torch.compile(lambda p, s: fused.dispatch_into(p, s, has_prompt_out, 2), backend="aot_eager", fullgraph=True)
+    out, w = into(p, leaf * 1)
+    (out.double() * weight).sum().backward()
+    assert fused.last_backend == backend and out.dtype == seq_dtype
+    names = ["seq", "weights", "prompts", "seq grad"] + [n for n, _ in fused.named_parameters()]
+    compiled = [out, w, p.grad, leaf.grad] + [q.grad for q in fused.parameters()]
+    assert_within_the_rule(names, gold, plain, compiled)
+    for name, e, c in zip(names, eager, compiled):  # the same kernels on the same values
+        if e is not None:
+            torch.testing.assert_close(c, e, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("hidden,has_prompt_out", [(H, True), (0, False)], ids=["H24-prompt-out", "H0-first-layer"])
+def test_dispatch_into_operator_opcheck(backend, hidden, has_prompt_out):
+    """pmoe_fast::dispatch_into_mlp: schema, fake implementation against the real one, autograd
+    registration and AOT dispatch."""
+    torch.manual_seed(0)
+    disp = Dispatcher(D, K, hidden=hidden, separate_mlps=True, backend=backend)
+    prompts, seq, _ = make_inputs()
+    prompts, seq = prompts.float().requires_grad_(), seq.bfloat16().requires_grad_()
+    w1, b1, w2, b2 = (list(group) for group in zip(*disp.source_params()))
+    torch.library.opcheck(
+        torch.ops.pmoe_fast.dispatch_into_mlp.default,
+        (backend, seq, prompts, [0] * K, [T] * K, has_prompt_out, w1, b1, w2, b2),
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("has_prompt_out", [True, False], ids=["prompt-out", "first-layer"])
 def test_dispatch_into_without_gradients_writes_in_place_too(backend, has_prompt_out):
     """Inference: the slots' Z_P is read where it is and overwritten, nothing kept; the result is
