@@ -186,10 +186,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", help="the figure's title")
 
 
+def check_output(path: str) -> None:
+    """Exit naming --output when the figure cannot go to ``path``: its folder does not exist, or
+    its extension names no format matplotlib writes (without one, matplotlib would add .png)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"pmoe-fast plot-dispatch: --output {path}: the folder {folder} does not exist; "
+                         "create it or write the figure elsewhere")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if os.path.splitext(path)[1][1:].lower() not in formats:
+        raise SystemExit(f"pmoe-fast plot-dispatch: --output {path}: name a file ending in .png (or another "
+                         f"format matplotlib writes: {', '.join(sorted(formats))})")
+
+
 def run(args: argparse.Namespace) -> None:
     """Rebuild the model from the checkpoint, collect its dispatch weights on the chosen split, draw them."""
     from .evaluate import load_for_eval
 
+    check_output(args.output)
     model, saved, dataset, data, source = load_for_eval(args, "plot-dispatch")
     if saved.config.get("dispatcher") == "none":
         raise SystemExit("pmoe-fast plot-dispatch: this model was trained with dispatcher 'none': "

@@ -41,15 +41,23 @@ def load_for_eval(args: argparse.Namespace, command: str) -> tuple:
     from . import training
     from .checkpoint import ExpertMismatchError
     from .data import DataError, open_data
+    from .train import check_device, first_line, parse_expert
 
+    if args.batch_size < 1:
+        raise SystemExit(f"pmoe-fast {command}: --batch-size must be >= 1, got {args.batch_size}")
+    check_device(args.device, command)
     overrides = {"precision": args.precision} if args.precision else {}
-    experts = [training.parse_expert(e) for e in args.expert] if args.expert else None
+    experts = [parse_expert(e, command) for e in args.expert] if args.expert else None
     try:
         model, saved = training.model_from_checkpoint(args.checkpoint, experts=experts, **overrides)
     except ExpertMismatchError as e:
         raise SystemExit(f"pmoe-fast {command}: {e}")
     except (OSError, ValueError) as e:
         raise SystemExit(f"pmoe-fast {command}: {e}")
+    except TypeError as e:  # a constructor refuses a recorded argument
+        raise SystemExit(f"pmoe-fast {command}: {args.checkpoint} records arguments that its experts' or "
+                         "pmoe_fast.PMoE's constructor refuses (was it written by another version of pmoe_fast?): "
+                         f"{first_line(e)}")
     config = saved.config
     source = args.data or config["data"]
     img_size = tuple(model.experts[0].patch_embed.img_size)

@@ -130,10 +130,18 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def _expert_spec(entry: Any, where: str) -> dict[str, Any]:
     if isinstance(entry, str):
-        return training.parse_expert(entry)
+        return parse_expert(entry, "train", f"an expert in {where}")
     if isinstance(entry, dict) and "name" in entry and set(entry) <= {"name", "weights", "kwargs"}:
         return {"name": entry["name"], "weights": entry.get("weights"), "kwargs": dict(entry.get("kwargs") or {})}
     raise SystemExit(f"pmoe-fast train: an expert in {where} must be 'NAME[:PATH]' or {{name, weights, kwargs}}, got {entry!r}")
+
+
+def parse_expert(text: str, command: str, where: str = "--expert") -> dict[str, Any]:
+    """``training.parse_expert``, exiting with one line that names ``where`` the text came from."""
+    try:
+        return training.parse_expert(text)
+    except ValueError as e:
+        raise SystemExit(f"pmoe-fast {command}: {where}: {e}")
 
 
 def resolve_config(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any], set[str]]:
@@ -148,7 +156,7 @@ def resolve_config(args: argparse.Namespace, recorded: dict[str, Any] | None = N
     for key in DEFAULT_CONFIG:
         value = getattr(args, key, None)
         if key == "experts" and args.expert:
-            value = [training.parse_expert(e) for e in args.expert]
+            value = [parse_expert(e, "train") for e in args.expert]
         if value is not None:
             given[key] = value
     if recorded:
@@ -208,6 +216,11 @@ def check_model_arguments(config: dict[str, Any]) -> None:
                          f"it takes {', '.join(sorted(accepted))} (help(pmoe_fast.PMoE) documents them)")
 
 
+def first_line(error: Exception) -> str:
+    """The first line of ``error``'s message (torch's TypeErrors go on to list every overload)."""
+    return str(error).partition("\n")[0]
+
+
 def build_experts(config: dict[str, Any]) -> tuple[list, list[dict[str, Any]]]:
     """``training.build_experts``, exiting with one line when an expert's constructor refuses its
     arguments (a TypeError: a misspelt key or a wrong type in --expert-args or an expert's kwargs)."""
@@ -218,8 +231,22 @@ def build_experts(config: dict[str, Any]) -> tuple[list, list[dict[str, Any]]]:
     except TypeError as e:
         ours = [n for n in inspect.signature(vit.VisionTransformer).parameters if n != "num_classes"]
         raise SystemExit(f"pmoe-fast train: an expert refuses its arguments (--expert-args, or its kwargs in "
-                         f"--config): {e}. pmoe_fast.vit's architectures take {', '.join(sorted(ours))}; a timm "
-                         "architecture, those of its model class")
+                         f"--config): {first_line(e)}. pmoe_fast.vit's architectures take "
+                         f"{', '.join(sorted(ours))}; a timm architecture, those of its model class")
+
+
+def build_model(config: dict[str, Any], experts: tuple[list, list[dict[str, Any]]]) -> torch.nn.Module:
+    """``training.build_model``, exiting with one line when pmoe_fast.PMoE refuses its arguments (a
+    TypeError or ValueError of its constructor: a value of the wrong type or out of range), naming
+    --pmoe-args when it gave some."""
+    try:
+        return training.build_model(config, experts=experts)
+    except (TypeError, ValueError) as e:
+        if config["pmoe_args"]:
+            raise SystemExit(f"pmoe-fast train: pmoe_fast.PMoE refuses its arguments (--pmoe-args gives "
+                             f"{json.dumps(config['pmoe_args'])}; help(pmoe_fast.PMoE) documents them): "
+                             f"{first_line(e)}")
+        raise SystemExit(f"pmoe-fast train: {first_line(e)}")
 
 
 def check_attention(attention: str, device: torch.device) -> None:
@@ -231,6 +258,34 @@ def check_attention(attention: str, device: torch.device) -> None:
     if reasons:
         raise SystemExit(f"pmoe-fast train: --attention {attention} cannot run on {device}: {'; '.join(reasons)}. "
                          "Choose --attention auto, sdpa or math")
+
+
+def check_device(device: str | None, command: str) -> torch.device:
+    """``training.resolve_device(device)``, exiting with one line naming --device when torch cannot
+    use that device here: not a device name, CUDA without a visible GPU or past its last index, a
+    backend this torch lacks."""
+    try:
+        resolved = training.resolve_device(device)
+    except RuntimeError:
+        raise SystemExit(f"pmoe-fast {command}: --device {device} is not a torch device; "
+                         "use --device cpu, cuda or cuda:N")
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"pmoe-fast {command}: --device {device}: no CUDA device is visible here "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise SystemExit(f"pmoe-fast {command}: --device {device}: this machine shows {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}; use one of them")
+        return resolved
+    try:
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError, NotImplementedError):
+        raise SystemExit(f"pmoe-fast {command}: --device {device}: this torch ({torch.__version__}) cannot create "
+                         "tensors there; use --device cpu")
+    return resolved
 
 
 def apply_memory_budget(config: dict[str, Any], experts, device, fixed: set[str]) -> str:
@@ -304,14 +359,15 @@ def run(args: argparse.Namespace) -> None:
     except (DataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"pmoe-fast train: {e}")
     config["classes"], config["num_classes"] = data.classes, len(data.classes)
-    device = training.resolve_device(config["device"])
+    device = check_device(config["device"], "train")
     check_attention(config["attention"], device)
     if config["memory_budget"] and saved is None:
         print(apply_memory_budget(config, experts[0], device, fixed))
+    model = build_model(config, experts)
     try:
-        model = training.build_model(config, experts=experts)
-    except ValueError as e:
-        raise SystemExit(f"pmoe-fast train: {e}")
+        os.makedirs(config["output"], exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"pmoe-fast train: --output: cannot create the folder: {e}")
 
     trainable = sum(p.numel() for p in model.trainable_parameters())
     frozen = sum(p.numel() for p in model.experts.parameters())

@@ -1,0 +1,127 @@
+"""A user's mistakes with pmoe-fast train, eval and plot-dispatch end in one line naming the option."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from pmoe_fast.cli import main
+
+EXPERT_ARGS = dict(img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train_args(output, *extra):
+    """A tiny run on the demo digits: two random vit_tiny experts of one block."""
+    return ["train", "--data", "demo", "--expert", "vit_tiny_patch16_224", "--expert", "vit_tiny_patch16_224",
+            "--expert-args", json.dumps(EXPERT_ARGS), "--prompts", "2", "--epochs", "1", "--no-progress",
+            "--output", str(output), *extra]
+
+
+def assert_one_line_error(argv, match):
+    with pytest.raises(SystemExit, match=match) as e:
+        main(argv)
+    message = str(e.value)
+    assert message.startswith(f"pmoe-fast {argv[0]}: ") and "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    output = tmp_path_factory.mktemp("run")
+    main(train_args(output))
+    return output / "best.safetensors"
+
+
+def with_config(source, path, **changes):
+    """A copy of checkpoint ``source`` at ``path`` whose recorded configuration has ``changes``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(source, framework="pt") as f:
+        metadata = f.metadata()
+    config = {**json.loads(metadata["config"]), **changes}
+    save_file(load_file(source), path, metadata={**metadata, "config": json.dumps(config)})
+    return path
+
+
+def command_args(command, checkpoint, tmp_path, *extra):
+    output = ["--output", str(tmp_path / "dispatch.png")] if command == "plot-dispatch" else []
+    return [command, "--checkpoint", str(checkpoint), *output, *extra]
+
+
+DEVICES = [
+    pytest.param("gpu", r"--device gpu is not a torch device; use --device cpu, cuda or cuda:N", id="not a device"),
+    pytest.param("cuda", r"--device cuda: no CUDA device is visible here \(torch\.cuda\.is_available\(\) is False\); "
+                         r"use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device"),
+                 id="cuda without a GPU"),
+    pytest.param("cuda:99", r"--device cuda:99: (no CUDA device is visible here|this machine shows \d+ CUDA device)",
+                 id="a GPU past the last"),
+]
+
+
+@pytest.mark.parametrize("device, message", DEVICES)
+@pytest.mark.parametrize("command", ["train", "eval", "plot-dispatch"])
+def test_a_device_torch_cannot_use(tmp_path, checkpoint, command, device, message):
+    if command == "train":
+        argv = train_args(tmp_path / "out", "--device", device)
+    else:
+        argv = command_args(command, checkpoint, tmp_path, "--device", device)
+    assert_one_line_error(argv, message)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "-3"], "--batch-size must be >= 1, got -3"),
+    (["--expert", "vit:", "--expert", "vit_tiny_patch16_224"], r"--expert: expert 'vit:' must be NAME or NAME:PATH"),
+], ids=["zero batch", "negative batch", "bad expert"])
+@pytest.mark.parametrize("command", ["eval", "plot-dispatch"])
+def test_eval_and_plot_option_mistakes(tmp_path, checkpoint, command, extra, message):
+    assert_one_line_error(command_args(command, checkpoint, tmp_path, *extra), message)
+
+
+@pytest.mark.parametrize("expert_args, message", [
+    ({**EXPERT_ARGS, "img_sise": 16}, "unexpected keyword argument 'img_sise'"),
+    ({**EXPERT_ARGS, "depth": "two"}, "received an invalid combination of arguments"),
+], ids=["unknown key", "wrong type"])
+@pytest.mark.parametrize("command", ["eval", "plot-dispatch"])
+def test_a_checkpoint_whose_experts_cannot_be_built(tmp_path, checkpoint, command, expert_args, message):
+    broken = with_config(checkpoint, tmp_path / "broken.safetensors", expert_args=expert_args)
+    assert_one_line_error(command_args(command, broken, tmp_path),
+                          f"{broken} records arguments that its experts' or pmoe_fast.PMoE's constructor refuses.*"
+                          + message)
+
+
+@pytest.mark.parametrize("output, message", [
+    ("absent/dispatch.png", r"--output .*absent/dispatch\.png: the folder .*absent does not exist"),
+    ("dispatch.pngg", r"--output .*dispatch\.pngg: name a file ending in \.png \(or another format matplotlib "
+                      r"writes: .*svg"),
+    ("dispatch", r"--output .*dispatch: name a file ending in \.png"),
+], ids=["missing folder", "unknown format", "no extension"])
+def test_plot_dispatch_output_mistakes(tmp_path, checkpoint, output, message):
+    assert_one_line_error(["plot-dispatch", "--checkpoint", str(checkpoint), "--output", str(tmp_path / output)],
+                          message)
+
+
+@pytest.mark.parametrize("pmoe_args, message", [
+    ({"gate_layers": "x"}, "'<=' not supported between instances of 'int' and 'str'"),
+    ({"gate_layers": -1}, r"gate_layers must be in \[0, depth-1=0\], got -1"),
+    ({"gate_init": "five"}, "could not convert string to float: 'five'"),
+    ({"dispatch_pool": 3}, "unknown dispatch pool 3"),
+], ids=["wrong type", "negative", "not a number", "unknown value"])
+def test_train_pmoe_args_the_constructor_refuses(tmp_path, pmoe_args, message):
+    given = json.dumps(pmoe_args)
+    assert_one_line_error(train_args(tmp_path / "out", "--base", "gapt", "--pmoe-args", given),
+                          rf"pmoe_fast\.PMoE refuses its arguments \(--pmoe-args gives {re.escape(given)}; "
+                          rf"help\(pmoe_fast\.PMoE\) documents them\): {message}")
+
+
+@pytest.mark.parametrize("output, extra, message", [
+    ("out", ["--expert", "vit:"], r"--expert: expert 'vit:' must be NAME or NAME:PATH"),
+    ("a_file/run", [], r"--output: cannot create the folder: .*a_file"),
+], ids=["bad expert", "output under a file"])
+def test_train_expert_and_output_mistakes(tmp_path, output, extra, message):
+    (tmp_path / "a_file").write_text("")
+    assert_one_line_error(train_args(tmp_path / output, *extra), message)
