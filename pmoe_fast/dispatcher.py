@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from typing import Sequence
 
@@ -49,6 +50,17 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 # for CPU tensors. Triton leads on GPUs: its kernels use tensor cores (tl.dot).
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the names used by separate_mlps
+
+
+def check_argument_types(ints: dict[str, object] | None = None, bools: dict[str, object] | None = None) -> None:
+    """Raises a TypeError naming each argument that is not an int (a bool is not one here), or not
+    True/False: a string such as "no" would otherwise pass as a true flag, or fail somewhere deep."""
+    wrong = [f"{name} must be an int, got {value!r}" for name, value in (ints or {}).items()
+             if isinstance(value, bool) or not isinstance(value, numbers.Integral)]
+    wrong += [f"{name} must be True or False, got {value!r}" for name, value in (bools or {}).items()
+              if not isinstance(value, bool)]
+    if wrong:
+        raise TypeError("; ".join(wrong))
 
 
 class StackedMLPs(nn.Module):
@@ -144,6 +156,10 @@ class Dispatcher(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        check_argument_types(
+            ints=dict(dim=dim, num_experts=num_experts, hidden=hidden, num_dispatch_experts=num_dispatch_experts, top_k=top_k),
+            bools=dict(separate_mlps=separate_mlps),
+        )
         if kind not in KINDS:
             raise ValueError(f"unknown dispatcher kind {kind!r}; choose one of {KINDS}")
         if pool not in POOLS:

@@ -12,12 +12,13 @@ one at a time and shows each equation once; the dispatcher's math lives in
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, check_argument_types
 from .experts import Expert
 
 BASES = ("vpt", "gapt")
@@ -82,6 +83,14 @@ class PMoE(nn.Module):
         gate_init: float = 5.0,
     ):
         super().__init__()
+        check_argument_types(
+            ints=dict(num_classes=num_classes, num_prompts=num_prompts, dispatcher_hidden=dispatcher_hidden,
+                      num_dispatch_experts=num_dispatch_experts, top_k=top_k,
+                      **({} if gate_layers is None else dict(gate_layers=gate_layers))),
+            bools=dict(separate_mlps=separate_mlps),
+        )
+        if isinstance(gate_init, bool) or not isinstance(gate_init, numbers.Real):
+            raise TypeError(f"gate_init must be a number, got {gate_init!r}")
         experts = list(experts)
         adapters = [Expert(m) for m in experts]
         infos = [a.info for a in adapters]

@@ -106,11 +106,12 @@ def test_plot_dispatch_output_mistakes(tmp_path, checkpoint, output, message):
 
 
 @pytest.mark.parametrize("pmoe_args, message", [
-    ({"gate_layers": "x"}, "'<=' not supported between instances of 'int' and 'str'"),
+    ({"gate_layers": "x"}, "gate_layers must be an int, got 'x'"),
     ({"gate_layers": -1}, r"gate_layers must be in \[0, depth-1=0\], got -1"),
-    ({"gate_init": "five"}, "could not convert string to float: 'five'"),
+    ({"gate_init": "five"}, "gate_init must be a number, got 'five'"),
     ({"dispatch_pool": 3}, "unknown dispatch pool 3"),
-], ids=["wrong type", "negative", "not a number", "unknown value"])
+    ({"separate_mlps": "no"}, "separate_mlps must be True or False, got 'no'"),
+], ids=["wrong type", "negative", "not a number", "unknown value", "string flag"])
 def test_train_pmoe_args_the_constructor_refuses(tmp_path, pmoe_args, message):
     given = json.dumps(pmoe_args)
     assert_one_line_error(train_args(tmp_path / "out", "--base", "gapt", "--pmoe-args", given),

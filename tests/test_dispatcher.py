@@ -111,3 +111,18 @@ def test_bad_inputs_raise_clear_errors(call, match):
 def test_bad_configs_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Dispatcher(D, K, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(separate_mlps="no"), "separate_mlps must be True or False, got 'no'"),
+        (dict(hidden=64.0), "hidden must be an int, got 64.0"),
+        (dict(top_k=True), "top_k must be an int, got True"),
+    ],
+    ids=["separate-str", "hidden-float", "top-k-bool"],
+)
+def test_arguments_of_the_wrong_type_raise(kwargs, match):
+    """A string flag such as "no" would pass as true; a float width would fail deep in nn.Linear."""
+    with pytest.raises(TypeError, match=match):
+        Dispatcher(D, K, **kwargs)
