@@ -242,11 +242,17 @@ def build_model(config: dict[str, Any], experts: tuple[list, list[dict[str, Any]
     try:
         return training.build_model(config, experts=experts)
     except (TypeError, ValueError) as e:
-        if config["pmoe_args"]:
-            raise SystemExit(f"pmoe-fast train: pmoe_fast.PMoE refuses its arguments (--pmoe-args gives "
-                             f"{json.dumps(config['pmoe_args'])}; help(pmoe_fast.PMoE) documents them): "
-                             f"{first_line(e)}")
-        raise SystemExit(f"pmoe-fast train: {first_line(e)}")
+        raise model_refused(config, e)
+
+
+def model_refused(config: dict[str, Any], error: Exception) -> SystemExit:
+    """The one-line exit for pmoe_fast.PMoE refusing the arguments ``config`` gives it, naming
+    --pmoe-args when it gave some."""
+    if config["pmoe_args"]:
+        return SystemExit(f"pmoe-fast train: pmoe_fast.PMoE refuses its arguments (--pmoe-args gives "
+                          f"{json.dumps(config['pmoe_args'])}; help(pmoe_fast.PMoE) documents them): "
+                          f"{first_line(error)}")
+    return SystemExit(f"pmoe-fast train: {first_line(error)}")
 
 
 def check_attention(attention: str, device: torch.device) -> None:
@@ -301,16 +307,20 @@ def apply_memory_budget(config: dict[str, Any], experts, device, fixed: set[str]
     if "grad_checkpoint" in fixed:
         choices["checkpoints"] = (int(config["grad_checkpoint"]),)
     try:
+        budget = memory.parse_bytes(config["memory_budget"])
+    except ValueError as e:
+        raise SystemExit(f"pmoe-fast train: --memory-budget: {e}")
+    try:
         rec = memory.recommend(
-            experts, batch_size=config["batch_size"], budget_bytes=memory.parse_bytes(config["memory_budget"]),
+            experts, batch_size=config["batch_size"], budget_bytes=budget,
             num_prompts=config["prompts"], num_classes=config["num_classes"], prompt_layers=config["prompt_layers"],
             dispatcher=config["dispatcher"], dispatcher_hidden=config["dispatcher_hidden"],
             execution=config["execution"], device=device, attention=config["attention"],
             dispatcher_backend=config["dispatcher_backend"], num_dispatch_experts=config["dispatch_experts"],
             top_k=config["top_k"], base=config["base"], **config["pmoe_args"], **choices,
         )
-    except ValueError as e:
-        raise SystemExit(f"pmoe-fast train: --memory-budget: {e}")
+    except (TypeError, ValueError) as e:  # the model it sizes refuses its arguments
+        raise model_refused(config, e)
     if not rec.fits:
         raise SystemExit(f"pmoe-fast train: --memory-budget {config['memory_budget']}: {rec.message}")
     config["grad_checkpoint"] = rec.option.checkpoint

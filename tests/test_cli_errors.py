@@ -126,3 +126,14 @@ def test_train_pmoe_args_the_constructor_refuses(tmp_path, pmoe_args, message):
 def test_train_expert_and_output_mistakes(tmp_path, output, extra, message):
     (tmp_path / "a_file").write_text("")
     assert_one_line_error(train_args(tmp_path / output, *extra), message)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--memory-budget", "lots"], r"--memory-budget: "),
+    (["--memory-budget", "8GiB", "--pmoe-args", '{"dispatch_pool": 3}'],
+     r"pmoe_fast\.PMoE refuses its arguments \(--pmoe-args gives \{\"dispatch_pool\": 3\}; .*unknown dispatch pool 3"),
+], ids=["unreadable budget", "pmoe-args the planner's model refuses"])
+def test_train_memory_budget_names_the_option_at_fault(tmp_path, extra, message):
+    """The memory planner builds the model to size it: a constructor's refusal names --pmoe-args,
+    not --memory-budget, which only an unreadable budget is blamed for."""
+    assert_one_line_error(train_args(tmp_path / "out", *extra), message)
