@@ -123,9 +123,30 @@ def read_config_file(path: str) -> dict[str, Any]:
     unknown = sorted(set(config) - set(DEFAULT_CONFIG))
     if unknown:
         raise SystemExit(f"pmoe-fast train: unknown option(s) in {path}: {unknown}; known: {sorted(DEFAULT_CONFIG)}")
+    wrong = [f"{key} must be {_TYPE_NAMES[type(DEFAULT_CONFIG[key])]}, got {value!r}"
+             for key, value in config.items() if not _of_default_type(key, value)]
+    if wrong:
+        raise SystemExit(f"pmoe-fast train: {path}: {'; '.join(wrong)}")
     if "experts" in config:
         config["experts"] = [_expert_spec(e, path) for e in config["experts"]]
     return config
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+               list: "a list"}
+
+
+def _of_default_type(key: str, value: Any) -> bool:
+    """Whether a config file's ``value`` for ``key`` has the type of its default (an integer for a
+    number, not a boolean); any value where the default is None (the flag's own parser decides)."""
+    default = DEFAULT_CONFIG[key]
+    if default is None:
+        return True
+    if isinstance(value, bool) != isinstance(default, bool):
+        return False
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def _expert_spec(entry: Any, where: str) -> dict[str, Any]:
@@ -277,6 +298,9 @@ def check_device(device: str | None, command: str) -> torch.device:
                          "use --device cpu, cuda or cuda:N")
     if resolved.type == "cpu":
         return resolved
+    if resolved.type == "meta":
+        raise SystemExit(f"pmoe-fast {command}: --device meta holds shapes, not values: nothing can train or be "
+                         "evaluated there; use --device cpu or cuda")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"pmoe-fast {command}: --device {device}: no CUDA device is visible here "

@@ -59,6 +59,7 @@ DEVICES = [
                  id="cuda without a GPU"),
     pytest.param("cuda:99", r"--device cuda:99: (no CUDA device is visible here|this machine shows \d+ CUDA device)",
                  id="a GPU past the last"),
+    pytest.param("meta", r"--device meta holds shapes, not values", id="meta"),
 ]
 
 
@@ -137,3 +138,16 @@ def test_train_memory_budget_names_the_option_at_fault(tmp_path, extra, message)
     """The memory planner builds the model to size it: a constructor's refusal names --pmoe-args,
     not --memory-budget, which only an unreadable budget is blamed for."""
     assert_one_line_error(train_args(tmp_path / "out", *extra), message)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prompts: ten", r"prompts must be an integer, got 'ten'"),
+    ("lr: fast\npretrained: 'no'", r"lr must be a number, got 'fast'; pretrained must be true or false, got 'no'"),
+    ("epochs: 2.5", r"epochs must be an integer, got 2\.5"),
+    ("batch_size: true", r"batch_size must be an integer, got True"),
+], ids=["string count", "string rate and flag", "float count", "bool count"])
+def test_train_config_file_values_of_the_wrong_type(tmp_path, text, message):
+    """A --config file's value must have its option's type; the line names the file and the key."""
+    config = tmp_path / "run.yaml"
+    config.write_text(text + "\n")
+    assert_one_line_error(train_args(tmp_path / "out", "--config", str(config)), rf"{re.escape(str(config))}: {message}")
