@@ -52,11 +52,16 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the names used by separate_mlps
 
 
-def check_argument_types(ints: dict[str, object] | None = None, bools: dict[str, object] | None = None) -> None:
-    """Raises a TypeError naming each argument that is not an int (a bool is not one here), or not
-    True/False: a string such as "no" would otherwise pass as a true flag, or fail somewhere deep."""
+def check_argument_types(
+    ints: dict[str, object] | None = None, bools: dict[str, object] | None = None, reals: dict[str, object] | None = None
+) -> None:
+    """Raises a TypeError naming each argument that is not an int, or not a real number (a bool is
+    neither here), or not True/False: a string such as "no" would otherwise pass as a true flag,
+    or fail somewhere deep."""
     wrong = [f"{name} must be an int, got {value!r}" for name, value in (ints or {}).items()
              if isinstance(value, bool) or not isinstance(value, numbers.Integral)]
+    wrong += [f"{name} must be a number, got {value!r}" for name, value in (reals or {}).items()
+              if isinstance(value, bool) or not isinstance(value, numbers.Real)]
     wrong += [f"{name} must be True or False, got {value!r}" for name, value in (bools or {}).items()
               if not isinstance(value, bool)]
     if wrong:
@@ -298,6 +303,8 @@ class Dispatcher(nn.Module):
                 # Each nn.Module attribute write costs microseconds; at B = 1 those add up.
                 if self.last_backend != backend:
                     self.last_backend = backend
+                if self.kind == "mlp" and self.aux_loss is not None:
+                    self.aux_loss = None
                 start = tuple(prefix if self.pool == "patches" else [0] * len(prefix))
                 end = (tokens.shape[2],) * len(prefix)
                 grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (seq, prompts, *params))
@@ -306,8 +313,6 @@ class Dispatcher(nn.Module):
                     # instead, which saves its own output (kind "mlp"), or forward and a
                     # concatenation below.
                     if grad and self.kind == "mlp":
-                        if self.aux_loss is not None:
-                            self.aux_loss = None
                         return dispatch_into_functional(backend, seq, prompts, start, end, has_prompt_out, params)
                 elif self.kind == "moe":
                     if grad:
@@ -319,8 +324,6 @@ class Dispatcher(nn.Module):
                     slots.copy_(ipt)  # after the launch that read Z_P from the slots
                     return seq, weights
                 else:
-                    if self.aux_loss is not None:
-                        self.aux_loss = None
                     if grad:
                         return _DispatchInto.apply(backend, seq, prompts, start, end, has_prompt_out, *params)
                     # Nothing to differentiate (inference): Z_P is read where it is and
@@ -724,7 +727,7 @@ def _dispatch_into_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(weights, prompt_out, *saved)
     ctx.set_materialize_grads(False)
     ctx.backend, ctx.tok_range, ctx.has_prompt_out = backend, (list(tok_start), list(tok_end)), has_prompt_out
-    ctx.hidden, ctx.num_saved = w1[0] is not None, len(saved)
+    ctx.num_saved = len(saved)
     ctx.shared = all(a is b for params in (w1, b1, w2, b2) for a, b in zip(params, params[1:]))
     # The new sequence, not ``seq``: its token rows are the same, and the next block keeps it anyway.
     ctx.save_for_backward(out, prompts, prompt_out if has_prompt_out else None, weights, *saved, *w1, *b1, *w2, *b2)
@@ -749,7 +752,7 @@ def _dispatch_into_backward(ctx, grad_out, _grad_weights, _grad_prompt_out, _gra
             grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, w1, b1, w2, b2, weights, saved, need_seq, ctx.shared
         )
         K, _, D = prompts.shape
-        unpack = functools.partial(unpack_param_grads, K=K, D=D, H=w1[0].shape[0] if ctx.hidden else 0)
+        unpack = functools.partial(unpack_param_grads, K=K, D=D, H=0 if w1[0] is None else w1[0].shape[0])
         param_grads = list_param_grads(packed, ctx.shared, has_p, unpack, needs[6:])
     else:
         from pmoe_fast.fused_dispatch import _source_grads

@@ -12,7 +12,6 @@ one at a time and shows each equation once; the dispatcher's math lives in
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Iterator, Sequence
 
 import torch
@@ -88,9 +87,8 @@ class PMoE(nn.Module):
                       num_dispatch_experts=num_dispatch_experts, top_k=top_k,
                       **({} if gate_layers is None else dict(gate_layers=gate_layers))),
             bools=dict(separate_mlps=separate_mlps),
+            reals=dict(gate_init=gate_init),
         )
-        if isinstance(gate_init, bool) or not isinstance(gate_init, numbers.Real):
-            raise TypeError(f"gate_init must be a number, got {gate_init!r}")
         experts = list(experts)
         adapters = [Expert(m) for m in experts]
         infos = [a.info for a in adapters]
