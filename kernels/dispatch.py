@@ -1086,8 +1086,9 @@ BLOCK_ENV = "PMOE_TRITON_BLOCKS"
 # D=768, H=64, bf16 tokens, fp32 prompts and dispatcher). The forward's best count depends on the
 # prompts: at Np=10 it took 144 us with 4 warps against 391 with 8, at Np=50 1508 us with 4 against
 # 458 with 8 (``_forward_warps``). The main backward with 4 warps: forward+backward at Np=10 took
-# 821 us with 4 and 4 warps against 1283 with 4 and 8. Its 4 warps spill more registers than 8 did
-# (benchmarks/results/triton_sm90_resources.txt) and still run faster.
+# 821 us with 4 and 4 warps against 1283 with 4 and 8. Its 4 warps spill more registers than 8 do
+# (112 bytes a thread against 32 as the model launches it: benchmarks/results/triton_sm90_launched.txt)
+# and still run faster.
 _NUM_WARPS = {"fwd": 4, "fwd_many_prompts": 8, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
 _NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
 
@@ -1127,8 +1128,9 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     block_t = 32 if block_h <= 64 else 16
     # The W1 tile (BLOCK_D x BLOCK_H) of the forward's D loop is pipelined through shared memory,
     # three stages deep: 2048 elements a stage keep every forward variant within 24 bytes of
-    # spills a thread on sm_90 (4096, BLOCK_D=64 at H=64, spilled 112 with fp32 parameters and
-    # bf16 tokens, 272 with fp32 tokens; benchmarks/triton_resources.py).
+    # spills a thread on sm_90, and the model's launches at 166 registers without spills (4096,
+    # BLOCK_D=64 at H=64, takes all 255 and 80 KB of shared memory as launched;
+    # benchmarks/triton_resources.py, --launched).
     block_d = 2048 // max(block_h, 64)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":

@@ -88,14 +88,30 @@ def spec_forward(experts, sd: dict, images, num_prompts: int, prompt_layers: int
     return torch.stack([m.forward_head(m.norm(z), pre_logits=True) for m, z in zip(experts, Z)]).mean(0)
 
 
+def sm90_launched_usage() -> list[tuple[str, dict | str]]:
+    """Registers and spills of every launch of the model's GPU configurations, compiled for sm_90a
+    as Triton's runtime specializes it (``benchmarks/triton_resources.py --launched``), in a
+    subprocess without TRITON_INTERPRET: (launch name, usage dict or the error)."""
+    return _triton_resources_json(
+        "from triton_resources import MODEL_CASES, launched_usage; "
+        "print(json.dumps([r for case in MODEL_CASES for r in launched_usage(case)]))"
+    )
+
+
 def sm90_usage(module: str, indices: list[int]) -> list[tuple[str, dict | str]]:
     """Registers and spills of ``pmoe_fast.kernels.<module>.KERNEL_VARIANTS[i]`` for each index, as
     ptxas reports them for sm_90a (``benchmarks/triton_resources.py``), compiled in a subprocess
     without TRITON_INTERPRET: (variant name, usage dict or the error)."""
-    script = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); from triton_resources import usage; "
-        f"print(json.dumps([usage({module!r}, i) for i in {list(indices)}]))"
+    return _triton_resources_json(
+        f"from triton_resources import usage; print(json.dumps([usage({module!r}, i) for i in {list(indices)}]))"
     )
+
+
+def _triton_resources_json(code: str) -> list[tuple]:
+    """Runs ``code`` after ``import json`` with benchmarks/triton_resources.py importable, in a
+    subprocess without TRITON_INTERPRET (the kernels must be real JITFunctions to compile), and
+    returns the JSON list it prints, each item a tuple."""
+    script = "import json, sys; sys.path.insert(0, 'benchmarks'); " + code
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=900)
