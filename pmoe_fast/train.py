@@ -20,6 +20,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -123,6 +124,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     unknown = sorted(set(config) - set(DEFAULT_CONFIG))
     if unknown:
         raise SystemExit(f"pmoe-fast train: unknown option(s) in {path}: {unknown}; known: {sorted(DEFAULT_CONFIG)}")
+    for key, value in config.items():
+        if isinstance(DEFAULT_CONFIG[key], float) and isinstance(value, str) and _EXPONENT_ONLY.fullmatch(value):
+            config[key] = float(value)  # as YAML 1.2 and JSON read it
     wrong = [f"{key} must be {_TYPE_NAMES[type(DEFAULT_CONFIG[key])]}, got {value!r}"
              for key, value in config.items() if not _of_default_type(key, value)]
     if wrong:
@@ -132,6 +136,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     return config
 
 
+# A number with an exponent and no dot (lr: 1e-3): PyYAML follows YAML 1.1, which reads it as a string.
+_EXPONENT_ONLY = re.compile(r"[-+]?\d+[eE][-+]?\d+")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
                list: "a list"}
 

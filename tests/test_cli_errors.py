@@ -151,3 +151,15 @@ def test_train_config_file_values_of_the_wrong_type(tmp_path, text, message):
     config = tmp_path / "run.yaml"
     config.write_text(text + "\n")
     assert_one_line_error(train_args(tmp_path / "out", "--config", str(config)), rf"{re.escape(str(config))}: {message}")
+
+
+def test_train_config_file_reads_an_exponent_without_a_dot_as_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads ``lr: 1e-3`` as the string '1e-3'; JSON and YAML 1.2 read a number,
+    and so does the config file, for options that take one. Elsewhere the string stays a string."""
+    from pmoe_fast.train import read_config_file
+
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 1e-3\nweight_decay: 5E+0\n")
+    assert read_config_file(str(config)) == {"lr": 1e-3, "weight_decay": 5.0}
+    config.write_text("prompts: 1e1\n")
+    assert_one_line_error(train_args(tmp_path / "out", "--config", str(config)), r"prompts must be an integer, got '1e1'")
