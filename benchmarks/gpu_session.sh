@@ -10,7 +10,8 @@
 # Each installs the package (editable, with the extension built for the GPU it finds) unless it is
 # installed already. `check` runs the test suite (the
 # CUDA and compiled-Triton tests run instead of being skipped; the slow CMake build test is left
-# out, the CUDA-graph compile test kept); `tune` runs benchmarks/tune_triton_dispatch.py; `bench` runs
+# out, the CUDA-graph compile test kept); `tune` runs benchmarks/tune_triton_dispatch.py, then
+# benchmarks/triton_resources.py --launched (registers and spills with this machine's Triton); `bench` runs
 # `pmoe_fast.bench --profile targets-gpu`, whose report ends with each target's verdict, then
 # benchmarks/bench_dispatch_into.py (IPTs written in place against concatenated sequences) and
 # benchmarks/bench_qkv.py (the q, k, v gradients stacked or taken one product each) and
@@ -57,6 +58,7 @@ check)
     ;;
 tune)
     $python benchmarks/tune_triton_dispatch.py 2>&1 | tee "$OUT/triton_tuning.txt"
+    $python benchmarks/triton_resources.py --launched 2>&1 | tee "$OUT/triton_launched.txt"
     ;;
 bench)
     $python -m pmoe_fast.bench --profile targets-gpu --output "$OUT/targets_gpu" 2>&1 | tee "$OUT/bench.txt"
