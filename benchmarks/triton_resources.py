@@ -113,9 +113,10 @@ def ptxas_usage(compiled, num_warps: int, num_stages: int) -> dict[str, int] | s
 
 # ---- The launches of the model's GPU configurations, specialized as Triton's runtime does ----
 
-# The GPU targets' shapes (issues 3 and 4): six ViT-B/16 experts (T = 197 tokens of D = 768), a
+# The shapes of the GPU targets: six ViT-B/16 experts (T = 197 tokens of D = 768), a
 # dispatcher of H = 64 in float32, bf16 sequences prompt-first (K, B, Np + T, D).
 K_MODEL, T_MODEL, D_MODEL, H_MODEL = 6, 197, 768, 64
+H100_SMS = 132  # the launchers size their grids by the SM count
 # name: (dispatcher kind or "layer_norm", B, Np, training)
 MODEL_CASES = {
     "mlp training B=32 Np=10": ("mlp", 32, 10, True),
@@ -124,9 +125,6 @@ MODEL_CASES = {
     "moe training B=32 Np=10": ("moe", 32, 10, True),
     "layer_norm training B=32 Np=10": ("layer_norm", 32, 10, True),
 }
-
-
-H100_SMS = 132
 
 
 def record_launches(call) -> list[tuple]:
