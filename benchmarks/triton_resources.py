@@ -11,11 +11,11 @@ A variant that spills keeps part of its state in local memory (L1, then L2 and D
 memory-bound kernels that is extra traffic beside the tokens. The table says where; whether a
 change of warps, stages or blocks that spills less also runs faster is for a GPU to measure.
 
-The kernel modules' KERNEL_VARIANTS are generic: compiled without the hints Triton's runtime adds to every launch
-(16-byte-aligned pointers and integer arguments divisible by 16, integers equal to 1 made
-constants). Those hints decide whether 16-bit tokens load as 16-byte asynchronous copies, and so
-whether the software pipeliner runs at all: the generic main backward spills several times what
-the launched one does. ``--launched`` reports the code a GPU runs: it records the launches of the
+The kernel modules' KERNEL_VARIANTS are generic: compiled without the hints Triton's runtime
+adds to every launch (16-byte-aligned pointers and integer arguments divisible by 16, integers
+equal to 1 made constants). Those hints decide whether 16-bit tokens load as 16-byte asynchronous
+copies, and so whether the software pipeliner runs at all: the generic main backward spills
+several times what the launched one does. ``--launched`` reports the code a GPU runs: it records the launches of the
 model's configurations (``MODEL_CASES``, called with CPU tensors laid out as on the GPU; nothing
 runs) and compiles each specialized as the runtime would (``specialized_source``).
 """
