@@ -69,16 +69,22 @@ def bwd_setting_usage(setting: tuple[int, int, int]) -> tuple[str, dict[str, int
     return name, usage[0][1]
 
 
+def target():
+    """Triton's GPUTarget for TARGET_ARCH."""
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", TARGET_ARCH, 32)
+
+
 def variant_usage(v: dict) -> tuple[str, dict[str, int] | str]:
     """(variant name, {registers, spill_stores, spill_loads, shared, num_warps, num_stages}) or
     (name, the error), for one variant as the kernel modules' KERNEL_VARIANTS list them."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     compiled = triton.compile(
         ASTSource(v["kernel"], v["signature"], v["constexprs"]),
-        target=GPUTarget("cuda", TARGET_ARCH, 32),
+        target=target(),
         options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
     )
     return v["name"], ptxas_usage(compiled, v["num_warps"], v["num_stages"])
@@ -207,11 +213,10 @@ def specialized_source(kernel, args: tuple, kwargs: dict):
     """(ASTSource, options) of one launch for TARGET_ARCH, specialized exactly as Triton's runtime
     does before it compiles (``JITFunction.run``: its binder, then ``_pack_args``; private to the
     pinned Triton): alignment and divisibility hints, integers equal to 1 made constants."""
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    backend = make_backend(GPUTarget("cuda", TARGET_ARCH, 32))
+    backend = make_backend(target())
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
@@ -220,23 +225,17 @@ def specialized_source(kernel, args: tuple, kwargs: dict):
 
 def launched_usage(case: str, kernel_name: str | None = None) -> list[tuple[str, dict[str, int] | str]]:
     """(launch name, ``ptxas_usage`` or the error) of every launch of ``model_launches(case)`` (or
-    only those of the kernel ``kernel_name``), each compiled as the runtime specializes it;
-    launches alike are compiled once."""
+    only those of the kernel ``kernel_name``), each compiled as the runtime specializes it."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    results, seen = [], set()
+    results = []
     for kernel, grid, args, kwargs in model_launches(case):
         if kernel_name not in (None, kernel.__name__):
             continue
         name = f"{case}: {kernel.__name__}, grid {tuple(grid)}"
         try:
             source, options = specialized_source(kernel, args, kwargs)
-            key = source.hash() + repr(sorted(vars(options).items()))
-            if key in seen:
-                continue
-            seen.add(key)
-            compiled = triton.compile(source, target=GPUTarget("cuda", TARGET_ARCH, 32), options=vars(options))
+            compiled = triton.compile(source, target=target(), options=vars(options))
         except Exception as exc:  # reported per launch, as the variants' failures are
             results.append((name, f"{type(exc).__name__}: {str(exc).strip()[-500:]}"))
             continue
