@@ -10,7 +10,11 @@ d-tile, or its batch split (``PMOE_TRITON_BLOCKS``). Every setting is first chec
 gradients), then timed with ``triton.testing.do_bench`` (median; L2 flushed before each call),
 forward alone and forward+backward, with the achieved GB/s for the bytes the op must move
 (``bench_dispatch.moved_bytes``); the error column names the output or gradient farthest from
-the torch backend's. A setting Triton fails to compile is reported and skipped. Needs a CUDA GPU.
+the torch backend's. A setting Triton fails to compile is reported and skipped. Last, at the
+default settings, the torch and Triton backends with the prompts and the dispatcher in bf16
+(split column "bf16 params"): their products take bf16 operands (one tensor-core product per
+tile, where fp32 parameters take two or three tf32 ones), the error column says how far that is
+from the fp32 torch backend. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ WARPS = (4, 8)
 # BLOCK_T=64 does not compile on Triton 3.6).
 SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D=64", "B_PER_FIN=1", "BLOCK_T=16", "BLOCK_DW=32",
           "BLOCK_T=16,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4")
+BF16_PARAMS = "bf16 params"
 
 
 def inputs(Np: int):
@@ -88,7 +93,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("tune_triton_dispatch.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"K={K} B={B} T={T} D={D} H={H}; bf16 tokens (strided view), fp32 prompts and dispatcher; "
+    print(f"K={K} B={B} T={T} D={D} H={H}; bf16 tokens (strided view), fp32 prompts and dispatcher (bf16 in the \"bf16 params\" rows); "
           "do_bench median in us; GB/s for the bytes the op must move")
     print(f"{'Np':>3} {'backend':8} {'fwd warps':>9} {'bwd warps':>9} {'split':22} {'max rel err':>24} "
           f"{'fwd us':>8} {'fwd GB/s':>8} {'f+b us':>8} {'f+b GB/s':>8}")
@@ -103,19 +108,25 @@ def main() -> None:
         settings += [("triton", fw, bw, "") for fw, bw in itertools.product(WARPS, WARPS)]
         fwd_default = triton_dispatch._forward_warps(Np, triton_dispatch.dispatch_blocks(K, B, Np, D, H, args[1].device)["BLOCK_N"])
         settings += [("triton", fwd_default, default_warps["bwd"], split) for split in opts.splits]
+        settings += [("torch", None, None, BF16_PARAMS), ("triton", fwd_default, default_warps["bwd"], BF16_PARAMS)]
+        bf16_args = (args[0].detach().bfloat16().requires_grad_(), *args[1:])
         for backend, fwd_warps, bwd_warps, split in settings:
             triton_dispatch._NUM_WARPS.update(default_warps)
             if backend == "triton":
                 triton_dispatch._NUM_WARPS.update(fwd=fwd_warps, fwd_many_prompts=fwd_warps, bwd=bwd_warps)
-            os.environ[triton_dispatch.BLOCK_ENV] = split
+            bf16 = split == BF16_PARAMS
+            os.environ[triton_dispatch.BLOCK_ENV] = "" if bf16 else split
             disp = Dispatcher(D, K, hidden=H, backend=backend).cuda()
             disp.load_state_dict(reference.state_dict())
+            setting_args = bf16_args if bf16 else args
+            if bf16:
+                disp.bfloat16()
             setting = f"{Np:3d} {backend:8} {fwd_warps or '-':>9} {bwd_warps or '-':>9} {split or 'default':22}"
             try:
-                got = outputs(disp, args)
+                got = outputs(disp, setting_args)
                 # Before timing: do_bench's warm-up calls accumulate into these same gradients.
                 err, worst = max((relative_error(got[name], want), name) for name, want in gold.items())
-                fwd, both = timed(disp, args, False), timed(disp, args, True)
+                fwd, both = timed(disp, setting_args, False), timed(disp, setting_args, True)
             except Exception as e:  # a setting Triton cannot compile: say so, try the next
                 print(f"{setting} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:100]}", flush=True)
                 continue
