@@ -1334,18 +1334,9 @@ def _backward(ctx, grad_ipt, _grad_weights, grad_aux, *_unused):
     if grad_ipt is None and grad_aux is None:
         return (None,) * 5 + tuple([None] * 3 if isinstance(n, list) else None for n in needs[5:11]) + (None, None)
     prompts, tokens, prompt_out, weights, coef, *saved = ctx.saved_tensors
-    gates, flat = saved[:3], saved[3:]
-    params = [list(flat[i : i + 3]) for i in range(0, 18, 3)]  # router_w, router_b, w1, b1, w2, b2
-    if grad_ipt is None:  # a loss on aux_loss alone: one zero-fill, then the same launches
-        grad_ipt = prompts.new_zeros(weights.shape[:3] + prompts.shape[-1:])
-    grad_prompts, grad_tokens, grad_prompt_out, packed = torch.ops.pmoe_fast.triton_dispatch_moe_backward(
-        grad_ipt, grad_aux, prompts, tokens, *ctx.tok_range, prompt_out, *params, weights, coef, gates, ctx.top_k,
-        bool(needs[1]), ctx.shared,
+    grad_prompts, grad_tokens, grad_prompt_out, param_grads = operator_backward(
+        ctx, grad_ipt, grad_aux, prompts, tokens, prompt_out, weights, coef, saved, bool(needs[1]), needs[5:11]
     )
-    K, Np, D = prompts.shape
-    M, H = _moe_sizes((params[0][0], None, params[2][0]))
-    unpack = functools.partial(unpack_moe_param_grads, K=K, D=D, H=H, M=M)
-    param_grads = kd.list_param_grads(packed, ctx.shared, ctx.has_prompt_out, unpack, needs[5:11])
     return (
         grad_prompts if needs[0] else None,
         grad_tokens if needs[1] else None,
@@ -1359,6 +1350,27 @@ def _backward(ctx, grad_ipt, _grad_weights, grad_aux, *_unused):
 
 
 triton_dispatch_moe.register_autograd(_backward, setup_context=_setup_context)
+
+
+def operator_backward(ctx, grad_ipt, grad_aux, prompts, tokens, prompt_out, weights, coef, saved, need_grad_tokens, needs):
+    """An autograd backward through triton_dispatch_moe_backward: (dprompts, dtokens, dprompt_out,
+    the six parameter lists' gradients as autograd takes them). ``saved``: the three gates, then the
+    18 parameters (router_w, router_b, W1, b1, W2, b2 of sources e, p, z, list by list); ``ctx``
+    holds tok_range, top_k, shared and has_prompt_out; ``needs``: the parameter lists' entries of
+    needs_input_grad. A loss on aux_loss alone (``grad_ipt`` None) takes one zero-fill, then the
+    same launches."""
+    gates, flat = saved[:3], saved[3:]
+    params = [list(flat[i : i + 3]) for i in range(0, 18, 3)]  # router_w, router_b, w1, b1, w2, b2
+    if grad_ipt is None:
+        grad_ipt = prompts.new_zeros(weights.shape[:3] + prompts.shape[-1:])
+    grad_prompts, grad_tokens, grad_prompt_out, packed = torch.ops.pmoe_fast.triton_dispatch_moe_backward(
+        grad_ipt, grad_aux, prompts, tokens, *ctx.tok_range, prompt_out, *params, weights, coef, gates, ctx.top_k,
+        need_grad_tokens, ctx.shared,
+    )
+    K, Np, D = prompts.shape
+    M, H = _moe_sizes((params[0][0], None, params[2][0]))
+    unpack = functools.partial(unpack_moe_param_grads, K=K, D=D, H=H, M=M)
+    return grad_prompts, grad_tokens, grad_prompt_out, kd.list_param_grads(packed, ctx.shared, ctx.has_prompt_out, unpack, needs)
 
 
 def fused_dispatch_moe(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k):

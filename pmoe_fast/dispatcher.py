@@ -278,8 +278,8 @@ class Dispatcher(nn.Module):
             ``seq`` for backward (without gradients to compute, they read Z_P in place and keep
             nothing). The torch backend, kind "none" and every backend under ``torch.compile``
             return a new tensor, as concatenating IPT and Z would; under ``torch.compile`` a fused
-            kind "mlp" backend's backward reads the tokens from that new tensor, so that ``seq``
-            is not kept for it (``dispatch_into_functional``). Kind "moe" leaves its
+            backend's backward reads the tokens from that new tensor, so that ``seq`` is not kept
+            for it (``dispatch_into_functional``, ``dispatch_into_moe_functional``). Kind "moe" leaves its
             load-balancing loss in ``aux_loss``, as ``forward`` does. Either way the result equals
             ``torch.cat([ipt.to(seq.dtype), seq[:, :, Np:]], 2)`` with ``ipt`` from
             ``forward(prompts, seq[:, :, Np:], seq[:, :, :Np] or None, num_prefix_tokens)``.
@@ -310,10 +310,15 @@ class Dispatcher(nn.Module):
                 grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (seq, prompts, *params))
                 if torch.compiler.is_compiling():
                     # Writing in place would break the graph at every layer: a functional op
-                    # instead, which saves its own output (kind "mlp"), or forward and a
+                    # instead, which saves its own output, or without gradients forward and a
                     # concatenation below.
                     if grad and self.kind == "mlp":
                         return dispatch_into_functional(backend, seq, prompts, start, end, has_prompt_out, params)
+                    if grad:
+                        seq, weights, self.aux_loss = dispatch_into_moe_functional(
+                            seq, prompts, start, end, has_prompt_out, params, self.top_k
+                        )
+                        return seq, weights
                 elif self.kind == "moe":
                     if grad:
                         seq, weights, self.aux_loss = _DispatchIntoMoE.apply(
@@ -781,6 +786,106 @@ def dispatch_into_functional(backend, seq, prompts, tok_start, tok_end, has_prom
     w1, b1, w2, b2 = (list(params[i::4]) for i in range(4))
     out, weights, _, _ = _dispatch_into_op(backend, seq, prompts, list(tok_start), list(tok_end), has_prompt_out, w1, b1, w2, b2)
     return out, weights
+
+
+def _dispatch_into_moe(
+    seq: torch.Tensor,
+    prompts: torch.Tensor,
+    tok_start: list[int],
+    tok_end: list[int],
+    has_prompt_out: bool,
+    router_w: list[torch.Tensor],
+    router_b: list[torch.Tensor],
+    w1: list[torch.Tensor | None],
+    b1: list[torch.Tensor | None],
+    w2: list[torch.Tensor],
+    b2: list[torch.Tensor],
+    top_k: int,
+    shared: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``dispatch_into`` for kind "moe" (Triton) as a functional operator, for ``torch.compile``:
+    (the new sequence, a copy of ``seq`` with the IPTs in its prompt slots; weights; the
+    load-balancing loss; a copy of Z_P (K, B, Np, D), or (0,) without prompt_out; coef and a
+    list of the three gates, what its backward takes). The six lists hold one entry per source e, p, z."""
+    from pmoe_fast.kernels.dispatch_moe import triton_dispatch_moe
+
+    Np = prompts.shape[1]
+    out = seq.clone()
+    prompt_out = seq[:, :, :Np].clone() if has_prompt_out else seq.new_empty((0,))
+    ipt, weights, aux, coef, *gates = triton_dispatch_moe(
+        prompts, out[:, :, Np:], tok_start, tok_end, prompt_out if has_prompt_out else None,
+        router_w, router_b, w1, b1, w2, b2, top_k, shared,
+    )
+    out[:, :, :Np].copy_(ipt)
+    return out, weights, aux, prompt_out, coef, gates
+
+
+_dispatch_into_moe_op = torch.library.custom_op("pmoe_fast::dispatch_into_moe", _dispatch_into_moe, mutates_args=())
+
+
+@_dispatch_into_moe_op.register_fake
+def _(seq, prompts, tok_start, tok_end, has_prompt_out, router_w, router_b, w1, b1, w2, b2, top_k, shared):
+    from pmoe_fast.kernels.dispatch_moe import triton_dispatch_moe
+
+    Np = prompts.shape[1]
+    prompt_out = seq[:, :, :Np] if has_prompt_out else None
+    _, weights, aux, coef, *gates = triton_dispatch_moe(
+        prompts, seq[:, :, Np:], tok_start, tok_end, prompt_out, router_w, router_b, w1, b1, w2, b2, top_k, shared
+    )
+    return seq.clone(), weights, aux, seq.new_empty((0,)) if prompt_out is None else prompt_out.clone(), coef, gates
+
+
+def _dispatch_into_moe_setup_context(ctx, inputs, output) -> None:
+    _, prompts, tok_start, tok_end, has_prompt_out, *params, top_k, shared = inputs
+    out, weights, _, prompt_out, coef, gates = output
+    ctx.mark_non_differentiable(weights, prompt_out, coef, *gates)
+    ctx.set_materialize_grads(False)
+    ctx.tok_range, ctx.top_k, ctx.shared, ctx.has_prompt_out = (list(tok_start), list(tok_end)), top_k, shared, has_prompt_out
+    # The new sequence, not ``seq``, as for kind "mlp" (_dispatch_into_setup_context).
+    ctx.save_for_backward(
+        out, prompts, prompt_out if has_prompt_out else None, weights, coef, *gates, *(t for group in params for t in group)
+    )
+
+
+@first_order_only("Dispatcher.dispatch_into", TWICE_WITH_TORCH_DISPATCHER)
+def _dispatch_into_moe_backward(ctx, grad_out, _grad_weights, grad_aux, _grad_prompt_out, _grad_coef, _grad_gates):
+    from pmoe_fast.kernels.dispatch_moe import operator_backward
+
+    needs = ctx.needs_input_grad
+    if grad_out is None and grad_aux is None:
+        return (None,) * 5 + tuple([None] * 3 if isinstance(n, list) else None for n in needs[5:11]) + (None, None)
+    out, prompts, prompt_out, weights, coef, *saved = ctx.saved_tensors
+    Np, need_seq = prompts.shape[1], bool(needs[0])
+    if grad_out is not None:
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_ipt = None if grad_out is None else grad_out[:, :, :Np].to(prompts.dtype)
+    grad_prompts, grad_tokens, grad_prompt_out, param_grads = operator_backward(
+        ctx, grad_ipt, grad_aux, prompts, out[:, :, Np:], prompt_out, weights, coef, saved, need_seq, needs[5:11]
+    )
+    grad_seq = None
+    if need_seq:
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out  # a loss on the load-balancing loss alone
+        grad_seq = _sequence_grad(grad_out, Np, grad_prompt_out if ctx.has_prompt_out else None, grad_tokens)
+    return (grad_seq, grad_prompts if needs[1] else None, None, None, None, *param_grads, None, None)
+
+
+_dispatch_into_moe_op.register_autograd(_dispatch_into_moe_backward, setup_context=_dispatch_into_moe_setup_context)
+
+
+def dispatch_into_moe_functional(seq, prompts, tok_start, tok_end, has_prompt_out, params, top_k):
+    """``Dispatcher.dispatch_into`` for kind "moe" (Triton) under ``torch.compile``, with
+    gradients: returns (the new sequence, weights, the load-balancing loss), differentiable in the
+    sequence and the loss. As ``dispatch_into_functional`` for kind "mlp", its backward reads the
+    tokens from the new sequence: one sequence kept per prompt layer. ``params``: the 18 tensors
+    (router_w, router_b, W1, b1, W2, b2) of sources e, p, z."""
+    from pmoe_fast.kernels.dispatch_moe import _is_shared
+
+    params_e, params_p, params_z = params[0:6], params[6:12], params[12:18]
+    lists = [list(group) for group in zip(params_e, params_p, params_z)]
+    out, weights, aux, *_ = _dispatch_into_moe_op(
+        seq, prompts, list(tok_start), list(tok_end), has_prompt_out, *lists, int(top_k), _is_shared(params_e, params_p, params_z)
+    )
+    return out, weights, aux
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

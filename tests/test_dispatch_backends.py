@@ -248,6 +248,25 @@ def test_dispatch_into_operator_opcheck(backend, hidden, has_prompt_out):
     )
 
 
+@pytest.mark.parametrize("has_prompt_out", [True, False], ids=["prompt-out", "first-layer"])
+def test_moe_dispatch_into_operator_opcheck(has_prompt_out):
+    """pmoe_fast::dispatch_into_moe: schema, fake implementation against the real one, autograd
+    registration and AOT dispatch."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    d, np_, t = 16, 2, 5  # opcheck runs the op a dozen times: small, for the interpreter
+    disp = Dispatcher(d, K, hidden=8, kind="moe", separate_mlps=True, num_dispatch_experts=3, top_k=2, backend="triton")
+    disp = disp.to(device)
+    prompts = torch.randn(K, np_, d, device=device, requires_grad=True)
+    seq = torch.randn(K, 1, np_ + t, d, device=device, requires_grad=True)
+    params = [list(group) for group in zip(*disp.source_params())]
+    # opcheck copies the inputs, so shared tensors would arrive as copies: one f per source.
+    torch.library.opcheck(
+        torch.ops.pmoe_fast.dispatch_into_moe.default,
+        (seq, prompts, [0] * K, [t] * K, has_prompt_out, *params, 2, False),
+    )
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("has_prompt_out", [True, False], ids=["prompt-out", "first-layer"])
 def test_dispatch_into_without_gradients_writes_in_place_too(backend, has_prompt_out):
@@ -267,36 +286,43 @@ def test_dispatch_into_without_gradients_writes_in_place_too(backend, has_prompt
 
 @pytest.mark.parametrize("has_prompt_out", [True, False], ids=["prompt-out", "first-layer"])
 def test_moe_dispatch_into_writes_in_place_as_concatenating_would(has_prompt_out):
-    """Kind "moe" on Triton writes the IPTs into the prompt slots too. The result, the weights, the
-    load-balancing loss and every gradient (through the IPTs and through the loss) are those of
-    concatenating the same backend's forward with the tokens, bit for bit (the kernels' parity with
-    float64 is tests/test_triton_dispatch_moe.py's); without gradients as well."""
+    """Kind "moe" on Triton writes the IPTs into the prompt slots too, and under torch.compile
+    returns a new sequence from the functional operator pmoe_fast::dispatch_into_moe. Either way
+    the result, the weights, the load-balancing loss and every gradient (through the IPTs and the
+    loss, and through the loss alone) are those of concatenating the same backend's forward with
+    the tokens, bit for bit (the kernels' parity with float64 is tests/test_triton_dispatch_moe.py's);
+    without gradients as well."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     disp = Dispatcher(D, K, hidden=H, kind="moe", num_dispatch_experts=3, top_k=2, backend="triton").to(device)
     prompts, seq, _ = make_inputs()
     prompts, seq = prompts.float().to(device), seq.float().to(device)
     weight = torch.randn(K, B, NP + T, D, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda p, s: disp.dispatch_into(p, s, has_prompt_out, 2), backend="aot_eager", fullgraph=True)
 
-    def run(into):
+    def run(how, loss_on_aux_alone=False):
         p, leaf = prompts.clone().requires_grad_(), seq.clone().requires_grad_()
         s = leaf * 1
         disp.zero_grad()
-        if into:
+        if how == "into":
             out, w = disp.dispatch_into(p, s, has_prompt_out, 2)
             assert out is s
+        elif how == "compiled":
+            out, w = compiled(p, s)
         else:
             ipt, w = disp(p, s[:, :, NP:], s[:, :, :NP] if has_prompt_out else None, 2)
             out = torch.cat([ipt, s[:, :, NP:]], dim=2)
-        ((out * weight).sum() + 3.0 * disp.aux_loss).backward()
+        (3.0 * disp.aux_loss + (0 if loss_on_aux_alone else (out * weight).sum())).backward()
         return [out.detach(), w, disp.aux_loss.detach(), p.grad, leaf.grad] + [q.grad for q in disp.parameters()]
 
-    expected, got = run(into=False), run(into=True)
     names = ["seq", "weights", "aux_loss", "prompts", "seq grad"] + [n for n, _ in disp.named_parameters()]
-    for name, e, g in zip(names, expected, got):
-        assert (e is None) == (g is None), name
-        if e is not None:
-            torch.testing.assert_close(g, e, rtol=0, atol=0, msg=name)
+    for how, loss_on_aux_alone in [("into", False), ("compiled", False), ("compiled", True)]:
+        expected, got = run("concatenate", loss_on_aux_alone), run(how, loss_on_aux_alone)
+        for name, e, g in zip(names, expected, got):
+            assert (e is None) == (g is None), (how, name)
+            if e is not None:
+                torch.testing.assert_close(g, e, rtol=0, atol=0, msg=f"{how}, loss on aux alone: {loss_on_aux_alone}, {name}")
     with torch.no_grad():
         s = seq.clone()
         out, w = disp.dispatch_into(prompts, s, has_prompt_out, 2)
