@@ -12,7 +12,11 @@ how the forward runs, chosen once when the model is built and reported by ``exec
   ``nn.Parameter``, ``.data = ...``), the next batched forward finds it and stacks them anew
   (under ``torch.compile``, replace before compiling).
   "streams" runs each expert's block on its own CUDA stream (in sequence on a CPU), for experts
-  that differ. "sequential" runs them one by one.
+  that differ; under ``torch.compile`` in sequence too, in the compiled graph. PyTorch's
+  compiled user streams are not reliable yet: Inductor has refused ``record_stream`` (torch 2.9),
+  they crash with gradients or return stale data in some cases (pytorch/pytorch#187695, #197416),
+  and a compiled training step on streams failed on an H100 (torch 2.11).
+  "sequential" runs them one by one.
   "auto" decides by the device of each forward: on CUDA, batched when the experts can be, else
   streams; on a CPU, sequential, where kernel launches cost little and one large batched matmul
   measured slower than K plain ones (a ViT-tiny training step, K = 3, B = 8: 1.46 s against 1.22 s).
@@ -297,6 +301,8 @@ class PMoE(ReferencePMoE):
             self._restack_if_untied()  # compiled graphs do not see parameter swaps
         if self.last_execution == "batched" and torch.is_grad_enabled() and any(p.requires_grad for p in self._tied_params):
             self.last_execution = self._per_expert_for_trainable_blocks(images.device.type)
+        if self.last_execution == "streams" and torch.compiler.is_compiling():
+            self.last_execution = "sequential"  # the module docstring says why
         if self.last_execution == "batched":
             seqs = F.pad(torch.stack([a.embed(images) for a in self._adapters]), slots)  # (K, B, Np + T, D)
             self.last_layer_norm = self._layer_norm_for(seqs)
