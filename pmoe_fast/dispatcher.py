@@ -408,9 +408,10 @@ class Dispatcher(nn.Module):
         """The backend for these inputs, decided once per input signature: everything the
         backends' reasons look at (each tensor's device, dtype, shape and strides, those of the
         parameters ``params``, ``source_params()`` flattened, included)."""
-        # A shared MLP gives the same tensors three times: each once.
+        # A shared MLP gives the same tensors three times: each once. (Absent ones, W1 and b1
+        # without a hidden layer, are left out: Dynamo before torch 2.14 cannot trace id(None).)
         tensors = [prompts, prompt_out, *(tokens if isinstance(tokens, (list, tuple)) else [tokens])]
-        tensors += {id(t): t for t in params}.values()
+        tensors += {id(t): t for t in params if t is not None}.values()
         key = tuple(None if t is None else (t.device, t.dtype, t.shape, t.stride()) for t in tensors)
         if key not in self._chosen:
             _check_one_device(prompts, tokens, prompt_out, params)
