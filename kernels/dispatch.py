@@ -1231,13 +1231,19 @@ _TOKEN_RANGES: dict = {}
 
 
 def _token_ranges(tok_start, tok_end, device: torch.device) -> torch.Tensor:
-    """(K, 2) int32 [start, end) per expert on the device, uploaded once per distinct ranges (a
-    model has one or two): a host-to-device copy on every call would be one more launch."""
-    key = (device, tuple(tok_start), tuple(tok_end))
+    """(K, 2) int32 [start, end) per expert on the device. A GPU gets a new tensor each call,
+    copied without blocking from host memory pinned once per distinct ranges (a model has one or
+    two): a device tensor kept across calls would be allocated in the memory pool of the CUDA
+    graph being recorded when the first call is one (torch.compile(mode="reduce-overhead") before
+    any eager call), where CUDA-graph trees refuse it as a live allocation no graph returns."""
+    key = (tuple(tok_start), tuple(tok_end))
     if key not in _TOKEN_RANGES:
-        ranges = [[s, e] for s, e in zip(tok_start, tok_end)]
-        _TOKEN_RANGES[key] = torch.tensor(ranges, dtype=torch.int32, device=device)
-    return _TOKEN_RANGES[key]
+        ranges = torch.tensor([[s, e] for s, e in zip(tok_start, tok_end)], dtype=torch.int32)
+        _TOKEN_RANGES[key] = ranges.pin_memory() if torch.cuda.is_available() else ranges
+    ranges = _TOKEN_RANGES[key]
+    if device.type == "cpu":
+        return ranges
+    return torch.empty(ranges.shape, dtype=ranges.dtype, device=device).copy_(ranges, non_blocking=True)
 
 
 def _param_pointers(params: Params):
