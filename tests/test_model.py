@@ -590,7 +590,7 @@ BF16_RUNS = (
 
 
 @pytest.mark.parametrize("device,execution,backend", BF16_RUNS)
-def test_bf16_experts_within_twice_the_error_of_bf16_autocast(device, execution, backend):
+def test_bf16_experts_within_four_times_the_error_of_bf16_autocast(device, execution, backend):
     """bf16 frozen experts against the float64 reference: at most four times the error of the
     fp32 reference under bf16 autocast (the plain PyTorch way to run it in bf16), plus a floor.
     The dispatcher takes bf16 tokens beside its fp32 parameters, as in the GPU targets. The
