@@ -17,7 +17,8 @@
 # benchmarks/bench_qkv.py (the q, k, v gradients stacked or taken one product each) and
 # benchmarks/bench_layer_norm.py (the batched LayerNorm: composite against the Triton kernels);
 # `profile` runs benchmarks/profile_step.py (issue 4's step, K = 6 ViT-B/16, B = 32, bf16), then
-# with --infer (K = 2, B = 1 inference beside one plain ViT), eagerly and under CUDA graphs; `ncu` runs Nsight Compute's full set
+# with --infer (K = 2, B = 1 inference beside one plain ViT), eagerly and under CUDA graphs, then
+# benchmarks/forward_small_batch.py (the dispatcher's forward at small batches, per tiling); `ncu` runs Nsight Compute's full set
 # on one forward+backward of the Triton dispatcher (benchmarks/ncu_dispatch.py) at Np = 10 and 50.
 # Every step's output goes to $OUT as well as to the terminal.
 set -euo pipefail
@@ -73,6 +74,7 @@ profile)
     $python benchmarks/profile_step.py 2>&1 | tee "$OUT/profile_step.txt"
     $python benchmarks/profile_step.py --infer 2>&1 | tee "$OUT/profile_infer.txt"
     $python benchmarks/profile_step.py --infer --graphs 2>&1 | tee "$OUT/profile_infer_graphs.txt"
+    $python benchmarks/forward_small_batch.py 2>&1 | tee "$OUT/forward_small_batch.txt"
     ;;
 ncu)
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)

@@ -27,16 +27,17 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   x W1^T + b1 of their rows in float32, and the token programs the GELU slopes
   gelu'(x W1^T + b1) (K*B*T*H floats, 9.7 MB at the target against 58 MB of tokens), with which
   the backward needs neither the product over all of D nor any transcendental function per
-  token; the chunks' sums are kept too. Then each program counts itself
+  token. Then each program counts itself
   done with the group of B_PER_FIN images of expert k it served (an atomic counter per group;
   f_e's programs count for every group), and the program that completes a count, whichever it
   is, finishes that group: it sums the chunks' sums in a fixed order (the result does not depend
-  on which program finishes), multiplies them by W2, takes the softmax over K and writes weights
+  on which program finishes; for a backward it stores them, H floats a (k, b)), multiplies them
+  by W2, takes the softmax over K and writes weights
   and ipt, into a new tensor or into the prompt slots of the experts' sequences, where Z_P was
   (``Dispatcher.dispatch_into``). Mixing the EPTs reads all of P (K*Np*D): once per group of
   images, not once per image (177 MB from L2 at K=6, B=32, Np=50, fp32). Reads K*B*T*D
   (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D / B_PER_FIN (P, L2-resident); writes K*B*Np*(D+K)
-  elements, and (K*B*(T+Np+S_T) + K*Np)*H floats for a backward.
+  elements, and (K*B*(T+Np+1) + K*Np)*H floats for a backward.
 * Backward, THREE launches:
   1. grid (Np, K*B / BLOCK_KB): dlogits = weights * (dweights - <weights, dweights>), with
      dweights[j] = <grad_ipt, P[j]>, for prompt n one product (BLOCK_KB rows (k, b) x D) @
@@ -49,7 +50,7 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      programs of a row group have adjacent ids and share them through L2) and its d-tile of those
      rows, and writes dZ_P and dZ for its d-tile, plus its share of the weight gradients. Every
      token of a (k, b) receives the same dL/d f_z, so dL/d gelu is one row per (k, b), dh is
-     that row times the slopes, and W2_z's gradient needs only the chunks' sums of gelu: a token
+     that row times the slopes, and W2_z's gradient needs only the forward's sums of gelu: a token
      tile costs W1's two products (dZ and dW1), with W1's d-tile loaded once per program.
      Program (d-tile, group of prompts) does the same for the rows P[:, n] and adds the fusion
      gradient
@@ -353,6 +354,8 @@ def _dispatch_fwd_kernel(
     hidden_p_ptr,  # (K, B, Np, H) out: f_p's     when save_hidden is 0 or HAS_HIDDEN is False,
     slopes_z_ptr,  # (K, B, T, H) out: f_z's GELU slopes gelu'(x W1^T + b1)   and hidden_p when
     #                has_prompt_out is 0
+    act_sums_z_ptr,  # (K, B, H) out, float32: each (k, b)'s sum over its tokens of gelu(x W1^T + b1);
+    #                  a placeholder, as the three above
     scratch_ptr,  # float32: at 0 each token chunk's sums over its tokens: of gelu(x W1^T + b1)
     #               (K * B, S_T, H), or of f_z - b2_z (K * B, S_T, K) when HAS_HIDDEN is False;
     #               then at the next multiple of 4 elements f_e(P[k, n]) (K, Np, K)
@@ -501,6 +504,8 @@ def _dispatch_fwd_kernel(
                     other=0.0,
                 )  # (BLOCK_K, BLOCK_H)
                 token_sum = tl.sum(w2.to(tl.float32)[None, :, :] * a_sum[:, None, :], axis=2)  # (B_PER_FIN, BLOCK_K)
+                if save_hidden:
+                    tl.store(act_sums_z_ptr + kb[:, None] * H + offs_h[None, :], a_sum, mask=b_mask[:, None] & h_mask[None, :])
             else:
                 token_sum = tl.zeros((B_PER_FIN, BLOCK_K), dtype=tl.float32)
                 for c in range(0, S_T):
@@ -806,7 +811,7 @@ def _dispatch_bwd_kernel(
     hidden_e_ptr,  # (K, Np, H) float32, as the forward stored them: pre-activations of P,
     hidden_p_ptr,  # (K, B, Np, H)    of Z_P,
     slopes_z_ptr,  # (K, B, T, H)     the tokens' GELU slopes,
-    act_sums_z_ptr,  # (K, B, S_T, H) and the token chunks' sums of gelu; the four are
+    act_sums_z_ptr,  # (K, B, H)      and each (k, b)'s sum over its tokens of gelu; the four are
     #                  placeholders when HAS_HIDDEN is False, and hidden_p when has_prompt_out is 0
     w1e_ptr,  # (H, D) f_e; W1 is a placeholder when HAS_HIDDEN is False
     w2e_ptr,  # (K, H), or (K, D) when H = 0
@@ -853,7 +858,6 @@ def _dispatch_bwd_kernel(
     D,
     H,
     C,  # columns of a partial row: H*D + H + K*H + K, or K*D + K when H = 0
-    S_T,  # token chunks of act_sums_z per (k, b)
     B_PER_PROG,  # batch rows per expert program: K * ceil(B / B_PER_PROG) row groups per source
     N_PER_PROG,  # prompts per prompt program
     row_p0,  # first partial row of f_p (one per expert row group)
@@ -947,13 +951,11 @@ def _dispatch_bwd_kernel(
             dl_token = dl_sum / count
             acc_b2 += dl_sum
             da = tl.sum(dl_token[:, None] * w2, axis=0)
-            # The tokens' sum of gelu (the forward's chunks, in its order), or of x (the tiles below).
-            a_sum = tl.zeros(da.shape, dtype=tl.float32)
+            # The tokens' sum of gelu (the forward's), or of x (the tiles below).
             if HAS_HIDDEN:
-                for c in range(0, S_T):
-                    a_sum += tl.load(
-                        act_sums_z_ptr + ((k * B + b) * S_T + c) * H + offs_w2, mask=offs_w2 < H, other=0.0
-                    )
+                a_sum = tl.load(act_sums_z_ptr + (k * B + b) * H + offs_w2, mask=offs_w2 < H, other=0.0)
+            else:
+                a_sum = tl.zeros(da.shape, dtype=tl.float32)
             tok_base = tokens_ptr + k * stride_tokens_k + b * stride_tokens_b
             grad_base = grad_tokens_ptr + k * stride_grad_tokens_k + b * stride_grad_tokens_b
             add_base = grad_add_ptr + k * stride_grad_add_k + b * stride_grad_add_b
@@ -1087,7 +1089,7 @@ BLOCK_ENV = "PMOE_TRITON_BLOCKS"
 # prompts: at Np=10 it took 144 us with 4 warps against 391 with 8, at Np=50 1508 us with 4 against
 # 458 with 8 (``_forward_warps``). The main backward with 4 warps: forward+backward at Np=10 took
 # 821 us with 4 and 4 warps against 1283 with 4 and 8. Its 4 warps spill more registers than 8 do
-# (112 bytes a thread against 32 as the model launches it: benchmarks/results/triton_sm90_launched.txt)
+# (128 bytes a thread against 28 as the model launches it: benchmarks/results/triton_sm90_launched.txt)
 # and still run faster.
 _NUM_WARPS = {"fwd": 4, "fwd_many_prompts": 8, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
 _NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
@@ -1118,6 +1120,29 @@ def _hidden_blocks(H: int) -> int:
     return 16 if H == 0 else max(64, 1 << (H - 1).bit_length())
 
 
+def _forward_blocks(block_h: int, small_batch: bool) -> tuple[int, int]:
+    """(BLOCK_T_FWD, BLOCK_D_FWD): the forward's token chunk and D step.
+
+    The W1 tile (BLOCK_D_FWD x BLOCK_H) of the forward's D loop is pipelined through shared memory,
+    three stages deep: 2048 elements a stage keep every forward variant within 24 bytes of spills a
+    thread on sm_90, and the model's launches at 176 registers without spills (4096, BLOCK_D=64 at
+    H=64 with chunks of 64 tokens, takes all 255 and 80 KB of shared memory as launched;
+    benchmarks/triton_resources.py, --launched).
+
+    A small batch (B = 1 at inference; ``default_blocks`` says when) leaves most SMs idle: the
+    forward's latency is the chain of dependent D steps each program walks. Chunks of 16 tokens
+    share the tokens among 4x the programs (14 an image at T = 197: with K*B <= SMs / 8 the grid
+    still fits one wave at two programs an SM), and with their smaller token tiles a W1 tile of
+    4096 elements, half the steps, fits: the model's B = 1 launch takes 255 registers without
+    spills and 60 KB of shared memory (the generic variants spill up to 136 bytes). CUDA-graph replays of one forward on an
+    H100 (T=197, D=768, H=64, Np=10, bf16 tokens; benchmarks/results/forward_small_batch_h100.txt):
+    at B = 1 these blocks took 36.3 us at K = 2 and 50.9 at K = 6, against 46.1 and 80.9 with the
+    large-batch ones; at K = 6, B = 32 chunks of 16 tokens took 418 us and the wider D step 202,
+    against 148. (8192 elements, BLOCK_D=128 at H=64, took 46.7 us at K = 6, B = 1, but spill and
+    need 120 KB of shared memory on sm_90a with Triton 3.8.)"""
+    return (16 if small_batch else 64), (4096 if small_batch else 2048) // max(block_h, 64)
+
+
 def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> dict[str, int]:
     """Block sizes and work split for one shape, without autotuning."""
     block_h = _hidden_blocks(H)
@@ -1126,12 +1151,10 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     # heads and rests of their split products; BLOCK_H = 128 takes a narrower d-tile and half the rows.
     block_dw = 4096 // max(block_h, 64)
     block_t = 32 if block_h <= 64 else 16
-    # The W1 tile (BLOCK_D x BLOCK_H) of the forward's D loop is pipelined through shared memory,
-    # three stages deep: 2048 elements a stage keep every forward variant within 24 bytes of
-    # spills a thread on sm_90, and the model's launches at 166 registers without spills (4096,
-    # BLOCK_D=64 at H=64, takes all 255 and 80 KB of shared memory as launched;
-    # benchmarks/triton_resources.py, --launched).
-    block_d = 2048 // max(block_h, 64)
+    # The backward's softmax kernel steps through D as the large-batch forward does.
+    block_d = _forward_blocks(block_h, small_batch=False)[1]
+    small_batch = device.type == "cuda" and K * B * 8 <= multiprocessors(device)
+    block_t_fwd, block_d_fwd = _forward_blocks(block_h, small_batch)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight
@@ -1144,7 +1167,8 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         # tests cover the partial-gradient reduction.
         b_groups, n_groups = min(B, 2), min(Np, 2)
     return {
-        "BLOCK_T_FWD": 64,
+        "BLOCK_T_FWD": block_t_fwd,
+        "BLOCK_D_FWD": block_d_fwd,
         "BLOCK_T": block_t,
         "BLOCK_N": 16,
         "BLOCK_D": block_d,
@@ -1263,8 +1287,8 @@ def dispatch_fwd(
     (K, B, Np, K) float32, and what the backward needs of the hidden layer, float32: (hidden_e
     (K, Np, H) and hidden_p (K, B, Np, H), the pre-activations x W1^T + b1 of P and Z_P; slopes_z
     (K, B, T, H), the GELU slopes gelu'(x W1^T + b1) of the tokens, rows outside each expert's
-    token range not written; act_sums_z (K, B, S_T, H),
-    the sums of gelu(x W1^T + b1) over each chunk of BLOCK_T_FWD tokens), each None without a
+    token range not written; act_sums_z (K, B, H),
+    each (k, b)'s sum over its tokens of gelu(x W1^T + b1)), each None without a
     hidden layer (hidden_p also without prompt_out) or without ``save_hidden`` (nothing will
     differentiate this call).
 
@@ -1298,8 +1322,7 @@ def dispatch_fwd(
         )
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
     # Scratch, one allocation: the token chunks' sums (K * B, chunks, H or K), then (from a 16-byte
-    # boundary) f_e's logits (K, Np, K), where the kernel expects them. The sums come first: a
-    # backward keeps them (act_sums_z), a view that starts where its storage does.
+    # boundary) f_e's logits (K, Np, K), where the kernel expects them. A backward keeps none of it.
     sums = K * B * chunks * (H or K)
     scratch = torch.empty((sums + 3) // 4 * 4 + K * Np * K, dtype=torch.float32, device=device)
     hidden = (None, None, None, None)
@@ -1309,7 +1332,7 @@ def dispatch_fwd(
             torch.empty((K, Np, H), dtype=torch.float32, device=device),
             hidden_p,
             torch.empty((K, B, T, H), dtype=torch.float32, device=device),
-            scratch[:sums].view(K, B, chunks, H),
+            torch.empty((K, B, H), dtype=torch.float32, device=device),
         )
     arrivals = torch.zeros(K * cdiv(B, blocks["B_PER_FIN"]), dtype=torch.int32, device=device)
     pout = prompt_out if has_prompt_out else tokens
@@ -1320,13 +1343,13 @@ def dispatch_fwd(
     _dispatch_fwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
-        ipt_out, weights, *_hidden_pointers(hidden[:3], weights),
+        ipt_out, weights, *_hidden_pointers(hidden, weights),
         scratch, arrivals,
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *ipt_out.stride()[:3],
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, chunks,
         int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
-        BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
+        BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D_FWD"],
         BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, B_PER_FIN=blocks["B_PER_FIN"],
         num_warps=_forward_warps(Np, blocks["BLOCK_N"]), num_stages=_NUM_STAGES["fwd"],
     )
@@ -1417,7 +1440,7 @@ def dispatch_bwd(
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *grad_ipt.stride(),
         *outer_strides(grad_tokens), *outer_strides(grad_prompt_out), *outer_strides(grad_tokens_add),
         *strides_e, *strides_p, *strides_z,
-        B, K, Np, T, D, H, C, hidden[3].shape[2] if H else 0, blocks["B_PER_PROG"], blocks["N_PER_PROG"],
+        B, K, Np, T, D, H, C, blocks["B_PER_PROG"], blocks["N_PER_PROG"],
         row_p0, row_z0, row_e0,
         int(has_prompt_out), int(need_grad_tokens), int(grad_tokens_add is not None), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"],
@@ -1548,15 +1571,13 @@ def _(prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2, save_hidd
     B, T = tokens.shape[1:3]
     f32 = dict(dtype=torch.float32)
     save = save_hidden and H > 0
-    # BLOCK_T_FWD depends on no size; asked with sizes of 1, as the fake's may be symbolic.
-    chunks = cdiv(max(e - s for s, e in zip(tok_start, tok_end)), dispatch_blocks(1, 1, 1, 1, 0, prompts.device)["BLOCK_T_FWD"])
     return (
         prompts.new_empty((K, B, Np, D)),
         prompts.new_empty((K, B, Np, K), **f32),
         prompts.new_empty((K, Np, H) if save else _EMPTY, **f32),
         prompts.new_empty((K, B, Np, H) if save and prompt_out is not None else _EMPTY, **f32),
         prompts.new_empty((K, B, T, H) if save else _EMPTY, **f32),
-        prompts.new_empty((K, B, chunks, H) if save else _EMPTY, **f32),
+        prompts.new_empty((K, B, H) if save else _EMPTY, **f32),
     )
 
 
@@ -1876,8 +1897,9 @@ def _variant(
 def _kernel_variants() -> list[dict]:
     """Every (kernel, constexprs, dtype signature) the launchers produce on a GPU with the default
     block sizes: BLOCK_H (and with it BLOCK_T, BLOCK_D and BLOCK_DW) takes one of three values (H = 0,
-    H <= 64, H <= 128), the dtypes one of DTYPE_SIGNATURES; BLOCK_K, BLOCK_N, BLOCK_D,
-    BLOCK_KB and BLOCK_C are fixed, and prompt_out is a run-time switch. Triton specialises
+    H <= 64, H <= 128), the forward's token chunk and D step one of two (small batches or not),
+    the dtypes one of DTYPE_SIGNATURES; BLOCK_K, BLOCK_N, BLOCK_KB and BLOCK_C are fixed, and
+    prompt_out is a run-time switch. Triton specialises
     integer arguments further at run time (a value of 1 becomes a constant, multiples of 16 an
     alignment hint); these variants are the generic ones, the same code without those hints."""
     variants = {}
@@ -1887,16 +1909,20 @@ def _kernel_variants() -> list[dict]:
             b = default_blocks(K=6, B=32, Np=16, D=768, H=H, device=torch.device("cpu"))
             # The IPTs go to a tensor of the prompts' dtype (fused_dispatch) or into the prompt
             # slots of the tokens' sequences (Dispatcher.dispatch_into).
-            # The forward with either count of warps (``_forward_warps``), named by it.
+            # The forward with either count of warps (``_forward_warps``) and either tiling
+            # (``_forward_blocks``), named by them.
             found = [
                 _variant(
-                    _dispatch_fwd_kernel, f"fwd{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}", param, act,
-                    warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
-                    HAS_HIDDEN=H > 0, BLOCK_T=b["BLOCK_T_FWD"], BLOCK_N=b["BLOCK_N"], BLOCK_D=b["BLOCK_D"],
+                    _dispatch_fwd_kernel,
+                    f"fwd{'-small-batch' if small else ''}{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}",
+                    param, act, warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
+                    HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_D=block_d,
                     BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b["B_PER_FIN"],
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
                 for warps in (_NUM_WARPS["fwd"], _NUM_WARPS["fwd_many_prompts"])
+                for small in (False, True)
+                for block_t, block_d in [_forward_blocks(b["BLOCK_H"], small)]
             ] + [
                 _variant(
                     _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], HAS_HIDDEN=H > 0,

@@ -647,9 +647,7 @@ def _dispatch_saved(s: _Setup, layer: int) -> dict:
             saved[("z_mean", layer)] = s.size(K * B * (d.hidden or D), 4)
         if s.backend == "triton" and d.kind == "mlp" and d.hidden:  # f's pre-activations or GELU slopes of every row
             saved[("slopes_z", layer)] = s.size(rows * d.hidden, 4)
-            # The forward's scratch (f_e's logits, and each chunk of 64 tokens' sums of gelu).
-            chunks = K * B * -(-d.tokens[0] // 64)
-            saved[("scratch", layer)] = s.size(K * Np * K + chunks * d.hidden, 4)
+            saved[("act_sums_z", layer)] = s.size(K * B * d.hidden, 4)  # each (k, b)'s sum of gelu
             saved[("hidden_e", layer)] = s.size(K * Np * d.hidden, 4)
             if layer > 0:
                 saved[("hidden_p", layer)] = s.size(K * B * Np * d.hidden, 4)
