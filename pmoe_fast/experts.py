@@ -13,6 +13,7 @@ The adapter freezes the backbone in place: ``requires_grad=False`` on every weig
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from . import attention as attention_backends
 from .frozen_linear import qkv_heads
+from .vit import PatchEmbed
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -85,6 +87,7 @@ class Expert:
         model.eval()
         self.module = model
         pe = model.patch_embed
+        self.patch_projection = patch_projection(pe)
         self.info = ExpertInfo(
             embed_dim=int(model.embed_dim),
             depth=len(model.blocks),
@@ -114,10 +117,18 @@ class Expert:
         if images.shape[0] == 0:
             raise ValueError(f"images hold no image: shape {tuple(images.shape)}, expected {expected} with B >= 1")
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Z^0: the backbone's own embedding. images (B, C, H, W) -> (B, Q + N, D)."""
+    def embed(self, images: torch.Tensor, patches_as_matmul: bool = False) -> torch.Tensor:
+        """Z^0: the backbone's own embedding. images (B, C, H, W) -> (B, Q + N, D).
+
+        ``patches_as_matmul`` (the fast model's) takes the patch projection as one matrix product
+        over the images' patches where ``patch_projection`` can (the same sums as the backbone's
+        convolution, whose kernel covers one patch); otherwise, and in the reference, the backbone's
+        own ``patch_embed`` runs."""
         m = self.module
-        x = m.patch_embed(images)
+        if patches_as_matmul and self.patch_projection is not None:
+            x = m.patch_embed.norm(patch_tokens(images, self.patch_projection))
+        else:
+            x = m.patch_embed(images)
         x = m._pos_embed(x)
         x = m.patch_drop(x) if hasattr(m, "patch_drop") else x
         return m.norm_pre(x) if hasattr(m, "norm_pre") else x
@@ -158,6 +169,52 @@ class Expert:
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and pooling of the non-prompt tokens x (B, Q + N, D) -> (B, D)."""
         return self.module.forward_head(self.module.norm(x), pre_logits=True)
+
+
+def patch_projection(patch_embed: nn.Module) -> nn.Conv2d | None:
+    """The patch embedding's convolution when the embedding is that convolution over
+    non-overlapping patches of a fixed image size, flattened to tokens and normed
+    (``pmoe_fast.vit``'s ``PatchEmbed``, and timm's as its ViTs build it), so that
+    ``patch_tokens`` computes it; else None.
+
+    At B = 1 on an H100, cuDNN took 82 us for a ViT-B/16's convolution, plus two kernels that pad
+    its 3 input channels to 8 (benchmarks/results/profile_infer_h100.txt), where the blocks'
+    products of the same size, 197 x 768 x 768, took 6-8 us."""
+    timm_patch_embed = getattr(sys.modules.get("timm.layers"), "PatchEmbed", None)
+    if type(patch_embed) is not PatchEmbed and not (
+        timm_patch_embed is not None
+        and type(patch_embed) is timm_patch_embed
+        and patch_embed.flatten
+        and not patch_embed.dynamic_img_pad
+        and patch_embed.strict_img_size
+    ):
+        return None
+    proj = getattr(patch_embed, "proj", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if type(proj) is not nn.Conv2d or img_size is None:
+        return None
+    kernel = tuple(proj.kernel_size)
+    if (
+        tuple(proj.stride) != kernel or tuple(proj.padding) != (0, 0) or tuple(proj.dilation) != (1, 1)
+        or proj.groups != 1 or any(size % k for size, k in zip(img_size, kernel))
+    ):
+        return None
+    return proj
+
+
+def patch_tokens(images: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
+    """``proj(images).flatten(2).transpose(1, 2)`` as one matrix product: images (B, C, H, W), H
+    and W multiples of the kernel (p_h, p_w) that is also the stride -> tokens (B, N, D), row-major
+    over the patch grid as the convolution's output."""
+    B, C, H, W = images.shape
+    ph, pw = proj.kernel_size
+    D = proj.out_channels
+    # (B, C, H/p_h, p_h, W/p_w, p_w) -> one row per patch, its columns ordered (C, p_h, p_w) as
+    # the convolution's weight (D, C, p_h, p_w) is.
+    cols = images.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(-1, C * ph * pw)
+    weight = proj.weight.reshape(D, -1).t()
+    out = cols @ weight if proj.bias is None else torch.addmm(proj.bias, cols, weight)
+    return out.view(B, -1, D)
 
 
 def attention(

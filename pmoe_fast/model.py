@@ -304,10 +304,10 @@ class PMoE(ReferencePMoE):
         if self.last_execution == "streams" and torch.compiler.is_compiling():
             self.last_execution = "sequential"  # the module docstring says why
         if self.last_execution == "batched":
-            seqs = F.pad(torch.stack([a.embed(images) for a in self._adapters]), slots)  # (K, B, Np + T, D)
-            self.last_layer_norm = self._layer_norm_for(seqs)
+            seqs = F.pad(torch.stack([a.embed(images, patches_as_matmul=True) for a in self._adapters]), slots)
+            self.last_layer_norm = self._layer_norm_for(seqs)  # seqs: (K, B, Np + T, D)
         else:
-            seqs = [F.pad(a.embed(images), slots) for a in self._adapters]
+            seqs = [F.pad(a.embed(images, patches_as_matmul=True), slots) for a in self._adapters]
             self.last_layer_norm = None  # each expert's own nn.LayerNorm
         weights, aux = [], []
         state = self._enter(0, seqs, None, weights, aux)  # (sequences, the prompts that entered)

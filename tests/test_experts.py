@@ -81,6 +81,33 @@ def test_block_for_some_rows_is_the_full_blocks_rows(kind, backend):
     assert not Expert(small_vit("clip")).pool_reads_first_token  # avg pooling reads every token
 
 
+@pytest.mark.parametrize("kind", list(TWINS))
+def test_patches_as_one_matmul_are_the_backbones_embedding(kind):
+    """The fast model's patch embedding (one product over the patches) against the backbone's
+    convolution, in float64 so that only the summation order differs; timm's and ours, /14 and
+    /16, with and without a bias."""
+    for model in (small_vit(kind), our_twin(small_vit(kind), **TWINS[kind])):
+        e = Expert(model.double())
+        assert e.patch_projection is model.patch_embed.proj
+        x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+        torch.testing.assert_close(e.embed(x, patches_as_matmul=True), e.embed(x), rtol=1e-12, atol=1e-12)
+
+
+def test_patch_embeddings_the_product_cannot_compute_run_as_they_are():
+    """Overlapping patches, a grid that leaves pixels out, and timm's dynamic padding keep the
+    backbone's own patch embedding."""
+    overlapping = our_twin(small_vit("p16"))
+    overlapping.patch_embed.proj.stride = (8, 8)
+    assert Expert(overlapping).patch_projection is None
+    dynamic = small_vit("p16", dynamic_img_pad=True)
+    remainder = vit.VisionTransformer(img_size=120, embed_dim=48, depth=1, num_heads=3)  # 120 = 7 * 16 + 8
+    for model in (dynamic, remainder):
+        e = Expert(model)
+        assert e.patch_projection is None
+        x = torch.randn(1, 3, *e.info.img_size)
+        assert torch.equal(e.embed(x, patches_as_matmul=True), e.embed(x))
+
+
 def test_adapter_freezes_in_place():
     m = small_vit("p16").train()
     Expert(m)
