@@ -10,6 +10,7 @@ import sys
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 IMG = 112  # divisible by 16 (7x7 patches) and by 14 (8x8 patches)
 
@@ -118,3 +119,32 @@ def _triton_resources_json(code: str) -> list[tuple]:
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [tuple(item) for item in json.loads(proc.stdout)]
 
+
+
+class WorkLog(TorchDispatchMode):
+    """The torch ops that do work (beyond allocating, viewing and splitting) while it is active,
+    the Triton dispatchers' operators seen through to the ops their bodies run. Zeroed
+    allocations (the forward's arrival counters, a memset) count as allocations, and so does a
+    GPU's copy of the token ranges (K x 2 ints) from pinned host memory (``_token_ranges``)."""
+
+    FREE = {
+        "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor",
+        "aten.select.int", "aten.split.Tensor", "aten.split_with_sizes.default", "aten.zeros.default",
+        "aten.detach.default", "aten.new_empty.default",
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from pmoe_fast.kernels import dispatch as kd
+
+        body = kd.OPERATOR_BODIES.get(str(func))
+        if body is not None:  # the package's own operators: log what they run
+            with self:
+                return body(*args, **(kwargs or {}))
+        upload = str(func) == "aten.copy_.default" and args[1].device.type == "cpu"
+        if str(func) not in self.FREE and not upload:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -18,8 +18,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import sm90_launched_usage
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import WorkLog, sm90_launched_usage
 
 from pmoe_fast.dispatcher import Dispatcher
 from pmoe_fast.kernels import dispatch as kd
@@ -494,31 +493,6 @@ def assert_listed(launches: list) -> None:
     ]
     for launch in launches:
         assert launch[:5] in listed, f"{launch[0]} launched with a variant KERNEL_VARIANTS does not list: {launch[2]}"
-
-
-class WorkLog(TorchDispatchMode):
-    """The torch ops that do work (beyond allocating and viewing) while it is active. The
-    forward's zeroed arrival counters (K * B ints, a memset) count as an allocation, and so does
-    a GPU's copy of the token ranges (K x 2 ints) from pinned host memory (``_token_ranges``)."""
-
-    FREE = {
-        "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor", "aten.select.int",
-        "aten.zeros.default", "aten.detach.default", "aten.new_empty.default",
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        body = kd.OPERATOR_BODIES.get(str(func))
-        if body is not None:  # the package's own operators: log what they run
-            with self:
-                return body(*args, **(kwargs or {}))
-        upload = str(func) == "aten.copy_.default" and args[1].device.type == "cpu"
-        if str(func) not in self.FREE and not upload:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def via_operators(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z):

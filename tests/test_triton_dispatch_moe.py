@@ -27,8 +27,7 @@ import textwrap
 
 import pytest
 import torch
-
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import WorkLog
 
 from pmoe_fast.dispatcher import Dispatcher
 from pmoe_fast.kernels import dispatch as kd
@@ -404,31 +403,6 @@ def test_torch_compile_fullgraph(name):
     traced = run(compiled, disp, leaves, build, case, grad_ipt)
     for a, b in zip((*eager[:3], *eager[3]), (*traced[:3], *traced[3])):
         assert (a is None and b is None) or torch.equal(a, b)
-
-
-class WorkLog(TorchDispatchMode):
-    """The torch ops that do work (beyond allocating and viewing) while it is active. A GPU's
-    copy of the token ranges (K x 2 ints) from pinned host memory counts as an allocation."""
-
-    FREE = {
-        "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor",
-        "aten.select.int", "aten.split.Tensor", "aten.split_with_sizes.default", "aten.new_empty.default",
-        "aten.detach.default",
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        body = kd.OPERATOR_BODIES.get(str(func))
-        if body is not None:  # the package's own operators: log what they run
-            with self:
-                return body(*args, **(kwargs or {}))
-        upload = str(func) == "aten.copy_.default" and args[1].device.type == "cpu"
-        if str(func) not in self.FREE and not upload:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
