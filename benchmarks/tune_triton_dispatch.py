@@ -40,7 +40,7 @@ WARPS = (4, 8)
 # The backward's token tile and d-tile set its register use: as launched, every setting takes all
 # 255 registers a thread on sm_90a and spills from 0 to 128 bytes (benchmarks/results/triton_bwd_settings_sm90.txt;
 # BLOCK_T=64 does not compile on Triton 3.6).
-SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D=64", "B_PER_FIN=1", "BLOCK_T=16", "BLOCK_DW=32",
+SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D_FWD=64", "B_PER_FIN=1", "BLOCK_T=16", "BLOCK_DW=32",
           "BLOCK_T=16,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4")
 BF16_PARAMS = "bf16 params"
 
