@@ -9,6 +9,7 @@ tf32, tests/triton_interpreter.py); on a GPU the same tests run compiled.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import random
@@ -657,7 +658,10 @@ def test_variant_compiles_for_sm90(name, compiled_variants):
 # The main backward's budget is what its 4 warps spill now: on an H100 they ran it faster than 8
 # warps that spilled less (kernels/dispatch.py, _NUM_WARPS). Its spill code sits outside the token
 # loop, in the per-image code around it (SASS with Triton 3.8: none of the loop's 538 instructions).
-# Kind "moe"'s two kernels, likewise.
+# Kind "moe"'s two kernels, likewise. Register allocation moves between Triton releases (Triton
+# 3.6 spilled 140 bytes in the main backward where 3.8 spilled 112): the budgets are for the Triton
+# requirements.txt pins.
+BUDGETS_TRITON = "3.8"
 LAUNCHED_SPILL_BUDGETS = {
     "_dispatch_fwd_kernel": 0, "_dispatch_bwd_softmax_kernel": 0, "_dispatch_bwd_kernel": 128,
     "_dispatch_bwd_reduce_kernel": 0, "_dispatch_moe_fwd_kernel": 136, "_dispatch_moe_bwd_kernel": 856,
@@ -671,15 +675,20 @@ def test_model_launches_compile_for_sm90_within_spill_budgets():
     compiled for sm_90a as Triton's runtime specializes it: with the alignment hints that turn
     the tokens' loads into 16-byte asynchronous copies and start the software pipeliner, code
     the generic KERNEL_VARIANTS above do not reach. Every one compiles, fits two programs an SM,
-    and spills within its budget: a change that spills more fails here, without a GPU."""
+    and, with the pinned Triton, spills within its budget: a change that spills more fails here,
+    without a GPU. Another Triton skips the budgets, saying so."""
     launched = sm90_launched_usage()
     kernels = [name.split(": ")[1].split(",")[0] for name, _ in launched]  # "case: kernel, grid (...)"
     # Each training case: a forward and three backward launches (kind "moe": its own two, then the
     # same softmax and reduction); inference: a forward; LayerNorm: forward and backward.
     assert len(launched) == 4 + 4 + 1 + 4 + 2 and set(kernels) == set(LAUNCHED_SPILL_BUDGETS), kernels
-    for kernel, (name, usage) in zip(kernels, launched):
+    for name, usage in launched:
         assert isinstance(usage, dict), f"{name} does not compile for sm_90a as launched:\n{usage}"
         assert usage["shared"] <= 114 * 1024, f"{name} needs {usage['shared']} bytes of shared memory"
+    version = importlib.metadata.version("triton")
+    if version.rsplit(".", 1)[0] != BUDGETS_TRITON:
+        pytest.skip(f"every launch compiles and fits; the spill budgets are for Triton {BUDGETS_TRITON}, this is {version}")
+    for kernel, (name, usage) in zip(kernels, launched):
         spilled = max(usage["spill_stores"], usage["spill_loads"])
         budget = LAUNCHED_SPILL_BUDGETS[kernel]
         assert spilled <= budget, f"{name} spills {spilled} bytes a thread on sm_90a, over its budget of {budget}"
