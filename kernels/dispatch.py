@@ -1124,22 +1124,23 @@ def _forward_blocks(block_h: int, small_batch: bool) -> tuple[int, int]:
     """(BLOCK_T_FWD, BLOCK_D_FWD): the forward's token chunk and D step.
 
     The W1 tile (BLOCK_D_FWD x BLOCK_H) of the forward's D loop is pipelined through shared memory,
-    three stages deep: 2048 elements a stage keep every forward variant within 24 bytes of spills a
-    thread on sm_90, and the model's launches at 176 registers without spills (4096, BLOCK_D=64 at
-    H=64 with chunks of 64 tokens, takes all 255 and 80 KB of shared memory as launched;
-    benchmarks/triton_resources.py, --launched).
+    three stages deep: 2048 elements a stage keep every large-batch forward variant within 24
+    bytes of spills a thread on sm_90, and the model's launches at 166-178 registers without
+    spills (4096, BLOCK_D=64 at H=64 with chunks of 64 tokens, takes all 255 and 80 KB of shared
+    memory as launched; benchmarks/triton_resources.py, --launched).
 
     A small batch (B = 1 at inference; ``default_blocks`` says when) leaves most SMs idle: the
     forward's latency is the chain of dependent D steps each program walks. Chunks of 16 tokens
     share the tokens among 4x the programs (14 an image at T = 197: with K*B <= SMs / 8 the grid
     still fits one wave at two programs an SM), and with their smaller token tiles a W1 tile of
     4096 elements, half the steps, fits: the model's B = 1 launch takes 255 registers without
-    spills and 60 KB of shared memory (the generic variants spill up to 136 bytes). CUDA-graph replays of one forward on an
-    H100 (T=197, D=768, H=64, Np=10, bf16 tokens; benchmarks/results/forward_small_batch_h100.txt):
-    at B = 1 these blocks took 36.3 us at K = 2 and 50.9 at K = 6, against 46.1 and 80.9 with the
-    large-batch ones; at K = 6, B = 32 chunks of 16 tokens took 418 us and the wider D step 202,
-    against 148. (8192 elements, BLOCK_D=128 at H=64, took 46.7 us at K = 6, B = 1, but spill and
-    need 120 KB of shared memory on sm_90a with Triton 3.8.)"""
+    spills and 60 KB of shared memory (the generic variants spill up to 136 bytes). CUDA-graph
+    replays of one forward on an H100 (T=197, D=768, H=64, Np=10, bf16 tokens;
+    benchmarks/results/forward_small_batch_h100.txt): at B = 1 these blocks took 36.3 us at K = 2
+    and 50.9 at K = 6, against 46.1 and 80.9 with the large-batch ones; at K = 6, B = 32 chunks of
+    16 tokens took 418 us and the wider D step 202, against 148. (8192 elements, BLOCK_D=128 at
+    H=64, took 46.7 us at K = 6, B = 1, but spills and needs 120 KB of shared memory on sm_90a
+    with Triton 3.8.)"""
     return (16 if small_batch else 64), (4096 if small_batch else 2048) // max(block_h, 64)
 
 
