@@ -120,7 +120,6 @@ def _triton_resources_json(code: str) -> list[tuple]:
     return [tuple(item) for item in json.loads(proc.stdout)]
 
 
-
 class WorkLog(TorchDispatchMode):
     """The torch ops that do work (beyond allocating, viewing and splitting) while it is active,
     the Triton dispatchers' operators seen through to the ops their bodies run. Zeroed

@@ -370,7 +370,7 @@ def test_small_batches_on_a_gpu_take_the_forwards_small_tiles(monkeypatch):
     cuda = torch.device("cuda")
     small = kd.default_blocks(K=6, B=1, Np=10, D=768, H=64, device=cuda)
     assert (small["BLOCK_T_FWD"], small["BLOCK_D_FWD"]) == (16, 64)
-    assert (kd.default_blocks(K=2, B=8, Np=10, D=768, H=128, device=cuda)["BLOCK_D_FWD"]) == 32
+    assert kd.default_blocks(K=2, B=8, Np=10, D=768, H=128, device=cuda)["BLOCK_D_FWD"] == 32
     for K, B, device in ((6, 32, cuda), (4, 5, cuda), (2, 1, torch.device("cpu"))):
         large = kd.default_blocks(K=K, B=B, Np=10, D=768, H=64, device=device)
         assert (large["BLOCK_T_FWD"], large["BLOCK_D_FWD"]) == (64, 32), (K, B, device)
