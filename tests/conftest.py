@@ -37,10 +37,13 @@ def pytest_terminal_summary(terminalreporter):
 
     ext = extension_status()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    on_cpu = [r for r in terminalreporter.stats.get("passed", []) if "test_cuda_on_cpu.py" in r.nodeid]
     lines = [
         f"C++ CPU ops: {'ran' if ext['loaded'] else 'NOT AVAILABLE: ' + str(ext['error'])}",
         f"CUDA sources: {'compiled, linked and imported' if ext['cuda'] else 'not built'}; "
-        f"CUDA kernels {'ran on ' + gpu if gpu and ext['cuda'] else 'not executed (no GPU)'}",
+        f"CUDA kernels {'ran on ' + gpu if gpu and ext['cuda'] else 'not executed on a GPU (no GPU)'}",
+        f"CUDA dispatcher kernels (csrc/cuda/dispatch.cu) on the CPU, through tests/cuda_on_cpu: "
+        f"{f'{len(on_cpu)} tests passed' if on_cpu else 'not run'}",
         f"Triton: {'interpreter (TRITON_INTERPRET=1; dots and bf16 casts rounded as on sm_90)' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}",
     ]
     terminalreporter.section("pmoe_fast kernel paths")

@@ -33,10 +33,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
+#ifndef PMOE_CUDA_ON_CPU
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#endif
 
 #include <array>
 #include <cstdint>
@@ -616,6 +618,21 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- Host side ---------------------------------------------------------------------------
 
+// Every launch goes through launch(), and the device and stream through DeviceGuard and
+// current_stream(), so that tests/cuda_on_cpu can supply CPU versions of the three and run this
+// file's kernels, host code included, on a machine without a GPU.
+#ifndef PMOE_CUDA_ON_CPU
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
+  kernel<<<grid, threads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
 void check_cuda_limits(const char* op, const DispatchSizes& s) {
   TORCH_CHECK(s.K <= kMaxExperts, op, ": the CUDA kernels take at most ", kMaxExperts,
               " experts, got K = ", s.K);
@@ -690,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cuda(
   const DispatchSizes s =
       check_dispatch_inputs(op, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2);
   check_cuda_limits(op, s);
-  const c10::cuda::CUDAGuard guard(prompts.device());
+  const DeviceGuard guard(prompts.device());
   const at::ScalarType acc = dispatch_acc_dtype(prompts);
   const KernelTensors kt = kernel_tensors(acc, prompts, tokens, prompt_out, w1, b1, w2, b2);
   const at::TensorOptions options = prompts.options().dtype(acc);
@@ -698,14 +715,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cuda(
   at::Tensor weights = at::empty({s.K, s.B, s.Np, s.K}, options);
   at::Tensor z_act = at::empty({s.K, s.B, s.T, s.H}, options);
   at::Tensor z_mean = at::empty({s.K, s.B, s.features()}, options);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
-    dispatch_mlp_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.K * s.B), kThreads, 0, stream>>>(
-        in, ipt.mutable_data_ptr<acc_t>(), weights.mutable_data_ptr<acc_t>(),
-        z_act.mutable_data_ptr<acc_t>(), z_mean.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(dispatch_mlp_fwd_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B)), kThreads, stream,
+           in, ipt.mutable_data_ptr<acc_t>(), weights.mutable_data_ptr<acc_t>(),
+           z_act.mutable_data_ptr<acc_t>(), z_mean.mutable_data_ptr<acc_t>());
   });
   // ipt is accumulated in acc; prompts in another dtype cost one conversion kernel here.
   return {ipt.to(prompts.scalar_type()), weights, z_act, z_mean};
@@ -727,7 +743,7 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   check_cuda_limits(op, s);
   const at::ScalarType acc = dispatch_acc_dtype(prompts);
   check_dispatch_saved(op, s, acc, grad_ipt, weights, z_act, z_mean, prompts);
-  const c10::cuda::CUDAGuard guard(prompts.device());
+  const DeviceGuard guard(prompts.device());
   const auto [need_prompts, need_tokens, need_prompt_out] = output_mask;
   const KernelTensors kt = kernel_tensors(acc, prompts, tokens, prompt_out, w1, b1, w2, b2);
   const at::Tensor grad = to_acc(grad_ipt, acc);
@@ -761,7 +777,7 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const int64_t d_tiles = (s.D + 1 + kTileCols - 1) / kTileCols;
   const int64_t w1_tiles = s.H > 0 ? (s.H + kTileRows - 1) / kTileRows * d_tiles : 0;
   TORCH_CHECK(w1_tiles + 1 <= kMaxGridX, op, ": problem too large for the CUDA launch grid");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
@@ -779,19 +795,15 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
       param_grads.w2[i] = gw2[i].mutable_data_ptr<acc_t>();
       param_grads.b2[i] = gb2[i].mutable_data_ptr<acc_t>();
     }
-    dispatch_mlp_bwd_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.K * s.B), kThreads, 0, stream>>>(
-        in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), scratch,
-        grad_tokens.defined() ? grad_tokens.mutable_data_ptr<scalar_t>() : nullptr,
-        grad_prompt_out.defined() ? grad_prompt_out.mutable_data_ptr<acc_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dispatch_mlp_bwd_prompts_kernel<scalar_t, acc_t><<<static_cast<unsigned>(s.K * s.Np), kThreads, 0, stream>>>(
-        in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), scratch,
-        grad_prompts.defined() ? grad_prompts.mutable_data_ptr<acc_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const dim3 grid(static_cast<unsigned>(w1_tiles + 1), kNumSources);
-    dispatch_mlp_bwd_params_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        in, a.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), scratch, param_grads);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(dispatch_mlp_bwd_rows_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B)), kThreads, stream,
+           in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), scratch,
+           grad_tokens.defined() ? grad_tokens.mutable_data_ptr<scalar_t>() : nullptr,
+           grad_prompt_out.defined() ? grad_prompt_out.mutable_data_ptr<acc_t>() : nullptr);
+    launch(dispatch_mlp_bwd_prompts_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.Np)), kThreads,
+           stream, in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), scratch,
+           grad_prompts.defined() ? grad_prompts.mutable_data_ptr<acc_t>() : nullptr);
+    launch(dispatch_mlp_bwd_params_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(w1_tiles + 1), kNumSources),
+           kThreads, stream, in, a.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), scratch, param_grads);
   });
 
   // Outputs in their inputs' dtypes (no-ops when those are the accumulation dtype).
@@ -817,7 +829,9 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
 }  // namespace
 }  // namespace pmoe_fast
 
+#ifndef PMOE_CUDA_ON_CPU
 TORCH_LIBRARY_IMPL(pmoe_fast, CUDA, m) {
   m.impl("dispatch_mlp", &pmoe_fast::dispatch_mlp_cuda);
   m.impl("dispatch_mlp_backward", &pmoe_fast::dispatch_mlp_backward_cuda);
 }
+#endif

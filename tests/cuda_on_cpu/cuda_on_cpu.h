@@ -1,0 +1,177 @@
+// Runs CUDA C++ kernels on the CPU, so the suite executes csrc/cuda/dispatch.cu's kernels on a
+// machine without a GPU instead of only compiling them.
+//
+// Each CUDA thread of a block is a fiber (ucontext) on the calling thread; the blocks of a launch
+// run one after another. A kernel's __shared__ variables become function-local statics, which every
+// fiber of the running block sees, as shared memory. __syncthreads suspends a fiber until all of
+// the block's have arrived, __shfl_xor_sync exchanges through memory between two such barriers over
+// the warp's 32. A barrier that some thread never reaches (a __syncthreads under divergent control
+// flow) raises instead of hanging. That is all csrc/cuda/dispatch.cu uses, and what this file
+// supports.
+//
+// What it cannot check: blocks running concurrently (races between blocks), threads interleaving
+// other than at barriers (races inside a block), shared memory holding garbage at a block's start
+// (statics keep the previous block's values), warp-synchronous code without __syncwarp, and
+// timing. Include it before the .cu file; the .cu file's launch() and DeviceGuard, under
+// PMOE_CUDA_ON_CPU, are the ones below.
+#pragma once
+
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#define PMOE_CUDA_ON_CPU 1
+#define __global__
+#define __device__
+#define __host__
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct uint3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+using cudaStream_t = void*;
+
+namespace cuda_on_cpu {
+
+struct Barrier {
+  int count;
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
+// The fibers of the running block and what they wait for.
+struct Block {
+  explicit Block(int threads)
+      : sync{threads}, warps(threads / 32, Barrier{32}), lanes(threads), contexts(threads),
+        waiting_on(threads), waiting_for(threads), done(threads) {
+    for (int t = 0; t < threads; ++t) stacks.emplace_back(new char[kStackBytes]);
+  }
+  static constexpr size_t kStackBytes = 64 * 1024;
+  Barrier sync;
+  std::vector<Barrier> warps;
+  std::vector<uint64_t> lanes;  // __shfl_xor_sync's exchange slots, one per thread
+  std::vector<ucontext_t> contexts;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  std::vector<Barrier*> waiting_on;     // the barrier a suspended fiber waits at, or nullptr
+  std::vector<uint64_t> waiting_for;    // the generation it waits to end
+  std::vector<char> done;
+  ucontext_t scheduler;
+  std::function<void()> body;  // the kernel with its arguments
+  int running = 0;
+};
+
+inline thread_local Block* current_block = nullptr;
+
+inline void wait(Barrier& barrier) {
+  Block& block = *current_block;
+  if (++barrier.arrived == barrier.count) {  // the last to arrive releases the others
+    barrier.arrived = 0;
+    ++barrier.generation;
+    return;
+  }
+  const int me = block.running;
+  block.waiting_on[me] = &barrier;
+  block.waiting_for[me] = barrier.generation;
+  swapcontext(&block.contexts[me], &block.scheduler);
+}
+
+inline void fiber_entry() {
+  Block& block = *current_block;
+  block.body();
+  block.done[block.running] = 1;  // returning resumes the scheduler (uc_link)
+}
+
+}  // namespace cuda_on_cpu
+
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+
+inline void __syncthreads() { cuda_on_cpu::wait(cuda_on_cpu::current_block->sync); }
+
+// Every lane of the warp must call it, as on a GPU with a full mask.
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "__shfl_xor_sync: at most 8 bytes");
+  cuda_on_cpu::Block& block = *cuda_on_cpu::current_block;
+  const unsigned me = threadIdx.x, warp = me / 32;
+  std::memcpy(&block.lanes[me], &value, sizeof(T));
+  cuda_on_cpu::wait(block.warps[warp]);
+  T other;
+  std::memcpy(&other, &block.lanes[warp * 32 + ((me % 32) ^ static_cast<unsigned>(lane_mask))], sizeof(T));
+  cuda_on_cpu::wait(block.warps[warp]);
+  return other;
+}
+
+namespace pmoe_fast {
+
+// The .cu file's device guard and stream: nothing to select on the CPU.
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+inline cudaStream_t current_stream() { return nullptr; }
+
+// kernel<<<grid, threads>>>(args...), run to completion before it returns.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t, Args... args) {
+  TORCH_CHECK(threads > 0 && threads % 32 == 0, "cuda_on_cpu: blocks of whole warps only, got ", threads,
+              " threads");
+  cuda_on_cpu::Block block(threads);
+  block.body = [&] { kernel(args...); };
+  cuda_on_cpu::current_block = &block;
+  blockDim = dim3(threads);
+  gridDim = grid;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = {x, y, z};
+        for (int t = 0; t < threads; ++t) {
+          ucontext_t& context = block.contexts[t];
+          getcontext(&context);
+          context.uc_stack.ss_sp = block.stacks[t].get();
+          context.uc_stack.ss_size = cuda_on_cpu::Block::kStackBytes;
+          context.uc_link = &block.scheduler;
+          makecontext(&context, cuda_on_cpu::fiber_entry, 0);
+          block.waiting_on[t] = nullptr;
+          block.done[t] = 0;
+        }
+        // Round robin over the fibers that can run, until all have returned.
+        for (int finished = 0; finished < threads;) {
+          bool progress = false;
+          finished = 0;
+          for (int t = 0; t < threads; ++t) {
+            cuda_on_cpu::Barrier* barrier = block.waiting_on[t];
+            if (block.done[t]) {
+              ++finished;
+              continue;
+            }
+            if (barrier != nullptr && barrier->generation == block.waiting_for[t]) continue;
+            block.waiting_on[t] = nullptr;
+            block.running = t;
+            threadIdx = {static_cast<unsigned>(t), 0, 0};
+            swapcontext(&block.scheduler, &block.contexts[t]);
+            progress = true;
+          }
+          TORCH_CHECK(progress || finished == threads, "cuda_on_cpu: block (", x, ", ", y, ", ", z,
+                      ") is stuck: ", threads - finished,
+                      " threads wait at a barrier that the others returned without reaching");
+        }
+      }
+    }
+  }
+  cuda_on_cpu::current_block = nullptr;
+}
+
+}  // namespace pmoe_fast
