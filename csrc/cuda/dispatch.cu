@@ -2,12 +2,13 @@
 // ../dispatch_cpu.cpp; notation and formulas in ../dispatch.h).
 //
 // Written to be correct by construction and to be read, not tuned: FMAs on CUDA cores over
-// shared-memory tiles (no tensor cores), no atomics, every reduction in a fixed order, so results
-// are bitwise reproducible. Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for
-// fp64 prompts, float otherwise); prompts, prompt_out, parameters and grad_ipt are converted to
-// acc_t up front (small tensors), the tokens are read in place through their strides when
-// at::opmath_type of their dtype is acc_t, and converted first otherwise (fp64 tokens in a float
-// run, other tokens in an fp64 run: fp64 is for checking, not speed).
+// shared-memory tiles (no tensor cores), every reduction in a fixed order, so results are bitwise
+// reproducible (launch 3's one atomic counts arrivals; it orders no sum). Arithmetic is in the
+// accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float otherwise); prompts,
+// prompt_out, parameters and grad_ipt are converted to acc_t up front (small tensors), the tokens
+// are read in place through their strides when at::opmath_type of their dtype is acc_t, and
+// converted first otherwise (fp64 tokens in a float run, other tokens in an fp64 run: fp64 is
+// for checking, not speed).
 //
 // Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB):
 //  * forward, ONE launch, grid K*B, block 256: block (k, b) streams its token rows once per chunk
@@ -18,17 +19,19 @@
 //    32 tokens (from L2); writes z_act (2.4 MB) and the small outputs. 0.93 GFLOP, recomputing
 //    f_e once per image (Np/T of that).
 //  * backward, THREE launches:
-//    1. grid K*B: dL/dweights and the softmax backward of its Np rows, then dL/dZ = dA W1_z for
-//       its tokens (dA = coef * gelu'(z_act), recomputed per 64-column tile of D) and dL/dZ_P.
-//       Reads z_act (2.4 MB, D/64 times, mostly from L2), writes dL/dZ (29 MB).
+//    1. grid K*B: dL/dweights and the softmax backward of its Np rows, then dA = coef *
+//       gelu'(z_act) of its tokens, once, into scratch (2.4 MB), dL/dZ = dA W1_z for its tokens,
+//       and dL/dZ_P. Writes dL/dZ (29 MB).
 //    2. grid K*Np: block (j, n) owns dL/dP[j, n]: the mixture part, sum_{k,b} weights[k, b, n, j]
 //       grad_ipt[k, b, n], and source e's part through f_e.
-//    3. grid (tiles + 1, 3 sources): each block owns a 32 x 64 tile of dL/dW1_s (its column D is
-//       dL/db1_s: a constant-1 input) and sums it over all of the source's rows in order; the
-//       last block of each source computes dL/dW2_s and dL/db2_s. Reads the tokens ceil(H/32)
-//       times (58 MB) and z_act once per 64-column tile. This launch is the long pole: at the
-//       shape above it has only 2 x 13 tiles for source z, each summing 9456 rows; splitting
-//       the rows with a fixed-order second pass is the next step if it shows up in a profile.
+//    3. grid (tiles + 1, 3 sources, G row groups): a block sums one output tile, a 32 x 64 tile
+//       of dL/dW1_s (its column D is dL/db1_s: a constant-1 input) or all of dL/dW2_s and
+//       dL/db2_s, over one of G runs of the source's rows; the last of a tile's G blocks adds
+//       their partial sums in group order. G gives every SM two of source z's tiles (2 x 13 of
+//       them at H = 64, D = 768: G = 11 on 132 SMs), where one block per tile summed all 9456
+//       rows. Reads the tokens ceil(H/32) times (58 MB) and dA once per 64-column tile.
+//
+// The CPU build of this file (tests/cuda_on_cpu) runs these kernels in the test suite.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -40,6 +43,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <limits>
@@ -145,6 +149,7 @@ struct Scratch {
   acc_t* dlogits;  // (K, B, Np, K)  dL/dlogits
   acc_t* dl_z;     // (K, B, K)      its sum over n: the gradient of mean_t f_z
   acc_t* coef_z;   // (K, B, Hz)     W2_z^T dl_z / count: dL/d(features) of each token
+  acc_t* da_z;     // (K, B, T, H)   coef_z * gelu'(z_act) over each token range, when H > 0
   acc_t* pre_p;    // (K, B, Np, H)  pre-activations of source p
   acc_t* da_p;     // (K, B, Np, H)  their gradient
   acc_t* dl_e;     // (K, Np, K)     sum over b of dL/dlogits: the gradient of f_e
@@ -390,6 +395,15 @@ __global__ void __launch_bounds__(kThreads)
     coef[h] = sum / acc_t(count);
   }
   __syncthreads();
+  // dA = coef * gelu'(z_act) of its tokens, once: dL/dZ below and dL/dW1_z (launch 3) read it.
+  const acc_t* da = scratch.da_z + kb * T * H;
+  if (H > 0) {
+    const acc_t* z_act = z_act_ptr + kb * T * H;
+    for (int64_t idx = start * H + threadIdx.x; idx < end * H; idx += kThreads) {
+      scratch.da_z[kb * T * H + idx] = coef[idx % H] * gelu_grad(z_act[idx]);
+    }
+    __syncthreads();
+  }
 
   if (grad_tokens_ptr != nullptr) {
     scalar_t* gz = grad_tokens_ptr + kb * T * D;
@@ -401,8 +415,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t idx = threadIdx.x; idx < count * D; idx += kThreads) {
         gz[start * D + idx] = static_cast<scalar_t>(coef[idx % D]);
       }
-    } else {  // dL/dZ[t] = W1_z^T (coef * gelu'(z_act[t]))
-      const acc_t* z_act = z_act_ptr + kb * T * H;
+    } else {  // dL/dZ[t] = W1_z^T dA[t]
       const acc_t* w1 = in.f[2].w1;
       for (int64_t t0 = start; t0 < end; t0 += kTileRows) {
         const int rows = tile_rows(t0, end);
@@ -410,9 +423,7 @@ __global__ void __launch_bounds__(kThreads)
           acc_t acc[kRowsPerThread] = {};
           tile_product<false>(
               H,
-              [&](int row, int64_t h) {
-                return row < rows ? coef[h] * gelu_grad(z_act[(t0 + row) * H + h]) : acc_t(0);
-              },
+              [&](int row, int64_t h) { return row < rows ? da[(t0 + row) * H + h] : acc_t(0); },
               [&](int64_t h, int c) { return d0 + c < D ? w1[h * D + d0 + c] : acc_t(0); }, tile, acc);
           for (int i = 0; i < kRowsPerThread; ++i) {
             const int row = group + kRowGroups * i;
@@ -528,35 +539,65 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Launch 3. Grid (H-tiles * (D+1)-tiles + 1, 3), block kThreads; blockIdx.y is the source. A
-// tile block sums dL/dW1_s[h, d] = sum_rows dA[row, h] x[row, d] over all of the source's rows
-// (column d = D has input 1: dL/db1_s). The last block computes dL/dW2_s and dL/db2_s.
+// Where launch 3's blocks leave their partial sums, with G > 1 row groups.
+template <typename acc_t>
+struct Split {
+  acc_t* partial;  // (3 sources, w1_tiles + 1, G, slot): each block's sums, in output order
+  int* arrivals;   // (3 sources, w1_tiles + 1): blocks of the output tile done, zero at launch
+  int64_t slot;    // max(kTileRows * kTileCols, K * (Hz + 1)): a block's outputs
+};
+
+// Called by every thread of a block after it wrote its partial sums: true in the last of the G
+// blocks of output tile `tile` to get here, which then sees every block's partials.
+template <typename acc_t>
+__device__ bool last_to_arrive(const Split<acc_t>& split, int64_t tile) {
+  __shared__ int last;
+  __threadfence();  // this thread's partials reach the device before the block counts itself
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(split.arrivals + tile, 1) == static_cast<int>(gridDim.z) - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// Launch 3. Grid (H-tiles * (D+1)-tiles + 1, 3 sources, G row groups), block kThreads. Block
+// (x, s, g) sums one output tile over group g of source s's rows: the rows split into G runs of
+// equal length, each image with its tokens for source z, a prompt row for e and p. Tiles x below
+// w1_tiles are 32 x 64 tiles of dL/dW1_s = sum_rows dA[row, h] x[row, d] (column d = D has input
+// 1: dL/db1_s); tile w1_tiles is dL/dW2_s and dL/db2_s. With G > 1 each block stores its sums,
+// and the last of a tile's G blocks to finish adds them in group order: the result does not
+// depend on which block runs when.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     dispatch_mlp_bwd_params_kernel(const Inputs<scalar_t, acc_t> in,
-                                   const acc_t* __restrict__ z_act_ptr,   // (K, B, T, H)
                                    const acc_t* __restrict__ z_mean_ptr,  // (K, B, Hz)
-                                   const Scratch<acc_t> scratch, const ParamGrads<acc_t> grads) {
+                                   const Scratch<acc_t> scratch, const Split<acc_t> split,
+                                   const ParamGrads<acc_t> grads) {
   __shared__ Tile<acc_t> tile;
   const int s = blockIdx.y;
   const int64_t K = in.K, B = in.B, Np = in.Np, T = in.T, D = in.D, H = in.H, Hz = in.Hz;
   const bool hidden = H > 0;
   const int64_t d_tiles = (D + 1 + kTileCols - 1) / kTileCols;
   const int64_t w1_tiles = hidden ? (H + kTileRows - 1) / kTileRows * d_tiles : 0;
-  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
+  const int64_t G = gridDim.z, g = blockIdx.z;
+  const int64_t rows = s == 0 ? K * Np : s == 1 ? (in.prompt_out != nullptr ? K * B * Np : 0) : K * B;
+  const int64_t per_group = (rows + G - 1) / G;
+  const int64_t begin = g * per_group < rows ? g * per_group : rows;
+  const int64_t end = begin + per_group < rows ? begin + per_group : rows;
+  const int64_t tile_id = s * (w1_tiles + 1) + blockIdx.x;
+  acc_t* partial = split.partial + tile_id * G * split.slot;
 
   if (blockIdx.x < w1_tiles) {
     const int64_t h0 = blockIdx.x / d_tiles * kTileRows, d0 = blockIdx.x % d_tiles * kTileCols;
     acc_t acc[kRowsPerThread] = {};
-    if (s == 2) {  // rows (k, b, t) over each token range, dA = coef * gelu'(z_act)
-      for (int64_t kb = 0; kb < K * B; ++kb) {
+    if (s == 2) {  // rows (k, b, t) of each image's token range
+      for (int64_t kb = begin; kb < end; ++kb) {
         const int64_t k = kb / B, b = kb % B, start = in.tok_start[k];
-        const acc_t* a = z_act_ptr + (kb * T + start) * H;
-        const acc_t* c = scratch.coef_z + kb * Hz;
+        const acc_t* da = scratch.da_z + (kb * T + start) * H;
         const scalar_t* x = in.token_row(k, b, start);
         tile_product<true>(
             in.tok_end[k] - start,
-            [&](int row, int64_t t) { return h0 + row < H ? c[h0 + row] * gelu_grad(a[t * H + h0 + row]) : acc_t(0); },
+            [&](int row, int64_t t) { return h0 + row < H ? da[t * H + h0 + row] : acc_t(0); },
             [&](int64_t t, int cc) {
               const int64_t d = d0 + cc;
               return d < D ? static_cast<acc_t>(x[t * in.stride_z_t + d]) : acc_t(d == D);
@@ -564,21 +605,33 @@ __global__ void __launch_bounds__(kThreads)
             tile, acc);
       }
     } else {  // rows (k, n) of P, or (k, b, n) of Z_P
-      const int64_t rows = s == 0 ? K * Np : (in.prompt_out != nullptr ? K * B * Np : 0);
-      const acc_t* x = s == 0 ? in.prompts : in.prompt_out;
-      const acc_t* da = s == 0 ? scratch.da_e : scratch.da_p;
+      const acc_t* x = (s == 0 ? in.prompts : in.prompt_out) + begin * D;
+      const acc_t* da = (s == 0 ? scratch.da_e : scratch.da_p) + begin * H;
       tile_product<true>(
-          rows, [&](int row, int64_t r) { return h0 + row < H ? da[r * H + h0 + row] : acc_t(0); },
+          end - begin, [&](int row, int64_t r) { return h0 + row < H ? da[r * H + h0 + row] : acc_t(0); },
           [&](int64_t r, int cc) {
             const int64_t d = d0 + cc;
             return d < D ? x[r * D + d] : acc_t(d == D);
           },
           tile, acc);
     }
+    // Thread t holds outputs t + i * kThreads of the tile: row group + kRowGroups * i, column col.
+    const auto store = [&](int i, acc_t value) {
+      const int64_t o = threadIdx.x + i * kThreads;
+      const int64_t h = h0 + o / kTileCols, d = d0 + o % kTileCols;
+      if (h < H && d < D) grads.w1[s][h * D + d] = value;
+      if (h < H && d == D) grads.b1[s][h] = value;
+    };
+    if (G == 1) {
+      for (int i = 0; i < kRowsPerThread; ++i) store(i, acc[i]);
+      return;
+    }
+    for (int i = 0; i < kRowsPerThread; ++i) partial[g * split.slot + threadIdx.x + i * kThreads] = acc[i];
+    if (!last_to_arrive(split, tile_id)) return;
     for (int i = 0; i < kRowsPerThread; ++i) {
-      const int64_t h = h0 + group + kRowGroups * i, d = d0 + col;
-      if (h < H && d < D) grads.w1[s][h * D + d] = acc[i];
-      if (h < H && d == D) grads.b1[s][h] = acc[i];
+      acc_t total = 0;
+      for (int64_t j = 0; j < G; ++j) total += partial[j * split.slot + threadIdx.x + i * kThreads];
+      store(i, total);
     }
     return;
   }
@@ -586,45 +639,60 @@ __global__ void __launch_bounds__(kThreads)
   // dL/dW2_s[j, h] = sum_rows dl[row, j] * features[row, h]; column h = Hz (input 1) is dL/db2_s.
   // One thread per output, rows in order. Features: act(pre) of e and p, or their inputs when
   // H = 0; z_mean for z.
-  int64_t rows = 0;
   const acc_t* dl = nullptr;
   const acc_t* pre = nullptr;
   const acc_t* inputs = nullptr;
   if (s == 0) {
-    rows = K * Np, dl = scratch.dl_e, pre = scratch.pre_e, inputs = in.prompts;
+    dl = scratch.dl_e, pre = scratch.pre_e, inputs = in.prompts;
   } else if (s == 1) {
-    rows = in.prompt_out != nullptr ? K * B * Np : 0;
     dl = scratch.dlogits, pre = scratch.pre_p, inputs = in.prompt_out;
   } else {
-    rows = K * B, dl = scratch.dl_z;
+    dl = scratch.dl_z;
   }
-  for (int64_t idx = threadIdx.x; idx < K * (Hz + 1); idx += kThreads) {
-    const int64_t j = idx / (Hz + 1), h = idx % (Hz + 1);
+  const int64_t outputs = K * (Hz + 1);
+  const auto store = [&](int64_t o, acc_t value) {
+    const int64_t j = o / (Hz + 1), h = o % (Hz + 1);
+    if (h < Hz) {
+      grads.w2[s][j * Hz + h] = value;
+    } else {
+      grads.b2[s][j] = value;
+    }
+  };
+  for (int64_t o = threadIdx.x; o < outputs; o += kThreads) {
+    const int64_t j = o / (Hz + 1), h = o % (Hz + 1);
     acc_t sum = 0;
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = begin; r < end; ++r) {
       acc_t feature = 1;
       if (h < Hz) {
         feature = s == 2 ? z_mean_ptr[r * Hz + h] : hidden ? gelu(pre[r * H + h]) : inputs[r * D + h];
       }
       sum += dl[r * K + j] * feature;
     }
-    if (h < Hz) {
-      grads.w2[s][j * Hz + h] = sum;
+    if (G == 1) {
+      store(o, sum);
     } else {
-      grads.b2[s][j] = sum;
+      partial[g * split.slot + o] = sum;
     }
+  }
+  if (G == 1 || !last_to_arrive(split, tile_id)) return;
+  for (int64_t o = threadIdx.x; o < outputs; o += kThreads) {
+    acc_t total = 0;
+    for (int64_t j = 0; j < G; ++j) total += partial[j * split.slot + o];
+    store(o, total);
   }
 }
 
 // ---- Host side ---------------------------------------------------------------------------
 
-// Every launch goes through launch(), and the device and stream through DeviceGuard and
-// current_stream(), so that tests/cuda_on_cpu can supply CPU versions of the three and run this
-// file's kernels, host code included, on a machine without a GPU.
+// Every launch goes through launch(), and the device, stream and SM count through DeviceGuard,
+// current_stream() and multiprocessor_count(), so that tests/cuda_on_cpu can supply CPU versions
+// of the four and run this file's kernels, host code included, on a machine without a GPU.
 #ifndef PMOE_CUDA_ON_CPU
 using DeviceGuard = c10::cuda::CUDAGuard;
 
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+
+int64_t multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
@@ -754,6 +822,7 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const at::Tensor dlogits = at::empty({s.K, s.B, s.Np, s.K}, options);
   const at::Tensor dl_z = at::empty({s.K, s.B, s.K}, options);
   const at::Tensor coef_z = at::empty({s.K, s.B, Hz}, options);
+  const at::Tensor da_z = at::empty({s.H > 0 ? s.K * s.B * s.T * s.H : 0}, options);
   const at::Tensor pre_p = at::empty({s.K, s.B, s.Np, s.H}, options);
   const at::Tensor da_p = at::empty({s.K, s.B, s.Np, s.H}, options);
   const at::Tensor dl_e = at::empty({s.K, s.Np, s.K}, options);
@@ -777,15 +846,26 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const int64_t d_tiles = (s.D + 1 + kTileCols - 1) / kTileCols;
   const int64_t w1_tiles = s.H > 0 ? (s.H + kTileRows - 1) / kTileRows * d_tiles : 0;
   TORCH_CHECK(w1_tiles + 1 <= kMaxGridX, op, ": problem too large for the CUDA launch grid");
+  // Launch 3's row groups: enough to give every SM two blocks of source z's dL/dW1 tiles (of
+  // dL/dW2 when H = 0), at most one image each. At most 2 x SMs, within gridDim.z's 65535.
+  const int64_t sms = multiprocessor_count();
+  const int64_t groups = std::min(s.K * s.B, std::max<int64_t>(1, (2 * sms + std::max<int64_t>(w1_tiles, 1) - 1) /
+                                                                  std::max<int64_t>(w1_tiles, 1)));
+  const int64_t tiles = kNumSources * (w1_tiles + 1);
+  const int64_t slot = std::max<int64_t>(kTileRows * kTileCols, s.K * (Hz + 1));
+  const at::Tensor partial = at::empty({groups > 1 ? tiles * groups * slot : 0}, options);
+  const at::Tensor arrivals = at::zeros({groups > 1 ? tiles : 0}, prompts.options().dtype(at::kInt));
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
     const Scratch<acc_t> scratch{
         dlogits.mutable_data_ptr<acc_t>(), dl_z.mutable_data_ptr<acc_t>(),
-        coef_z.mutable_data_ptr<acc_t>(),  pre_p.mutable_data_ptr<acc_t>(),
-        da_p.mutable_data_ptr<acc_t>(),    dl_e.mutable_data_ptr<acc_t>(),
-        pre_e.mutable_data_ptr<acc_t>(),   da_e.mutable_data_ptr<acc_t>()};
+        coef_z.mutable_data_ptr<acc_t>(),  da_z.mutable_data_ptr<acc_t>(),
+        pre_p.mutable_data_ptr<acc_t>(),   da_p.mutable_data_ptr<acc_t>(),
+        dl_e.mutable_data_ptr<acc_t>(),    pre_e.mutable_data_ptr<acc_t>(),
+        da_e.mutable_data_ptr<acc_t>()};
+    const Split<acc_t> split{partial.mutable_data_ptr<acc_t>(), arrivals.mutable_data_ptr<int>(), slot};
     ParamGrads<acc_t> param_grads{};
     for (int i = 0; i < kNumSources; ++i) {
       if (s.H > 0) {
@@ -802,8 +882,9 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
     launch(dispatch_mlp_bwd_prompts_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.Np)), kThreads,
            stream, in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), scratch,
            grad_prompts.defined() ? grad_prompts.mutable_data_ptr<acc_t>() : nullptr);
-    launch(dispatch_mlp_bwd_params_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(w1_tiles + 1), kNumSources),
-           kThreads, stream, in, a.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), scratch, param_grads);
+    launch(dispatch_mlp_bwd_params_kernel<scalar_t, acc_t>,
+           dim3(static_cast<unsigned>(w1_tiles + 1), kNumSources, static_cast<unsigned>(groups)), kThreads, stream, in,
+           m.const_data_ptr<acc_t>(), scratch, split, param_grads);
   });
 
   // Outputs in their inputs' dtypes (no-ops when those are the accumulation dtype).

@@ -5,15 +5,16 @@
 // run one after another. A kernel's __shared__ variables become function-local statics, which every
 // fiber of the running block sees, as shared memory. __syncthreads suspends a fiber until all of
 // the block's have arrived, __shfl_xor_sync exchanges through memory between two such barriers over
-// the warp's 32. A barrier that some thread never reaches (a __syncthreads under divergent control
+// the warp's 32; atomicAdd and __threadfence are plain reads and writes, as nothing runs
+// concurrently. A barrier that some thread never reaches (a __syncthreads under divergent control
 // flow) raises instead of hanging. That is all csrc/cuda/dispatch.cu uses, and what this file
 // supports.
 //
 // What it cannot check: blocks running concurrently (races between blocks), threads interleaving
 // other than at barriers (races inside a block), shared memory holding garbage at a block's start
 // (statics keep the previous block's values), warp-synchronous code without __syncwarp, and
-// timing. Include it before the .cu file; the .cu file's launch() and DeviceGuard, under
-// PMOE_CUDA_ON_CPU, are the ones below.
+// timing. Include it before the .cu file; under PMOE_CUDA_ON_CPU the .cu file takes launch(),
+// DeviceGuard, current_stream() and multiprocessor_count() from here.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -101,6 +102,15 @@ inline thread_local dim3 blockDim, gridDim;
 
 inline void __syncthreads() { cuda_on_cpu::wait(cuda_on_cpu::current_block->sync); }
 
+// The fibers of a block share one thread, and its blocks run in turn: ordinary memory is coherent.
+inline void __threadfence() {}
+
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address += value;
+  return old;
+}
+
 // Every lane of the warp must call it, as on a GPU with a full mask.
 template <typename T>
 T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
@@ -122,6 +132,8 @@ struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
 inline cudaStream_t current_stream() { return nullptr; }
+// An H100's, so that the kernels split their work as they would on one.
+inline int64_t multiprocessor_count() { return 132; }
 
 // kernel<<<grid, threads>>>(args...), run to completion before it returns.
 template <typename... Params, typename... Args>
