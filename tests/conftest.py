@@ -42,7 +42,7 @@ def pytest_terminal_summary(terminalreporter):
         f"C++ CPU ops: {'ran' if ext['loaded'] else 'NOT AVAILABLE: ' + str(ext['error'])}",
         f"CUDA sources: {'compiled, linked and imported' if ext['cuda'] else 'not built'}; "
         f"CUDA kernels {'ran on ' + gpu if gpu and ext['cuda'] else 'not executed on a GPU (no GPU)'}",
-        f"CUDA dispatcher kernels (csrc/cuda/dispatch.cu) on the CPU, through tests/cuda_on_cpu: "
+        f"CUDA kernels (csrc/cuda) on the CPU, through tests/cuda_on_cpu: "
         f"{f'{len(on_cpu)} tests passed' if on_cpu else 'not run'}",
         f"Triton: {'interpreter (TRITON_INTERPRET=1; dots and bf16 casts rounded as on sm_90)' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}",
     ]

@@ -1,9 +1,9 @@
-"""csrc/cuda/dispatch.cu's kernels and host code, run on the CPU.
+"""csrc/cuda's kernels and host code, run on the CPU.
 
-tests/cuda_on_cpu builds dispatch.cu for the CPU (a fiber per CUDA thread, blocks in turn; what it
-can and cannot check is in cuda_on_cpu.h), and the fixture below makes it pmoe_fast's CPU
-implementation of dispatch_mlp and dispatch_mlp_backward while a test runs. The kernels then meet
-the parity rule of test_cpp_dispatch.py, as on a GPU, on a machine without one.
+tests/cuda_on_cpu builds dispatch.cu and prompt_fusion.cu for the CPU (a fiber per CUDA thread,
+blocks in turn; what it can and cannot check is in cuda_on_cpu.h), and the fixtures below make them
+pmoe_fast's CPU implementations of their ops while a test runs. The kernels then meet the GPU's
+parity tests (test_cpp_dispatch.py, test_prompt_fusion.py) on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -12,20 +12,21 @@ from pathlib import Path
 
 import pytest
 import test_cpp_dispatch as cpp_tests
+import test_prompt_fusion as fusion_tests
 import torch
 from test_cpp_dispatch import CASES, assert_parity, forward_backward, make_case
 
 from pmoe_fast._ext import extension_status
 
-# A C++ build (~20 s on 2 cores), then 256 fibers a block: ~1 minute in all.
+# A C++ build (~30 s on 2 cores), then 256 fibers a block: ~1.5 minutes in all.
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).resolve().parent
+SOURCES = Path(__file__).resolve().parent / "cuda_on_cpu"
 
 
 @pytest.fixture(scope="module")
-def cuda_kernels_on_cpu(tmp_path_factory):
-    """pmoe_fast::dispatch_mlp and dispatch_mlp_backward on CPU tensors run dispatch.cu's kernels."""
+def cuda_on_cpu_ops(tmp_path_factory):
+    """Builds the CPU versions of csrc/cuda's ops: torch.ops.pmoe_fast_cuda_on_cpu."""
     status = extension_status()
     if not status["loaded"]:
         pytest.skip(f"pmoe_fast._C is not available ({status['error']}): no ops to route to the kernels")
@@ -33,16 +34,22 @@ def cuda_kernels_on_cpu(tmp_path_factory):
 
     cpp_extension.load(
         name="pmoe_fast_cuda_on_cpu",
-        sources=[str(HERE / "cuda_on_cpu" / "dispatch_on_cpu.cpp")],
+        sources=[str(SOURCES / "dispatch_on_cpu.cpp"), str(SOURCES / "prompt_fusion_on_cpu.cpp")],
         extra_cflags=["-O2"],
         build_directory=str(tmp_path_factory.mktemp("cuda_on_cpu")),
         is_python_module=False,
         with_cuda=False,
     )
-    calls = {"dispatch_mlp": 0, "dispatch_mlp_backward": 0}
+    return torch.ops.pmoe_fast_cuda_on_cpu
 
-    def route(name):
-        op = getattr(torch.ops.pmoe_fast_cuda_on_cpu, name)
+
+def route(ops, names):
+    """While the returned Library lives, pmoe_fast's ops `names` on CPU tensors run the CPU build of
+    their CUDA kernels; calls counts those calls."""
+    calls = dict.fromkeys(names, 0)
+
+    def kernel(name):
+        op = getattr(ops, name)
 
         def run(*args):
             calls[name] += 1
@@ -51,19 +58,35 @@ def cuda_kernels_on_cpu(tmp_path_factory):
         return run
 
     lib = torch.library.Library("pmoe_fast", "IMPL")
-    for name in calls:
-        lib.impl(name, route(name), "CPU")
+    for name in names:
+        lib.impl(name, kernel(name), "CPU")
+    return lib, calls
+
+
+@pytest.fixture(scope="module")
+def dispatch_kernels(cuda_on_cpu_ops):
+    lib, calls = route(cuda_on_cpu_ops, ["dispatch_mlp", "dispatch_mlp_backward"])
     yield calls
     lib._destroy()  # the C++ CPU kernels serve again
 
 
+@pytest.fixture(scope="module")
+def fusion_kernels(cuda_on_cpu_ops):
+    lib, calls = route(cuda_on_cpu_ops, ["prompt_fusion", "prompt_fusion_backward"])
+    yield calls
+    lib._destroy()
+
+
+# dispatch.cu ---------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_parity_with_dispatcher(case, cuda_kernels_on_cpu):
+def test_dispatch_parity_with_dispatcher(case, dispatch_kernels):
     assert_parity(case, "cpu", cuda_kernels=True)
 
 
 @pytest.mark.parametrize("name", ["odd-separate", "H0", "multi-tile"])
-def test_float64_matches_the_dispatcher_to_roundoff(name, cuda_kernels_on_cpu):
+def test_dispatch_float64_matches_the_dispatcher_to_roundoff(name, dispatch_kernels):
     """In float64 the kernels' error is rounding alone: a lost or doubled term would show."""
     case = CASES[name]
     torch.manual_seed(0)
@@ -77,18 +100,46 @@ def test_float64_matches_the_dispatcher_to_roundoff(name, cuda_kernels_on_cpu):
         torch.testing.assert_close(ours[key], r, rtol=1e-10, atol=1e-12, msg=lambda m: f"{key}: {m}")
 
 
-def test_the_ops_run_the_kernels(cuda_kernels_on_cpu):
-    """The fixture routes both ops to the CPU build of dispatch.cu, not to the C++ CPU kernels."""
-    calls = dict(cuda_kernels_on_cpu)
-    c = CASES["odd-shared"]
-    forward_backward(c, "op", *make_case(c, "cpu"))
-    assert cuda_kernels_on_cpu == {name: n + 1 for name, n in calls.items()}
-
-
-def test_output_dtypes_match_the_torch_backend_for_every_dtype_mix(cuda_kernels_on_cpu):
+def test_dispatch_output_dtypes_match_the_torch_backend_for_every_dtype_mix(dispatch_kernels):
     cpp_tests.test_output_dtypes_match_the_torch_backend_for_every_dtype_mix("cpu")
 
 
 @pytest.mark.parametrize("H", [3, 0], ids=["H3", "H0"])
-def test_gradcheck_float64(H, cuda_kernels_on_cpu):
+def test_dispatch_gradcheck_float64(H, dispatch_kernels):
     cpp_tests.test_gradcheck_float64(H, "cpu")
+
+
+def test_dispatch_ops_run_the_kernels(dispatch_kernels):
+    """The fixture routes both ops to the CPU build of dispatch.cu, not to the C++ CPU kernels."""
+    before = dict(dispatch_kernels)
+    c = CASES["odd-shared"]
+    forward_backward(c, "op", *make_case(c, "cpu"))
+    assert dispatch_kernels == {name: n + 1 for name, n in before.items()}
+
+
+# prompt_fusion.cu ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w_dtype, p_dtype", fusion_tests.DTYPES, ids=fusion_tests.DTYPE_IDS)
+@pytest.mark.parametrize("K, B, Np, D", fusion_tests.SHAPES, ids=fusion_tests.SHAPE_IDS)
+def test_fusion_parity(K, B, Np, D, w_dtype, p_dtype, fusion_kernels):
+    fusion_tests.test_parity(K, B, Np, D, w_dtype, p_dtype, "cpu")
+
+
+def test_fusion_non_contiguous_inputs(fusion_kernels):
+    fusion_tests.test_non_contiguous_inputs("cpu")
+
+
+def test_fusion_float64_accumulates_in_float64(fusion_kernels):
+    fusion_tests.test_float64_accumulates_in_float64("cpu")
+
+
+def test_fusion_gradcheck_float64(fusion_kernels):
+    fusion_tests.test_gradcheck_float64("cpu")
+
+
+def test_fusion_ops_run_the_kernels(fusion_kernels):
+    before = dict(fusion_kernels)
+    weights, prompts = fusion_tests.make_inputs(3, 2, 3, 100)
+    fusion_tests.forward_backward(fusion_tests.prompt_fusion, weights, prompts, torch.randn(3, 2, 3, 100))
+    assert fusion_kernels == {name: n + 1 for name, n in before.items()}

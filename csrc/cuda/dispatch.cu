@@ -37,11 +37,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
-#ifndef PMOE_CUDA_ON_CPU
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
 
 #include <algorithm>
 #include <array>
@@ -52,6 +47,7 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "launch.cuh"
 
 namespace pmoe_fast {
 namespace {
@@ -683,23 +679,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- Host side ---------------------------------------------------------------------------
-
-// Every launch goes through launch(), and the device, stream and SM count through DeviceGuard,
-// current_stream() and multiprocessor_count(), so that tests/cuda_on_cpu can supply CPU versions
-// of the four and run this file's kernels, host code included, on a machine without a GPU.
-#ifndef PMOE_CUDA_ON_CPU
-using DeviceGuard = c10::cuda::CUDAGuard;
-
-cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
-
-int64_t multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
-  kernel<<<grid, threads, 0, stream>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-#endif
 
 void check_cuda_limits(const char* op, const DispatchSizes& s) {
   TORCH_CHECK(s.K <= kMaxExperts, op, ": the CUDA kernels take at most ", kMaxExperts,

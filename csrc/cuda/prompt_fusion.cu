@@ -10,18 +10,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <cub/block/block_reduce.cuh>
 
 #include <cstdint>
 #include <limits>
 #include <tuple>
 
 #include "../prompt_fusion.h"
+#include "launch.cuh"
 
 namespace pmoe_fast {
 namespace {
@@ -31,6 +27,21 @@ constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The sum of v over the block's kThreads threads, in a fixed order: a butterfly within each warp,
+// then the warps' totals in warp order. Thread 0 gets the total; every thread must call it.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t warp_totals[kThreads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (threadIdx.x % 32 == 0) warp_totals[threadIdx.x / 32] = v;
+  __syncthreads();
+  acc_t total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_totals[w];
+  }
+  return total;
+}
 
 // Grid (K * B * Np, ceil(D / kThreads)), block kThreads: one thread per output element.
 // blockIdx.x is the (k, b, n) row, so every thread of a block reads the same K weights
@@ -60,8 +71,6 @@ __global__ void prompt_fusion_bwd_weights_kernel(
     const scalar_t* __restrict__ prompts_ptr,   // (K, Np, D)
     acc_t* __restrict__ grad_weights_ptr,       // (K, B, Np, K)
     int64_t K, int64_t Np, int64_t D) {
-  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
   const int64_t row = blockIdx.x / K, j = blockIdx.x % K;
   const int64_t n = row % Np;
   const scalar_t* g = grad_out_ptr + row * D;
@@ -70,7 +79,7 @@ __global__ void prompt_fusion_bwd_weights_kernel(
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     partial += static_cast<acc_t>(g[d]) * static_cast<acc_t>(p[d]);
   }
-  const acc_t total = BlockReduce(temp).Sum(partial);
+  const acc_t total = block_sum(partial);
   if (threadIdx.x == 0) grad_weights_ptr[blockIdx.x] = total;
 }
 
@@ -105,7 +114,7 @@ void check_grid(const char* op, int64_t x, int64_t y) {
 // weights: (K, B, Np, K), prompts: (K, Np, D) -> out: (K, B, Np, D) in prompts' dtype.
 at::Tensor prompt_fusion_cuda(const at::Tensor& weights, const at::Tensor& prompts) {
   const PromptFusionSizes s = check_prompt_fusion_inputs("prompt_fusion", weights, prompts);
-  const c10::cuda::CUDAGuard guard(prompts.device());
+  const DeviceGuard guard(prompts.device());
   const PromptFusionDtypes dt = prompt_fusion_dtypes(weights, prompts);
   const at::Tensor w = weights.to(dt.accum).contiguous();
   const at::Tensor p = prompts.to(dt.compute).contiguous();
@@ -114,13 +123,11 @@ at::Tensor prompt_fusion_cuda(const at::Tensor& weights, const at::Tensor& promp
     const int64_t rows = s.K * s.B * s.Np, d_blocks = ceil_div(s.D, kThreads);
     check_grid("prompt_fusion", rows, d_blocks);
     const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(d_blocks));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = current_stream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt.compute, "prompt_fusion_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      prompt_fusion_fwd_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          w.const_data_ptr<acc_t>(), p.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), s.K, s.Np, s.D);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(prompt_fusion_fwd_kernel<scalar_t, acc_t>, grid, kThreads, stream, w.const_data_ptr<acc_t>(),
+             p.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), s.K, s.Np, s.D);
     });
   }
   return out.to(prompts.scalar_type());
@@ -134,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> prompt_fusion_backward_cuda(const at::Tensor&
   const char* op = "prompt_fusion_backward";
   const PromptFusionSizes s = check_prompt_fusion_inputs(op, weights, prompts);
   check_grad_out(op, grad_out, s, prompts);
-  const c10::cuda::CUDAGuard guard(prompts.device());
+  const DeviceGuard guard(prompts.device());
   const PromptFusionDtypes dt = prompt_fusion_dtypes(weights, prompts);
   const at::Tensor w = weights.to(dt.accum).contiguous();
   const at::Tensor p = prompts.to(dt.compute).contiguous();
@@ -142,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> prompt_fusion_backward_cuda(const at::Tensor&
   // Zero-filled so that empty reductions (D = 0 or B = 0) need no launch to be right.
   at::Tensor grad_weights = at::zeros({s.K, s.B, s.Np, s.K}, w.options());
   at::Tensor grad_prompts = at::zeros({s.K, s.Np, s.D}, p.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dt.compute, "prompt_fusion_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -150,19 +157,17 @@ std::tuple<at::Tensor, at::Tensor> prompt_fusion_backward_cuda(const at::Tensor&
           const int64_t blocks = grad_weights.numel();
           check_grid(op, blocks, 1);
           const dim3 grid(static_cast<unsigned>(blocks));
-          prompt_fusion_bwd_weights_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-              g.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
-              grad_weights.mutable_data_ptr<acc_t>(), s.K, s.Np, s.D);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch(prompt_fusion_bwd_weights_kernel<scalar_t, acc_t>, grid, kThreads, stream,
+                 g.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
+                 grad_weights.mutable_data_ptr<acc_t>(), s.K, s.Np, s.D);
         }
         if (grad_prompts.numel() > 0 && s.B > 0) {
           const int64_t pairs = s.K * s.Np, d_blocks = ceil_div(s.D, kThreads);
           check_grid(op, pairs, d_blocks);
           const dim3 grid(static_cast<unsigned>(pairs), static_cast<unsigned>(d_blocks));
-          prompt_fusion_bwd_prompts_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-              g.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
-              grad_prompts.mutable_data_ptr<scalar_t>(), s.K, s.B, s.Np, s.D);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch(prompt_fusion_bwd_prompts_kernel<scalar_t, acc_t>, grid, kThreads, stream,
+                 g.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+                 grad_prompts.mutable_data_ptr<scalar_t>(), s.K, s.B, s.Np, s.D);
         }
       });
   return {grad_weights.to(weights.scalar_type()), grad_prompts.to(prompts.scalar_type())};
@@ -171,7 +176,9 @@ std::tuple<at::Tensor, at::Tensor> prompt_fusion_backward_cuda(const at::Tensor&
 }  // namespace
 }  // namespace pmoe_fast
 
+#ifndef PMOE_CUDA_ON_CPU
 TORCH_LIBRARY_IMPL(pmoe_fast, CUDA, m) {
   m.impl("prompt_fusion", &pmoe_fast::prompt_fusion_cuda);
   m.impl("prompt_fusion_backward", &pmoe_fast::prompt_fusion_backward_cuda);
 }
+#endif

@@ -1,5 +1,5 @@
-// Runs CUDA C++ kernels on the CPU, so the suite executes csrc/cuda/dispatch.cu's kernels on a
-// machine without a GPU instead of only compiling them.
+// Runs CUDA C++ kernels on the CPU, so the suite executes csrc/cuda's kernels on a machine
+// without a GPU instead of only compiling them.
 //
 // Each CUDA thread of a block is a fiber (ucontext) on the calling thread; the blocks of a launch
 // run one after another. A kernel's __shared__ variables become function-local statics, which every
@@ -7,14 +7,14 @@
 // the block's have arrived, __shfl_xor_sync exchanges through memory between two such barriers over
 // the warp's 32; atomicAdd and __threadfence are plain reads and writes, as nothing runs
 // concurrently. A barrier that some thread never reaches (a __syncthreads under divergent control
-// flow) raises instead of hanging. That is all csrc/cuda/dispatch.cu uses, and what this file
-// supports.
+// flow) raises instead of hanging. That is all csrc/cuda uses, and what this file supports.
 //
 // What it cannot check: blocks running concurrently (races between blocks), threads interleaving
 // other than at barriers (races inside a block), shared memory holding garbage at a block's start
 // (statics keep the previous block's values), warp-synchronous code without __syncwarp, and
-// timing. Include it before the .cu file; under PMOE_CUDA_ON_CPU the .cu file takes launch(),
-// DeviceGuard, current_stream() and multiprocessor_count() from here.
+// timing. Include it before a .cu file; under PMOE_CUDA_ON_CPU the .cu file takes launch(),
+// DeviceGuard, current_stream() and multiprocessor_count() from here instead of
+// csrc/cuda/launch.cuh.
 #pragma once
 
 #include <c10/core/Device.h>
