@@ -69,6 +69,8 @@ CASES = {
     # More than one CUDA tile along every axis: tokens and prompts (32 rows), H (64-unit forward
     # tiles, 32-row dL/dW1 tiles) and D + 1 (64 columns).
     "multi-tile": Case(K=2, B=2, Np=40, T=70, D=100, H=80),
+    # The CUDA kernels take tokens 64 at a time: two chunks for expert 0, one (and an empty one) for 1.
+    "long-and-short-ranges": Case(K=2, B=2, T=70, starts=(0, 40), ends=(70, 70)),
     # The CUDA backward's dL/dW1 launch splits the rows into groups, about 2 x 132 / (its 35 tiles
     # here) = 8 on an H100 (and in tests/cuda_on_cpu): groups of two images, some of two prompt rows.
     "images-per-group": Case(K=3, B=4, Np=3, T=21, D=300, H=200, separate=True),

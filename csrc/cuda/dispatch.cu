@@ -10,18 +10,23 @@
 // converted first otherwise (fp64 tokens in a float run, other tokens in an fp64 run: fp64 is
 // for checking, not speed).
 //
-// Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB):
-//  * forward, ONE launch, grid K*B, block 256: block (k, b) streams its token rows once per chunk
-//    of 64 hidden units (once for H <= 64), computing W1_z Z + b1_z tile by tile (32 tokens x
-//    64 units, D in chunks of 32 through shared memory), writes them to z_act and keeps only
-//    their mean gelu; then runs f_e and f_p on its Np prompt rows, adds the three logits, takes
-//    the softmax and mixes the prompts. Reads the tokens once (29 MB) and W1 once per tile of
-//    32 tokens (from L2); writes z_act (2.4 MB) and the small outputs. 0.93 GFLOP, recomputing
-//    f_e once per image (Np/T of that).
+// Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB). An image's
+// tokens go to C = ceil(longest token range / 64) blocks, 64 at a time (C = 4 here), so that
+// the token work has K * B * C blocks (192 here), where one block per image left most SMs idle.
+//  * forward, ONE launch (after zeroing K * B arrival counters), grid K*B*C, block 256: block
+//    (k, b, c) computes W1_z Z + b1_z for its 64 tokens tile by tile (32 tokens x 64 units, D in
+//    chunks of 32 through shared memory), writes them to z_act and the sum of their gelu to
+//    scratch; the last of the image's C blocks to finish takes the mean over the chunks in chunk
+//    order, runs f_e and f_p on the Np prompt rows, adds the three logits, takes the softmax and
+//    mixes the prompts. Reads the tokens once (29 MB) and W1 once per tile of 32 tokens (from
+//    L2); writes z_act (2.4 MB) and the small outputs. 0.93 GFLOP, recomputing f_e once per
+//    image (Np/T of that).
 //  * backward, THREE launches:
-//    1. grid K*B: dL/dweights and the softmax backward of its Np rows, then dA = coef *
-//       gelu'(z_act) of its tokens, once, into scratch (2.4 MB), dL/dZ = dA W1_z for its tokens,
-//       and dL/dZ_P. Writes dL/dZ (29 MB).
+//    1. grid K*B*C: block (k, b, c) takes the image's Np rows through the mixture and the
+//       softmax backward (each of the C blocks alike: Np K D multiply-adds, Np K / (64 H) = 2%
+//       of its token work here), then dA = coef * gelu'(z_act) of its 64 tokens, once, into
+//       scratch (2.4 MB in all), and dL/dZ = dA W1_z for them; the block of the image's last
+//       chunk also does dL/dZ_P. Writes dL/dZ (29 MB).
 //    2. grid K*Np: block (j, n) owns dL/dP[j, n]: the mixture part, sum_{k,b} weights[k, b, n, j]
 //       grad_ipt[k, b, n], and source e's part through f_e.
 //    3. grid (tiles + 1, 3 sources, G row groups): a block sums one output tile, a 32 x 64 tile
@@ -61,6 +66,8 @@ constexpr int kTileCols = 64;
 constexpr int kTileK = 32;
 constexpr int kRowGroups = kThreads / kTileCols;
 constexpr int kRowsPerThread = kTileRows / kRowGroups;
+// The forward's blocks take an image's tokens this many at a time.
+constexpr int kChunkTokens = 2 * kTileRows;
 // The token ranges of all experts travel in the launch arguments (no host-to-device copy).
 constexpr int kMaxExperts = 64;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
@@ -145,6 +152,7 @@ struct Scratch {
   acc_t* dlogits;  // (K, B, Np, K)  dL/dlogits
   acc_t* dl_z;     // (K, B, K)      its sum over n: the gradient of mean_t f_z
   acc_t* coef_z;   // (K, B, Hz)     W2_z^T dl_z / count: dL/d(features) of each token
+  acc_t* chunk_work;  // (K, B, C - 1, Np * K + Hz)  launch 1's dlogits and coef_z of chunks > 0
   acc_t* da_z;     // (K, B, T, H)   coef_z * gelu'(z_act) over each token range, when H > 0
   acc_t* pre_p;    // (K, B, Np, H)  pre-activations of source p
   acc_t* da_p;     // (K, B, Np, H)  their gradient
@@ -217,47 +225,63 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
 
 // ---- Forward -----------------------------------------------------------------------------
 
-// Grid K * B, block kThreads: block (k, b) computes everything of expert k's image b.
+// Called by every thread of a block after it wrote its share of a result that `blocks` blocks
+// produce together: true in the last of them to get here, which then sees every block's writes.
+// *counter must be zero at launch.
+__device__ inline bool last_to_arrive(int* counter, int blocks) {
+  __shared__ int last;
+  __threadfence();  // this thread's writes reach the device before the block counts itself
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == blocks - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// Grid K * B * C, block kThreads, C = ceil(longest token range / kChunkTokens): block (k, b, c)
+// computes W1_z Z + b1_z for chunk c of expert k's tokens in image b, writes them to z_act, and
+// their sum of gelu to chunk_sums. The last of the image's C blocks to finish takes the mean over
+// the chunks' sums, in chunk order, and does the rest of the image: f_e and f_p on its Np prompt
+// rows, the three logits, the softmax and the mixture.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     dispatch_mlp_fwd_kernel(const Inputs<scalar_t, acc_t> in,
-                            acc_t* __restrict__ ipt_ptr,      // (K, B, Np, D)
-                            acc_t* __restrict__ weights_ptr,  // (K, B, Np, K): logits, then softmax
-                            acc_t* __restrict__ z_act_ptr,    // (K, B, T, H)
-                            acc_t* __restrict__ z_mean_ptr) { // (K, B, Hz)
+                            acc_t* __restrict__ ipt_ptr,         // (K, B, Np, D)
+                            acc_t* __restrict__ weights_ptr,     // (K, B, Np, K): logits, then softmax
+                            acc_t* __restrict__ z_act_ptr,       // (K, B, T, H)
+                            acc_t* __restrict__ z_mean_ptr,      // (K, B, Hz)
+                            acc_t* __restrict__ chunk_sums_ptr,  // (K, B, C, Hz)
+                            int* __restrict__ arrivals) {        // (K, B), zero at launch
   __shared__ Tile<acc_t> tile;
   __shared__ acc_t features[kTileRows][kTileCols + 1];  // activated tile, read across columns
   __shared__ acc_t partial[kRowGroups][kTileCols];      // per row group sums over tokens
-  __shared__ acc_t mean[kTileCols];
-  __shared__ acc_t logits_z[kMaxExperts];  // W2_z mean_t gelu(z_act), summed over chunks
+  __shared__ acc_t logits_z[kMaxExperts];  // W2_z mean_t gelu(z_act)
 
-  const int64_t kb = blockIdx.x, k = kb / in.B, b = kb % in.B;
+  const int64_t C = gridDim.x / (in.K * in.B);
+  const int64_t kb = blockIdx.x / C, chunk = blockIdx.x % C, k = kb / in.B;
   const int64_t K = in.K, Np = in.Np, D = in.D, H = in.H, Hz = in.Hz;
   const bool hidden = H > 0;
   const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
-  acc_t* logits = weights_ptr + kb * Np * K;
   acc_t pre[kRowsPerThread];
 
-  for (int64_t idx = threadIdx.x; idx < Np * K; idx += kThreads) {
-    const int64_t j = idx % K;
-    logits[idx] = in.f[0].b2[j] + in.f[2].b2[j] + (in.prompt_out ? in.f[1].b2[j] : acc_t(0));
-  }
-  for (int j = threadIdx.x; j < K; j += kThreads) logits_z[j] = acc_t(0);
-
-  // Source z: z_act outside the token range is zero.
+  // Source z: z_act outside the token range is zero (chunk 0 writes it).
   const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
   acc_t* z_act = z_act_ptr + kb * in.T * H;
-  for (int64_t idx = threadIdx.x; idx < (in.T - count) * H; idx += kThreads) {
-    const int64_t t = idx / H;
-    z_act[(t < start ? t : t + count) * H + idx % H] = acc_t(0);
+  if (chunk == 0) {
+    for (int64_t idx = threadIdx.x; idx < (in.T - count) * H; idx += kThreads) {
+      const int64_t t = idx / H;
+      z_act[(t < start ? t : t + count) * H + idx % H] = acc_t(0);
+    }
   }
-  __syncthreads();
+  const int64_t chunk_start = start + chunk * kChunkTokens < end ? start + chunk * kChunkTokens : end;
+  const int64_t chunk_end = chunk_start + kChunkTokens < end ? chunk_start + kChunkTokens : end;
+  acc_t* chunk_sums = chunk_sums_ptr + kb * C * Hz;
   for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
     const int64_t h = h0 + col;
     acc_t sum = 0;  // over this thread's rows of every token tile: a fixed order
-    for (int64_t t0 = start; t0 < end; t0 += kTileRows) {
-      const int rows = tile_rows(t0, end);
-      pre_activation_tile(in.token_row(k, b, t0), in.stride_z_t, rows, in.f[2], H, D, h0, tile, pre);
+    for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
+      const int rows = tile_rows(t0, chunk_end);
+      pre_activation_tile(in.token_row(k, kb % in.B, t0), in.stride_z_t, rows, in.f[2], H, D, h0, tile, pre);
       for (int i = 0; i < kRowsPerThread; ++i) {
         const int row = group + kRowGroups * i;
         if (row < rows && h < Hz) {
@@ -268,21 +292,35 @@ __global__ void __launch_bounds__(kThreads)
     }
     partial[group][col] = sum;
     __syncthreads();
-    if (threadIdx.x < kTileCols) {
+    if (threadIdx.x < kTileCols && h0 + threadIdx.x < Hz) {
       acc_t total = 0;
       for (int g = 0; g < kRowGroups; ++g) total += partial[g][threadIdx.x];
-      mean[threadIdx.x] = total / acc_t(count);
-      if (h0 + threadIdx.x < Hz) z_mean_ptr[kb * Hz + h0 + threadIdx.x] = mean[threadIdx.x];
-    }
-    __syncthreads();
-    // mean_t f_z = W2_z mean_t gelu(.) + b2_z: the second layer runs once, on the mean.
-    for (int j = threadIdx.x; j < K; j += kThreads) {
-      acc_t s = 0;
-      for (int c = 0; c < kTileCols && h0 + c < Hz; ++c) s += in.f[2].w2[j * Hz + h0 + c] * mean[c];
-      logits_z[j] += s;
+      chunk_sums[chunk * Hz + h0 + threadIdx.x] = total;
     }
     __syncthreads();
   }
+  if (!last_to_arrive(arrivals + kb, static_cast<int>(C))) return;
+
+  // The image's last block: mean_t gelu(.) over the chunks in order, then mean_t f_z = W2_z
+  // mean_t gelu(.) + b2_z (the second layer runs once, on the mean).
+  acc_t* z_mean = z_mean_ptr + kb * Hz;
+  for (int64_t h = threadIdx.x; h < Hz; h += kThreads) {
+    acc_t total = 0;
+    for (int64_t i = 0; i < C; ++i) total += chunk_sums[i * Hz + h];
+    z_mean[h] = total / acc_t(count);
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < K; j += kThreads) {
+    acc_t s = 0;
+    for (int64_t h = 0; h < Hz; ++h) s += in.f[2].w2[j * Hz + h] * z_mean[h];
+    logits_z[j] = s;
+  }
+  acc_t* logits = weights_ptr + kb * Np * K;
+  for (int64_t idx = threadIdx.x; idx < Np * K; idx += kThreads) {
+    const int64_t j = idx % K;
+    logits[idx] = in.f[0].b2[j] + in.f[2].b2[j] + (in.prompt_out ? in.f[1].b2[j] : acc_t(0));
+  }
+  __syncthreads();
 
   // Sources e (P[k, n]) and p (Z_P[k, b, n]): logits[n, j] += sum_h W2[j, h] act(pre[n, h]).
   for (int s = 0; s < 2; ++s) {
@@ -336,8 +374,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- Backward ----------------------------------------------------------------------------
 
-// Launch 1. Grid K * B, block kThreads: block (k, b) takes its Np rows through the mixture and
-// the softmax, then source z's tokens and source p's prompt outputs through their f.
+// Launch 1. Grid K * B * C, block kThreads, C token chunks per image as in the forward: block
+// (k, b, c) takes the image's Np rows through the mixture and the softmax (every chunk's block
+// the same, chunk 0's result the one launches 2 and 3 read), then chunk c of source z's tokens
+// through f_z, and the last chunk's block source p's prompt outputs through f_p.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     dispatch_mlp_bwd_rows_kernel(const Inputs<scalar_t, acc_t> in,
@@ -350,13 +390,17 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ Tile<acc_t> tile;
   __shared__ acc_t dl_z[kMaxExperts];
 
-  const int64_t kb = blockIdx.x, k = kb / in.B, b = kb % in.B;
+  const int64_t C = gridDim.x / (in.K * in.B);
+  const int64_t kb = blockIdx.x / C, chunk = blockIdx.x % C, k = kb / in.B;
   const int64_t K = in.K, Np = in.Np, T = in.T, D = in.D, H = in.H, Hz = in.Hz;
   const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const acc_t* grad = grad_ipt_ptr + kb * Np * D;
   const acc_t* w = weights_ptr + kb * Np * K;
-  acc_t* dl = scratch.dlogits + kb * Np * K;
+  // dL/dlogits (Np, K) and coef (Hz): chunk 0's in scratch.dlogits and scratch.coef_z, the other
+  // chunks' in their own slice of scratch.chunk_work.
+  acc_t* const own = chunk == 0 ? nullptr : scratch.chunk_work + (kb * (C - 1) + chunk - 1) * (Np * K + Hz);
+  acc_t* dl = chunk == 0 ? scratch.dlogits + kb * Np * K : own;
 
   // dL/dweights[n, j] = <grad_ipt[n, :], P[j, n, :]>: a warp per (n, j), lanes along D.
   for (int64_t nj = warp; nj < Np * K; nj += kWarps) {
@@ -380,11 +424,13 @@ __global__ void __launch_bounds__(kThreads)
     acc_t sum = 0;
     for (int64_t n = 0; n < Np; ++n) sum += dl[n * K + j];
     dl_z[j] = sum;
-    scratch.dl_z[kb * K + j] = sum;
+    if (chunk == 0) scratch.dl_z[kb * K + j] = sum;
   }
   __syncthreads();
   const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
-  acc_t* coef = scratch.coef_z + kb * Hz;
+  const int64_t chunk_start = start + chunk * kChunkTokens < end ? start + chunk * kChunkTokens : end;
+  const int64_t chunk_end = chunk_start + kChunkTokens < end ? chunk_start + kChunkTokens : end;
+  acc_t* coef = chunk == 0 ? scratch.coef_z + kb * Hz : own + Np * K;
   for (int64_t h = threadIdx.x; h < Hz; h += kThreads) {
     acc_t sum = 0;
     for (int64_t j = 0; j < K; ++j) sum += in.f[2].w2[j * Hz + h] * dl_z[j];
@@ -395,7 +441,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* da = scratch.da_z + kb * T * H;
   if (H > 0) {
     const acc_t* z_act = z_act_ptr + kb * T * H;
-    for (int64_t idx = start * H + threadIdx.x; idx < end * H; idx += kThreads) {
+    for (int64_t idx = chunk_start * H + threadIdx.x; idx < chunk_end * H; idx += kThreads) {
       scratch.da_z[kb * T * H + idx] = coef[idx % H] * gelu_grad(z_act[idx]);
     }
     __syncthreads();
@@ -403,18 +449,20 @@ __global__ void __launch_bounds__(kThreads)
 
   if (grad_tokens_ptr != nullptr) {
     scalar_t* gz = grad_tokens_ptr + kb * T * D;
-    for (int64_t idx = threadIdx.x; idx < (T - count) * D; idx += kThreads) {
-      const int64_t t = idx / D;
-      gz[(t < start ? t : t + count) * D + idx % D] = static_cast<scalar_t>(acc_t(0));
+    if (chunk == 0) {  // zero outside the token range
+      for (int64_t idx = threadIdx.x; idx < (T - count) * D; idx += kThreads) {
+        const int64_t t = idx / D;
+        gz[(t < start ? t : t + count) * D + idx % D] = static_cast<scalar_t>(acc_t(0));
+      }
     }
     if (H == 0) {  // f_z = Linear(D, K): every token of the range gets coef
-      for (int64_t idx = threadIdx.x; idx < count * D; idx += kThreads) {
-        gz[start * D + idx] = static_cast<scalar_t>(coef[idx % D]);
+      for (int64_t idx = threadIdx.x; idx < (chunk_end - chunk_start) * D; idx += kThreads) {
+        gz[chunk_start * D + idx] = static_cast<scalar_t>(coef[idx % D]);
       }
     } else {  // dL/dZ[t] = W1_z^T dA[t]
       const acc_t* w1 = in.f[2].w1;
-      for (int64_t t0 = start; t0 < end; t0 += kTileRows) {
-        const int rows = tile_rows(t0, end);
+      for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
+        const int rows = tile_rows(t0, chunk_end);
         for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
           acc_t acc[kRowsPerThread] = {};
           tile_product<false>(
@@ -431,7 +479,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // Source p: one row per prompt output Z_P[k, b, n], with the gradient dl[n].
-  if (in.prompt_out == nullptr) return;
+  if (in.prompt_out == nullptr || chunk != C - 1) return;
   const acc_t* x = in.prompt_out + kb * Np * D;
   const Mlp<acc_t>& f = in.f[1];
   acc_t* gzp = grad_prompt_out_ptr != nullptr ? grad_prompt_out_ptr + kb * Np * D : nullptr;
@@ -543,19 +591,6 @@ struct Split {
   int64_t slot;    // max(kTileRows * kTileCols, K * (Hz + 1)): a block's outputs
 };
 
-// Called by every thread of a block after it wrote its partial sums: true in the last of the G
-// blocks of output tile `tile` to get here, which then sees every block's partials.
-template <typename acc_t>
-__device__ bool last_to_arrive(const Split<acc_t>& split, int64_t tile) {
-  __shared__ int last;
-  __threadfence();  // this thread's partials reach the device before the block counts itself
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(split.arrivals + tile, 1) == static_cast<int>(gridDim.z) - 1;
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
-}
-
 // Launch 3. Grid (H-tiles * (D+1)-tiles + 1, 3 sources, G row groups), block kThreads. Block
 // (x, s, g) sums one output tile over group g of source s's rows: the rows split into G runs of
 // equal length, each image with its tokens for source z, a prompt row for e and p. Tiles x below
@@ -623,7 +658,7 @@ __global__ void __launch_bounds__(kThreads)
       return;
     }
     for (int i = 0; i < kRowsPerThread; ++i) partial[g * split.slot + threadIdx.x + i * kThreads] = acc[i];
-    if (!last_to_arrive(split, tile_id)) return;
+    if (!last_to_arrive(split.arrivals + tile_id, static_cast<int>(G))) return;
     for (int i = 0; i < kRowsPerThread; ++i) {
       acc_t total = 0;
       for (int64_t j = 0; j < G; ++j) total += partial[j * split.slot + threadIdx.x + i * kThreads];
@@ -670,7 +705,7 @@ __global__ void __launch_bounds__(kThreads)
       partial[g * split.slot + o] = sum;
     }
   }
-  if (G == 1 || !last_to_arrive(split, tile_id)) return;
+  if (G == 1 || !last_to_arrive(split.arrivals + tile_id, static_cast<int>(G))) return;
   for (int64_t o = threadIdx.x; o < outputs; o += kThreads) {
     acc_t total = 0;
     for (int64_t j = 0; j < G; ++j) total += partial[j * split.slot + o];
@@ -685,6 +720,13 @@ void check_cuda_limits(const char* op, const DispatchSizes& s) {
               " experts, got K = ", s.K);
   TORCH_CHECK(s.K * s.B <= kMaxGridX && s.K * s.Np <= kMaxGridX, op,
               ": problem too large for the CUDA launch grid (K * B = ", s.K * s.B, ")");
+}
+
+// The forward's and launch 1's token chunks per image: enough for the longest token range.
+int64_t token_chunks(at::IntArrayRef tok_start, at::IntArrayRef tok_end) {
+  int64_t longest = 1;
+  for (size_t k = 0; k < tok_start.size(); ++k) longest = std::max(longest, tok_end[k] - tok_start[k]);
+  return (longest + kChunkTokens - 1) / kChunkTokens;
 }
 
 // The inputs as the kernels read them, kept alive until the launches are queued.
@@ -762,13 +804,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cuda(
   at::Tensor weights = at::empty({s.K, s.B, s.Np, s.K}, options);
   at::Tensor z_act = at::empty({s.K, s.B, s.T, s.H}, options);
   at::Tensor z_mean = at::empty({s.K, s.B, s.features()}, options);
+  const int64_t chunks = token_chunks(tok_start, tok_end);
+  TORCH_CHECK(s.K * s.B * chunks <= kMaxGridX, op, ": problem too large for the CUDA launch grid (K * B = ",
+              s.K * s.B, " images of ", chunks, " token chunks)");
+  const at::Tensor chunk_sums = at::empty({s.K, s.B, chunks, s.features()}, options);
+  const at::Tensor arrivals = at::zeros({s.K, s.B}, prompts.options().dtype(at::kInt));
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
-    launch(dispatch_mlp_fwd_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B)), kThreads, stream,
-           in, ipt.mutable_data_ptr<acc_t>(), weights.mutable_data_ptr<acc_t>(),
-           z_act.mutable_data_ptr<acc_t>(), z_mean.mutable_data_ptr<acc_t>());
+    launch(dispatch_mlp_fwd_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B * chunks)), kThreads,
+           stream, in, ipt.mutable_data_ptr<acc_t>(), weights.mutable_data_ptr<acc_t>(),
+           z_act.mutable_data_ptr<acc_t>(), z_mean.mutable_data_ptr<acc_t>(), chunk_sums.mutable_data_ptr<acc_t>(),
+           arrivals.mutable_data_ptr<int>());
   });
   // ipt is accumulated in acc; prompts in another dtype cost one conversion kernel here.
   return {ipt.to(prompts.scalar_type()), weights, z_act, z_mean};
@@ -801,6 +849,10 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const at::Tensor dlogits = at::empty({s.K, s.B, s.Np, s.K}, options);
   const at::Tensor dl_z = at::empty({s.K, s.B, s.K}, options);
   const at::Tensor coef_z = at::empty({s.K, s.B, Hz}, options);
+  const int64_t chunks = token_chunks(tok_start, tok_end);
+  TORCH_CHECK(s.K * s.B * chunks <= kMaxGridX, op, ": problem too large for the CUDA launch grid (K * B = ",
+              s.K * s.B, " images of ", chunks, " token chunks)");
+  const at::Tensor chunk_work = at::empty({s.K * s.B * (chunks - 1) * (s.Np * s.K + Hz)}, options);
   const at::Tensor da_z = at::empty({s.H > 0 ? s.K * s.B * s.T * s.H : 0}, options);
   const at::Tensor pre_p = at::empty({s.K, s.B, s.Np, s.H}, options);
   const at::Tensor da_p = at::empty({s.K, s.B, s.Np, s.H}, options);
@@ -840,7 +892,8 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
     const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
     const Scratch<acc_t> scratch{
         dlogits.mutable_data_ptr<acc_t>(), dl_z.mutable_data_ptr<acc_t>(),
-        coef_z.mutable_data_ptr<acc_t>(),  da_z.mutable_data_ptr<acc_t>(),
+        coef_z.mutable_data_ptr<acc_t>(),  chunk_work.mutable_data_ptr<acc_t>(),
+        da_z.mutable_data_ptr<acc_t>(),
         pre_p.mutable_data_ptr<acc_t>(),   da_p.mutable_data_ptr<acc_t>(),
         dl_e.mutable_data_ptr<acc_t>(),    pre_e.mutable_data_ptr<acc_t>(),
         da_e.mutable_data_ptr<acc_t>()};
@@ -854,8 +907,8 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
       param_grads.w2[i] = gw2[i].mutable_data_ptr<acc_t>();
       param_grads.b2[i] = gb2[i].mutable_data_ptr<acc_t>();
     }
-    launch(dispatch_mlp_bwd_rows_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B)), kThreads, stream,
-           in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), scratch,
+    launch(dispatch_mlp_bwd_rows_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B * chunks)), kThreads,
+           stream, in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), scratch,
            grad_tokens.defined() ? grad_tokens.mutable_data_ptr<scalar_t>() : nullptr,
            grad_prompt_out.defined() ? grad_prompt_out.mutable_data_ptr<acc_t>() : nullptr);
     launch(dispatch_mlp_bwd_prompts_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.Np)), kThreads,
