@@ -19,7 +19,8 @@
 # `profile` runs benchmarks/profile_step.py (issue 4's step, K = 6 ViT-B/16, B = 32, bf16), then
 # with --infer (K = 2, B = 1 inference beside one plain ViT), eagerly and under CUDA graphs, then
 # benchmarks/forward_small_batch.py (the dispatcher's forward at small batches, per tiling); `ncu` runs Nsight Compute's full set
-# on one forward+backward of the Triton dispatcher (benchmarks/ncu_dispatch.py) at Np = 10 and 50.
+# on one forward+backward of the Triton dispatcher (benchmarks/ncu_dispatch.py) at Np = 10 and 50,
+# and its basic set (each kernel's duration) on the CUDA backend's at Np = 50.
 # Every step's output goes to $OUT as well as to the terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +84,8 @@ ncu)
         "$ncu" --profile-from-start off --set full --kernel-name regex:dispatch \
             $python benchmarks/ncu_dispatch.py --prompts $np 2>&1 | tee "$OUT/ncu_dispatch_np$np.txt"
     done
+    "$ncu" --profile-from-start off --kernel-name regex:dispatch \
+        $python benchmarks/ncu_dispatch.py --prompts 50 --backend cuda 2>&1 | tee "$OUT/ncu_dispatch_cuda_np50.txt"
     ;;
 *)
     echo "unknown stage $stage: check, tune, bench, profile or ncu" >&2
