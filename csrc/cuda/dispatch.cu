@@ -225,6 +225,13 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
 
 // ---- Forward -----------------------------------------------------------------------------
 
+// A load past the SM's L1 cache, which is not coherent across SMs: for what other blocks wrote
+// during this launch (after last_to_arrive), as CUDA's memory-fence example reads through volatile.
+template <typename T>
+__device__ T load_from_l2(const T* address) {
+  return *static_cast<const volatile T*>(address);
+}
+
 // Called by every thread of a block after it wrote its share of a result that `blocks` blocks
 // produce together: true in the last of them to get here, which then sees every block's writes.
 // *counter must be zero at launch.
@@ -306,7 +313,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* z_mean = z_mean_ptr + kb * Hz;
   for (int64_t h = threadIdx.x; h < Hz; h += kThreads) {
     acc_t total = 0;
-    for (int64_t i = 0; i < C; ++i) total += chunk_sums[i * Hz + h];
+    for (int64_t i = 0; i < C; ++i) total += load_from_l2(chunk_sums + i * Hz + h);
     z_mean[h] = total / acc_t(count);
   }
   __syncthreads();
@@ -661,7 +668,7 @@ __global__ void __launch_bounds__(kThreads)
     if (!last_to_arrive(split.arrivals + tile_id, static_cast<int>(G))) return;
     for (int i = 0; i < kRowsPerThread; ++i) {
       acc_t total = 0;
-      for (int64_t j = 0; j < G; ++j) total += partial[j * split.slot + threadIdx.x + i * kThreads];
+      for (int64_t j = 0; j < G; ++j) total += load_from_l2(partial + j * split.slot + threadIdx.x + i * kThreads);
       store(i, total);
     }
     return;
@@ -708,7 +715,7 @@ __global__ void __launch_bounds__(kThreads)
   if (G == 1 || !last_to_arrive(split.arrivals + tile_id, static_cast<int>(G))) return;
   for (int64_t o = threadIdx.x; o < outputs; o += kThreads) {
     acc_t total = 0;
-    for (int64_t j = 0; j < G; ++j) total += partial[j * split.slot + o];
+    for (int64_t j = 0; j < G; ++j) total += load_from_l2(partial + j * split.slot + o);
     store(o, total);
   }
 }
