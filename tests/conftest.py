@@ -37,7 +37,11 @@ def pytest_terminal_summary(terminalreporter):
 
     ext = extension_status()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    on_cpu = [r for r in terminalreporter.stats.get("passed", []) if "test_cuda_on_cpu.py" in r.nodeid]
+    on_cpu = [
+        r
+        for r in terminalreporter.stats.get("passed", [])
+        if "test_cuda_on_cpu.py::test_dispatch" in r.nodeid or "test_cuda_on_cpu.py::test_fusion" in r.nodeid
+    ]
     lines = [
         f"C++ CPU ops: {'ran' if ext['loaded'] else 'NOT AVAILABLE: ' + str(ext['error'])}",
         f"CUDA sources: {'compiled, linked and imported' if ext['cuda'] else 'not built'}; "

@@ -34,7 +34,7 @@ def cuda_on_cpu_ops(tmp_path_factory):
 
     cpp_extension.load(
         name="pmoe_fast_cuda_on_cpu",
-        sources=[str(SOURCES / "dispatch_on_cpu.cpp"), str(SOURCES / "prompt_fusion_on_cpu.cpp")],
+        sources=[str(SOURCES / f"{name}_on_cpu.cpp") for name in ("dispatch", "prompt_fusion", "selftest")],
         extra_cflags=["-O2"],
         build_directory=str(tmp_path_factory.mktemp("cuda_on_cpu")),
         is_python_module=False,
@@ -75,6 +75,32 @@ def fusion_kernels(cuda_on_cpu_ops):
     lib, calls = route(cuda_on_cpu_ops, ["prompt_fusion", "prompt_fusion_backward"])
     yield calls
     lib._destroy()
+
+
+# cuda_on_cpu.h itself -----------------------------------------------------------------------
+
+
+def test_shared_memory_and_barrier(cuda_on_cpu_ops):
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(cuda_on_cpu_ops.selftest_reverse(x), x.flip(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lane_mask", [1, 2, 4, 8, 16])
+def test_warp_shuffle(lane_mask, cuda_on_cpu_ops):
+    x = torch.randn(128)
+    expected = x[torch.arange(128) ^ lane_mask]
+    torch.testing.assert_close(cuda_on_cpu_ops.selftest_shuffle(x, lane_mask), expected, rtol=0, atol=0)
+
+
+def test_every_block_and_thread_of_a_3d_grid_runs_once(cuda_on_cpu_ops):
+    out = cuda_on_cpu_ops.selftest_indices(4, 3, 2)
+    z, y, x, t = torch.meshgrid(*(torch.arange(n) for n in (2, 3, 4, 64)), indexing="ij")
+    assert torch.equal(out, ((z * 10 + y) * 10 + x) * 1000 + t)
+
+
+def test_a_barrier_some_threads_never_reach_raises(cuda_on_cpu_ops):
+    with pytest.raises(RuntimeError, match="stuck: 63 threads wait at a barrier"):
+        cuda_on_cpu_ops.selftest_diverging_barrier()
 
 
 # dispatch.cu ---------------------------------------------------------------------------------
