@@ -14,7 +14,7 @@ import pytest
 import test_cpp_dispatch as cpp_tests
 import test_prompt_fusion as fusion_tests
 import torch
-from test_cpp_dispatch import CASES, assert_parity, forward_backward, make_case
+from test_cpp_dispatch import CASES, Case, assert_parity, forward_backward, make_case
 
 from pmoe_fast._ext import extension_status
 
@@ -109,6 +109,17 @@ def test_a_barrier_some_threads_never_reach_raises(cuda_on_cpu_ops):
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_dispatch_parity_with_dispatcher(case, dispatch_kernels):
     assert_parity(case, "cpu", cuda_kernels=True)
+
+
+def test_dispatch_parity_at_the_most_experts_the_kernels_take(dispatch_kernels):
+    """K = 64: the kernels' per-expert arrays (token ranges, logits in shared memory) are full."""
+    assert_parity(Case(K=64, B=1, Np=2, T=5, D=8, H=4, separate=True), "cpu", cuda_kernels=True)
+
+
+def test_dispatch_rejects_more_experts_than_the_kernels_take(dispatch_kernels):
+    c = Case(K=65, B=1, Np=2, T=5, D=8, H=4)
+    with pytest.raises(RuntimeError, match="the CUDA kernels take at most 64 experts, got K = 65"):
+        forward_backward(c, "op", *make_case(c, "cpu"))
 
 
 @pytest.mark.parametrize("name", ["odd-separate", "H0", "multi-tile"])
