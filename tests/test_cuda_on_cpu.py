@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import test_cpp_dispatch as cpp_tests
+import test_dispatch_backends as backend_tests
 import test_prompt_fusion as fusion_tests
 import torch
 from test_cpp_dispatch import CASES, Case, assert_parity, forward_backward, make_case
@@ -144,6 +145,27 @@ def test_dispatch_output_dtypes_match_the_torch_backend_for_every_dtype_mix(disp
 @pytest.mark.parametrize("H", [3, 0], ids=["H3", "H0"])
 def test_dispatch_gradcheck_float64(H, dispatch_kernels):
     cpp_tests.test_gradcheck_float64(H, "cpu")
+
+
+@pytest.mark.parametrize(
+    "hidden,separate,pool,use_prompt_out",
+    [(24, True, "all", True), (0, False, "patches", False)],
+    ids=["H24-separate-all", "H0-first-layer"],
+)
+def test_dispatch_through_the_dispatcher_module(hidden, separate, pool, use_prompt_out, dispatch_kernels):
+    """pmoe_fast.Dispatcher's fused path (its "cpp" backend calls the op these kernels serve here)."""
+    backend_tests.test_fused_backend_matches_torch_in_float64("cpp", hidden, separate, pool, use_prompt_out)
+
+
+@pytest.mark.parametrize("seq_dtype", [torch.float32, torch.bfloat16], ids=["fp32-seq", "bf16-seq"])
+@pytest.mark.parametrize(
+    "hidden,separate,pool,has_prompt_out",
+    [(24, False, "all", True), (24, True, "patches", False)],
+    ids=["H24-shared-all", "H24-separate-first-layer"],
+)
+def test_dispatch_into_the_sequence(seq_dtype, hidden, separate, pool, has_prompt_out, dispatch_kernels):
+    """Dispatcher.dispatch_into: the IPTs written into the experts' sequences in place."""
+    backend_tests.test_dispatch_into_matches_concatenating_in_float64("cpp", seq_dtype, hidden, separate, pool, has_prompt_out)
 
 
 def test_dispatch_ops_run_the_kernels(dispatch_kernels):
