@@ -3,11 +3,16 @@
 tests/cuda_on_cpu builds dispatch.cu and prompt_fusion.cu for the CPU (a fiber per CUDA thread,
 blocks in turn; what it can and cannot check is in cuda_on_cpu.h), and the fixtures below make them
 pmoe_fast's CPU implementations of their ops while a test runs. The kernels then meet the GPU's
-parity tests (test_cpp_dispatch.py, test_prompt_fusion.py) on a machine without a GPU.
+parity tests (test_cpp_dispatch.py, test_prompt_fusion.py) on a machine without a GPU, and once
+more built with AddressSanitizer, which fails any read or write out of bounds.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +24,7 @@ from test_cpp_dispatch import CASES, Case, assert_parity, forward_backward, make
 
 from pmoe_fast._ext import extension_status
 
-# A C++ build (~30 s on 2 cores), then 256 fibers a block: ~1.5 minutes in all.
+# Two C++ builds (~20 s each on 2 cores), then 256 fibers a block: ~3 minutes in all.
 pytestmark = pytest.mark.slow
 
 SOURCES = Path(__file__).resolve().parent / "cuda_on_cpu"
@@ -102,6 +107,52 @@ def test_every_block_and_thread_of_a_3d_grid_runs_once(cuda_on_cpu_ops):
 def test_a_barrier_some_threads_never_reach_raises(cuda_on_cpu_ops):
     with pytest.raises(RuntimeError, match="stuck: 63 threads wait at a barrier"):
         cuda_on_cpu_ops.selftest_diverging_barrier()
+
+
+# Every kernel under AddressSanitizer -----------------------------------------------------------
+
+ASAN_RUN = """
+import sys
+import torch
+from torch.utils import cpp_extension
+sys.path.insert(0, {tests!r})
+cpp_extension.load(
+    name="pmoe_fast_cuda_on_cpu_asan",
+    sources=[{sources}],
+    extra_cflags=["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],
+    extra_ldflags=["-fsanitize=address"],
+    build_directory={build!r},
+    is_python_module=False,
+    with_cuda=False,
+)
+import test_cpp_dispatch as dispatch, test_prompt_fusion as fusion, test_cuda_on_cpu as here
+names = ["dispatch_mlp", "dispatch_mlp_backward", "prompt_fusion", "prompt_fusion_backward"]
+lib, calls = here.route(torch.ops.pmoe_fast_cuda_on_cpu, names)
+for case in [*dispatch.CASES.values(), dispatch.Case(K=64, B=1, Np=2, T=5, D=8, H=4, separate=True)]:
+    dispatch.assert_parity(case, "cpu", cuda_kernels=True)
+for shape in fusion.SHAPES:
+    for w_dtype, p_dtype in fusion.DTYPES:
+        fusion.test_parity(*shape, w_dtype, p_dtype, "cpu")
+fusion.test_non_contiguous_inputs("cpu")
+assert all(calls[name] > 0 for name in names), calls
+print("checked", calls)
+"""
+
+
+def test_kernels_stay_in_bounds_under_address_sanitizer(cuda_on_cpu_ops, tmp_path):
+    """The parity cases again, with the kernels built with -fsanitize=address in a fresh interpreter:
+    a read or write past any tensor or shared array fails the run (what compute-sanitizer would
+    say on a GPU, for these inputs)."""
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip("g++ has no AddressSanitizer runtime (libasan.so) here")
+    sources = ", ".join(repr(str(SOURCES / f"{name}_on_cpu.cpp")) for name in ("dispatch", "prompt_fusion", "selftest"))
+    code = ASAN_RUN.format(tests=str(SOURCES.parent), sources=sources, build=str(tmp_path))
+    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=900)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0 and "AddressSanitizer:" not in report.replace("ASan doesn't fully", ""), report[-4000:]
+    assert "checked" in result.stdout, report[-4000:]
 
 
 # dispatch.cu ---------------------------------------------------------------------------------
