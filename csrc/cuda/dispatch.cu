@@ -3,12 +3,12 @@
 //
 // Written to be correct by construction and to be read, not tuned: FMAs on CUDA cores over
 // shared-memory tiles (no tensor cores), every reduction in a fixed order, so results are bitwise
-// reproducible (launch 3's one atomic counts arrivals; it orders no sum). Arithmetic is in the
-// accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float otherwise); prompts,
-// prompt_out, parameters and grad_ipt are converted to acc_t up front (small tensors), the tokens
-// are read in place through their strides when at::opmath_type of their dtype is acc_t, and
-// converted first otherwise (fp64 tokens in a float run, other tokens in an fp64 run: fp64 is
-// for checking, not speed).
+// reproducible (the atomics, in the forward and launch 3, count arrivals; they order no sum).
+// Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float
+// otherwise); prompts, prompt_out, parameters and grad_ipt are converted to acc_t up front (small
+// tensors), the tokens are read in place through their strides when at::opmath_type of their
+// dtype is acc_t, and converted first otherwise (fp64 tokens in a float run, other tokens in an
+// fp64 run: fp64 is for checking, not speed).
 //
 // Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB). An image's
 // tokens go to C = ceil(longest token range / 64) blocks, 64 at a time (C = 4 here), so that
@@ -66,7 +66,7 @@ constexpr int kTileCols = 64;
 constexpr int kTileK = 32;
 constexpr int kRowGroups = kThreads / kTileCols;
 constexpr int kRowsPerThread = kTileRows / kRowGroups;
-// The forward's blocks take an image's tokens this many at a time.
+// The forward's and the backward's first launch's blocks take an image's tokens this many at a time.
 constexpr int kChunkTokens = 2 * kTileRows;
 // The token ranges of all experts travel in the launch arguments (no host-to-device copy).
 constexpr int kMaxExperts = 64;
