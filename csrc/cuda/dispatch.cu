@@ -53,6 +53,7 @@
 
 #include "../dispatch.h"
 #include "launch.cuh"
+#include "warp_sum.cuh"
 
 namespace pmoe_fast {
 namespace {
@@ -100,15 +101,14 @@ __device__ acc_t activation(acc_t a, bool hidden) {
   return hidden ? gelu(a) : a;
 }
 
-// Sum over the 32 lanes of a warp, every lane getting the total; a fixed butterfly order.
-template <typename acc_t>
-__device__ acc_t warp_sum(acc_t v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 __device__ inline int tile_rows(int64_t begin, int64_t end) {
   return static_cast<int>(end - begin < kTileRows ? end - begin : kTileRows);
+}
+
+// Token chunk `chunk` of the range [start, end): [first, last), empty past the range's end.
+__device__ inline void token_chunk(int64_t start, int64_t end, int64_t chunk, int64_t& first, int64_t& last) {
+  first = start + chunk * kChunkTokens < end ? start + chunk * kChunkTokens : end;
+  last = first + kChunkTokens < end ? first + kChunkTokens : end;
 }
 
 // ---- Kernel arguments --------------------------------------------------------------------
@@ -280,8 +280,8 @@ __global__ void __launch_bounds__(kThreads)
       z_act[(t < start ? t : t + count) * H + idx % H] = acc_t(0);
     }
   }
-  const int64_t chunk_start = start + chunk * kChunkTokens < end ? start + chunk * kChunkTokens : end;
-  const int64_t chunk_end = chunk_start + kChunkTokens < end ? chunk_start + kChunkTokens : end;
+  int64_t chunk_start, chunk_end;
+  token_chunk(start, end, chunk, chunk_start, chunk_end);
   acc_t* chunk_sums = chunk_sums_ptr + kb * C * Hz;
   for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
     const int64_t h = h0 + col;
@@ -435,8 +435,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
-  const int64_t chunk_start = start + chunk * kChunkTokens < end ? start + chunk * kChunkTokens : end;
-  const int64_t chunk_end = chunk_start + kChunkTokens < end ? chunk_start + kChunkTokens : end;
+  int64_t chunk_start, chunk_end;
+  token_chunk(start, end, chunk, chunk_start, chunk_end);
   acc_t* coef = chunk == 0 ? scratch.coef_z + kb * Hz : own + Np * K;
   for (int64_t h = threadIdx.x; h < Hz; h += kThreads) {
     acc_t sum = 0;

@@ -18,6 +18,7 @@
 
 #include "../prompt_fusion.h"
 #include "launch.cuh"
+#include "warp_sum.cuh"
 
 namespace pmoe_fast {
 namespace {
@@ -33,7 +34,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename acc_t>
 __device__ acc_t block_sum(acc_t v) {
   __shared__ acc_t warp_totals[kThreads / 32];
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  v = warp_sum(v);
   if (threadIdx.x % 32 == 0) warp_totals[threadIdx.x / 32] = v;
   __syncthreads();
   acc_t total = 0;
