@@ -313,14 +313,20 @@ def _softmax_and_mix(
         d = d0 + offs_d
         d_mask = d < D
         acc = tl.zeros((w.shape[0], w.shape[1], BLOCK_D), dtype=tl.float32)
-        for j in range(K):
-            w_j = tl.sum(tl.where(offs_k[None, None, :] == j, w, 0.0), axis=2)  # (G, BLOCK_N)
-            p_j = tl.load(
-                prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :],
-                mask=(n < Np)[:, None] & d_mask[None, :],
-                other=0.0,
-            )  # (BLOCK_N, BLOCK_D)
-            acc += w_j[:, :, None] * p_j.to(tl.float32)[None, :, :]
+        # Four experts a step, unrolled: their four loads of P are independent, so they are in
+        # flight together. With one expert a step each load waited for the last, K round trips
+        # to L2 per D step on the path every image's IPT waits for (sm_90 SASS: the step's only
+        # load was used at its end). Experts j >= K load nothing and weigh 0.
+        for j0 in range(0, K, 4):
+            for dj in tl.static_range(4):
+                j = j0 + dj
+                w_j = tl.sum(tl.where(offs_k[None, None, :] == j, w, 0.0), axis=2)  # (G, BLOCK_N)
+                p_j = tl.load(
+                    prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :],
+                    mask=(j < K) & (n < Np)[:, None] & d_mask[None, :],
+                    other=0.0,
+                )  # (BLOCK_N, BLOCK_D)
+                acc += w_j[:, :, None] * p_j.to(tl.float32)[None, :, :]
         tl.store(
             ipt_rows[:, :, None] + d[None, None, :],
             acc.to(ipt_rows.dtype.element_ty),
@@ -389,8 +395,10 @@ def _dispatch_fwd_kernel(
     save_hidden,  # 0 or 1, a run-time switch: store the pre-activations (hidden_*) for a backward
     HAS_HIDDEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # prompts per tile where a group of images is finished
+    BLOCK_P: tl.constexpr,  # rows of P or Z_P per tile of f_e and f_p
     BLOCK_D: tl.constexpr,
+    BLOCK_D_MIX: tl.constexpr,  # the D step of the prompt mixture
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     B_PER_FIN: tl.constexpr,
@@ -412,16 +420,17 @@ def _dispatch_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
     p_programs = K * B * has_prompt_out
     if pid < K:
         k = pid
-        for n0 in range(0, Np, BLOCK_N):
-            n = n0 + offs_n
+        for n0 in range(0, Np, BLOCK_P):
+            n = n0 + offs_p
             n_mask = n < Np
             logits = _mlp_rows(
                 prompts_ptr + k * stride_prompts_k + n * stride_prompts_n, n_mask, hidden_e_ptr + (k * Np + n) * H, save_hidden,
                 w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k,
-                K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
+                K, D, H, HAS_HIDDEN, BLOCK_P, BLOCK_D, BLOCK_H, BLOCK_K,
             ) + tl.load(b2e_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
         g_lo = pid * 0
@@ -432,14 +441,14 @@ def _dispatch_fwd_kernel(
         b_lo = kb % B
         g_lo = b_lo // B_PER_FIN
         g_hi = g_lo + 1
-        for n0 in range(0, Np, BLOCK_N):
-            n = n0 + offs_n
+        for n0 in range(0, Np, BLOCK_P):
+            n = n0 + offs_p
             n_mask = n < Np
             logits = _mlp_rows(
                 prompt_out_ptr + k * stride_prompt_out_k + b_lo * stride_prompt_out_b + n * stride_prompt_out_n,
                 n_mask, hidden_p_ptr + (kb * Np + n) * H, save_hidden,
                 w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
-                K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_D, BLOCK_H, BLOCK_K,
+                K, D, H, HAS_HIDDEN, BLOCK_P, BLOCK_D, BLOCK_H, BLOCK_K,
             ) + tl.load(b2p_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(weights_ptr + (kb * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
     else:
@@ -532,7 +541,7 @@ def _dispatch_fwd_kernel(
                 ipt_rows = ipt_ptr + k * stride_ipt_k + b[:, None] * stride_ipt_b + n[None, :] * stride_ipt_n
                 _softmax_and_mix(
                     logits, n, rows, row_mask, prompts_ptr, weights_ptr, ipt_rows, stride_prompts_k, stride_prompts_n,
-                    K, Np, D, BLOCK_D, BLOCK_K,
+                    K, Np, D, BLOCK_D_MIX, BLOCK_K,
                 )
 
 
@@ -1101,6 +1110,24 @@ def _forward_warps(Np: int, block_n: int) -> int:
     return _NUM_WARPS["fwd"] if Np <= block_n else _NUM_WARPS["fwd_many_prompts"]
 
 
+def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_D_MIX): the rows of f_e's and f_p's tiles and the D step of the prompt
+    mixture. While the prompts fit one BLOCK_N tile, BLOCK_N rows and the forward's own D step.
+
+    More prompts take the forward's 8-warp variant (``_forward_warps``), and with it tiles of 32
+    rows: f_p's program (one per image) walks D ceil(Np / 32) times, 2 at Np = 50 where 16-row
+    tiles took 4, each as long as a token chunk. (64 rows, one walk, took all 255 registers
+    and 57 KB of shared memory as launched, and spilled up to 1.2 KB a thread in the generic
+    variants.) The mixture steps through D 128 at a time: each step waits on its loads of P
+    (``_softmax_and_mix``), and a group of images at Np = 50 takes 4 prompt tiles x 6 steps where
+    the forward's 32-wide step took 4 x 24. On sm_90a (Triton 3.8) the launch at K = 6, B = 32,
+    Np = 50 takes 184 registers against 178, no spills, the same 36 KB of shared memory
+    (benchmarks/triton_resources.py --launched). Untimed on a GPU."""
+    if Np <= block_n:
+        return block_n, block_d_fwd
+    return 32, 128
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the launchers: ``triton.cdiv`` called from Python is a jit function, whose
     call costs microseconds of host time."""
@@ -1125,7 +1152,7 @@ def _forward_blocks(block_h: int, small_batch: bool) -> tuple[int, int]:
 
     The W1 tile (BLOCK_D_FWD x BLOCK_H) of the forward's D loop is pipelined through shared memory,
     three stages deep: 2048 elements a stage keep every large-batch forward variant within 24
-    bytes of spills a thread on sm_90, and the model's launches at 166-178 registers without
+    bytes of spills a thread on sm_90, and the model's launches at 168-184 registers without
     spills (4096, BLOCK_D=64 at H=64 with chunks of 64 tokens, takes all 255 and 80 KB of shared
     memory as launched; benchmarks/triton_resources.py, --launched).
 
@@ -1156,6 +1183,8 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     block_d = _forward_blocks(block_h, small_batch=False)[1]
     small_batch = device.type == "cuda" and K * B * 8 <= multiprocessors(device)
     block_t_fwd, block_d_fwd = _forward_blocks(block_h, small_batch)
+    block_n = 16
+    block_p, block_d_mix = _prompt_blocks(Np, block_n, block_d_fwd)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight
@@ -1171,8 +1200,10 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_T_FWD": block_t_fwd,
         "BLOCK_D_FWD": block_d_fwd,
         "BLOCK_T": block_t,
-        "BLOCK_N": 16,
+        "BLOCK_N": block_n,
+        "BLOCK_P": block_p,
         "BLOCK_D": block_d,
+        "BLOCK_D_MIX": block_d_mix,
         "BLOCK_DW": block_dw,
         "BLOCK_H": block_h,
         "BLOCK_KB": 32,
@@ -1350,8 +1381,9 @@ def dispatch_fwd(
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, chunks,
         int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
-        BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D_FWD"],
-        BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, B_PER_FIN=blocks["B_PER_FIN"],
+        BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_P=blocks["BLOCK_P"],
+        BLOCK_D=blocks["BLOCK_D_FWD"], BLOCK_D_MIX=blocks["BLOCK_D_MIX"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16,
+        B_PER_FIN=blocks["B_PER_FIN"],
         num_warps=_forward_warps(Np, blocks["BLOCK_N"]), num_stages=_NUM_STAGES["fwd"],
     )
     return ipt_out, weights, hidden
@@ -1906,24 +1938,27 @@ def _kernel_variants() -> list[dict]:
     variants = {}
     for param, act in DTYPE_SIGNATURES:
         for H in (0, 64, 128):
-            # K, B, Np and D do not change the constexprs (BLOCK_K is always 16).
+            # K, B and D do not change the constexprs (BLOCK_K is always 16), nor Np beyond
+            # whether the prompts fit one BLOCK_N tile.
             b = default_blocks(K=6, B=32, Np=16, D=768, H=H, device=torch.device("cpu"))
             # The IPTs go to a tensor of the prompts' dtype (fused_dispatch) or into the prompt
             # slots of the tokens' sequences (Dispatcher.dispatch_into).
-            # The forward with either count of warps (``_forward_warps``) and either tiling
-            # (``_forward_blocks``), named by them.
+            # The forward for few and many prompts (``_forward_warps``, ``_prompt_blocks``) and
+            # either tiling (``_forward_blocks``), named by its warps and tiling.
             found = [
                 _variant(
                     _dispatch_fwd_kernel,
                     f"fwd{'-small-batch' if small else ''}{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}",
                     param, act, warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
-                    HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_D=block_d,
-                    BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b["B_PER_FIN"],
+                    HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_P=block_p, BLOCK_D=block_d,
+                    BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b["B_PER_FIN"],
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
-                for warps in (_NUM_WARPS["fwd"], _NUM_WARPS["fwd_many_prompts"])
+                for Np in (b["BLOCK_N"], b["BLOCK_N"] + 1)
+                for warps in [_forward_warps(Np, b["BLOCK_N"])]
                 for small in (False, True)
                 for block_t, block_d in [_forward_blocks(b["BLOCK_H"], small)]
+                for block_p, block_d_mix in [_prompt_blocks(Np, b["BLOCK_N"], block_d)]
             ] + [
                 _variant(
                     _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], HAS_HIDDEN=H > 0,

@@ -75,6 +75,10 @@ CASES = {
     "logits-x20": Case(w2_scale=20.0, shared=False),
     "strided": Case(strided=True, starts=(1, 1, 1), ends=(37, 37, 37)),
     "hidden-128": Case(H=100, K=2, T=20),
+    # More prompts than a BLOCK_N tile (``_prompt_blocks``): f_e and f_p in 32-row tiles, three
+    # of them at Np = 70, the last one short, and the mixture's 128-wide D step past D; K = 6
+    # takes the mixture's experts in two steps of four, the second half empty.
+    "many-prompts-K6": Case(K=6, B=2, Np=70, T=9, D=40),
     "small-tiles": Case(
         Np=20, B=3, D=48, shared=False,
         blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=16,BLOCK_T=16,BLOCK_N=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=1,N_PER_PROG=3,"
