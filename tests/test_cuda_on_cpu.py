@@ -10,6 +10,7 @@ of bounds and any undefined behaviour (a signed index overflowing, say).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -84,6 +85,16 @@ def fusion_kernels(cuda_on_cpu_ops):
     lib._destroy()
 
 
+@contextlib.contextmanager
+def block_order(ops, order: int):
+    """Launches inside run their blocks by index (0), in reverse (1) or shuffled (2)."""
+    ops.set_block_order(order)
+    try:
+        yield
+    finally:
+        ops.set_block_order(0)
+
+
 # cuda_on_cpu.h itself -----------------------------------------------------------------------
 
 
@@ -103,6 +114,17 @@ def test_every_block_and_thread_of_a_3d_grid_runs_once(cuda_on_cpu_ops):
     out = cuda_on_cpu_ops.selftest_indices(4, 3, 2)
     z, y, x, t = torch.meshgrid(*(torch.arange(n) for n in (2, 3, 4, 64)), indexing="ij")
     assert torch.equal(out, ((z * 10 + y) * 10 + x) * 1000 + t)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2], ids=["index", "reversed", "shuffled"])
+def test_blocks_run_once_each_in_the_order_set(order, cuda_on_cpu_ops):
+    with block_order(cuda_on_cpu_ops, order):
+        ran = cuda_on_cpu_ops.selftest_order(5, 3)
+    assert sorted(ran.tolist()) == list(range(15))
+    if order < 2:
+        assert ran.tolist() == list(range(15))[:: 1 - 2 * order]
+    else:
+        assert ran.tolist() not in (list(range(15)), list(range(15))[::-1])
 
 
 def test_a_barrier_some_threads_never_reach_raises(cuda_on_cpu_ops):
@@ -175,6 +197,23 @@ def test_kernels_under_address_and_undefined_behavior_sanitizers(cuda_on_cpu_ops
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_dispatch_parity_with_dispatcher(case, dispatch_kernels):
     assert_parity(case, "cpu", cuda_kernels=True)
+
+
+@pytest.mark.parametrize("order", [1, 2], ids=["reversed", "shuffled"])
+@pytest.mark.parametrize("name", ["odd-shared", "H0-separate-no-prompt-out", "images-per-group"])
+def test_dispatch_results_do_not_depend_on_the_block_order(name, order, cuda_on_cpu_ops, dispatch_kernels):
+    """On a GPU any block may be the last to arrive and finish what others started: in the forward
+    an expert's f_e block (then finishing all of its images), an image's f_p block or one of its
+    token chunks; in the backward a tile's last row group. Reversed, f_e's blocks come last;
+    shuffled, every role finishes some image. The results must be the same bits whichever it is."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    inputs = make_case(case, "cpu")
+    by_index = forward_backward(case, "op", *inputs)
+    with block_order(cuda_on_cpu_ops, order):
+        reordered = forward_backward(case, "op", *inputs)
+    for key, value in by_index.items():
+        assert (value is None and reordered[key] is None) or torch.equal(value, reordered[key]), key
 
 
 def test_dispatch_parity_at_the_most_experts_the_kernels_take(dispatch_kernels):

@@ -13,14 +13,14 @@
 // Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB). An image's
 // tokens go to C = ceil(longest token range / 64) blocks, 64 at a time (C = 4 here), so that
 // the token work has K * B * C blocks (192 here), where one block per image left most SMs idle.
-//  * forward, ONE launch (after zeroing K * B arrival counters), grid K*B*C, block 256: block
-//    (k, b, c) computes W1_z Z + b1_z for its 64 tokens tile by tile (32 tokens x 64 units, D in
-//    chunks of 32 through shared memory), writes them to z_act and the sum of their gelu to
-//    scratch; the last of the image's C blocks to finish takes the mean over the chunks in chunk
-//    order, runs f_e and f_p on the Np prompt rows, adds the three logits, takes the softmax and
-//    mixes the prompts. Reads the tokens once (29 MB) and W1 once per tile of 32 tokens (from
-//    L2); writes z_act (2.4 MB) and the small outputs. 0.93 GFLOP, recomputing f_e once per
-//    image (Np/T of that).
+//  * forward, ONE launch (after zeroing K * B arrival counters), grid K + K*B + K*B*C, block
+//    256: block k runs f_e on P[k], once for all of expert k's images; block (k, b) f_p on
+//    Z_P[k, b] (with prompt_out); block (k, b, c) computes W1_z Z + b1_z for its 64 tokens tile by
+//    tile (32 tokens x 64 units, D in chunks of 32 through shared memory), writes them to z_act
+//    and the sum of their gelu to scratch. The last of an image's blocks to finish, whichever it
+//    is, takes the mean over the chunks in chunk order, adds the three logits, takes the softmax
+//    and mixes the prompts. Reads the tokens once (29 MB) and W1 once per tile of 32 tokens (from
+//    L2); writes z_act (2.4 MB) and the small outputs. 0.93 GFLOP.
 //  * backward, THREE launches:
 //    1. grid K*B*C: block (k, b, c) takes the image's Np rows through the mixture and the
 //       softmax backward (each of the C blocks alike: Np K D multiply-adds, Np K / (64 H) = 2%
@@ -245,121 +245,72 @@ __device__ inline bool last_to_arrive(int* counter, int blocks) {
   return last;
 }
 
-// Grid K * B * C, block kThreads, C = ceil(longest token range / kChunkTokens): block (k, b, c)
-// computes W1_z Z + b1_z for chunk c of expert k's tokens in image b, writes them to z_act, and
-// their sum of gelu to chunk_sums. The last of the image's C blocks to finish takes the mean over
-// the chunks' sums, in chunk order, and does the rest of the image: f_e and f_p on its Np prompt
-// rows, the three logits, the softmax and the mixture.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    dispatch_mlp_fwd_kernel(const Inputs<scalar_t, acc_t> in,
-                            acc_t* __restrict__ ipt_ptr,         // (K, B, Np, D)
-                            acc_t* __restrict__ weights_ptr,     // (K, B, Np, K): logits, then softmax
-                            acc_t* __restrict__ z_act_ptr,       // (K, B, T, H)
-                            acc_t* __restrict__ z_mean_ptr,      // (K, B, Hz)
-                            acc_t* __restrict__ chunk_sums_ptr,  // (K, B, C, Hz)
-                            int* __restrict__ arrivals) {        // (K, B), zero at launch
-  __shared__ Tile<acc_t> tile;
-  __shared__ acc_t features[kTileRows][kTileCols + 1];  // activated tile, read across columns
-  __shared__ acc_t partial[kRowGroups][kTileCols];      // per row group sums over tokens
-  __shared__ acc_t logits_z[kMaxExperts];  // W2_z mean_t gelu(z_act)
-
-  const int64_t C = gridDim.x / (in.K * in.B);
-  const int64_t kb = blockIdx.x / C, chunk = blockIdx.x % C, k = kb / in.B;
-  const int64_t K = in.K, Np = in.Np, D = in.D, H = in.H, Hz = in.Hz;
-  const bool hidden = H > 0;
+// logits[n * K + j] = b2[j] + sum_h W2[j, h] act(pre[n, h]) for the Np rows of x (row stride D):
+// f on the prompts P[k] (source e) or on one image's prompt outputs Z_P[k, b] (source p). Every
+// thread of the block must call it; the block's own reads of logits later see its writes.
+template <typename acc_t>
+__device__ void prompt_logits(const acc_t* x, const Mlp<acc_t>& f, int64_t K, int64_t Np, int64_t D,
+                              int64_t H, int64_t Hz, acc_t* logits, Tile<acc_t>& tile,
+                              acc_t (&features)[kTileRows][kTileCols + 1]) {
   const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
   acc_t pre[kRowsPerThread];
-
-  // Source z: z_act outside the token range is zero (chunk 0 writes it).
-  const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
-  acc_t* z_act = z_act_ptr + kb * in.T * H;
-  if (chunk == 0) {
-    for (int64_t idx = threadIdx.x; idx < (in.T - count) * H; idx += kThreads) {
-      const int64_t t = idx / H;
-      z_act[(t < start ? t : t + count) * H + idx % H] = acc_t(0);
-    }
-  }
-  int64_t chunk_start, chunk_end;
-  token_chunk(start, end, chunk, chunk_start, chunk_end);
-  acc_t* chunk_sums = chunk_sums_ptr + kb * C * Hz;
+  for (int64_t idx = threadIdx.x; idx < Np * K; idx += kThreads) logits[idx] = f.b2[idx % K];
+  __syncthreads();
   for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
-    const int64_t h = h0 + col;
-    acc_t sum = 0;  // over this thread's rows of every token tile: a fixed order
-    for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
-      const int rows = tile_rows(t0, chunk_end);
-      pre_activation_tile(in.token_row(k, kb % in.B, t0), in.stride_z_t, rows, in.f[2], H, D, h0, tile, pre);
+    for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
+      const int rows = tile_rows(n0, Np);
+      pre_activation_tile(x + n0 * D, D, rows, f, H, D, h0, tile, pre);
       for (int i = 0; i < kRowsPerThread; ++i) {
-        const int row = group + kRowGroups * i;
-        if (row < rows && h < Hz) {
-          if (hidden) z_act[(t0 + row) * H + h] = pre[i];
-          sum += activation(pre[i], hidden);
-        }
+        features[group + kRowGroups * i][col] = activation(pre[i], H > 0);  // 0 outside
       }
+      __syncthreads();
+      for (int64_t idx = threadIdx.x; idx < rows * K; idx += kThreads) {
+        const int64_t row = idx / K, j = idx % K;
+        acc_t sum = 0;
+        for (int c = 0; c < kTileCols && h0 + c < Hz; ++c) sum += f.w2[j * Hz + h0 + c] * features[row][c];
+        logits[(n0 + row) * K + j] += sum;
+      }
+      __syncthreads();
     }
-    partial[group][col] = sum;
-    __syncthreads();
-    if (threadIdx.x < kTileCols && h0 + threadIdx.x < Hz) {
-      acc_t total = 0;
-      for (int g = 0; g < kRowGroups; ++g) total += partial[g][threadIdx.x];
-      chunk_sums[chunk * Hz + h0 + threadIdx.x] = total;
-    }
-    __syncthreads();
   }
-  if (!last_to_arrive(arrivals + kb, static_cast<int>(C))) return;
+}
 
-  // The image's last block: mean_t gelu(.) over the chunks in order, then mean_t f_z = W2_z
-  // mean_t gelu(.) + b2_z (the second layer runs once, on the mean).
+// The rest of image (k, b), by the last of its blocks to arrive: mean_t gelu(.) over the token
+// chunks' sums in chunk order, mean_t f_z = W2_z mean_t gelu(.) + b2_z (the second layer runs
+// once, on the mean), the three sources' logits, the softmax and the mixture. Every thread of the
+// block must call it.
+template <typename scalar_t, typename acc_t>
+__device__ void finish_image(const Inputs<scalar_t, acc_t>& in, int64_t k, int64_t b, const acc_t* logits_e,
+                             acc_t* ipt_ptr, acc_t* weights_ptr, acc_t* z_mean_ptr, const acc_t* chunk_sums_ptr,
+                             int64_t C) {
+  __shared__ acc_t logits_z[kMaxExperts];  // mean_t f_z
+  const int64_t K = in.K, Np = in.Np, D = in.D, Hz = in.Hz, kb = k * in.B + b;
+  const acc_t* chunk_sums = chunk_sums_ptr + kb * C * Hz;
   acc_t* z_mean = z_mean_ptr + kb * Hz;
   for (int64_t h = threadIdx.x; h < Hz; h += kThreads) {
     acc_t total = 0;
     for (int64_t i = 0; i < C; ++i) total += load_from_l2(chunk_sums + i * Hz + h);
-    z_mean[h] = total / acc_t(count);
+    z_mean[h] = total / acc_t(in.tok_end[k] - in.tok_start[k]);
   }
   __syncthreads();
   for (int j = threadIdx.x; j < K; j += kThreads) {
-    acc_t s = 0;
+    acc_t s = in.f[2].b2[j];
     for (int64_t h = 0; h < Hz; ++h) s += in.f[2].w2[j * Hz + h] * z_mean[h];
     logits_z[j] = s;
   }
-  acc_t* logits = weights_ptr + kb * Np * K;
-  for (int64_t idx = threadIdx.x; idx < Np * K; idx += kThreads) {
-    const int64_t j = idx % K;
-    logits[idx] = in.f[0].b2[j] + in.f[2].b2[j] + (in.prompt_out ? in.f[1].b2[j] : acc_t(0));
-  }
   __syncthreads();
 
-  // Sources e (P[k, n]) and p (Z_P[k, b, n]): logits[n, j] += sum_h W2[j, h] act(pre[n, h]).
-  for (int s = 0; s < 2; ++s) {
-    if (s == 1 && in.prompt_out == nullptr) continue;
-    const acc_t* x = s == 0 ? in.prompts + k * Np * D : in.prompt_out + kb * Np * D;
-    const Mlp<acc_t>& f = in.f[s];
-    for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
-      for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
-        const int rows = tile_rows(n0, Np);
-        pre_activation_tile(x + n0 * D, D, rows, f, H, D, h0, tile, pre);
-        for (int i = 0; i < kRowsPerThread; ++i) {
-          features[group + kRowGroups * i][col] = activation(pre[i], hidden);  // 0 outside
-        }
-        __syncthreads();
-        for (int64_t idx = threadIdx.x; idx < rows * K; idx += kThreads) {
-          const int64_t row = idx / K, j = idx % K;
-          acc_t sum = 0;
-          for (int c = 0; c < kTileCols && h0 + c < Hz; ++c) sum += f.w2[j * Hz + h0 + c] * features[row][c];
-          logits[(n0 + row) * K + j] += sum;
-        }
-        __syncthreads();
-      }
-    }
-  }
-
-  // Softmax over the K experts, one thread per row n, subtracting the row max.
+  // Softmax over the K experts of f_e + f_p + mean_t f_z, one thread per row n, subtracting the
+  // row max. f_p's logits are in the weights' rows, where the image's f_p block put them.
+  acc_t* weights = weights_ptr + kb * Np * K;
   for (int64_t n = threadIdx.x; n < Np; n += kThreads) {
-    acc_t* row = logits + n * K;
-    acc_t top = row[0] + logits_z[0];
+    acc_t* row = weights + n * K;
+    acc_t top = 0;
     for (int64_t j = 0; j < K; ++j) {
-      row[j] += logits_z[j];
-      top = row[j] > top ? row[j] : top;
+      acc_t logit = load_from_l2(logits_e + (k * Np + n) * K + j) + logits_z[j];
+      if (in.prompt_out) logit += load_from_l2(row + j);
+      row[j] = logit;
+      top = j == 0 || logit > top ? logit : top;
     }
     acc_t total = 0;
     for (int64_t j = 0; j < K; ++j) {
@@ -374,8 +325,96 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t idx = threadIdx.x; idx < Np * D; idx += kThreads) {
     const int64_t n = idx / D, d = idx % D;
     acc_t sum = 0;
-    for (int64_t j = 0; j < K; ++j) sum += logits[n * K + j] * in.prompts[(j * Np + n) * D + d];
+    for (int64_t j = 0; j < K; ++j) sum += weights[n * K + j] * in.prompts[(j * Np + n) * D + d];
     ipt_ptr[kb * Np * D + idx] = sum;
+  }
+}
+
+// Grid K + K * B (with prompt_out) + K * B * C, block kThreads, C = ceil(longest token range /
+// kChunkTokens). Block k < K computes f_e(P[k]) into logits_e, once for all of expert k's images.
+// The next K * B blocks, with prompt_out, compute f_p(Z_P[k, b]) into the weights' rows of (k, b).
+// Block (k, b, c) of the rest computes W1_z Z + b1_z for chunk c of expert k's tokens in image b,
+// writes them to z_act, and their sum of gelu to chunk_sums. Each counts itself done with the
+// images it served (f_e's: every image of expert k), and the last of an image's C + 2 blocks (C + 1
+// without prompt_out) to arrive, whichever it is, finishes the image (finish_image).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_mlp_fwd_kernel(const Inputs<scalar_t, acc_t> in,
+                            acc_t* __restrict__ ipt_ptr,         // (K, B, Np, D)
+                            acc_t* __restrict__ weights_ptr,     // (K, B, Np, K): f_p's logits, then softmax
+                            acc_t* __restrict__ z_act_ptr,       // (K, B, T, H)
+                            acc_t* __restrict__ z_mean_ptr,      // (K, B, Hz)
+                            acc_t* __restrict__ chunk_sums_ptr,  // (K, B, C, Hz)
+                            acc_t* __restrict__ logits_e_ptr,    // (K, Np, K): f_e's logits
+                            int* __restrict__ arrivals) {        // (K, B), zero at launch
+  __shared__ Tile<acc_t> tile;
+  __shared__ acc_t features[kTileRows][kTileCols + 1];  // activated tile, read across columns
+  __shared__ acc_t partial[kRowGroups][kTileCols];      // per row group sums over tokens
+
+  const int64_t K = in.K, B = in.B, Np = in.Np, D = in.D, H = in.H, Hz = in.Hz;
+  const int64_t p_blocks = in.prompt_out ? K * B : 0;
+  const int64_t C = (gridDim.x - K - p_blocks) / (K * B);
+  const int arrivals_per_image = static_cast<int>(C + 1 + (in.prompt_out ? 1 : 0));
+  int64_t k, b_lo, b_hi;  // the images this block serves: expert k's [b_lo, b_hi)
+  if (blockIdx.x < K + p_blocks) {
+    // Source e for every image of expert k (block k), or source p for image (k, b).
+    const bool e = blockIdx.x < K;
+    const int64_t kb = blockIdx.x - K;
+    k = e ? blockIdx.x : kb / B;
+    b_lo = e ? 0 : kb % B;
+    b_hi = e ? B : b_lo + 1;
+    prompt_logits(e ? in.prompts + k * Np * D : in.prompt_out + kb * Np * D, in.f[e ? 0 : 1], K, Np, D, H, Hz,
+                  e ? logits_e_ptr + k * Np * K : weights_ptr + kb * Np * K, tile, features);
+  } else {
+    // Source z: chunk c of image (k, b)'s tokens. z_act outside the token range is zero (chunk 0
+    // writes it).
+    const int64_t block = blockIdx.x - K - p_blocks;
+    const int64_t kb = block / C, chunk = block % C;
+    k = kb / B;
+    b_lo = kb % B;
+    b_hi = b_lo + 1;
+    const bool hidden = H > 0;
+    const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
+    acc_t pre[kRowsPerThread];
+    const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
+    acc_t* z_act = z_act_ptr + kb * in.T * H;
+    if (chunk == 0) {
+      for (int64_t idx = threadIdx.x; idx < (in.T - count) * H; idx += kThreads) {
+        const int64_t t = idx / H;
+        z_act[(t < start ? t : t + count) * H + idx % H] = acc_t(0);
+      }
+    }
+    int64_t chunk_start, chunk_end;
+    token_chunk(start, end, chunk, chunk_start, chunk_end);
+    acc_t* chunk_sums = chunk_sums_ptr + kb * C * Hz;
+    for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
+      const int64_t h = h0 + col;
+      acc_t sum = 0;  // over this thread's rows of every token tile: a fixed order
+      for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
+        const int rows = tile_rows(t0, chunk_end);
+        pre_activation_tile(in.token_row(k, b_lo, t0), in.stride_z_t, rows, in.f[2], H, D, h0, tile, pre);
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          const int row = group + kRowGroups * i;
+          if (row < rows && h < Hz) {
+            if (hidden) z_act[(t0 + row) * H + h] = pre[i];
+            sum += activation(pre[i], hidden);
+          }
+        }
+      }
+      partial[group][col] = sum;
+      __syncthreads();
+      if (threadIdx.x < kTileCols && h0 + threadIdx.x < Hz) {
+        acc_t total = 0;
+        for (int g = 0; g < kRowGroups; ++g) total += partial[g][threadIdx.x];
+        chunk_sums[chunk * Hz + h0 + threadIdx.x] = total;
+      }
+      __syncthreads();
+    }
+  }
+  for (int64_t b = b_lo; b < b_hi; ++b) {
+    if (last_to_arrive(arrivals + k * B + b, arrivals_per_image)) {
+      finish_image(in, k, b, logits_e_ptr, ipt_ptr, weights_ptr, z_mean_ptr, chunk_sums_ptr, C);
+    }
   }
 }
 
@@ -812,18 +851,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cuda(
   at::Tensor z_act = at::empty({s.K, s.B, s.T, s.H}, options);
   at::Tensor z_mean = at::empty({s.K, s.B, s.features()}, options);
   const int64_t chunks = token_chunks(tok_start, tok_end);
-  TORCH_CHECK(s.K * s.B * chunks <= kMaxGridX, op, ": problem too large for the CUDA launch grid (K * B = ",
-              s.K * s.B, " images of ", chunks, " token chunks)");
+  const int64_t blocks = s.K + s.K * s.B * (chunks + (s.has_prompt_out ? 1 : 0));
+  TORCH_CHECK(blocks <= kMaxGridX, op, ": problem too large for the CUDA launch grid (K * B = ", s.K * s.B,
+              " images of ", chunks, " token chunks)");
   const at::Tensor chunk_sums = at::empty({s.K, s.B, chunks, s.features()}, options);
+  const at::Tensor logits_e = at::empty({s.K, s.Np, s.K}, options);
   const at::Tensor arrivals = at::zeros({s.K, s.B}, prompts.options().dtype(at::kInt));
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
-    launch(dispatch_mlp_fwd_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B * chunks)), kThreads,
-           stream, in, ipt.mutable_data_ptr<acc_t>(), weights.mutable_data_ptr<acc_t>(),
-           z_act.mutable_data_ptr<acc_t>(), z_mean.mutable_data_ptr<acc_t>(), chunk_sums.mutable_data_ptr<acc_t>(),
-           arrivals.mutable_data_ptr<int>());
+    launch(dispatch_mlp_fwd_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(blocks)), kThreads, stream, in,
+           ipt.mutable_data_ptr<acc_t>(), weights.mutable_data_ptr<acc_t>(), z_act.mutable_data_ptr<acc_t>(),
+           z_mean.mutable_data_ptr<acc_t>(), chunk_sums.mutable_data_ptr<acc_t>(),
+           logits_e.mutable_data_ptr<acc_t>(), arrivals.mutable_data_ptr<int>());
   });
   // ipt is accumulated in acc; prompts in another dtype cost one conversion kernel here.
   return {ipt.to(prompts.scalar_type()), weights, z_act, z_mean};

@@ -2,7 +2,7 @@
 // without a GPU instead of only compiling them.
 //
 // Each CUDA thread of a block is a fiber (ucontext) on the calling thread; the blocks of a launch
-// run one after another. A kernel's __shared__ variables become function-local statics, which every
+// run one after another, in the order block_order sets. A kernel's __shared__ variables become function-local statics, which every
 // fiber of the running block sees, as shared memory. __syncthreads suspends a fiber until all of
 // the block's have arrived, __shfl_xor_sync exchanges through memory between two such barriers over
 // the warp's 32; atomicAdd and __threadfence are plain reads and writes, as nothing runs
@@ -21,10 +21,13 @@
 #include <c10/util/Exception.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #define PMOE_CUDA_ON_CPU 1
@@ -75,6 +78,20 @@ struct Block {
 };
 
 inline thread_local Block* current_block = nullptr;
+
+// The order launch() runs a grid's blocks in. A GPU runs them in any order, many at once; where a
+// kernel's last block to arrive finishes the work of others, any block may be that one.
+enum class BlockOrder : int64_t { kIndex = 0, kReversed = 1, kShuffled = 2 };
+inline BlockOrder block_order = BlockOrder::kIndex;
+
+// The grid's linear block indices (x fastest) in block_order; the shuffle is the same every launch.
+inline std::vector<int64_t> block_sequence(int64_t blocks) {
+  std::vector<int64_t> sequence(blocks);
+  std::iota(sequence.begin(), sequence.end(), 0);
+  if (block_order == BlockOrder::kReversed) std::reverse(sequence.begin(), sequence.end());
+  if (block_order == BlockOrder::kShuffled) std::shuffle(sequence.begin(), sequence.end(), std::mt19937_64(0));
+  return sequence;
+}
 
 inline void wait(Barrier& barrier) {
   Block& block = *current_block;
@@ -145,42 +162,40 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t, Arg
   cuda_on_cpu::current_block = &block;
   blockDim = dim3(threads);
   gridDim = grid;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = {x, y, z};
-        for (int t = 0; t < threads; ++t) {
-          ucontext_t& context = block.contexts[t];
-          getcontext(&context);
-          context.uc_stack.ss_sp = block.stacks[t].get();
-          context.uc_stack.ss_size = cuda_on_cpu::Block::kStackBytes;
-          context.uc_link = &block.scheduler;
-          makecontext(&context, cuda_on_cpu::fiber_entry, 0);
-          block.waiting_on[t] = nullptr;
-          block.done[t] = 0;
+  const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
+  for (const int64_t linear : cuda_on_cpu::block_sequence(blocks)) {
+    const unsigned x = linear % grid.x, y = linear / grid.x % grid.y, z = linear / grid.x / grid.y;
+    blockIdx = {x, y, z};
+    for (int t = 0; t < threads; ++t) {
+      ucontext_t& context = block.contexts[t];
+      getcontext(&context);
+      context.uc_stack.ss_sp = block.stacks[t].get();
+      context.uc_stack.ss_size = cuda_on_cpu::Block::kStackBytes;
+      context.uc_link = &block.scheduler;
+      makecontext(&context, cuda_on_cpu::fiber_entry, 0);
+      block.waiting_on[t] = nullptr;
+      block.done[t] = 0;
+    }
+    // Round robin over the fibers that can run, until all have returned.
+    for (int finished = 0; finished < threads;) {
+      bool progress = false;
+      finished = 0;
+      for (int t = 0; t < threads; ++t) {
+        cuda_on_cpu::Barrier* barrier = block.waiting_on[t];
+        if (block.done[t]) {
+          ++finished;
+          continue;
         }
-        // Round robin over the fibers that can run, until all have returned.
-        for (int finished = 0; finished < threads;) {
-          bool progress = false;
-          finished = 0;
-          for (int t = 0; t < threads; ++t) {
-            cuda_on_cpu::Barrier* barrier = block.waiting_on[t];
-            if (block.done[t]) {
-              ++finished;
-              continue;
-            }
-            if (barrier != nullptr && barrier->generation == block.waiting_for[t]) continue;
-            block.waiting_on[t] = nullptr;
-            block.running = t;
-            threadIdx = {static_cast<unsigned>(t), 0, 0};
-            swapcontext(&block.scheduler, &block.contexts[t]);
-            progress = true;
-          }
-          TORCH_CHECK(progress || finished == threads, "cuda_on_cpu: block (", x, ", ", y, ", ", z,
-                      ") is stuck: ", threads - finished,
-                      " threads wait at a barrier that the others returned without reaching");
-        }
+        if (barrier != nullptr && barrier->generation == block.waiting_for[t]) continue;
+        block.waiting_on[t] = nullptr;
+        block.running = t;
+        threadIdx = {static_cast<unsigned>(t), 0, 0};
+        swapcontext(&block.scheduler, &block.contexts[t]);
+        progress = true;
       }
+      TORCH_CHECK(progress || finished == threads, "cuda_on_cpu: block (", x, ", ", y, ", ", z,
+                  ") is stuck: ", threads - finished,
+                  " threads wait at a barrier that the others returned without reaching");
     }
   }
   cuda_on_cpu::current_block = nullptr;
