@@ -1116,13 +1116,15 @@ def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int) -> tuple[int, int]:
 
     More prompts take the forward's 8-warp variant (``_forward_warps``), and with it tiles of 32
     rows: f_p's program (one per image) walks D ceil(Np / 32) times, 2 at Np = 50 where 16-row
-    tiles took 4, each as long as a token chunk. (64 rows, one walk, took all 255 registers
+    tiles took 4, each about as long as a token chunk's one. (64 rows, one walk, took all 255 registers
     and 57 KB of shared memory as launched, and spilled up to 1.2 KB a thread in the generic
     variants.) The mixture steps through D 128 at a time: each step waits on its loads of P
     (``_softmax_and_mix``), and a group of images at Np = 50 takes 4 prompt tiles x 6 steps where
     the forward's 32-wide step took 4 x 24. On sm_90a (Triton 3.8) the launch at K = 6, B = 32,
     Np = 50 takes 184 registers against 178, no spills, the same 36 KB of shared memory
-    (benchmarks/triton_resources.py --launched). Untimed on a GPU."""
+    (benchmarks/triton_resources.py --launched); the generic small-batch variants for many prompts
+    with fp32 parameters and H = 64 spill 28-40 bytes a thread, where they spilled none. Untimed on
+    a GPU."""
     if Np <= block_n:
         return block_n, block_d_fwd
     return 32, 128
