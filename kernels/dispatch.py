@@ -629,6 +629,7 @@ def _mlp_bwd_tile(
     row_mask,  # (BLOCK_R,)
     dl,  # (BLOCK_R, BLOCK_K) float32 dL/d f(x), zero in masked rows and columns
     offs_dw,  # (BLOCK_DW,) the columns of x this program owns
+    is_first_d_tile,  # whether offs_dw is the first d-tile: the program that sums b1, W2 and b2
     w1,  # (BLOCK_H, BLOCK_DW) W1[:, offs_dw], loaded once per program; unused when H = 0
     w2_ptr,  # (K, H), or (K, D) when H = 0
     stride_w2_k,
@@ -645,12 +646,17 @@ def _mlp_bwd_tile(
     BLOCK_K: tl.constexpr,
 ):
     """Backward of f over one tile of rows: dL/dx for the columns offs_dw, (BLOCK_R, BLOCK_DW)
-    float32, and the accumulators plus this tile's weight gradients."""
+    float32, and the accumulators plus this tile's weight gradients.
+
+    The gradients of b1, b2 and (with a hidden layer) W2 are the same for every d-tile, and only
+    the first d-tile's program stores them (``_store_partial``): the others skip their terms, with a
+    hidden layer the product dl^T gelu(h) (three tf32 products) and GELU itself."""
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     dw_mask = offs_dw < D
     x = tl.load(x_ptrs[:, None] + offs_dw[None, :], mask=row_mask[:, None] & dw_mask[None, :], other=0.0)
-    acc_b2 += tl.sum(dl, axis=0)
+    if is_first_d_tile:
+        acc_b2 += tl.sum(dl, axis=0)
     if HAS_HIDDEN:
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
@@ -660,10 +666,11 @@ def _mlp_bwd_tile(
         )  # (BLOCK_K, BLOCK_H)
         dl_c = dl.to(w2.dtype)
         da = _dot(dl_c, w2, tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32))
-        a = tl.where(row_mask[:, None], _gelu(h), 0.0)
         dh = tl.where(row_mask[:, None], da * _gelu_grad(h), 0.0)
-        acc_w2 = _dot(tl.trans(dl_c), a.to(w2.dtype), acc_w2)
-        acc_b1 += tl.sum(dh, axis=0)
+        if is_first_d_tile:
+            a = tl.where(row_mask[:, None], _gelu(h), 0.0)
+            acc_w2 = _dot(tl.trans(dl_c), a.to(w2.dtype), acc_w2)
+            acc_b1 += tl.sum(dh, axis=0)
         dx, acc_w1 = _hidden_bwd(x, dh, w1, acc_w1)
     else:
         w2 = tl.load(
@@ -716,6 +723,7 @@ def _token_tile_bwd(
     t_mask,  # (BLOCK_T,)
     da,  # (BLOCK_H,) float32 dL/d gelu, the same for every token; (BLOCK_DW,) dL/dx when H = 0
     offs_dw,  # (BLOCK_DW,) the columns of x this program owns
+    is_first_d_tile,  # whether offs_dw is the first d-tile: the program that sums b1
     w1,  # (BLOCK_H, BLOCK_DW) W1[:, offs_dw], loaded once per program; unused when H = 0
     acc_w1,  # (BLOCK_H, BLOCK_DW) float32
     acc_b1,  # (BLOCK_H,)
@@ -728,13 +736,15 @@ def _token_tile_bwd(
 ):
     """Backward of f_z over one tile of tokens of a (k, b), which all receive the same dL/d f:
     dL/dx for the columns offs_dw, (BLOCK_T, BLOCK_DW) float32, and acc_w1, acc_b1 and a_sum plus
-    this tile's share. With the forward's GELU slopes, no transcendental function runs here."""
+    this tile's share. With the forward's GELU slopes, no transcendental function runs here. Only the
+    first d-tile's program, which stores b1's gradient, sums dh over the tokens."""
     x = tl.load(x_ptrs[:, None] + offs_dw[None, :], mask=t_mask[:, None] & (offs_dw < D)[None, :], other=0.0)
     if HAS_HIDDEN:
         offs_h = tl.arange(0, BLOCK_H)
         slopes = tl.load(slope_ptrs[:, None] + offs_h[None, :], mask=t_mask[:, None] & (offs_h < H)[None, :], other=0.0)
         dh = da[None, :] * slopes  # zero in masked rows
-        acc_b1 += tl.sum(dh, axis=0)
+        if is_first_d_tile:
+            acc_b1 += tl.sum(dh, axis=0)
         dx, acc_w1 = _hidden_bwd(x, dh, w1, acc_w1)
     else:
         a_sum += tl.sum(x.to(tl.float32), axis=0)
@@ -760,8 +770,9 @@ def _store_partial(
 ):
     """Writes the accumulators into the packed row [W1 (H*D) | b1 (H) | W2 (K*H or K*D) | b2 (K)].
 
-    Every program of a row group computes the same b1, b2 and (with a hidden layer) W2
-    gradients; the one owning the first d-tile writes them, so every column is written once."""
+    The gradients of b1, b2 and (with a hidden layer) W2 do not depend on the d-tile: the program
+    owning the first d-tile writes them, so every column is written once, and only it sums their
+    per-tile terms (the other programs' accumulators of them are incomplete and never stored)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     h_mask = offs_h < H
@@ -912,7 +923,7 @@ def _dispatch_bwd_kernel(
                     )
                     dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
                         prompt_out_ptr + k * stride_prompt_out_k + b * stride_prompt_out_b + n * stride_prompt_out_n,
-                        hidden_p_ptr + row * H, n_mask, dl, offs_dw, w1, w2p_ptr, stride_w2p_k,
+                        hidden_p_ptr + row * H, n_mask, dl, offs_dw, is_first_d_tile, w1, w2p_ptr, stride_w2p_k,
                         acc_w1, acc_b1, acc_w2, acc_b2,
                         K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_H, BLOCK_K,
                     )
@@ -973,7 +984,7 @@ def _dispatch_bwd_kernel(
                 t_mask = t < end
                 dx, acc_w1, acc_b1, a_sum = _token_tile_bwd(
                     tok_base + t * stride_tokens_t, slopes_z_ptr + ((k * B + b) * T + t) * H, t_mask, da, offs_dw,
-                    w1, acc_w1, acc_b1, a_sum, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H,
+                    is_first_d_tile, w1, acc_w1, acc_b1, a_sum, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H,
                 )
                 if need_grad_tokens:
                     _store_grad_tokens(
@@ -1018,7 +1029,7 @@ def _dispatch_bwd_kernel(
                 )
             dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
                 prompts_ptr + offs_k * stride_prompts_k + n * stride_prompts_n, hidden_e_ptr + (offs_k * Np + n) * H,
-                k_mask, dl, offs_dw, w1, w2e_ptr, stride_w2e_k,
+                k_mask, dl, offs_dw, is_first_d_tile, w1, w2e_ptr, stride_w2e_k,
                 acc_w1, acc_b1, acc_w2, acc_b2,
                 K, D, H, HAS_HIDDEN, BLOCK_K, BLOCK_H, BLOCK_K,
             )
@@ -1098,8 +1109,8 @@ BLOCK_ENV = "PMOE_TRITON_BLOCKS"
 # prompts: at Np=10 it took 144 us with 4 warps against 391 with 8, at Np=50 1508 us with 4 against
 # 458 with 8 (``_forward_warps``). The main backward with 4 warps: forward+backward at Np=10 took
 # 821 us with 4 and 4 warps against 1283 with 4 and 8. Its 4 warps spill more registers than 8 do
-# (128 bytes a thread against 28 as the model launches it: benchmarks/results/triton_sm90_launched.txt)
-# and still run faster.
+# and still ran faster (then 128 bytes a thread against 28 as the model launches it; now 148 against
+# none: benchmarks/results/triton_bwd_settings_sm90.txt, untimed since).
 _NUM_WARPS = {"fwd": 4, "fwd_many_prompts": 8, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
 _NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
 

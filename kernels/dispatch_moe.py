@@ -493,6 +493,7 @@ def _moe_bwd_tile(
     dl,  # (BLOCK_R, BLOCK_K) float32 dL/d f(x), zero in masked rows and columns
     gamma,  # (BLOCK_M,) float32 dL/d gate_m of every routed row (the aux loss), zero in padding
     offs_dw,  # (BLOCK_DW,) the columns of x this program owns
+    is_first_d_tile,  # whether offs_dw is the first d-tile: the program that sums r, b1, W2 and b2
     rw_ptr,  # (M, D)
     w1_ptr,  # (M, H, D)
     b1_ptr,  # (M, H)
@@ -527,7 +528,9 @@ def _moe_bwd_tile(
     """Backward of f over one tile of rows. Role M returns dL/dx for the columns offs_dw,
     (BLOCK_R, BLOCK_DW) float32, and adds the router's gradients; role m returns zeros and adds
     MLP m's. Both recompute from all of D the hidden activations they need: role m those of MLP
-    m, role M those of every MLP a row chose (for dL/dg it needs each one's output)."""
+    m, role M those of every MLP a row chose (for dL/dg it needs each one's output). The gradients
+    of r, b1, b2 and (with a hidden layer) W2 are the same for every d-tile: only the first d-tile's
+    programs, which store them (``_store_moe_partial``), sum their terms."""
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
@@ -571,9 +574,10 @@ def _moe_bwd_tile(
                     )  # (BLOCK_H, BLOCK_DW)
                     dx = tl.dot(dh.to(w1.dtype), w1, dx, input_precision="tf32x3")
                 else:
-                    acc_b2 += tl.sum(dl_m, axis=0)
-                    acc_w2 = tl.dot(tl.trans(dl_m.to(w2.dtype)), a.to(w2.dtype), acc_w2, input_precision="tf32x3")
-                    acc_b1 += tl.sum(dh, axis=0)
+                    if is_first_d_tile:
+                        acc_b2 += tl.sum(dl_m, axis=0)
+                        acc_w2 = tl.dot(tl.trans(dl_m.to(w2.dtype)), a.to(w2.dtype), acc_w2, input_precision="tf32x3")
+                        acc_b1 += tl.sum(dh, axis=0)
                     w1_dtype = w1_ptr.dtype.element_ty
                     acc_w1 = _dot(tl.trans(dh.to(w1_dtype)), x, acc_w1)
             else:
@@ -593,7 +597,8 @@ def _moe_bwd_tile(
                     )  # (BLOCK_K, BLOCK_DW)
                     dx = tl.dot(dl_c, w2, dx, input_precision="tf32x3")
                 else:
-                    acc_b2 += tl.sum(dl_m, axis=0)
+                    if is_first_d_tile:
+                        acc_b2 += tl.sum(dl_m, axis=0)
                     acc_w2 = _dot(tl.trans(dl_c), x, acc_w2)
     if is_router:
         # dL/dg_m = [m chosen] <dl, MLP_m(x)> + gamma_m, through the router's softmax.
@@ -605,7 +610,8 @@ def _moe_bwd_tile(
         du_c = du.to(rw.dtype)
         dx = tl.dot(du_c, rw, dx, input_precision="tf32x3")
         acc_rw = _dot(tl.trans(du_c), x, acc_rw)
-        acc_rb += tl.sum(du, axis=0)
+        if is_first_d_tile:
+            acc_rb += tl.sum(du, axis=0)
     return dx, acc_rw, acc_rb, acc_w1, acc_b1, acc_w2, acc_b2
 
 
@@ -886,7 +892,7 @@ def _dispatch_moe_bwd_kernel(
                 dl = dl / count.to(tl.float32)
             g = tl.load(g_ptrs[:, None] + offs_m[None, :], mask=r_mask[:, None] & m_mask[None, :], other=0.0)
             dx, acc_rw, acc_rb, acc_w1, acc_b1, acc_w2, acc_b2 = _moe_bwd_tile(
-                role, xa_ptrs, xp_ptrs, seg == 0, r_mask, g, dl, gamma, offs_dw,
+                role, xa_ptrs, xp_ptrs, seg == 0, r_mask, g, dl, gamma, offs_dw, is_first_d_tile,
                 rw, w1, b1, w2, b2, s_rw, s_w1m, s_w1h, s_b1, s_w2m, s_w2k, s_b2,
                 acc_rw, acc_rb, acc_w1, acc_b1, acc_w2, acc_b2,
                 M, K, D, H, top_k, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_DW, BLOCK_K, BLOCK_M,

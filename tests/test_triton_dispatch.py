@@ -661,14 +661,17 @@ def test_variant_compiles_for_sm90(name, compiled_variants):
 # ptxas reports them for sm_90a once Triton specializes the launch (``--launched`` lists them).
 # The main backward's budget is what its 4 warps spill now: on an H100 they ran it faster than 8
 # warps that spilled less (kernels/dispatch.py, _NUM_WARPS). Its spill code sits outside the token
-# loop, in the per-image code around it (SASS with Triton 3.8: none of the loop's 538 instructions).
+# loop, in the per-image code around it (SASS with Triton 3.8: none of the loop's 548 instructions).
+# It was 128 bytes before the token tiles left b1's sum to the first d-tile's program: 20 bytes more
+# in that per-image code, run once per 7 token tiles, where the 11 other d-tiles' programs skip 89
+# of each tile's instructions and 4 of its barriers (with b1's sum in every program, 112 bytes).
 # Kind "moe"'s two kernels, likewise. Register allocation moves between Triton releases (Triton
 # 3.6 spilled 140 bytes in the main backward where 3.8 spilled 112): the budgets are for the Triton
 # requirements.txt pins.
 BUDGETS_TRITON = "3.8"
 LAUNCHED_SPILL_BUDGETS = {
-    "_dispatch_fwd_kernel": 0, "_dispatch_bwd_softmax_kernel": 0, "_dispatch_bwd_kernel": 128,
-    "_dispatch_bwd_reduce_kernel": 0, "_dispatch_moe_fwd_kernel": 136, "_dispatch_moe_bwd_kernel": 856,
+    "_dispatch_fwd_kernel": 0, "_dispatch_bwd_softmax_kernel": 0, "_dispatch_bwd_kernel": 148,
+    "_dispatch_bwd_reduce_kernel": 0, "_dispatch_moe_fwd_kernel": 136, "_dispatch_moe_bwd_kernel": 844,
     "_layer_norm_fwd_kernel": 0, "_layer_norm_bwd_kernel": 0,
 }
 
