@@ -8,8 +8,9 @@ The token count T and width D are those of the profile's experts, or of its ``di
 Backends that cannot serve a case (Triton and CUDA without a GPU, C++ on a GPU) are skipped with
 their reasons. Each case records its shape, device and versions in ``extra_info``, and the peak
 memory of one separate, untimed call, inputs included (on a GPU from the CUDA allocator, on a CPU
-from ``pmoe_fast.memory.LiveTensorTracker``); on a GPU also the bytes the op must move and the
-achieved GB/s.
+from ``pmoe_fast.memory.LiveTensorTracker``); on a GPU also the bytes the op must move, the
+achieved GB/s, and the device time of its kernels in three profiled calls (``kernel_time_s``; the
+timed median adds the host's work where the device waits for it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from pmoe_fast.bench import Case, REFERENCE_PROVIDER
 from pmoe_fast.dispatcher import Dispatcher
 from pmoe_fast.memory import CUDA_SOURCE, TRACKER_SOURCE, LiveTensorTracker
+from pmoe_fast.profiling import profile_runs
 
 
 def moved_bytes(K: int, B: int, Np: int, T: int, D: int, H: int, elt: int, backward: bool) -> int:
@@ -76,7 +78,8 @@ def test_dispatch(benchmark, dispatch_case, profile, environment):
         run()
         nbytes = moved_bytes(K, B, Np, T, D, H, seq.element_size(), backward)
         extra = dict(peak_memory_bytes=torch.cuda.max_memory_allocated(), memory_source=CUDA_SOURCE,
-                     bytes=nbytes, gbps=nbytes / median / 1e9)
+                     bytes=nbytes, gbps=nbytes / median / 1e9,
+                     kernel_time_s=profile_runs(run, runs=3, device=device, warmup=0).total_us / 1e6)
     else:
         tracker = LiveTensorTracker()
         for t in (prompts, seq, prompt_out, *disp.parameters(), *disp.buffers()):

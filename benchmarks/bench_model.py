@@ -16,7 +16,9 @@ Each case is timed with pytest-benchmark after a first call (compilation, kernel
 the profile's warm-up rounds; on a GPU the timed callable synchronises, so a round is the step's
 whole device time. Peak memory and its split (frozen weights, trainable state, activations) come
 from ``pmoe_fast.memory.measure_step`` in a separate, untimed step, so tracking memory does not
-slow the timed ones. On a CPU the compiled models' memory is not measured: the CPU tracker is
+slow the timed ones. Two more steps of each fast training case run under ``torch.profiler``
+(``pmoe_fast.profiling``): the time of the dispatcher's kernels (GPU) or operators (CPU) per
+step, which issue 4's dispatcher-share target divides by the timed median. On a CPU the compiled models' memory is not measured: the CPU tracker is
 a TorchDispatchMode, and dynamo runs a compiled model eagerly under one.
 """
 
@@ -28,6 +30,7 @@ import torch
 from pmoe_fast import PMoE, vit
 from pmoe_fast.bench import COMPILED, GRAPHED, Case, MODEL_PROVIDERS, REFERENCE_PROVIDER
 from pmoe_fast.memory import measure_step
+from pmoe_fast.profiling import profile_runs
 from pmoe_fast.reference import PMoE as Reference
 
 NUM_CLASSES = 100
@@ -109,6 +112,12 @@ def test_model(benchmark, model_case, profile, environment):
             m = measure_step(model, images, labels, optimizer, mode=case.mode)
         memory = dict(peak_memory_bytes=m.peak_bytes, frozen_bytes=m.frozen_bytes, trainable_bytes=m.trainable_bytes,
                       activation_bytes=m.activation_bytes, memory_source=m.source)
+    timing = {}
+    if case.mode == "train" and case.provider.startswith("fast"):
+        # The dispatcher's share of the step (issue 4), from two more steps under torch.profiler.
+        prof = profile_runs(step, runs=2, device=device, warmup=0)
+        timing = dict(dispatcher_time_s=prof.group_us("dispatcher") / 1e6, profiled_time_s=prof.total_us / 1e6,
+                      profiled_time_source=prof.source)
     precision = profile.dtype if profile.dtype == "float32" else (
         f"{profile.dtype} autocast" if case.provider.startswith("reference") else f"{profile.dtype} experts")
     benchmark.extra_info.update(
@@ -116,6 +125,6 @@ def test_model(benchmark, model_case, profile, environment):
         K=case.K, B=case.B, Np=case.Np, arch=profile.arch, img_size=profile.img_size,
         depth=profile.expert_info().depth,
         dtype=profile.dtype, precision=precision, num_classes=NUM_CLASSES, **environment,
-        images_per_s=case.B / benchmark.stats.stats.median, **memory,
+        images_per_s=case.B / benchmark.stats.stats.median, **memory, **timing,
         execution_plan=model.execution_plan() if case.provider.startswith("fast") else None,
     )

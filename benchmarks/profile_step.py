@@ -8,8 +8,8 @@
 Runs 3 warm-up steps (forward, backward, AdamW), then profiles 3 more with ``torch.profiler`` and
 prints the time per step of each group of kernels: the dispatcher's own (issue 4 wants them
 under 3% of the step), matrix products, attention, LayerNorm, copies and the rest, then the 25
-costliest kernels. On a GPU it counts CUDA kernels' device time; on a CPU, operators' self time.
-The wall time per step is that of the 3 profiled steps, profiler overhead included.
+costliest kernels (``pmoe_fast.profiling``: on a GPU CUDA kernels' device time; on a CPU
+operators' self time, each in its outermost named caller's group). The wall time per step is that of the 3 profiled steps, profiler overhead included.
 
 ``--infer`` profiles 10 inference forwards of K = 2 experts at B = 1 instead, then 10 forwards of
 one of those experts alone (a plain ViT, the latency target's baseline): the number of kernels
@@ -21,73 +21,24 @@ on a GPU, as the latency target's second measurement does.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 from pmoe_fast import PMoE, vit
-
-# Kernel or operator name fragments (lower case) per group; the first group that matches wins.
-GROUPS = (
-    ("dispatcher", ("_dispatch_", "dispatch_mlp", "moe_", "pmoe_fast::")),
-    ("attention", ("flash", "fmha", "attention", "cudnn", "scaled_dot_product")),
-    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "aten::mm", "aten::bmm", "addmm", "baddbmm", "aten::linear")),
-    ("layer norm", ("layer_norm", "layernorm")),
-    ("copy / cat / fill", ("copy", "memcpy", "memset", "cat", "fill", "zero")),
-)
+from pmoe_fast.profiling import Profile, profile_runs
 
 
-def group_of(name: str) -> str:
-    lower = name.lower()
-    return next((group for group, parts in GROUPS if any(p in lower for p in parts)), "other")
-
-
-def profile_events(run, steps: int, device: torch.device) -> tuple[list[tuple[str, float, float]], float]:
-    """``run`` profiled ``steps`` times after 3 warm-up calls: (name, us per step, calls per step)
-    of every kernel (CUDA) or operator (CPU, self time), and the wall time per step."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(3):
-        run()
-    sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            run()
-        sync()
-        wall = (time.perf_counter() - start) / steps
-    if device.type == "cuda":
-        # Kernels are the device-side events; an operator's self device time is its kernels' again.
-        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-        if not events:
-            raise SystemExit("the profiler recorded no CUDA kernels (is CUPTI available to torch.profiler?)")
-    else:
-        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
-    return [(name, us / steps, count / steps) for name, us, count in events if us > 0], wall
-
-
-def report(title: str, events: list[tuple[str, float, float]], wall: float, device: torch.device, top: int = 25) -> None:
-    """The events' total, their time by kernel group, and the ``top`` costliest."""
-    total = sum(us for _, us, _ in events)
-    groups: dict[str, float] = {}
-    for name, us, _ in events:
-        group = group_of(name)
-        groups[group] = groups.get(group, 0.0) + us
-    kind = "CUDA kernels' device time" if device.type == "cuda" else "operators' self CPU time"
-    calls = sum(count for _, _, count in events)
-    print(f"{title}: {wall * 1e3:.1f} ms wall (profiled); {kind}: {total / 1e3:.2f} ms in {calls:.0f} calls")
+def report(title: str, prof: Profile, top: int = 25) -> None:
+    """The profile's total, its time by kernel group, and the ``top`` costliest kernels."""
+    total = prof.total_us
+    calls = sum(e.calls for e in prof.events)
+    print(f"{title}: {prof.wall_s * 1e3:.1f} ms wall (profiled); {prof.source}: {total / 1e3:.2f} ms in {calls:.0f} calls")
     print(f"{'group':20s} {'ms/step':>9s} {'share':>7s}")
-    for group, us in sorted(groups.items(), key=lambda g: -g[1]):
+    for group, us in prof.groups().items():
         print(f"{group:20s} {us / 1e3:9.2f} {us / total:7.1%}")
     print(f"\n{'ms/step':>9s} {'calls':>6s}  kernel")
-    for name, us, count in sorted(events, key=lambda e: -e[1])[:top]:
-        print(f"{us / 1e3:9.3f} {count:6.0f}  [{group_of(name)}] {name[:110]}")
+    for e in sorted(prof.events, key=lambda e: -e.us)[:top]:
+        print(f"{e.us / 1e3:9.3f} {e.calls:6.0f}  [{e.group}] {e.name[:110]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,11 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         def plain_forward():
             run_plain(images.to(dtype or torch.float32))
 
-        events, wall = profile_events(forward, 10, device)
-        report("one forward", events, wall, device, top=40)
+        report("one forward", profile_runs(forward, 10, device), top=40)
         print()
-        events, wall = profile_events(plain_forward, 10, device)
-        report(f"one plain {arch} forward (the latency target's baseline)", events, wall, device, top=10)
+        report(f"one plain {arch} forward (the latency target's baseline)", profile_runs(plain_forward, 10, device), top=10)
         return
 
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
@@ -148,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         optimizer.step()
 
-    events, wall = profile_events(step, 3, device)
-    report("one step", events, wall, device)
+    report("one step", profile_runs(step, 3, device))
 
 
 if __name__ == "__main__":

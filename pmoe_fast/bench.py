@@ -402,7 +402,7 @@ def _entries(run: dict) -> dict[Case, dict]:
 
 
 def _quotient(num: Case, den: Case, key: str):
-    """num's ``key`` ("median" or "peak_memory_bytes") over den's."""
+    """num's ``key`` (a time in seconds: "median", "kernel_time_s"; or "peak_memory_bytes") over den's."""
 
     def measure(cases):
         missing = [c for c in (num, den) if c not in cases]
@@ -410,7 +410,7 @@ def _quotient(num: Case, den: Case, key: str):
             return None, f"no result for {missing[0]} (skipped or failed)"
         if cases[num].get(key) is None or cases[den].get(key) is None:
             return None, f"no {key} for {num} or {den}"
-        show = format_time if key == "median" else format_bytes
+        show = format_bytes if key.endswith("bytes") else format_time
         return cases[num][key] / cases[den][key], f"{num.provider} {show(cases[num][key])}, {den.provider} {show(cases[den][key])}"
 
     return measure
@@ -434,21 +434,23 @@ def _lowest_peak(candidates: tuple[Case, ...]):
     return measure
 
 
-def _dispatcher_share(step: Case, dispatch: tuple[Case, ...]):
-    """The dispatcher's percentage of ``step``: its forward+backward time at the step's shape, with
-    the backend the fast model ran, times the prompt layers (every block: VPT-deep)."""
+def _dispatcher_share(step: Case):
+    """The dispatcher's percentage of ``step``'s median time: the time its kernels (GPU) or
+    operators (CPU) took per step in two profiled steps (benchmarks/bench_model.py,
+    ``pmoe_fast.profiling``). The torch backend's kernels are the model's own kinds (matrix
+    products, GELU, softmax) and are not told apart, so a step that ran it has no share."""
 
     def measure(cases):
-        if step not in cases:
+        info = cases.get(step)
+        if info is None:
             return None, f"no result for {step}"
-        plan = cases[step].get("execution_plan") or {}
-        backend = plan.get("dispatcher_backend_last_run")
-        match = [c for c in dispatch if c.provider == backend and c in cases]
-        if not match:
-            return None, f"no dispatcher result for the backend the fast model ran ({backend})"
-        layers = cases[step]["depth"]
-        share = layers * cases[match[0]]["median"] / cases[step]["median"]
-        return 100 * share, f"{layers} x {backend} {format_time(cases[match[0]]['median'])} of {format_time(cases[step]['median'])}"
+        backend = (info.get("execution_plan") or {}).get("dispatcher_backend_last_run")
+        if backend == "torch":
+            return None, "the fast model ran the torch dispatcher, whose kernels the profile does not tell apart"
+        if info.get("dispatcher_time_s") is None:
+            return None, f"{step} was not profiled"
+        took = info["dispatcher_time_s"]
+        return 100 * took / info["median"], f"{backend} {format_time(took)} of {format_time(info['median'])}, profiled"
 
     return measure
 
@@ -490,6 +492,13 @@ def _gpu_targets() -> tuple[Target, ...]:
         Target(f"issue 3: {b} forward+backward vs torch, K=6 B=32 Np=50 bf16", _speedup(disp("fwd+bwd", 50, "torch"), disp("fwd+bwd", 50, b)), 10.0, True, "x")
         for b in ("triton", "cuda")
     ]
+    # Wall time includes the host's work; where a backend's wall time is its host's, the kernels' own
+    # device time (benchmarks/bench_dispatch.py, profiled) says how far the kernels are from the target.
+    out += [
+        Target(f"issue 3 (kernels' device time alone, not the target's wall time): {b} forward+backward vs torch, K=6 B=32 Np=50",
+               _quotient(disp("fwd+bwd", 50, "torch"), disp("fwd+bwd", 50, b), "kernel_time_s"), 10.0, True, "x")
+        for b in ("triton", "cuda")
+    ]
     out += [
         Target(f"issue 3: {b} {mode} share of peak HBM bandwidth, K=6 B=32 Np=50", _bandwidth_share(disp(mode, 50, b)), 60.0, True, "%")
         for b in ("triton", "cuda") for mode in ("fwd", "fwd+bwd")
@@ -498,7 +507,7 @@ def _gpu_targets() -> tuple[Target, ...]:
         Target("issue 4: fast training step vs reference eager, K=6 ViT-B/16 B=32 bf16", _speedup(train(6, "reference"), train(6, "fast")), 1.5, True, "x"),
         Target("issue 4: fast training step vs torch.compile(reference), K=6 B=32", _speedup(train(6, "reference-compiled"), train(6, "fast")), 1.15, True, "x"),
         Target("issue 4: the same, both under torch.compile", _speedup(train(6, "reference-compiled"), train(6, "fast-compiled")), 1.15, True, "x"),
-        Target("issue 4: dispatcher share of the fast training step, K=6 B=32", _dispatcher_share(train(6, "fast"), tuple(disp("fwd+bwd", 10, b) for b in ("triton", "cuda", "torch"))), 3.0, False, "%", strict=True),
+        Target("issue 4: dispatcher share of the fast training step, K=6 B=32", _dispatcher_share(train(6, "fast")), 3.0, False, "%", strict=True),
         Target("issue 4: peak memory with checkpointing / reference's, K=6 B=32", _quotient(train(6, "fast-checkpoint"), train(6, "reference"), "peak_memory_bytes"), 0.35, False, "x"),
         Target("issue 4: K=9 ViT-B/16 at B=32 trains in under 16 GB (lowest fast peak)", _lowest_peak((train(9, "fast"), train(9, "fast-checkpoint"))), 16.0, False, " GB", strict=True),
         Target("issue 4: inference latency K=2 B=1 / one plain ViT-B/16", _quotient(Case("model", "infer", 2, 1, 10, "fast"), Case("model", "infer", 1, 1, 10, "single-vit"), "median"), 1.3, False, "x"),
