@@ -1121,9 +1121,10 @@ def _forward_warps(Np: int, block_n: int) -> int:
     return _NUM_WARPS["fwd"] if Np <= block_n else _NUM_WARPS["fwd_many_prompts"]
 
 
-def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_D_MIX): the rows of f_e's and f_p's tiles and the D step of the prompt
-    mixture. While the prompts fit one BLOCK_N tile, BLOCK_N rows and the forward's own D step.
+def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int, small_batch: bool) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_D_MIX, B_PER_FIN): the rows of f_e's and f_p's tiles, the D step of the
+    prompt mixture, and the images one program finishes. While the prompts fit one BLOCK_N tile,
+    BLOCK_N rows and, for a large batch, the forward's own D step.
 
     More prompts take the forward's 8-warp variant (``_forward_warps``), and with it tiles of 32
     rows: f_p's program (one per image) walks D ceil(Np / 32) times, 2 at Np = 50 where 16-row
@@ -1135,10 +1136,25 @@ def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int) -> tuple[int, int]:
     Np = 50 takes 184 registers against 178, no spills, the same 36 KB of shared memory
     (benchmarks/triton_resources.py --launched); the generic small-batch variants for many prompts
     with fp32 parameters and H = 64 spill 28-40 bytes a thread, where they spilled none. Untimed on
-    a GPU."""
-    if Np <= block_n:
-        return block_n, block_d_fwd
-    return 32, 128
+    a GPU.
+
+    A large batch finishes its images in groups of 4: each tile of P a program mixes serves them
+    all (a program per image read all of P, K*Np*D, from L2 for every image). A small batch
+    (``_forward_blocks``) has few images, and the mixture is on the path every IPT waits for:
+    each image is its own group (a group of 4 at B = 1 mixed three empty images, its accumulator
+    4x the tile), so its finish can start as soon as its own programs are done (f_e's program,
+    the slowest with its fp32 prompts, serves every group of its expert and may still finish
+    several in turn, as it did groups of 4), and steps through D 128 at a time, 6 steps where
+    the forward's 64 took 12, each waiting on its loads of P from L2. In the sm_90a SASS of the
+    B = 1 launch (K = 6, Np = 10, Triton 3.8) the mixture's D loop ran 12 steps of 617
+    instructions; it runs 6 of 378, at the same 255 registers, no spills and 60 KB of shared
+    memory. The generic 4-warp small-batch variants, without the launch's alignment hints, spill
+    more: up to 212 bytes a thread where they spilled 136 (benchmarks/triton_resources.py). (Steps of 256 took 3 of 619, but the generic 4-warp variants then spilled up to 288
+    bytes a thread, four loads of a 16 x 256 tile of P taking 128 registers.) Untimed on a GPU."""
+    block_p = block_n if Np <= block_n else 32
+    if small_batch:
+        return block_p, 128, 1
+    return block_p, (block_d_fwd if Np <= block_n else 128), 4
 
 
 def cdiv(a: int, b: int) -> int:
@@ -1197,7 +1213,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     small_batch = device.type == "cuda" and K * B * 8 <= multiprocessors(device)
     block_t_fwd, block_d_fwd = _forward_blocks(block_h, small_batch)
     block_n = 16
-    block_p, block_d_mix = _prompt_blocks(Np, block_n, block_d_fwd)
+    block_p, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_d_fwd, small_batch)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight
@@ -1221,9 +1237,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_H": block_h,
         "BLOCK_KB": 32,
         "BLOCK_C": 512,
-        # Images finished by one program: each tile of P it mixes serves them all (a program
-        # per image read all of P, K*Np*D, from L2 for every image).
-        "B_PER_FIN": 4,
+        "B_PER_FIN": b_per_fin,
         "B_PER_PROG": cdiv(B, b_groups),
         "N_PER_PROG": cdiv(Np, n_groups),
     }
@@ -1964,14 +1978,14 @@ def _kernel_variants() -> list[dict]:
                     f"fwd{'-small-batch' if small else ''}{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}",
                     param, act, warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
                     HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_P=block_p, BLOCK_D=block_d,
-                    BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b["B_PER_FIN"],
+                    BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b_per_fin,
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
                 for Np in (b["BLOCK_N"], b["BLOCK_N"] + 1)
                 for warps in [_forward_warps(Np, b["BLOCK_N"])]
                 for small in (False, True)
                 for block_t, block_d in [_forward_blocks(b["BLOCK_H"], small)]
-                for block_p, block_d_mix in [_prompt_blocks(Np, b["BLOCK_N"], block_d)]
+                for block_p, block_d_mix, b_per_fin in [_prompt_blocks(Np, b["BLOCK_N"], block_d, small)]
             ] + [
                 _variant(
                     _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], HAS_HIDDEN=H > 0,
