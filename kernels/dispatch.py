@@ -71,7 +71,8 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 Numerics. Every reduction accumulates in float32. Matrix products take their operands in the
 parameters' dtype, as ``Dispatcher`` does (``x.to(param.dtype)``): fp32 parameters with bf16
 tokens multiply to fp32 accuracy on tensor cores (``_dot``): tf32x3, three tf32 products of
-heads and rests (plain tf32 would give 1e-3 relative errors), or two where one operand comes
+heads and rests (plain tf32 would give 1e-3 relative errors; the forward splits them itself,
+``_dot_fwd``, with fewer instructions), or two where one operand comes
 from 16-bit tokens, which tf32 holds exactly. The one exception is the tokens' gradient when it
 is stored in bf16: one tf32 product errs well below bf16's rounding. Softmax subtracts the row
 maximum; softmax and fusion run in float32 whatever the input dtype.
@@ -194,6 +195,38 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _tf32_nearest(x):
+    """float32 x rounded to tf32's 11 significant bits, to nearest (ties away from zero): an
+    integer add and a mask. NaN and infinity stay what they are; finite values within 2**-12 of
+    float32's largest round to infinity."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_fwd(a, b, acc, ROUND_FP32: tl.constexpr):
+    """``_dot`` for the forward's products; with ROUND_FP32, two float32 operands are split by
+    ``_tf32_nearest`` into heads and rests, each exact in tf32, and multiply as three tf32
+    products (the rest terms first). That is tf32x3's split, but Triton rounds with cvt.rna.tf32,
+    which sm_90a runs as several instructions an element: in the SASS of the B = 1 launch
+    (Triton 3.8) f_e's D step over fp32 prompts took 650 instructions with tf32x3 and takes 544
+    so (a token chunk's step, beside it, takes 343), at 208 registers where it took 255. The
+    errors are tf32x3's: the dropped rest x rest term and the rests' rounding are each below
+    2**-22 of the product. (Rests left for the tensor cores to truncate took 484 instructions,
+    truncated heads too 359, at up to 8x the error.) Only small batches take it
+    (``default_blocks``): in the large-batch launches the split took 200 registers where tf32x3
+    takes 168-184, two programs an SM where three fit, for f_e's few programs among hundreds. The
+    backward keeps tf32x3: a truncating split there spilled 200 bytes a thread, not 148, some of it
+    inside its prompt-tile loop."""
+    if ROUND_FP32 and a.dtype == tl.float32 and b.dtype == tl.float32:
+        a_head = _tf32_nearest(a)
+        b_head = _tf32_nearest(b)
+        acc = tl.dot(a_head, _tf32_nearest(b - b_head), acc, input_precision="tf32")
+        acc = tl.dot(_tf32_nearest(a - a_head), b_head, acc, input_precision="tf32")
+        return tl.dot(a_head, b_head, acc, input_precision="tf32")
+    return _dot(a, b, acc)
+
+
+@triton.jit
 def _hidden_preact(
     x_ptrs,  # (BLOCK_R,) pointers to the first element of each row, each row D contiguous
     row_mask,  # (BLOCK_R,)
@@ -205,6 +238,7 @@ def _hidden_preact(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    ROUND_FP32: tl.constexpr,
 ):
     """x W1^T + b1 for one tile of rows: (BLOCK_R, BLOCK_H) float32, zero in padded columns."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -222,7 +256,7 @@ def _hidden_preact(
         )  # (BLOCK_D, BLOCK_H), W1 transposed
         # x in the tokens' dtype against W1 in the parameters': as Dispatcher's x.to(param.dtype)
         # @ W1, since a 16-bit x meets float32 parameters only, which hold it exactly.
-        acc = _dot(x, w1t, acc)
+        acc = _dot_fwd(x, w1t, acc, ROUND_FP32)
     b1 = tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0)
     return acc + b1.to(tl.float32)[None, :]
 
@@ -246,6 +280,7 @@ def _mlp_rows(
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROUND_FP32: tl.constexpr,
 ):
     """f(x) - b2 for one tile of rows: (BLOCK_R, BLOCK_K) float32, zero in masked rows. With a
     hidden layer and ``save_hidden`` it also stores the pre-activations x W1^T + b1, which the
@@ -255,7 +290,7 @@ def _mlp_rows(
     if HAS_HIDDEN:
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        h = _hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H)
+        h = _hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H, ROUND_FP32)
         if save_hidden:
             tl.store(h_ptrs[:, None] + offs_h[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
         a = tl.where(row_mask[:, None], _gelu(h), 0.0)
@@ -264,7 +299,7 @@ def _mlp_rows(
             mask=k_mask[None, :] & h_mask[:, None],
             other=0.0,
         )  # (BLOCK_H, BLOCK_K)
-        out = tl.dot(a.to(w2t.dtype), w2t, input_precision="tf32x3")
+        out = _dot_fwd(a.to(w2t.dtype), w2t, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), ROUND_FP32)
     else:
         offs_d = tl.arange(0, BLOCK_D)
         out = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -277,7 +312,7 @@ def _mlp_rows(
                 mask=k_mask[None, :] & d_mask[:, None],
                 other=0.0,
             )  # (BLOCK_D, BLOCK_K)
-            out = _dot(x, w2t, out)
+            out = _dot_fwd(x, w2t, out, ROUND_FP32)
     return out
 
 
@@ -402,6 +437,7 @@ def _dispatch_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     B_PER_FIN: tl.constexpr,
+    ROUND_FP32: tl.constexpr,  # float32 x float32 products split by _dot_fwd's rounding, not tf32x3
 ):
     """Three roles by program id: [0, K) f_e over the prompts P[k]; the next K * B (with
     prompt_out) f_p over Z_P[k, b]; then K * B * S_T token chunks (k, b, s), each f_z over BLOCK_T
@@ -430,7 +466,7 @@ def _dispatch_fwd_kernel(
             logits = _mlp_rows(
                 prompts_ptr + k * stride_prompts_k + n * stride_prompts_n, n_mask, hidden_e_ptr + (k * Np + n) * H, save_hidden,
                 w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k,
-                K, D, H, HAS_HIDDEN, BLOCK_P, BLOCK_D, BLOCK_H, BLOCK_K,
+                K, D, H, HAS_HIDDEN, BLOCK_P, BLOCK_D, BLOCK_H, BLOCK_K, ROUND_FP32,
             ) + tl.load(b2e_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
         g_lo = pid * 0
@@ -448,7 +484,7 @@ def _dispatch_fwd_kernel(
                 prompt_out_ptr + k * stride_prompt_out_k + b_lo * stride_prompt_out_b + n * stride_prompt_out_n,
                 n_mask, hidden_p_ptr + (kb * Np + n) * H, save_hidden,
                 w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
-                K, D, H, HAS_HIDDEN, BLOCK_P, BLOCK_D, BLOCK_H, BLOCK_K,
+                K, D, H, HAS_HIDDEN, BLOCK_P, BLOCK_D, BLOCK_H, BLOCK_K, ROUND_FP32,
             ) + tl.load(b2p_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(weights_ptr + (kb * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
     else:
@@ -470,7 +506,9 @@ def _dispatch_fwd_kernel(
             # the same dL/d f_z).
             offs_h = tl.arange(0, BLOCK_H)
             h_mask = offs_h < H
-            h = _hidden_preact(x_ptrs, t_mask, w1z_ptr, stride_w1z_h, b1z_ptr, D, H, BLOCK_T, BLOCK_D, BLOCK_H)
+            h = _hidden_preact(
+                x_ptrs, t_mask, w1z_ptr, stride_w1z_h, b1z_ptr, D, H, BLOCK_T, BLOCK_D, BLOCK_H, ROUND_FP32,
+            )
             if save_hidden:
                 tl.store(
                     slopes_z_ptr + ((kb * T + t) * H)[:, None] + offs_h[None, :], _gelu_grad(h),
@@ -481,7 +519,7 @@ def _dispatch_fwd_kernel(
         else:
             out = _mlp_rows(
                 x_ptrs, t_mask, x_ptrs, 0, w1z_ptr, stride_w1z_h, b1z_ptr, w2z_ptr, stride_w2z_k,
-                K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_K,
+                K, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_K, ROUND_FP32,
             )
             tl.store(partials_ptr + (kb * S_T + s) * K + offs_k, tl.sum(out, axis=0), mask=k_mask)
 
@@ -1238,6 +1276,8 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_KB": 32,
         "BLOCK_C": 512,
         "B_PER_FIN": b_per_fin,
+        # The forward's float32 products: _dot_fwd's split for a small batch, tf32x3 for a large.
+        "ROUND_FP32": int(small_batch),
         "B_PER_PROG": cdiv(B, b_groups),
         "N_PER_PROG": cdiv(Np, n_groups),
     }
@@ -1410,7 +1450,7 @@ def dispatch_fwd(
         int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_P=blocks["BLOCK_P"],
         BLOCK_D=blocks["BLOCK_D_FWD"], BLOCK_D_MIX=blocks["BLOCK_D_MIX"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16,
-        B_PER_FIN=blocks["B_PER_FIN"],
+        B_PER_FIN=blocks["B_PER_FIN"], ROUND_FP32=bool(blocks["ROUND_FP32"]),
         num_warps=_forward_warps(Np, blocks["BLOCK_N"]), num_stages=_NUM_STAGES["fwd"],
     )
     return ipt_out, weights, hidden
@@ -1978,7 +2018,7 @@ def _kernel_variants() -> list[dict]:
                     f"fwd{'-small-batch' if small else ''}{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}",
                     param, act, warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
                     HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_P=block_p, BLOCK_D=block_d,
-                    BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b_per_fin,
+                    BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b_per_fin, ROUND_FP32=small,
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
                 for Np in (b["BLOCK_N"], b["BLOCK_N"] + 1)

@@ -65,9 +65,16 @@ CASES = {
     "K1-B1": Case(K=1, B=1, T=9),
     # The forward's tiling for small batches on a GPU (``_forward_blocks``, ``_prompt_blocks``),
     # which the interpreter's default blocks never pick: one image per finishing program, the
-    # mixture's 128-wide D step past D = 100.
-    "small-batch": Case(B=1, blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1"),
-    "small-batch-B3": Case(B=3, blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1"),
+    # mixture's 128-wide D step past D = 100, float32 products split by _dot_fwd's rounding (fp32
+    # tokens, and fp32 prompts beside bf16 tokens as in the model).
+    "small-batch": Case(B=1, blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1"),
+    "small-batch-B3": Case(
+        B=3, act_dtype=torch.bfloat16, shared=False,
+        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1",
+    ),
+    "logits-x20-small-batch": Case(
+        w2_scale=20.0, shared=False, blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1",
+    ),
     # Token chunks of 16: experts 1 and 2 have fewer chunks than expert 0, their last one empty.
     # One image per finishing program: B groups of one.
     "patches": Case(starts=(1, 5, 0), ends=(37, 37, 30), shared=False, blocks="BLOCK_T_FWD=16,B_PER_FIN=1"),
@@ -378,13 +385,13 @@ def test_small_batches_on_a_gpu_take_the_forwards_small_tiles(monkeypatch):
     small = kd.default_blocks(K=6, B=1, Np=10, D=768, H=64, device=cuda)
     assert (small["BLOCK_T_FWD"], small["BLOCK_D_FWD"]) == (16, 64)
     # each image finished by its own program, the mixture 128 wide
-    assert (small["B_PER_FIN"], small["BLOCK_D_MIX"], small["BLOCK_P"]) == (1, 128, 16)
+    assert (small["B_PER_FIN"], small["BLOCK_D_MIX"], small["BLOCK_P"], small["ROUND_FP32"]) == (1, 128, 16, 1)
     assert kd.default_blocks(K=2, B=8, Np=50, D=768, H=64, device=cuda)["BLOCK_P"] == 32
     assert kd.default_blocks(K=2, B=8, Np=10, D=768, H=128, device=cuda)["BLOCK_D_FWD"] == 32
     for K, B, device in ((6, 32, cuda), (4, 5, cuda), (2, 1, torch.device("cpu"))):
         large = kd.default_blocks(K=K, B=B, Np=10, D=768, H=64, device=device)
         assert (large["BLOCK_T_FWD"], large["BLOCK_D_FWD"]) == (64, 32), (K, B, device)
-        assert (large["B_PER_FIN"], large["BLOCK_D_MIX"]) == (4, 32), (K, B, device)
+        assert (large["B_PER_FIN"], large["BLOCK_D_MIX"], large["ROUND_FP32"]) == (4, 32, 0), (K, B, device)
         # The backward's softmax kernel keeps the large-batch D step at every batch.
         assert large["BLOCK_D"] == small["BLOCK_D"] == 32
 
