@@ -212,7 +212,9 @@ def _dot_fwd(a, b, acc, ROUND_FP32: tl.constexpr):
     so (a token chunk's step, beside it, takes 343), at 208 registers where it took 255. The
     errors are tf32x3's: the dropped rest x rest term and the rests' rounding are each below
     2**-22 of the product. (Rests left for the tensor cores to truncate took 484 instructions,
-    truncated heads too 359, at up to 8x the error.) Only small batches take it
+    truncated heads too 359, at up to 8x the error.) The generic small-batch variants, without
+    the launch's alignment hints, spill up to 300 bytes a thread with it, where they spilled up to
+    212 (benchmarks/results/triton_sm90_resources.txt). Only small batches take it
     (``default_blocks``): in the large-batch launches the split took 200 registers where tf32x3
     takes 168-184, two programs an SM where three fit, for f_e's few programs among hundreds. The
     backward keeps tf32x3: a truncating split there spilled 200 bytes a thread, not 148, some of it
