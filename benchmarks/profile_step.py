@@ -25,10 +25,10 @@ import argparse
 import torch
 
 from pmoe_fast import PMoE, vit
-from pmoe_fast.profiling import Profile, profile_runs
+from pmoe_fast.profiling import Timings, profile_runs
 
 
-def report(title: str, prof: Profile, top: int = 25) -> None:
+def report(title: str, prof: Timings, top: int = 25) -> None:
     """The profile's total, its time by kernel group, and the ``top`` costliest kernels."""
     total = prof.total_us
     calls = sum(e.calls for e in prof.events)

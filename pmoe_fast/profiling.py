@@ -55,7 +55,7 @@ class Event:
 
 
 @dataclass(frozen=True)
-class Profile:
+class Timings:
     """What ``profile_runs`` measured, per run of the callable."""
 
     events: tuple[Event, ...]
@@ -77,11 +77,11 @@ class Profile:
         return sum(e.us for e in self.events if e.group == group)
 
 
-CUDA_SOURCE = "CUDA kernels' device time (torch.profiler)"
-CPU_SOURCE = "operators' self CPU time, each in its outermost named caller's group (torch.profiler)"
+CUDA_TIME_SOURCE = "CUDA kernels' device time (torch.profiler)"
+CPU_TIME_SOURCE = "operators' self CPU time, each in its outermost named caller's group (torch.profiler)"
 
 
-def profile_runs(run: Callable[[], object], runs: int, device: torch.device, warmup: int = 3) -> Profile:
+def profile_runs(run: Callable[[], object], runs: int, device: torch.device, warmup: int = 3) -> Timings:
     """``run`` profiled ``runs`` times after ``warmup`` unprofiled calls (kernel compilation,
     caches), the device synchronised before and after the profiled calls."""
     if runs < 1:
@@ -111,14 +111,14 @@ def profile_runs(run: Callable[[], object], runs: int, device: torch.device, war
         }
         if not totals:
             raise RuntimeError("the profiler recorded no CUDA kernels (is CUPTI available to torch.profiler?)")
-        source = CUDA_SOURCE
+        source = CUDA_TIME_SOURCE
     else:
         totals = _cpu_totals(prof.events())
-        source = CPU_SOURCE
+        source = CPU_TIME_SOURCE
     events = tuple(
         Event(group, name, us / runs, count / runs) for (group, name), (us, count) in totals.items() if us > 0
     )
-    return Profile(events, wall, source)
+    return Timings(events, wall, source)
 
 
 def _cpu_totals(events) -> dict[tuple[str, str], tuple[float, int]]:
