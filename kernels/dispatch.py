@@ -336,39 +336,49 @@ def _softmax_and_mix(
     BLOCK_K: tl.constexpr,
 ):
     """weights = softmax(logits) over the K experts, and ipt = sum_j weights[..., j] P[j, n], in
-    float32. Each tile of P is read once for the G images."""
+    float32. Each tile of P is read once for the G images.
+
+    The mixture reads expert j's weights back from ``weights_ptr`` (L1, after a barrier) as a
+    (G, BLOCK_N, 1) tile, and P[j] as a (1, BLOCK_N, BLOCK_D) tile, both in the accumulator's
+    3-d layout. Taking column j out of the softmax's registers instead (a masked sum over K) cost
+    shuffles and adds for every expert in every D step, and P's 2-d tiles a trip through shared
+    memory behind barriers. In the sm_90a SASS (Triton 3.8) of the launch at K = 6, B = 32,
+    Np = 10 a step of four experts took 408 instructions, 128 shuffles and 8 barriers among them,
+    for 64 multiply-adds; a step of two takes 67, with no shuffle or barrier, and K = 6 takes three
+    where it took two steps of four, two experts of them empty: 201 instructions a D step, not 816.
+    At B = 1 (4 warps) 299 a step of four with 16 barriers, now 92 a step of two; at Np = 50 365,
+    now 126. The generic large-batch 8-warp variants (many prompts; no alignment hints) spill 8-56
+    bytes a thread, where they spilled none (steps of four experts: up to 172); the launches as
+    specialized for the model do not. Untimed on a GPU."""
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     logits = tl.where(k_mask[None, None, :], logits, float("-inf"))
     w = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
     w = w / tl.sum(w, axis=2)[:, :, None]
-    tl.store(
-        weights_ptr + rows[:, :, None] * K + offs_k[None, None, :], w, mask=row_mask[:, :, None] & k_mask[None, None, :]
-    )
-    offs_d = tl.arange(0, BLOCK_D)
+    w_rows = weights_ptr + rows[:, :, None] * K  # (G, BLOCK_N, 1)
+    w_mask = row_mask[:, :, None]
+    tl.store(w_rows + offs_k[None, None, :], w, mask=w_mask & k_mask[None, None, :])
+    # Every thread's weights, visible to every thread of the program (bar.sync orders global memory
+    # within the block).
+    tl.debug_barrier()
+    p_rows = prompts_ptr + n[None, :, None] * stride_prompts_n  # (1, BLOCK_N, 1)
+    n_mask = (n < Np)[None, :, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, None, :]
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
         acc = tl.zeros((w.shape[0], w.shape[1], BLOCK_D), dtype=tl.float32)
-        # Four experts a step, unrolled: their four loads of P are independent, so they are in
-        # flight together. With one expert a step each load waited for the last, K round trips
-        # to L2 per D step on the path every image's IPT waits for (sm_90 SASS: the step's only
-        # load was used at its end). Experts j >= K load nothing and weigh 0.
-        for j0 in range(0, K, 4):
-            for dj in tl.static_range(4):
+        # Two experts a step, unrolled: their loads are independent, so they are in flight
+        # together (with one expert a step each load of P waited for the last, K round trips to L2
+        # per D step on the path every image's IPT waits for). An expert j >= K loads nothing and
+        # weighs 0.
+        for j0 in range(0, K, 2):
+            for dj in tl.static_range(2):
                 j = j0 + dj
-                w_j = tl.sum(tl.where(offs_k[None, None, :] == j, w, 0.0), axis=2)  # (G, BLOCK_N)
-                p_j = tl.load(
-                    prompts_ptr + j * stride_prompts_k + n[:, None] * stride_prompts_n + d[None, :],
-                    mask=(j < K) & (n < Np)[:, None] & d_mask[None, :],
-                    other=0.0,
-                )  # (BLOCK_N, BLOCK_D)
-                acc += w_j[:, :, None] * p_j.to(tl.float32)[None, :, :]
-        tl.store(
-            ipt_rows[:, :, None] + d[None, None, :],
-            acc.to(ipt_rows.dtype.element_ty),
-            mask=row_mask[:, :, None] & d_mask[None, None, :],
-        )
+                w_j = tl.load(w_rows + j, mask=w_mask & (j < K), other=0.0)  # (G, BLOCK_N, 1)
+                p_j = tl.load(p_rows + j * stride_prompts_k + d, mask=(j < K) & n_mask & d_mask, other=0.0)
+                acc += w_j * p_j.to(tl.float32)
+        tl.store(ipt_rows[:, :, None] + d, acc.to(ipt_rows.dtype.element_ty), mask=w_mask & d_mask)
 
 
 # Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
@@ -1187,8 +1197,9 @@ def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int, small_batch: bool) -
     several in turn, as it did groups of 4), and steps through D 128 at a time, 6 steps where
     the forward's 64 took 12, each waiting on its loads of P from L2. In the sm_90a SASS of the
     B = 1 launch (K = 6, Np = 10, Triton 3.8) the mixture's D loop ran 12 steps of 617
-    instructions; it runs 6 of 378, at the same 255 registers, no spills and 60 KB of shared
-    memory. The generic 4-warp small-batch variants, without the launch's alignment hints, spill
+    instructions, then 6 of 378, at the same 255 registers, no spills and 60 KB of shared
+    memory (each step's loop over experts, four a step in 299 instructions with 16 barriers, takes
+    two a step in 92, none, since ``_softmax_and_mix`` reads the weights back from memory). The generic 4-warp small-batch variants, without the launch's alignment hints, spill
     more: up to 212 bytes a thread where they spilled 136 (benchmarks/triton_resources.py). (Steps of 256 took 3 of 619, but the generic 4-warp variants then spilled up to 288
     bytes a thread, four loads of a 16 x 256 tile of P taking 128 registers.) Untimed on a GPU."""
     block_p = block_n if Np <= block_n else 32
