@@ -6,7 +6,7 @@ One prompt layer's dispatcher forward as inference runs it (no gradient, nothing
 backward): K experts' IPTs from their prompts, prompt outputs and tokens (T=197, D=768, H=64,
 Np=10; bf16 tokens as a strided view of the experts' sequences, fp32 prompts and dispatcher, as
 in the model). Each setting pins some of the forward's blocks: the token chunk and D step, the
-images one program finishes and the mixture's D step (``PMOE_TRITON_BLOCKS``;
+images one program finishes, the mixture's D step and the warps (``PMOE_TRITON_BLOCKS``;
 "default" is what ``default_blocks`` picks for the shape) and is timed by
 ``triton.testing.do_bench_cudagraph``: replays of a CUDA graph of the call, so the time is the
 device's, without the host's launch cost (the fast model's B = 1 inference runs under CUDA
@@ -27,10 +27,11 @@ T, D, H, NP = 197, 768, 64, 10
 SHAPES = ((2, 1), (6, 1), (9, 1), (6, 4), (6, 32))  # (K, B)
 # The large-batch tiling; the small-batch MLP tiles with the large batch's finish (groups of 4
 # images, the mixture's D step that of the MLP), the small-batch default before a program finished
-# each image; then a 256-wide mixture; then other token chunks and D steps.
+# each image; then a 256-wide mixture; then other token chunks and D steps; then the small
+# batch's default with 4 warps, as before it took 8.
 SETTINGS = ("default", "BLOCK_T_FWD=64,BLOCK_D_FWD=32,BLOCK_D_MIX=32,B_PER_FIN=4",
             "BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=64,B_PER_FIN=4", "BLOCK_D_MIX=256,B_PER_FIN=1",
-            "BLOCK_T_FWD=16,BLOCK_D_FWD=32", "BLOCK_T_FWD=32,BLOCK_D_FWD=64")
+            "BLOCK_T_FWD=16,BLOCK_D_FWD=32", "BLOCK_T_FWD=32,BLOCK_D_FWD=64", "FWD_WARPS=4")
 
 
 def layer(K: int, B: int):
@@ -71,7 +72,7 @@ def main() -> None:
                 want = ipt
             err = ((ipt - want).norm() / want.norm()).item()
             cells.append(f"{setting} {us:7.1f}" + (f" (ipt off by {err:.1e})" if err > 1e-5 else ""))
-        default = ",".join(f"{key}={picked[key]}" for key in ("BLOCK_T_FWD", "BLOCK_D_FWD", "BLOCK_D_MIX", "B_PER_FIN"))
+        default = ",".join(f"{key}={picked[key]}" for key in ("BLOCK_T_FWD", "BLOCK_D_FWD", "BLOCK_D_MIX", "B_PER_FIN", "FWD_WARPS"))
         print(f"K={K} B={B:<2} (default {default}): "
               + " | ".join(cells))
     os.environ.pop(triton_dispatch.BLOCK_ENV, None)

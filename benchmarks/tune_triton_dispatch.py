@@ -108,7 +108,7 @@ def main() -> None:
         bytes_both = moved_bytes(K, B, Np, T, D, H, 2, backward=True)
         settings = [("torch", None, None, ""), ("cuda", None, None, "")]
         settings += [("triton", fw, bw, "") for fw, bw in itertools.product(WARPS, WARPS)]
-        fwd_default = triton_dispatch._forward_warps(Np, triton_dispatch.dispatch_blocks(K, B, Np, D, H, args[1].device)["BLOCK_N"])
+        fwd_default = triton_dispatch.dispatch_blocks(K, B, Np, D, H, args[1].device)["FWD_WARPS"]
         settings += [("triton", fwd_default, default_warps["bwd"], split) for split in opts.splits]
         settings += [("torch", None, None, BF16_PARAMS), ("triton", fwd_default, default_warps["bwd"], BF16_PARAMS)]
         bf16_args = (args[0].detach().bfloat16().requires_grad_(), *args[1:])
@@ -116,6 +116,7 @@ def main() -> None:
             triton_dispatch._NUM_WARPS.update(default_warps)
             if backend == "triton":
                 triton_dispatch._NUM_WARPS.update(fwd=fwd_warps, fwd_many_prompts=fwd_warps, bwd=bwd_warps)
+            triton_dispatch._BLOCKS.clear()  # the forward's warps are among the blocks it caches per shape
             bf16 = split == BF16_PARAMS
             os.environ[triton_dispatch.BLOCK_ENV] = "" if bf16 else split
             disp = Dispatcher(D, K, hidden=H, backend=backend).cuda()

@@ -213,8 +213,9 @@ def _dot_fwd(a, b, acc, ROUND_FP32: tl.constexpr):
     errors are tf32x3's: the dropped rest x rest term and the rests' rounding are each below
     2**-22 of the product. (Rests left for the tensor cores to truncate took 484 instructions,
     truncated heads too 359, at up to 8x the error.) The generic small-batch variants, without
-    the launch's alignment hints, spill up to 300 bytes a thread with it, where they spilled up to
-    212 (benchmarks/results/triton_sm90_resources.txt). Only small batches take it
+    the launch's alignment hints, spilled up to 300 bytes a thread with it at 4 warps, where they
+    spilled up to 212 (up to 156 at the 8 warps small batches now take;
+    benchmarks/results/triton_sm90_resources.txt). Only small batches take it
     (``default_blocks``): in the large-batch launches the split took 200 registers where tf32x3
     takes 168-184, two programs an SM where three fit, for f_e's few programs among hundreds. The
     backward keeps tf32x3: a truncating split there spilled 200 bytes a thread, not 148, some of it
@@ -1160,14 +1161,29 @@ BLOCK_ENV = "PMOE_TRITON_BLOCKS"
 # 458 with 8 (``_forward_warps``). The main backward with 4 warps: forward+backward at Np=10 took
 # 821 us with 4 and 4 warps against 1283 with 4 and 8. Its 4 warps spill more registers than 8 do
 # and still ran faster (then 128 bytes a thread against 28 as the model launches it; now 148 against
-# none: benchmarks/results/triton_bwd_settings_sm90.txt, untimed since).
-_NUM_WARPS = {"fwd": 4, "fwd_many_prompts": 8, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
+# none: benchmarks/results/triton_bwd_settings_sm90.txt, untimed since). A small batch's forward
+# takes 8 (``_forward_warps``).
+_NUM_WARPS = {"fwd": 4, "fwd_many_prompts": 8, "fwd_small_batch": 8, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
 _NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
 
 
-def _forward_warps(Np: int, block_n: int) -> int:
-    """The forward's warps: ``_NUM_WARPS["fwd"]`` while the prompts fit one BLOCK_N tile, else
-    ``_NUM_WARPS["fwd_many_prompts"]`` (timed at Np = 10 and 50 only; see ``_NUM_WARPS``)."""
+def _forward_warps(Np: int, block_n: int, small_batch: bool) -> int:
+    """The forward's warps (the key FWD_WARPS of ``default_blocks``): for a large batch
+    ``_NUM_WARPS["fwd"]`` while the prompts fit one BLOCK_N tile, else
+    ``_NUM_WARPS["fwd_many_prompts"]`` (timed at Np = 10 and 50 only; see ``_NUM_WARPS``).
+
+    A small batch takes ``_NUM_WARPS["fwd_small_batch"]``, 8: its grid is about a program an SM
+    (90 programs at K = 6, B = 1), each a chain of dependent D steps, and the forward's latency is
+    the longest chain (f_e's over fp32 prompts, then the mixture of the group it completes). 8 warps
+    split each step's tiles over twice the threads; in the sm_90a SASS of the B = 1 launch
+    (K = 6, Np = 10, Triton 3.8) a warp's D step takes 368 instructions in f_e's program, not 544,
+    241 in a token chunk's, not 343, and 52 in the mixture's step of two experts, not 92, at 210
+    registers, no spills and the same 60 KB of shared memory: one program an SM, where 4 warps at
+    208 registers fit two. The generic small-batch variants (no alignment hints) spill up to 156
+    bytes a thread, where with 4 warps they spilled up to 308 (benchmarks/triton_resources.py).
+    Untimed on a GPU (``benchmarks/forward_small_batch.py`` times FWD_WARPS=4 beside it)."""
+    if small_batch:
+        return _NUM_WARPS["fwd_small_batch"]
     return _NUM_WARPS["fwd"] if Np <= block_n else _NUM_WARPS["fwd_many_prompts"]
 
 
@@ -1289,6 +1305,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_KB": 32,
         "BLOCK_C": 512,
         "B_PER_FIN": b_per_fin,
+        "FWD_WARPS": _forward_warps(Np, block_n, small_batch),
         # The forward's float32 products: _dot_fwd's split for a small batch, tf32x3 for a large.
         "ROUND_FP32": int(small_batch),
         "B_PER_PROG": cdiv(B, b_groups),
@@ -1464,7 +1481,7 @@ def dispatch_fwd(
         BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_P=blocks["BLOCK_P"],
         BLOCK_D=blocks["BLOCK_D_FWD"], BLOCK_D_MIX=blocks["BLOCK_D_MIX"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16,
         B_PER_FIN=blocks["B_PER_FIN"], ROUND_FP32=bool(blocks["ROUND_FP32"]),
-        num_warps=_forward_warps(Np, blocks["BLOCK_N"]), num_stages=_NUM_STAGES["fwd"],
+        num_warps=blocks["FWD_WARPS"], num_stages=_NUM_STAGES["fwd"],
     )
     return ipt_out, weights, hidden
 
@@ -2035,8 +2052,8 @@ def _kernel_variants() -> list[dict]:
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
                 for Np in (b["BLOCK_N"], b["BLOCK_N"] + 1)
-                for warps in [_forward_warps(Np, b["BLOCK_N"])]
                 for small in (False, True)
+                for warps in [_forward_warps(Np, b["BLOCK_N"], small)]
                 for block_t, block_d in [_forward_blocks(b["BLOCK_H"], small)]
                 for block_p, block_d_mix, b_per_fin in [_prompt_blocks(Np, b["BLOCK_N"], block_d, small)]
             ] + [
