@@ -213,7 +213,7 @@ def _dot_fwd(a, b, acc, ROUND_FP32: tl.constexpr):
     errors are tf32x3's: the dropped rest x rest term and the rests' rounding are each below
     2**-22 of the product. (Rests left for the tensor cores to truncate took 484 instructions,
     truncated heads too 359, at up to 8x the error.) The generic small-batch variants, without
-    the launch's alignment hints, spilled up to 300 bytes a thread with it at 4 warps, where they
+    the launch's alignment hints, spilled up to 308 bytes a thread with it at 4 warps, where they
     spilled up to 212 (up to 156 at the 8 warps small batches now take;
     benchmarks/results/triton_sm90_resources.txt). Only small batches take it
     (``default_blocks``): in the large-batch launches the split took 200 registers where tf32x3
@@ -1215,9 +1215,11 @@ def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int, small_batch: bool) -
     B = 1 launch (K = 6, Np = 10, Triton 3.8) the mixture's D loop ran 12 steps of 617
     instructions, then 6 of 378, at the same 255 registers, no spills and 60 KB of shared
     memory (each step's loop over experts, four a step in 299 instructions with 16 barriers, takes
-    two a step in 92, none, since ``_softmax_and_mix`` reads the weights back from memory). The generic 4-warp small-batch variants, without the launch's alignment hints, spill
-    more: up to 212 bytes a thread where they spilled 136 (benchmarks/triton_resources.py). (Steps of 256 took 3 of 619, but the generic 4-warp variants then spilled up to 288
-    bytes a thread, four loads of a 16 x 256 tile of P taking 128 registers.) Untimed on a GPU."""
+    two a step in 92, none, since ``_softmax_and_mix`` reads the weights back from memory). The
+    generic 4-warp small-batch variants, without the launch's alignment hints, spilled more: up to
+    212 bytes a thread where they spilled 136 (benchmarks/triton_resources.py). (Steps of 256 took
+    3 of 619, but the generic 4-warp variants then spilled up to 288 bytes a thread, four loads of
+    a 16 x 256 tile of P taking 128 registers.) Untimed on a GPU."""
     block_p = block_n if Np <= block_n else 32
     if small_batch:
         return block_p, 128, 1
