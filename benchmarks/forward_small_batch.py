@@ -28,7 +28,7 @@ SHAPES = ((2, 1), (6, 1), (9, 1), (6, 4), (6, 32))  # (K, B)
 # The large-batch tiling; the small-batch MLP tiles with the large batch's finish (groups of 4
 # images, the mixture's D step that of the MLP), the small-batch default before a program finished
 # each image; then a 256-wide mixture; then other token chunks and D steps; then the small
-# batch's default with 4 warps, as before it took 8.
+# batch's default at 4 warps, the count it ran before the default became 8.
 SETTINGS = ("default", "BLOCK_T_FWD=64,BLOCK_D_FWD=32,BLOCK_D_MIX=32,B_PER_FIN=4",
             "BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=64,B_PER_FIN=4", "BLOCK_D_MIX=256,B_PER_FIN=1",
             "BLOCK_T_FWD=16,BLOCK_D_FWD=32", "BLOCK_T_FWD=32,BLOCK_D_FWD=64", "FWD_WARPS=4")

@@ -108,6 +108,8 @@ def main() -> None:
         bytes_both = moved_bytes(K, B, Np, T, D, H, 2, backward=True)
         settings = [("torch", None, None, ""), ("cuda", None, None, "")]
         settings += [("triton", fw, bw, "") for fw, bw in itertools.product(WARPS, WARPS)]
+        triton_dispatch._NUM_WARPS.update(default_warps)  # the last Np's settings may have changed them
+        triton_dispatch._BLOCKS.clear()
         fwd_default = triton_dispatch.dispatch_blocks(K, B, Np, D, H, args[1].device)["FWD_WARPS"]
         settings += [("triton", fwd_default, default_warps["bwd"], split) for split in opts.splits]
         settings += [("torch", None, None, BF16_PARAMS), ("triton", fwd_default, default_warps["bwd"], BF16_PARAMS)]
