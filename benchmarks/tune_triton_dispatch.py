@@ -37,12 +37,14 @@ K, B, T, D, H, Q = 6, 32, 197, 768, 64, 1
 WARPS = (4, 8)
 # Each split runs with the default warps; the warps are swept at the default split (every
 # distinct setting is one more compilation of the large kernels, which dominates the run).
-# The backward's token tile and d-tile set its register use: as launched, every setting takes 248 to
-# 255 registers a thread on sm_90a and spills from 0 to 148 bytes (benchmarks/results/triton_bwd_settings_sm90.txt;
-# BLOCK_T=64 does not compile on Triton 3.6). At Np = 50, BLOCK_P=16 and BLOCK_D_MIX=32 are the
-# forward's prompt tiling before ``_prompt_blocks`` took 32 rows and a 128-wide mixture step.
-SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D_FWD=64", "B_PER_FIN=1", "BLOCK_T=16", "BLOCK_DW=32",
-          "BLOCK_T=16,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4", "BLOCK_P=16", "BLOCK_D_MIX=32",
+# The backward's tile of bf16 rows (BLOCK_T_SPLIT, tokens and prompt outputs) and d-tile set its
+# register use: as launched on sm_90a (Triton 3.8) the defaults (64 rows, 64 columns) spill 240
+# bytes a thread, 32 rows 140, 32 columns 72; 128 rows or 128 columns spill well over a kilobyte.
+# (BLOCK_T is the token tile of fp32 and fp16 tokens only.) At Np = 50, BLOCK_P=16 and
+# BLOCK_D_MIX=32 are the forward's prompt tiling before ``_prompt_blocks`` took 32 rows and a
+# 128-wide mixture step.
+SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D_FWD=64", "B_PER_FIN=1", "BLOCK_T_SPLIT=32", "BLOCK_DW=32",
+          "BLOCK_T_SPLIT=32,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4", "BLOCK_P=16", "BLOCK_D_MIX=32",
           "BLOCK_P=16,BLOCK_D_MIX=32")
 BF16_PARAMS = "bf16 params"
 

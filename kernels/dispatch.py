@@ -25,9 +25,9 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   at the target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197
   tokens. When a backward will follow, the programs of P and Z_P store the pre-activations
   x W1^T + b1 of their rows in float32, and the token programs the GELU slopes
-  gelu'(x W1^T + b1) (K*B*T*H floats, 9.7 MB at the target against 58 MB of tokens), with which
-  the backward needs neither the product over all of D nor any transcendental function per
-  token. Then each program counts itself
+  gelu'(x W1^T + b1) (K*B*T*H floats, 9.7 MB at the target against 58 MB of tokens; for bf16
+  tokens and H <= 64 three bfloat16 parts of each, ``_store_split``, 14.5 MB), with which the backward needs
+  neither the product over all of D nor any transcendental function per token. Then each program counts itself
   done with the group of B_PER_FIN images of expert k it served (an atomic counter per group;
   f_e's programs count for every group), and the program that completes a count, whichever it
   is, finishes that group: it sums the chunks' sums in a fixed order (the result does not depend
@@ -43,7 +43,9 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      dweights[j] = <grad_ipt, P[j]>, for prompt n one product (BLOCK_KB rows (k, b) x D) @
      (D x K) per program. Reads grad_ipt once (K*B*Np*D) and P[:, n] once per BLOCK_KB rows
      (where a program per (k, b) read all of P: 177 MB from L2 at K=6, B=32, Np=50); writes
-     K*B*Np*K floats.
+     K*B*Np*K floats. With bf16 activations (and H <= 64, ``splits_bf16``) it also takes f_p's backward through W2 and GELU for
+     its rows, dL/dh = (dlogits W2) gelu'(h) in bfloat16 parts and gelu(h), K*B*Np*H each, once
+     a row where each of the next launch's d-tile programs took them again.
   2. grid (S_D, K*S_B + S_N), S_D = ceil(D / BLOCK_DW): the MLP backward of every row and the
      fusion gradient of P. Program (d-tile, k, group of batch rows) reads the saved
      pre-activations of its rows of Z_P and slopes of its rows of Z (H floats a row; the S_D
@@ -60,6 +62,14 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      group, R = K*S_B (f_z) + K*S_B (f_p) + S_N (f_e), C = H*D + H + K*H + K. The number of groups
      trades parallelism against these bytes: at the target (H100, H=64, Np=10) S_D=12, S_B=3,
      R=46 rows of C=49606, 9 MB, against the 116 MB of tokens read and dZ written.
+     With bf16 activations and H <= 64 (the model's case) no arithmetic runs on the elements of a token or
+     Z_P tile: the tiles go from memory to the bfloat16 tensor cores as they are, beside the
+     slopes' parts, or f_p's dL/dh parts, and W1 (``_tokens_bwd_split``, ``_prompt_out_bwd_split``).
+     A float32 dh took a split into tf32 heads and rests, and the tokens a conversion to float32
+     and a transposed trip through shared memory, a tile at a time: in the sm_90a SASS of the
+     launch at K=6, B=32 (Triton 3.8) a tile of 32 tokens took 548 instructions and 18 barriers,
+     a tile of 64 takes 589 and 3, and f_p's 16-row tile, 1215 (GELU and its slope in every
+     d-tile's program), became a 64-row tile of about 550 over the rows of all the program's images.
   3. grid (ceil(C / BLOCK_C), G): sums the partial rows of each parameter group in a fixed order
      (deterministic, where atomics would not be) and writes the gradients in the parameters'
      dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
@@ -74,7 +84,10 @@ tokens multiply to fp32 accuracy on tensor cores (``_dot``): tf32x3, three tf32 
 heads and rests (plain tf32 would give 1e-3 relative errors; the forward splits them itself,
 ``_dot_fwd``, with fewer instructions), or two where one operand comes
 from 16-bit tokens, which tf32 holds exactly. The one exception is the tokens' gradient when it
-is stored in bf16: one tf32 product errs well below bf16's rounding. Softmax subtracts the row
+is stored in bf16: one tf32 product errs well below bf16's rounding. The backward over bf16
+activations splits its float32 operand into three bfloat16 parts instead (``_bf16x3``), whose
+exact products with the bf16 tiles sum to float32's accuracy (three of nine products for dZ and
+dZ_P, which are stored in bf16). Softmax subtracts the row
 maximum; softmax and fusion run in float32 whatever the input dtype.
 """
 
@@ -192,6 +205,44 @@ def _dot(a, b, acc):
         acc = tl.dot(a, head, acc, input_precision="tf32")
         acc = tl.dot(a, b - head, acc, input_precision="tf32")
     return acc
+
+
+@triton.jit
+def _bf16x3(x):
+    """float32 x as three bfloat16 parts: hi + mid + lo = x within 2**-24 of |x|, float32's own
+    rounding (each part is the rest of the one before, which float32 holds exactly, rounded to
+    bfloat16's 8 significant bits). A part times a bfloat16 operand is exact, so summing the three
+    products multiplies by x to float32's accuracy on bfloat16 tensor cores."""
+    hi = x.to(tl.bfloat16)
+    rest = x - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
+def _split_dot(a_hi, a_mid, b_hi, b_mid):
+    """(a_hi + a_mid) @ (b_hi + b_mid) less a_mid @ b_mid, in float32: the three largest of the
+    products of two ``_bf16x3`` splits, about 2**-16 of the product short, for results stored in
+    bfloat16."""
+    acc = tl.dot(a_hi, b_hi)
+    acc = tl.dot(a_mid, b_hi, acc)
+    return tl.dot(a_hi, b_mid, acc)
+
+
+@triton.jit
+def _parts_t_dot(hi, mid, lo, x, acc):
+    """acc + (hi + mid + lo)^T @ x, the three parts' exact products summed in float32."""
+    acc = tl.dot(tl.trans(hi), x, acc)
+    acc = tl.dot(tl.trans(mid), x, acc)
+    return tl.dot(tl.trans(lo), x, acc)
+
+
+@triton.jit
+def _first_column(BLOCK_R: tl.constexpr):
+    """(BLOCK_R, 16) bfloat16, ones in column 0 and zeros elsewhere: ``_parts_t_dot`` with it sums
+    the rows into column 0 (tl.dot's narrowest operand is 16 wide)."""
+    return tl.where((tl.arange(0, 16) == 0)[None, :], 1.0, 0.0).to(tl.bfloat16) + tl.zeros((BLOCK_R, 16), dtype=tl.bfloat16)
 
 
 @triton.jit
@@ -382,6 +433,33 @@ def _softmax_and_mix(
         tl.store(ipt_rows[:, :, None] + d, acc.to(ipt_rows.dtype.element_ty), mask=w_mask & d_mask)
 
 
+@triton.jit
+def _store_split(
+    out_ptr,  # (rows, H) float32, or (rows, 3, H) bfloat16
+    rows,  # (BLOCK_R,)
+    offs_h,  # (BLOCK_H,)
+    mask,  # (BLOCK_R, BLOCK_H)
+    values,  # (BLOCK_R, BLOCK_H) float32
+    H,
+):
+    """Stores float32 rows as they are, or into a bfloat16 buffer as the three parts of
+    ``_bf16x3`` (6 bytes a value where float32 takes 4): the tokens' GELU slopes, which the
+    backward multiplies by bf16 tokens on bfloat16 tensor cores (``_tokens_bwd_split``), and f_p's
+    dL/dh, by bf16 prompt outputs (``_prompt_out_bwd_split``). Each part is stored as soon as it
+    is computed: with the three computed first, the forward launch at K = 6, B = 32, Np = 10 took
+    220 registers, not 166 (sm_90a, Triton 3.8), two programs an SM where three fit."""
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        ptrs = out_ptr + (rows * 3 * H)[:, None] + offs_h[None, :]
+        hi = values.to(tl.bfloat16)
+        tl.store(ptrs, hi, mask=mask)
+        rest = values - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        tl.store(ptrs + H, mid, mask=mask)
+        tl.store(ptrs + 2 * H, (rest - mid.to(tl.float32)).to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(out_ptr + (rows * H)[:, None] + offs_h[None, :], values, mask=mask)
+
+
 # Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
 @triton.jit(do_not_specialize=["has_prompt_out", "save_hidden"])
 def _dispatch_fwd_kernel(
@@ -523,10 +601,7 @@ def _dispatch_fwd_kernel(
                 x_ptrs, t_mask, w1z_ptr, stride_w1z_h, b1z_ptr, D, H, BLOCK_T, BLOCK_D, BLOCK_H, ROUND_FP32,
             )
             if save_hidden:
-                tl.store(
-                    slopes_z_ptr + ((kb * T + t) * H)[:, None] + offs_h[None, :], _gelu_grad(h),
-                    mask=t_mask[:, None] & h_mask[None, :],
-                )
+                _store_split(slopes_z_ptr, kb * T + t, offs_h, t_mask[:, None] & h_mask[None, :], _gelu_grad(h), H)
             a = tl.where(t_mask[:, None], _gelu(h), 0.0)
             tl.store(partials_ptr + (kb * S_T + s) * H + offs_h, tl.sum(a, axis=0), mask=h_mask)
         else:
@@ -608,17 +683,31 @@ def _dispatch_bwd_softmax_kernel(
     stride_grad_d,  # autograd may hand over any strides: .sum()'s gradient is an expand, stride 0
     stride_prompts_k,
     stride_prompts_n,
+    w2p_ptr,  # (K, H) f_p's W2, read with bf16 prompt outputs only (below); else a placeholder
+    stride_w2p_k,
+    hidden_p_ptr,  # (K, B, Np, H) float32, f_p's pre-activations as the forward stored them
+    dh_p_ptr,  # (K, B, Np, 3, H) bfloat16 out: f_p's dL/dh as _store_split's parts, or a float32
+    #            placeholder: then this kernel computes dlogits only
+    act_p_ptr,  # (K, B, Np, H) float32 out: gelu of f_p's pre-activations
     B,
     K,
     Np,
     D,
+    H,
     BLOCK_KB: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Program (prompt n, block of BLOCK_KB rows (k, b)): dlogits = w * (dw - <w, dw>) with
     dw[j] = <grad_ipt[k, b, n], P[j, n]>, one product over D for the block's rows, so each program
-    reads P[:, n] once for BLOCK_KB rows."""
+    reads P[:, n] once for BLOCK_KB rows.
+
+    With bf16 prompt outputs (``dh_p_ptr`` bfloat16) it also takes f_p's backward through W2 and
+    GELU for the rows: dL/dh = (dlogits W2) * gelu'(h), stored in bf16 parts, and gelu(h), for W2's
+    gradient. The main backward then multiplies them by Z_P and W1 on bfloat16 tensor cores
+    (``_prompt_out_bwd_split``), where each of its d-tiles' programs took GELU and its slope of every
+    row again."""
     n = tl.program_id(0)
     kb = tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)
     kb_mask = kb < K * B
@@ -642,17 +731,38 @@ def _dispatch_bwd_softmax_kernel(
     w = tl.load(weights_ptr + row[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
     dl = w * (dw - tl.sum(w * dw, axis=1)[:, None])
     tl.store(dlogits_ptr + row[:, None] * K + offs_k[None, :], dl, mask=mask)
+    if dh_p_ptr.dtype.element_ty == tl.bfloat16:
+        if H > 0:  # 0: no prompt outputs
+            offs_h = tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            w2 = tl.load(
+                w2p_ptr + offs_k[:, None] * stride_w2p_k + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            )  # (BLOCK_K, BLOCK_H)
+            da = _dot(dl.to(w2.dtype), w2, tl.zeros((BLOCK_KB, BLOCK_H), dtype=tl.float32))
+            mask_h = kb_mask[:, None] & h_mask[None, :]
+            h = tl.load(hidden_p_ptr + row[:, None] * H + offs_h[None, :], mask=mask_h, other=0.0)
+            _store_split(dh_p_ptr, row, offs_h, mask_h, da * _gelu_grad(h), H)
+            tl.store(act_p_ptr + row[:, None] * H + offs_h[None, :], _gelu(h), mask=mask_h)
 
 
-def _launch_bwd_softmax(grad_ipt, prompts, weights, blocks) -> torch.Tensor:
-    """dL/d logits (K, B, Np, K) float32 from the IPTs' gradient: one launch, grid (Np, K*B / BLOCK_KB)."""
+def _launch_bwd_softmax(grad_ipt, prompts, weights, blocks, prompt_out_bwd=None) -> torch.Tensor:
+    """dL/d logits (K, B, Np, K) float32 from the IPTs' gradient: one launch, grid (Np, K*B / BLOCK_KB).
+    ``prompt_out_bwd``: (W2_p, hidden_p, dh_p, act_p, H) to fill dh_p (K, B, Np, 3, H) bfloat16 and
+    act_p (K, B, Np, H) float32 as well (bf16 prompt outputs), or None. With H = 0 the kernel fills
+    nothing but is the variant that fills them (bf16 activations without prompt outputs: the
+    tensors are placeholders, dh_p one of bfloat16)."""
     K, B, Np, D = grad_ipt.shape
     dlogits = torch.empty((K, B, Np, K), dtype=torch.float32, device=grad_ipt.device)
+    if prompt_out_bwd is None:  # placeholders the kernel does not touch, of the dtypes it is compiled for
+        prompt_out_bwd = (prompts, dlogits, dlogits, dlogits, 0)
+    w2p, hidden_p, dh_p, act_p, H = prompt_out_bwd
+    split = dh_p.dtype == torch.bfloat16
     _dispatch_bwd_softmax_kernel[(Np, cdiv(K * B, blocks["BLOCK_KB"]))](
         grad_ipt, prompts, weights, dlogits,
-        *grad_ipt.stride(), *prompts.stride()[:2],
-        B, K, Np, D,
-        BLOCK_KB=blocks["BLOCK_KB"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16,
+        *grad_ipt.stride(), *prompts.stride()[:2], w2p, w2p.stride(0), hidden_p, dh_p, act_p,
+        B, K, Np, D, H,
+        BLOCK_KB=blocks["BLOCK_KB"], BLOCK_D=blocks["BLOCK_D"], BLOCK_K=16, BLOCK_H=blocks["BLOCK_H"] if split else 16,
         num_warps=_NUM_WARPS["bwd_softmax"], num_stages=_NUM_STAGES["bwd_softmax"],
     )
     return dlogits
@@ -804,6 +914,145 @@ def _token_tile_bwd(
 
 
 @triton.jit
+def _tokens_bwd_split(
+    x_base,  # tokens[k, b] (T, D) bfloat16: token t's row at x_base + t * stride_t, D contiguous
+    stride_t,
+    slopes_base,  # slopes[k, b] (T, 3, H) bfloat16: the forward's _bf16x3 parts of the GELU slopes
+    start,  # the tokens [start, end) of expert k
+    end,
+    da,  # (BLOCK_H,) float32 dL/d gelu, the same for every token of (k, b)
+    w1,  # (BLOCK_H, BLOCK_DW) float32 W1[:, offs_dw], zero in padded rows and columns
+    offs_dw,  # (BLOCK_DW,) the columns of the tokens this program owns
+    is_first_d_tile,  # whether offs_dw is the first d-tile: the program that sums b1
+    acc_w1,  # (BLOCK_H, BLOCK_DW) float32
+    acc_b1,  # (BLOCK_H,)
+    grad_base,  # dZ[k, b] out, bfloat16
+    add_base,  # grad_add[k, b]
+    stride_grad_t,
+    stride_add_t,
+    need_grad_tokens,
+    add_grad,
+    D,
+    H,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Backward of f_z over the bfloat16 tokens of one (k, b): writes dZ for the columns offs_dw
+    and returns acc_w1 and acc_b1 plus this image's share.
+
+    Every token's dh = slopes * da with the image's one da, so dZ = slopes (da W1) and
+    dW1 = da * (slopes^T Z): W1's d-tile is scaled by da once an image, and the token tiles
+    multiply as they are loaded, the tokens and the slopes' bfloat16 parts straight from shared
+    memory into the tensor cores, with no arithmetic on them (a float32 dh took a split into tf32
+    heads and rests, and the tokens a conversion to float32, a tile at a time). slopes^T Z sums the
+    three parts' products: float32's accuracy. dZ, stored in bfloat16, takes the three largest of
+    the nine products of the parts of slopes and of da W1 (about 2**-16 of dZ dropped)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    s_cols = offs_h < H
+    dw_mask = offs_dw < D
+    offs_t = tl.arange(0, BLOCK_T)
+    w_hi, w_mid, _ = _bf16x3(da[:, None] * w1)
+    p = tl.zeros((BLOCK_H, offs_dw.shape[0]), dtype=tl.float32)  # slopes^T Z of the image
+    # The slopes' sums over the tokens (b1's gradient), in the first d-tile's programs only.
+    s_sum = tl.zeros((BLOCK_H, 16), dtype=tl.float32)
+    ones = _first_column(BLOCK_T)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + offs_t
+        t_mask = t < end
+        x = tl.load(x_base + t[:, None] * stride_t + offs_dw[None, :], mask=t_mask[:, None] & dw_mask[None, :], other=0.0)
+        s_rows = slopes_base + (t * 3 * H)[:, None] + offs_h[None, :]
+        s_mask = t_mask[:, None] & s_cols[None, :]
+        s_hi = tl.load(s_rows, mask=s_mask, other=0.0)
+        s_mid = tl.load(s_rows + H, mask=s_mask, other=0.0)
+        s_lo = tl.load(s_rows + 2 * H, mask=s_mask, other=0.0)
+        if need_grad_tokens:
+            dz = _split_dot(s_hi, s_mid, w_hi, w_mid)
+            _store_grad_tokens(dz, grad_base, add_base, t, t_mask, offs_dw, dw_mask, stride_grad_t, stride_add_t, add_grad)
+        p = _parts_t_dot(s_hi, s_mid, s_lo, x, p)
+        if is_first_d_tile:
+            s_sum = _parts_t_dot(s_hi, s_mid, s_lo, ones, s_sum)
+    acc_w1 += da[:, None] * p
+    acc_b1 += da * tl.sum(s_sum, axis=1)
+    return acc_w1, acc_b1
+
+
+@triton.jit
+def _prompt_out_bwd_split(
+    zp_base,  # prompt_out[k] (B, Np, D) bfloat16: row (b, n) at zp_base + b * stride_b + n * stride_n
+    stride_b,
+    stride_n,
+    grad_base,  # dZ_P[k] out, bfloat16, strides as stride_grad_b and stride_grad_n
+    stride_grad_b,
+    stride_grad_n,
+    dh_ptr,  # (K * B * Np, 3, H) bfloat16: f_p's dL/dh, _store_split's parts (_dispatch_bwd_softmax_kernel)
+    act_ptr,  # (K * B * Np, H) float32: gelu of f_p's pre-activations
+    dlogits_ptr,  # (K * B * Np, K) float32
+    row0,  # the row (k, b_lo, 0) of (K * B * Np)
+    b_lo,  # the images [b_lo, b_hi) of this program
+    b_hi,
+    w1,  # (BLOCK_H, BLOCK_DW) W1[:, offs_dw] in the parameters' dtype, zero in padded rows and columns
+    offs_dw,  # (BLOCK_DW,) the columns of Z_P this program owns
+    is_first_d_tile,  # whether offs_dw is the first d-tile: the program that sums b1, W2 and b2
+    acc_w1,  # (BLOCK_H, BLOCK_DW) float32
+    acc_b1,  # (BLOCK_H,)
+    acc_w2,  # (BLOCK_K, BLOCK_H)
+    acc_b2,  # (BLOCK_K,)
+    K,
+    Np,
+    D,
+    H,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Backward of f_p over the bfloat16 prompt outputs of images [b_lo, b_hi) of expert k: writes
+    dZ_P for the columns offs_dw and returns the accumulators plus their share.
+
+    dL/dh of every row comes from the softmax's backward in bfloat16 parts, so the rows of all the
+    images run as one matrix, BLOCK_R rows a tile (a tile of 16 prompts an image took GELU and its
+    slope of every row in every d-tile's program, and a split into tf32 heads and rests, for 16
+    rows): dZ_P = dh W1 takes the three largest of the products of the parts of dh and of W1 (it is
+    stored in bfloat16), dW1 = dh^T Z_P sums the three parts' products (float32's accuracy)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    dw_mask = offs_dw < D
+    w_hi, w_mid, _ = _bf16x3(w1.to(tl.float32))
+    s_sum = tl.zeros((BLOCK_H, 16), dtype=tl.float32)  # b1's gradient, as in _tokens_bwd_split
+    ones = _first_column(BLOCK_R)
+    rows = (b_hi - b_lo) * Np
+    # Not software-pipelined: with its loads in flight across iterations, ptxas serialized every
+    # wgmma of the kernel (C7515: "non wgmma instructions defining accumulator registers").
+    for r0 in tl.range(0, rows, BLOCK_R, num_stages=1):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < rows
+        b = b_lo + r // Np
+        n = r % Np
+        x_mask = r_mask[:, None] & dw_mask[None, :]
+        x = tl.load(zp_base + (b * stride_b + n * stride_n)[:, None] + offs_dw[None, :], mask=x_mask, other=0.0)
+        h_rows = (row0 + r)[:, None] * H + offs_h[None, :]
+        mask_h = r_mask[:, None] & h_mask[None, :]
+        dh_rows = dh_ptr + 2 * (row0 + r)[:, None] * H + h_rows
+        d_hi = tl.load(dh_rows, mask=mask_h, other=0.0)
+        d_mid = tl.load(dh_rows + H, mask=mask_h, other=0.0)
+        d_lo = tl.load(dh_rows + 2 * H, mask=mask_h, other=0.0)
+        tl.store(
+            grad_base + (b * stride_grad_b + n * stride_grad_n)[:, None] + offs_dw[None, :],
+            _split_dot(d_hi, d_mid, w_hi, w_mid).to(grad_base.dtype.element_ty), mask=x_mask,
+        )
+        acc_w1 = _parts_t_dot(d_hi, d_mid, d_lo, x, acc_w1)
+        if is_first_d_tile:
+            s_sum = _parts_t_dot(d_hi, d_mid, d_lo, ones, s_sum)
+            dl = tl.load(dlogits_ptr + (row0 + r)[:, None] * K + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(act_ptr + h_rows, mask=mask_h, other=0.0)
+            acc_w2 = _dot(tl.trans(dl.to(w1.dtype)), a.to(w1.dtype), acc_w2)
+            acc_b2 += tl.sum(dl, axis=0)
+    acc_b1 += tl.sum(s_sum, axis=1)
+    return acc_w1, acc_b1, acc_w2, acc_b2
+
+
+@triton.jit
 def _store_partial(
     partial_ptr,  # (C,) float32: this program's row of the partial-gradient buffer
     acc_w1,
@@ -884,6 +1133,9 @@ def _dispatch_bwd_kernel(
     slopes_z_ptr,  # (K, B, T, H)     the tokens' GELU slopes,
     act_sums_z_ptr,  # (K, B, H)      and each (k, b)'s sum over its tokens of gelu; the four are
     #                  placeholders when HAS_HIDDEN is False, and hidden_p when has_prompt_out is 0
+    dh_p_ptr,  # (K, B, Np, 3, H) bfloat16: f_p's dL/dh from _dispatch_bwd_softmax_kernel (bf16
+    #            prompt outputs), else a float32 placeholder; a bfloat16 one without prompt_out
+    act_p_ptr,  # (K, B, Np, H) float32: gelu of f_p's pre-activations, beside dh_p; else a placeholder
     w1e_ptr,  # (H, D) f_e; W1 is a placeholder when HAS_HIDDEN is False
     w2e_ptr,  # (K, H), or (K, D) when H = 0
     w1p_ptr,  # (H, D) f_p
@@ -964,26 +1216,35 @@ def _dispatch_bwd_kernel(
         if has_prompt_out:
             acc_w1, acc_b1, acc_w2, acc_b2 = _grad_accumulators(HAS_HIDDEN, BLOCK_H, BLOCK_K, BLOCK_DW)
             w1 = _load_w1_tile(w1p_ptr, stride_w1p_h, offs_dw, D, H, BLOCK_H)
-            for b in range(b_lo, b_hi):
-                for n0 in range(0, Np, BLOCK_N):
-                    n = n0 + offs_n
-                    n_mask = n < Np
-                    row = (k * B + b) * Np + n
-                    dl = tl.load(
-                        dlogits_ptr + row[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
-                    )
-                    dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
-                        prompt_out_ptr + k * stride_prompt_out_k + b * stride_prompt_out_b + n * stride_prompt_out_n,
-                        hidden_p_ptr + row * H, n_mask, dl, offs_dw, is_first_d_tile, w1, w2p_ptr, stride_w2p_k,
-                        acc_w1, acc_b1, acc_w2, acc_b2,
-                        K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_H, BLOCK_K,
-                    )
-                    tl.store(
-                        grad_prompt_out_ptr + k * stride_grad_prompt_out_k + b * stride_grad_prompt_out_b
-                        + n[:, None] * stride_grad_prompt_out_n + offs_dw[None, :],
-                        dx.to(grad_prompt_out_ptr.dtype.element_ty),
-                        mask=n_mask[:, None] & dw_mask[None, :],
-                    )
+            if dh_p_ptr.dtype.element_ty == tl.bfloat16:  # bf16 prompt outputs: dL/dh from the softmax's backward
+                acc_w1, acc_b1, acc_w2, acc_b2 = _prompt_out_bwd_split(
+                    prompt_out_ptr + k * stride_prompt_out_k, stride_prompt_out_b, stride_prompt_out_n,
+                    grad_prompt_out_ptr + k * stride_grad_prompt_out_k, stride_grad_prompt_out_b, stride_grad_prompt_out_n,
+                    dh_p_ptr, act_p_ptr, dlogits_ptr, (k * B + b_lo) * Np, b_lo, b_hi, w1, offs_dw, is_first_d_tile,
+                    acc_w1, acc_b1, acc_w2, acc_b2, K, Np, D, H, BLOCK_T, BLOCK_H, BLOCK_K,
+                )
+            else:
+                for b in range(b_lo, b_hi):
+                    for n0 in range(0, Np, BLOCK_N):
+                        n = n0 + offs_n
+                        n_mask = n < Np
+                        row = (k * B + b) * Np + n
+                        dl = tl.load(
+                            dlogits_ptr + row[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                            other=0.0,
+                        )
+                        dx, acc_w1, acc_b1, acc_w2, acc_b2 = _mlp_bwd_tile(
+                            prompt_out_ptr + k * stride_prompt_out_k + b * stride_prompt_out_b + n * stride_prompt_out_n,
+                            hidden_p_ptr + row * H, n_mask, dl, offs_dw, is_first_d_tile, w1, w2p_ptr, stride_w2p_k,
+                            acc_w1, acc_b1, acc_w2, acc_b2,
+                            K, D, H, HAS_HIDDEN, BLOCK_N, BLOCK_H, BLOCK_K,
+                        )
+                        tl.store(
+                            grad_prompt_out_ptr + k * stride_grad_prompt_out_k + b * stride_grad_prompt_out_b
+                            + n[:, None] * stride_grad_prompt_out_n + offs_dw[None, :],
+                            dx.to(grad_prompt_out_ptr.dtype.element_ty),
+                            mask=n_mask[:, None] & dw_mask[None, :],
+                        )
             _store_partial(
                 partials_ptr + (row_p0 + pid_g) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
                 K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
@@ -1009,7 +1270,8 @@ def _dispatch_bwd_kernel(
             mask=k_mask[:, None] & (offs_w2 < w2_cols)[None, :],
             other=0.0,
         ).to(tl.float32)  # (BLOCK_K, BLOCK_H), or (BLOCK_K, BLOCK_DW) when H = 0
-        w1 = _load_w1_tile(w1z_ptr, stride_w1z_h, offs_dw, D, H, BLOCK_H)
+        if slopes_z_ptr.dtype.element_ty != tl.bfloat16:
+            w1 = _load_w1_tile(w1z_ptr, stride_w1z_h, offs_dw, D, H, BLOCK_H)
         for b in range(b_lo, b_hi):
             dl_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for n0 in range(0, Np, BLOCK_N):
@@ -1030,18 +1292,26 @@ def _dispatch_bwd_kernel(
             tok_base = tokens_ptr + k * stride_tokens_k + b * stride_tokens_b
             grad_base = grad_tokens_ptr + k * stride_grad_tokens_k + b * stride_grad_tokens_b
             add_base = grad_add_ptr + k * stride_grad_add_k + b * stride_grad_add_b
-            for t0 in range(start, end, BLOCK_T):
-                t = t0 + offs_t
-                t_mask = t < end
-                dx, acc_w1, acc_b1, a_sum = _token_tile_bwd(
-                    tok_base + t * stride_tokens_t, slopes_z_ptr + ((k * B + b) * T + t) * H, t_mask, da, offs_dw,
-                    is_first_d_tile, w1, acc_w1, acc_b1, a_sum, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H,
+            if slopes_z_ptr.dtype.element_ty == tl.bfloat16:  # bf16 tokens: the forward split the slopes
+                acc_w1, acc_b1 = _tokens_bwd_split(
+                    tok_base, stride_tokens_t, slopes_z_ptr + (k * B + b) * T * 3 * H, start, end, da,
+                    _load_w1_tile(w1z_ptr, stride_w1z_h, offs_dw, D, H, BLOCK_H), offs_dw,
+                    is_first_d_tile, acc_w1, acc_b1, grad_base, add_base, stride_grad_tokens_t, stride_grad_add_t,
+                    need_grad_tokens, add_grad, D, H, BLOCK_T, BLOCK_H,
                 )
-                if need_grad_tokens:
-                    _store_grad_tokens(
-                        dx, grad_base, add_base, t, t_mask, offs_dw, dw_mask,
-                        stride_grad_tokens_t, stride_grad_add_t, add_grad,
+            else:
+                for t0 in range(start, end, BLOCK_T):
+                    t = t0 + offs_t
+                    t_mask = t < end
+                    dx, acc_w1, acc_b1, a_sum = _token_tile_bwd(
+                        tok_base + t * stride_tokens_t, slopes_z_ptr + ((k * B + b) * T + t) * H, t_mask, da, offs_dw,
+                        is_first_d_tile, w1, acc_w1, acc_b1, a_sum, D, H, HAS_HIDDEN, BLOCK_T, BLOCK_H,
                     )
+                    if need_grad_tokens:
+                        _store_grad_tokens(
+                            dx, grad_base, add_base, t, t_mask, offs_dw, dw_mask,
+                            stride_grad_tokens_t, stride_grad_add_t, add_grad,
+                        )
             acc_w2 += dl_token[:, None] * a_sum[None, :]
             if need_grad_tokens:
                 # Tokens outside [start, end) do not enter the mean: dZ is zero there. Writing it
@@ -1160,9 +1430,9 @@ BLOCK_ENV = "PMOE_TRITON_BLOCKS"
 # prompts: at Np=10 it took 144 us with 4 warps against 391 with 8, at Np=50 1508 us with 4 against
 # 458 with 8 (``_forward_warps``). The main backward with 4 warps: forward+backward at Np=10 took
 # 821 us with 4 and 4 warps against 1283 with 4 and 8. Its 4 warps spill more registers than 8 do
-# and still ran faster (then 128 bytes a thread against 28 as the model launches it; now 148 against
-# none: benchmarks/results/triton_bwd_settings_sm90.txt, untimed since). A small batch's forward
-# takes 8 (``_forward_warps``).
+# and still ran faster (then 128 bytes a thread against 28 as the model launches it). Those timings
+# predate the backward's bfloat16 tiles over bf16 activations (``_tokens_bwd_split``), which spill
+# 240 bytes at 4 warps and 112 at 8 (untimed). A small batch's forward takes 8 (``_forward_warps``).
 _NUM_WARPS = {"fwd": 4, "fwd_many_prompts": 8, "fwd_small_batch": 8, "bwd_softmax": 4, "bwd": 4, "bwd_reduce": 4}
 _NUM_STAGES = {"fwd": 3, "bwd_softmax": 3, "bwd": 2, "bwd_reduce": 3}
 
@@ -1298,6 +1568,9 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_T_FWD": block_t_fwd,
         "BLOCK_D_FWD": block_d_fwd,
         "BLOCK_T": block_t,
+        # The backward's tile of bf16 rows (tokens and prompt outputs, ``_tokens_bwd_split``): 64,
+        # the rows of one warpgroup's wgmma; 128 spills over a kilobyte a thread at 4 warps.
+        "BLOCK_T_SPLIT": 64,
         "BLOCK_N": block_n,
         "BLOCK_P": block_p,
         "BLOCK_D": block_d,
@@ -1401,6 +1674,22 @@ def _token_ranges(tok_start, tok_end, device: torch.device) -> torch.Tensor:
     return torch.empty(ranges.shape, dtype=ranges.dtype, device=device).copy_(ranges, non_blocking=True)
 
 
+def splits_bf16(tokens_dtype: torch.dtype, H: int) -> bool:
+    """Whether the backward takes bf16 tiles to the tensor cores as they are (``_tokens_bwd_split``):
+    bf16 tokens and 0 < H <= 64. Wider hidden layers keep the float32 slopes: at H = 128 the
+    model's launch spilled 1296 bytes a thread that way, against 296 (sm_90a, Triton 3.8)."""
+    return tokens_dtype == torch.bfloat16 and 0 < H <= 64
+
+
+def slopes_shape(K: int, B: int, T: int, H: int, tokens_dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
+    """The shape and dtype of the tokens' saved GELU slopes: (K, B, T, H) float32, or where
+    ``splits_bf16`` (K, B, T, 3, H) bfloat16, each slope as the three parts of ``_bf16x3``
+    (``_store_split``)."""
+    if splits_bf16(tokens_dtype, H):
+        return (K, B, T, 3, H), torch.bfloat16
+    return (K, B, T, H), torch.float32
+
+
 def _param_pointers(params: Params):
     """(W1, b1, W2) and the row strides of W1 and W2; without a hidden layer W1 and b1 are
     placeholders the kernels never read."""
@@ -1417,8 +1706,8 @@ def dispatch_fwd(
     """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype (or ``ipt_out``), weights
     (K, B, Np, K) float32, and what the backward needs of the hidden layer, float32: (hidden_e
     (K, Np, H) and hidden_p (K, B, Np, H), the pre-activations x W1^T + b1 of P and Z_P; slopes_z
-    (K, B, T, H), the GELU slopes gelu'(x W1^T + b1) of the tokens, rows outside each expert's
-    token range not written; act_sums_z (K, B, H),
+    (K, B, T, H), the GELU slopes gelu'(x W1^T + b1) of the tokens (for bf16 tokens (K, B, T, 3, H)
+    bf16, ``slopes_shape``), rows outside each expert's token range not written; act_sums_z (K, B, H),
     each (k, b)'s sum over its tokens of gelu(x W1^T + b1)), each None without a
     hidden layer (hidden_p also without prompt_out) or without ``save_hidden`` (nothing will
     differentiate this call).
@@ -1459,10 +1748,11 @@ def dispatch_fwd(
     hidden = (None, None, None, None)
     if save_hidden:
         hidden_p = torch.empty((K, B, Np, H), dtype=torch.float32, device=device) if has_prompt_out else None
+        slopes_size, slopes_dtype = slopes_shape(K, B, T, H, tokens.dtype)
         hidden = (
             torch.empty((K, Np, H), dtype=torch.float32, device=device),
             hidden_p,
-            torch.empty((K, B, T, H), dtype=torch.float32, device=device),
+            torch.empty(slopes_size, dtype=slopes_dtype, device=device),
             torch.empty((K, B, H), dtype=torch.float32, device=device),
         )
     arrivals = torch.zeros(K * cdiv(B, blocks["B_PER_FIN"]), dtype=torch.int32, device=device)
@@ -1470,11 +1760,16 @@ def dispatch_fwd(
     ptrs_e, strides_e = _param_pointers(params_e)
     ptrs_p, strides_p = _param_pointers(params_p)
     ptrs_z, strides_z = _param_pointers(params_z)
+    hidden_ptrs = _hidden_pointers(hidden, weights)
+    if not save_hidden and splits_bf16(tokens.dtype, H):
+        # A placeholder of the slopes' dtype (``slopes_shape``): inference and training run one
+        # compiled variant.
+        hidden_ptrs[2] = tokens
     grid = (K + K * B * int(has_prompt_out) + K * B * chunks,)
     _dispatch_fwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
-        ipt_out, weights, *_hidden_pointers(hidden, weights),
+        ipt_out, weights, *hidden_ptrs,
         scratch, arrivals,
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *ipt_out.stride()[:3],
         *strides_e, *strides_p, *strides_z,
@@ -1538,12 +1833,34 @@ def dispatch_bwd(
     H = _hidden_width(params_e)
     if H and hidden[0] is None:
         raise ValueError("dispatch_bwd needs the pre-activations the forward keeps: run dispatch_fwd with save_hidden=True")
+    if prompt_out is not None and prompt_out.dtype != tokens.dtype:
+        raise ValueError(f"dispatch_bwd: prompt_out is {prompt_out.dtype} but tokens are {tokens.dtype}: they must share one dtype")
+    if H and (tuple(hidden[2].shape), hidden[2].dtype) != slopes_shape(K, B, T, H, tokens.dtype):
+        raise ValueError(
+            f"dispatch_bwd: the slopes {tuple(hidden[2].shape)} {hidden[2].dtype} are not those dispatch_fwd keeps for "
+            f"{tokens.dtype} tokens {tuple(tokens.shape)}, {slopes_shape(K, B, T, H, tokens.dtype)}: pass the tokens the "
+            "forward had"
+        )
     device = prompts.device
     blocks = dispatch_blocks(K, B, Np, D, H, device)
     has_prompt_out = prompt_out is not None
     C = param_grad_width(K, D, H)
 
-    dlogits = _launch_bwd_softmax(grad_ipt, prompts, weights, blocks)
+    # bf16 activations, H <= 64 (``splits_bf16``): the softmax's backward also takes f_p's through
+    # W2 and GELU (dh_p, act_p), and the slopes are in bf16 parts (``slopes_shape``); the main
+    # backward multiplies both on bfloat16 tensor cores in tiles of BLOCK_T_SPLIT rows.
+    split = splits_bf16(tokens.dtype, H)
+    dh_p = act_p = weights  # placeholders
+    prompt_out_bwd = None
+    if split and has_prompt_out:
+        dh_p = torch.empty((K, B, Np, 3, H), dtype=torch.bfloat16, device=device)
+        act_p = torch.empty((K, B, Np, H), dtype=torch.float32, device=device)
+        prompt_out_bwd = (params_p[2], hidden[1], dh_p, act_p, H)
+    elif split:
+        # Placeholders, dh_p's of its dtype: with and without prompt_out one compiled variant.
+        dh_p = tokens
+        prompt_out_bwd = (prompts, weights, dh_p, act_p, 0)
+    dlogits = _launch_bwd_softmax(grad_ipt, prompts, weights, blocks, prompt_out_bwd)
 
     b_groups = cdiv(B, blocks["B_PER_PROG"])
     n_groups = cdiv(Np, blocks["N_PER_PROG"])
@@ -1567,7 +1884,7 @@ def dispatch_bwd(
     grid = (cdiv(D, blocks["BLOCK_DW"]), K * b_groups + n_groups)
     _dispatch_bwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device), grad_ipt, weights, dlogits, *_hidden_pointers(hidden, weights),
-        w1e, w2e, w1p, w2p, w1z, w2z,
+        dh_p, act_p, w1e, w2e, w1p, w2p, w1z, w2z,
         grad_prompts, *(placeholder if t is None else t for t in (grad_tokens, grad_prompt_out, grad_tokens_add)), partials,
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *grad_ipt.stride(),
         *outer_strides(grad_tokens), *outer_strides(grad_prompt_out), *outer_strides(grad_tokens_add),
@@ -1575,7 +1892,7 @@ def dispatch_bwd(
         B, K, Np, T, D, H, C, blocks["B_PER_PROG"], blocks["N_PER_PROG"],
         row_p0, row_z0, row_e0,
         int(has_prompt_out), int(need_grad_tokens), int(grad_tokens_add is not None), HAS_HIDDEN=H > 0,
-        BLOCK_T=blocks["BLOCK_T"], BLOCK_N=blocks["BLOCK_N"],
+        BLOCK_T=blocks["BLOCK_T_SPLIT" if split else "BLOCK_T"], BLOCK_N=blocks["BLOCK_N"],
         BLOCK_DW=blocks["BLOCK_DW"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16, BLOCK_KB=blocks["BLOCK_KB"],
         num_warps=_NUM_WARPS["bwd"], num_stages=_NUM_STAGES["bwd"],
     )
@@ -1703,12 +2020,13 @@ def _(prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2, save_hidd
     B, T = tokens.shape[1:3]
     f32 = dict(dtype=torch.float32)
     save = save_hidden and H > 0
+    slopes_size, slopes_dtype = slopes_shape(K, B, T, H, tokens.dtype)
     return (
         prompts.new_empty((K, B, Np, D)),
         prompts.new_empty((K, B, Np, K), **f32),
         prompts.new_empty((K, Np, H) if save else _EMPTY, **f32),
         prompts.new_empty((K, B, Np, H) if save and prompt_out is not None else _EMPTY, **f32),
-        prompts.new_empty((K, B, T, H) if save else _EMPTY, **f32),
+        prompts.new_empty(slopes_size, dtype=slopes_dtype) if save else prompts.new_empty(_EMPTY, **f32),
         prompts.new_empty((K, B, H) if save else _EMPTY, **f32),
     )
 
@@ -1735,16 +2053,20 @@ def _triton_dispatch_mlp_backward(
     hidden: list[torch.Tensor],
     need_grad_tokens: bool,
     shared: bool,
+    grad_tokens_add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dispatch_bwd: (dprompts, dtokens, dprompt_out, the parameter gradients (G, C) in the
     parameters' dtype, a row per group of ``_op_groups(shared, prompt_out is not None)``); dtokens
     is (0,) without ``need_grad_tokens``, dprompt_out without prompt_out. ``hidden``: the last four
-    outputs of triton_dispatch_mlp. ``shared``: the three sources pass the very same tensors."""
+    outputs of triton_dispatch_mlp. ``shared``: the three sources pass the very same tensors.
+    ``grad_tokens_add`` (K, B, T, D): added to dtokens in the kernel, in float32 before dtokens is
+    rounded to the tokens' dtype, as ``Dispatcher.dispatch_into`` does eagerly."""
     check_shared(shared, w1, b1, w2, b2)
     grad_prompts, grad_tokens, grad_prompt_out, packed = dispatch_bwd(
         grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, weights,
         tuple(None if h.numel() == 0 else h for h in hidden), *zip(w1, b1, w2, b2),
-        need_grad_tokens=need_grad_tokens, groups=_op_groups(shared, prompt_out is not None), packed=True,
+        need_grad_tokens=need_grad_tokens, grad_tokens_add=grad_tokens_add,
+        groups=_op_groups(shared, prompt_out is not None), packed=True,
     )
     return grad_prompts, *empty_for_none(tokens, grad_tokens, grad_prompt_out), packed
 
@@ -1753,7 +2075,8 @@ triton_dispatch_mlp_backward = operator("triton_dispatch_mlp_backward", _triton_
 
 
 @triton_dispatch_mlp_backward.register_fake
-def _(grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2, weights, hidden, need_grad_tokens, shared):
+def _(grad_ipt, prompts, tokens, tok_start, tok_end, prompt_out, w1, b1, w2, b2, weights, hidden, need_grad_tokens, shared,
+      grad_tokens_add=None):
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     H = _hidden_width((w1[0],))
@@ -1996,6 +2319,7 @@ _POINTER_DTYPES = {
     "grad_prompts_ptr": "param", "grad_tokens_ptr": "act", "grad_prompt_out_ptr": "act", "grad_add_ptr": "act",
     "partials_ptr": "fp32", "out_ptr": "param", "hidden_e_ptr": "fp32", "hidden_p_ptr": "fp32",
     "slopes_z_ptr": "fp32", "act_sums_z_ptr": "fp32", "scratch_ptr": "fp32", "arrivals_ptr": "i32",
+    "dh_p_ptr": "fp32", "act_p_ptr": "fp32",
 }
 
 
@@ -2044,11 +2368,16 @@ def _kernel_variants() -> list[dict]:
             # slots of the tokens' sequences (Dispatcher.dispatch_into).
             # The forward for few and many prompts (``_forward_warps``, ``_prompt_blocks``) and
             # either tiling (``_forward_blocks``), named by its warps and tiling.
+            # bf16 activations, H <= 64 (``splits_bf16``): the slopes in bf16 parts, f_p's dL/dh
+            # from the softmax's backward, and the main backward's tiles of BLOCK_T_SPLIT rows.
+            split = splits_bf16(torch.bfloat16 if act == "bf16" else torch.float32, H)
+            slopes = {"slopes_z_ptr": "bf16"} if split else {}
+            dh_p = {"dh_p_ptr": "bf16"} if split else {}
             found = [
                 _variant(
                     _dispatch_fwd_kernel,
                     f"fwd{'-small-batch' if small else ''}{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}",
-                    param, act, warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt},
+                    param, act, warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt, **slopes},
                     HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_P=block_p, BLOCK_D=block_d,
                     BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b_per_fin, ROUND_FP32=small,
                 )
@@ -2060,15 +2389,18 @@ def _kernel_variants() -> list[dict]:
                 for block_p, block_d_mix, b_per_fin in [_prompt_blocks(Np, b["BLOCK_N"], block_d, small)]
             ] + [
                 _variant(
-                    _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], HAS_HIDDEN=H > 0,
-                    BLOCK_T=b["BLOCK_T"], BLOCK_N=b["BLOCK_N"], BLOCK_DW=b["BLOCK_DW"], BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
+                    _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], {**slopes, **dh_p},
+                    HAS_HIDDEN=H > 0,
+                    BLOCK_T=b["BLOCK_T_SPLIT" if split else "BLOCK_T"], BLOCK_N=b["BLOCK_N"], BLOCK_DW=b["BLOCK_DW"], BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
                     BLOCK_KB=b["BLOCK_KB"],
                 ),
             ]
-            # These two see no activations: the fp32-parameter signatures share one variant.
+            # These two see no activations (the softmax's backward only f_p's dL/dh in bf16 parts
+            # for bf16 ones): the fp32-parameter signatures share one variant otherwise.
             found.append(_variant(
-                _dispatch_bwd_softmax_kernel, "bwd_softmax", param, param, _NUM_WARPS["bwd_softmax"], _NUM_STAGES["bwd_softmax"],
-                BLOCK_KB=b["BLOCK_KB"], BLOCK_D=b["BLOCK_D"], BLOCK_K=16,
+                _dispatch_bwd_softmax_kernel, "bwd_softmax", param, act if split else param, _NUM_WARPS["bwd_softmax"],
+                _NUM_STAGES["bwd_softmax"], dh_p, BLOCK_KB=b["BLOCK_KB"], BLOCK_D=b["BLOCK_D"], BLOCK_K=16,
+                BLOCK_H=b["BLOCK_H"] if split else 16,
             ))
             found.append(_variant(
                 _dispatch_bwd_reduce_kernel, "bwd_reduce", param, param, _NUM_WARPS["bwd_reduce"], _NUM_STAGES["bwd_reduce"],

@@ -603,16 +603,19 @@ def _moe_forward(prompts, tokens, tok_start, tok_end, prompt_out, params, top_k)
     return dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params[0:6], params[6:12], params[12:18], top_k)
 
 
-def _sequence_grad(grad_seq, Np: int, grad_prompt_out, grad_tokens) -> torch.Tensor:
+def _sequence_grad(grad_seq, Np: int, grad_prompt_out, grad_tokens, added: bool = False) -> torch.Tensor:
     """The gradient of a sequence whose prompt slots a dispatcher overwrote with its IPTs, as it
     was before: dZ_P in the slots (zero without prompt_out), and in the token rows the gradient
-    ``grad_seq`` brought plus the dispatcher's dZ."""
+    ``grad_seq`` brought plus the dispatcher's dZ (``added``: ``grad_tokens`` is that sum already)."""
     grad_in = torch.empty(grad_seq.shape, dtype=grad_seq.dtype, device=grad_seq.device)
     if grad_prompt_out is None:
         grad_in[:, :, :Np].zero_()
     else:
         grad_in[:, :, :Np].copy_(grad_prompt_out)
-    torch.add(grad_seq[:, :, Np:], grad_tokens, out=grad_in[:, :, Np:])
+    if added:
+        grad_in[:, :, Np:].copy_(grad_tokens)
+    else:
+        torch.add(grad_seq[:, :, Np:], grad_tokens, out=grad_in[:, :, Np:])
     return grad_in
 
 
@@ -754,8 +757,10 @@ def _dispatch_into_backward(ctx, grad_out, _grad_weights, _grad_prompt_out, _gra
     if ctx.backend == "triton":
         from pmoe_fast.kernels.dispatch import list_param_grads, triton_dispatch_mlp_backward, unpack_param_grads
 
+        # The kernel adds grad_out's token rows to dZ before rounding it, as the eager path does.
         grad_prompts, grad_tokens, grad_prompt_out, packed = triton_dispatch_mlp_backward(
-            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, w1, b1, w2, b2, weights, saved, need_seq, ctx.shared
+            grad_ipt, prompts, tokens, *ctx.tok_range, prompt_out, w1, b1, w2, b2, weights, saved, need_seq, ctx.shared,
+            grad_out[:, :, Np:] if need_seq else None,
         )
         K, _, D = prompts.shape
         unpack = functools.partial(unpack_param_grads, K=K, D=D, H=0 if w1[0] is None else w1[0].shape[0])
@@ -770,7 +775,9 @@ def _dispatch_into_backward(ctx, grad_out, _grad_weights, _grad_prompt_out, _gra
         param_grads = [
             _source_grads(g, n, has_p) if isinstance(n, list) else None for g, n in zip(grads, needs[6:])
         ]
-    grad_seq = _sequence_grad(grad_out, Np, grad_prompt_out if has_p else None, grad_tokens) if need_seq else None
+    grad_seq = None
+    if need_seq:
+        grad_seq = _sequence_grad(grad_out, Np, grad_prompt_out if has_p else None, grad_tokens, ctx.backend == "triton")
     return (None, grad_seq, grad_prompts if needs[2] else None, None, None, None, *param_grads)
 
 

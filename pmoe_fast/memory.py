@@ -462,6 +462,7 @@ class _Setup:
     device: str  # "cpu" or "cuda"
     execution: str  # "batched", "sequential" or "streams"
     backend: str  # "torch", "cpp", "cuda", "triton" or "none"
+    dtype: torch.dtype = torch.float32  # the experts' activations
 
     def size(self, numel: int, itemsize: int) -> int:
         """Bytes of one tensor, as the device's allocator counts them."""
@@ -646,7 +647,10 @@ def _dispatch_saved(s: _Setup, layer: int) -> dict:
             saved[("z_act", layer)] = s.size(rows * d.hidden, 4)
             saved[("z_mean", layer)] = s.size(K * B * (d.hidden or D), 4)
         if s.backend == "triton" and d.kind == "mlp" and d.hidden:  # f's pre-activations or GELU slopes of every row
-            saved[("slopes_z", layer)] = s.size(rows * d.hidden, 4)
+            from pmoe_fast.kernels.dispatch import splits_bf16
+
+            # float32, or three bfloat16 parts each (kernels/dispatch.py, slopes_shape)
+            saved[("slopes_z", layer)] = s.size(rows * d.hidden, 6 if splits_bf16(s.dtype, d.hidden) else 4)
             saved[("act_sums_z", layer)] = s.size(K * B * d.hidden, 4)  # each (k, b)'s sum of gelu
             saved[("hidden_e", layer)] = s.size(K * Np * d.hidden, 4)
             if layer > 0:
@@ -773,7 +777,7 @@ def _estimate(d: _Description, *, batch_size: int, checkpoint: int, expert_dtype
         execution = ("batched" if d.batchable else "streams") if device == "cuda" else "sequential"
     if execution == "batched" and not d.batchable:
         raise ValueError("execution='batched' needs experts of one architecture; these differ (use 'auto')")
-    s = _Setup(d, batch_size, expert_dtype.itemsize, device, execution, _resolve_backend(d, device, execution))
+    s = _Setup(d, batch_size, expert_dtype.itemsize, device, execution, _resolve_backend(d, device, execution), expert_dtype)
 
     frozen = sum(s.size(n, expert_dtype.itemsize if floating else size) for n, size, floating in d.frozen)
     states, steps = OPTIMIZERS[optimizer], optimizer in ("adam", "adamw") and device == "cpu"  # CUDA's steps: CPU
