@@ -26,10 +26,11 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   tokens. When a backward will follow, the programs of P and Z_P store the pre-activations
   x W1^T + b1 of their rows in float32, and the token programs the GELU slopes
   gelu'(x W1^T + b1) (K*B*T*H floats, 9.7 MB at the target against 58 MB of tokens; for bf16
-  tokens and H <= 64 three bfloat16 parts of each, ``_store_split``, 14.5 MB), with which the backward needs
-  neither the product over all of D nor any transcendental function per token. Then each program counts itself
-  done with the group of B_PER_FIN images of expert k it served (an atomic counter per group;
-  f_e's programs count for every group), and the program that completes a count, whichever it
+  tokens and H <= 64 three bfloat16 parts of each, ``_store_split``, 14.5 MB), with which the
+  backward needs neither the product over all of D nor any transcendental function per token.
+  Then each program counts itself done with the group of B_PER_FIN images of expert k it served
+  (an atomic counter per group; f_e's programs count for every group), and the program that
+  completes a count, whichever it
   is, finishes that group: it sums the chunks' sums in a fixed order (the result does not depend
   on which program finishes; for a backward it stores them, H floats a (k, b)), multiplies them
   by W2, takes the softmax over K and writes weights
@@ -43,9 +44,10 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      dweights[j] = <grad_ipt, P[j]>, for prompt n one product (BLOCK_KB rows (k, b) x D) @
      (D x K) per program. Reads grad_ipt once (K*B*Np*D) and P[:, n] once per BLOCK_KB rows
      (where a program per (k, b) read all of P: 177 MB from L2 at K=6, B=32, Np=50); writes
-     K*B*Np*K floats. With bf16 activations (and H <= 64, ``splits_bf16``) it also takes f_p's backward through W2 and GELU for
-     its rows, dL/dh = (dlogits W2) gelu'(h) in bfloat16 parts and gelu(h), K*B*Np*H each, once
-     a row where each of the next launch's d-tile programs took them again.
+     K*B*Np*K floats. With bf16 activations and H <= 64 (``splits_bf16``) it also takes f_p's
+     backward through W2 and GELU for its rows, dL/dh = (dlogits W2) gelu'(h) in bfloat16 parts
+     and gelu(h), K*B*Np*H each, once a row where each of the next launch's d-tile programs took
+     them again.
   2. grid (S_D, K*S_B + S_N), S_D = ceil(D / BLOCK_DW): the MLP backward of every row and the
      fusion gradient of P. Program (d-tile, k, group of batch rows) reads the saved
      pre-activations of its rows of Z_P and slopes of its rows of Z (H floats a row; the S_D
@@ -62,14 +64,15 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      group, R = K*S_B (f_z) + K*S_B (f_p) + S_N (f_e), C = H*D + H + K*H + K. The number of groups
      trades parallelism against these bytes: at the target (H100, H=64, Np=10) S_D=12, S_B=3,
      R=46 rows of C=49606, 9 MB, against the 116 MB of tokens read and dZ written.
-     With bf16 activations and H <= 64 (the model's case) no arithmetic runs on the elements of a token or
-     Z_P tile: the tiles go from memory to the bfloat16 tensor cores as they are, beside the
-     slopes' parts, or f_p's dL/dh parts, and W1 (``_tokens_bwd_split``, ``_prompt_out_bwd_split``).
-     A float32 dh took a split into tf32 heads and rests, and the tokens a conversion to float32
-     and a transposed trip through shared memory, a tile at a time: in the sm_90a SASS of the
-     launch at K=6, B=32 (Triton 3.8) a tile of 32 tokens took 548 instructions and 18 barriers,
-     a tile of 64 takes 589 and 3, and f_p's 16-row tile, 1215 (GELU and its slope in every
-     d-tile's program), became a 64-row tile of about 550 over the rows of all the program's images.
+     With bf16 activations and H <= 64 (the model's case) no arithmetic runs on the elements of
+     a token or Z_P tile: the tiles go from memory to the bfloat16 tensor cores as they are,
+     beside the slopes' parts, or f_p's dL/dh parts, and W1 (``_tokens_bwd_split``,
+     ``_prompt_out_bwd_split``). A float32 dh took a split into tf32 heads and rests, and the
+     tokens a conversion to float32 and a transposed trip through shared memory, a tile at a
+     time: in the sm_90a SASS of the launch at K=6, B=32 (Triton 3.8) a tile of 32 tokens took
+     548 instructions and 18 barriers, a tile of 64 takes 589 and 3, and f_p's 16-row tile, 1215
+     (GELU and its slope in every d-tile's program), became a 64-row tile over the rows of all the
+     program's images, about 450 on its main path.
   3. grid (ceil(C / BLOCK_C), G): sums the partial rows of each parameter group in a fixed order
      (deterministic, where atomics would not be) and writes the gradients in the parameters'
      dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
