@@ -1036,7 +1036,7 @@ def _prompt_out_bwd_split(
         x = tl.load(zp_base + (b * stride_b + n * stride_n)[:, None] + offs_dw[None, :], mask=x_mask, other=0.0)
         h_rows = (row0 + r)[:, None] * H + offs_h[None, :]
         mask_h = r_mask[:, None] & h_mask[None, :]
-        dh_rows = dh_ptr + 2 * (row0 + r)[:, None] * H + h_rows
+        dh_rows = dh_ptr + 2 * (row0 + r)[:, None] * H + h_rows  # (row0 + r) * 3 * H + offs_h
         d_hi = tl.load(dh_rows, mask=mask_h, other=0.0)
         d_mid = tl.load(dh_rows + H, mask=mask_h, other=0.0)
         d_lo = tl.load(dh_rows + 2 * H, mask=mask_h, other=0.0)
@@ -1273,6 +1273,9 @@ def _dispatch_bwd_kernel(
             mask=k_mask[:, None] & (offs_w2 < w2_cols)[None, :],
             other=0.0,
         ).to(tl.float32)  # (BLOCK_K, BLOCK_H), or (BLOCK_K, BLOCK_DW) when H = 0
+        # Split slopes load W1's d-tile again for each image (below, from L1/L2): held across the
+        # images beside the split path's accumulators, it took the launch from 112 bytes of
+        # spills a thread to 304 (sm_90a, Triton 3.8, before the prompt outputs' split path).
         if slopes_z_ptr.dtype.element_ty != tl.bfloat16:
             w1 = _load_w1_tile(w1z_ptr, stride_w1z_h, offs_dw, D, H, BLOCK_H)
         for b in range(b_lo, b_hi):
