@@ -17,25 +17,25 @@ then what the launchers can run (``triton_not_supported_reasons``) and every var
 Design. The tokens Z (K, B, T, D) dominate the bytes: at the GPU target (K=6, B=32, T=197,
 D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 
-* Forward, ONE launch, grid (K + K*B + K*B*S_T,), three roles: K programs evaluate f_e on the
-  prompts P[k] (once per expert, not per image); K*B programs evaluate f_p on Z_P[k, b] (with
-  prompt_out); K*B*S_T programs each take a chunk of BLOCK_T tokens of one (k, b) and keep the sum
-  over its tokens of gelu(x W1^T + b1) (H floats: the mean over tokens commutes with W2), or of
-  f_z - b2 without a hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (768
+* Forward, ONE launch, grid (K + K*S_P + K*B*S_T,), three roles: K programs evaluate f_e on the
+  prompts P[k] (once per expert, not per image); K*S_P programs evaluate f_p (with prompt_out)
+  on tiles of 64 rows of Z_P[k] (B*Np rows, S_P = ceil(B*Np / 64) tiles; small batches and
+  H > 64, ``_prompt_blocks``, take BLOCK_P rows); K*B*S_T programs each take a chunk of BLOCK_T tokens
+  of one (k, b) and keep the sum over its tokens of gelu(x W1^T + b1) (H floats: the mean over
+  tokens commutes with W2), or of f_z - b2 without a hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (768
   at the target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197
   tokens. When a backward will follow, the programs of P and Z_P store the pre-activations
   x W1^T + b1 of their rows in float32, and the token programs the GELU slopes
   gelu'(x W1^T + b1) (K*B*T*H floats, 9.7 MB at the target against 58 MB of tokens; for bf16
   tokens and H <= 64 three bfloat16 parts of each, ``_store_split``, 14.5 MB), with which the
   backward needs neither the product over all of D nor any transcendental function per token.
-  Then each program counts itself done with the group of B_PER_FIN images of expert k it served
-  (an atomic counter per group; f_e's programs count for every group), and the program that
-  completes a count, whichever it
-  is, finishes that group: it sums the chunks' sums in a fixed order (the result does not depend
-  on which program finishes; for a backward it stores them, H floats a (k, b)), multiplies them
-  by W2, takes the softmax over K and writes weights
-  and ipt, into a new tensor or into the prompt slots of the experts' sequences, where Z_P was
-  (``Dispatcher.dispatch_into``). Mixing the EPTs reads all of P (K*Np*D): once per group of
+  Then each program counts itself done with each group of B_PER_FIN images of expert k it served
+  (an atomic counter per group; f_e's programs count for every group, f_p's for each group
+  their rows reach), and the program that completes a count, whichever it is, finishes that
+  group: it sums the chunks' sums in a fixed order (the result does not depend on which program
+  finishes; for a backward it stores them, H floats a (k, b)), multiplies them by W2, takes the
+  softmax over K and writes weights and ipt, into a new tensor or into the prompt slots of the
+  experts' sequences, where Z_P was (``Dispatcher.dispatch_into``). Mixing the EPTs reads all of P (K*Np*D): once per group of
   images, not once per image (177 MB from L2 at K=6, B=32, Np=50, fp32). Reads K*B*T*D
   (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D / B_PER_FIN (P, L2-resident); writes K*B*Np*(D+K)
   elements, and (K*B*(T+Np+1) + K*Np)*H floats for a backward.
@@ -520,12 +520,14 @@ def _dispatch_fwd_kernel(
     D,
     H,
     S_T,  # token chunks of BLOCK_T rows per (k, b): ceil(max_k (end_k - start_k) / BLOCK_T)
+    S_P,  # f_p tiles per expert: ceil(B * Np / BLOCK_ZP)
     has_prompt_out,  # 0 or 1, a run-time switch: one compiled variant serves both cases
     save_hidden,  # 0 or 1, a run-time switch: store the pre-activations (hidden_*) for a backward
     HAS_HIDDEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,  # prompts per tile where a group of images is finished
-    BLOCK_P: tl.constexpr,  # rows of P or Z_P per tile of f_e and f_p
+    BLOCK_P: tl.constexpr,  # rows of P per tile of f_e
+    BLOCK_ZP: tl.constexpr,  # rows of Z_P per tile of f_p, across images
     BLOCK_D: tl.constexpr,
     BLOCK_D_MIX: tl.constexpr,  # the D step of the prompt mixture
     BLOCK_H: tl.constexpr,
@@ -533,10 +535,11 @@ def _dispatch_fwd_kernel(
     B_PER_FIN: tl.constexpr,
     ROUND_FP32: tl.constexpr,  # float32 x float32 products split by _dot_fwd's rounding, not tf32x3
 ):
-    """Three roles by program id: [0, K) f_e over the prompts P[k]; the next K * B (with
-    prompt_out) f_p over Z_P[k, b]; then K * B * S_T token chunks (k, b, s), each f_z over BLOCK_T
-    tokens. Each stores its logits (or its tokens' sums), then counts itself done with the group
-    of B_PER_FIN images of expert k it served (f_e: every group). The program that completes the
+    """Three roles by program id: [0, K) f_e over the prompts P[k]; the next K * S_P (with
+    prompt_out) f_p over tiles of BLOCK_ZP rows of Z_P[k]; then K * B * S_T token chunks
+    (k, b, s), each f_z over BLOCK_T tokens. Each stores its logits (or its tokens' sums), then
+    counts itself done with each group of B_PER_FIN images of expert k it served (f_e: every
+    group; an f_p tile: those of its rows' images). The program that completes the
     count of a group, whichever it is, finishes it: softmax over the K experts and the mixture of
     the EPTs. Only the finishing program of a group writes its IPT rows, after f_p has read Z_P
     of each of its images: the IPT may overwrite Z_P in place."""
@@ -551,7 +554,7 @@ def _dispatch_fwd_kernel(
     k_mask = offs_k < K
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
-    p_programs = K * B * has_prompt_out
+    p_programs = K * S_P * has_prompt_out
     if pid < K:
         k = pid
         for n0 in range(0, Np, BLOCK_P):
@@ -566,21 +569,24 @@ def _dispatch_fwd_kernel(
         g_lo = pid * 0
         g_hi = g_lo + tl.cdiv(B, B_PER_FIN)
     elif pid < K + p_programs:
-        kb = pid - K
-        k = kb // B
-        b_lo = kb % B
-        g_lo = b_lo // B_PER_FIN
-        g_hi = g_lo + 1
-        for n0 in range(0, Np, BLOCK_P):
-            n = n0 + offs_p
-            n_mask = n < Np
-            logits = _mlp_rows(
-                prompt_out_ptr + k * stride_prompt_out_k + b_lo * stride_prompt_out_b + n * stride_prompt_out_n,
-                n_mask, hidden_p_ptr + (kb * Np + n) * H, save_hidden,
-                w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
-                K, D, H, HAS_HIDDEN, BLOCK_P, BLOCK_D, BLOCK_H, BLOCK_K, ROUND_FP32,
-            ) + tl.load(b2p_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(weights_ptr + (kb * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
+        # Tile (k, s): rows [s * BLOCK_ZP, (s + 1) * BLOCK_ZP) of Z_P[k] as one (B * Np, D)
+        # matrix, the rows of several images when Np < BLOCK_ZP.
+        k = (pid - K) // S_P
+        first = (pid - K - k * S_P) * BLOCK_ZP
+        r = first + tl.arange(0, BLOCK_ZP)
+        r_mask = r < B * Np
+        b_r = r // Np
+        n_r = r - b_r * Np
+        logits = _mlp_rows(
+            prompt_out_ptr + k * stride_prompt_out_k + b_r * stride_prompt_out_b + n_r * stride_prompt_out_n,
+            r_mask, hidden_p_ptr + (k * B * Np + r) * H, save_hidden,
+            w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
+            K, D, H, HAS_HIDDEN, BLOCK_ZP, BLOCK_D, BLOCK_H, BLOCK_K, ROUND_FP32,
+        ) + tl.load(b2p_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(weights_ptr + (k * B * Np + r)[:, None] * K + offs_k[None, :], logits, mask=r_mask[:, None] & k_mask[None, :])
+        # The groups of its first and last images.
+        g_lo = first // Np // B_PER_FIN
+        g_hi = (tl.minimum(first + BLOCK_ZP, B * Np) - 1) // Np // B_PER_FIN + 1
     else:
         chunk = pid - K - p_programs
         s = chunk % S_T
@@ -623,7 +629,10 @@ def _dispatch_fwd_kernel(
         kb = k * B + b
         images = tl.minimum(B - g * B_PER_FIN, B_PER_FIN)
         done_before = tl.atomic_add(arrivals_ptr + k * tl.cdiv(B, B_PER_FIN) + g, 1, sem="acq_rel")
-        if done_before == images * (S_T + has_prompt_out):  # the others: f_e, f_p and the token chunks
+        # The others: f_e, the token chunks and the f_p tiles with rows in the group.
+        rows_lo = g * B_PER_FIN * Np
+        zp_tiles = ((rows_lo + images * Np - 1) // BLOCK_ZP - rows_lo // BLOCK_ZP + 1) * has_prompt_out
+        if done_before == images * S_T + zp_tiles:
             start = tl.load(tok_range_ptr + 2 * k)
             end = tl.load(tok_range_ptr + 2 * k + 1)
             # The chunks' sums, in a fixed order, so the logits are reproducible.
@@ -1463,16 +1472,26 @@ def _forward_warps(Np: int, block_n: int, small_batch: bool) -> int:
     return _NUM_WARPS["fwd"] if Np <= block_n else _NUM_WARPS["fwd_many_prompts"]
 
 
-def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int, small_batch: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_D_MIX, B_PER_FIN): the rows of f_e's and f_p's tiles, the D step of the
-    prompt mixture, and the images one program finishes. While the prompts fit one BLOCK_N tile,
-    BLOCK_N rows and, for a large batch, the forward's own D step.
+def _prompt_blocks(Np: int, block_n: int, block_h: int, block_d_fwd: int, small_batch: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_ZP, BLOCK_D_MIX, B_PER_FIN): the rows of f_e's tiles and of f_p's, the D
+    step of the prompt mixture, and the images one program finishes. While the prompts fit one
+    BLOCK_N tile, BLOCK_N rows and, for a large batch, the forward's own D step.
 
-    More prompts take the forward's 8-warp variant (``_forward_warps``), and with it tiles of 32
-    rows: f_p's program (one per image) walks D ceil(Np / 32) times, 2 at Np = 50 where 16-row
-    tiles took 4, each about as long as a token chunk's one. (64 rows, one walk, took all 255 registers
-    and 57 KB of shared memory as launched, and spilled up to 1.2 KB a thread in the generic
-    variants.) The mixture steps through D 128 at a time: each step waits on its loads of P
+    f_p's tiles take the rows of Z_P[k] as one (B * Np, D) matrix, several images a tile. For a
+    large batch they are 64 rows, a token chunk's tile: the rows of one warpgroup's wgmma, as
+    the token chunks' (at Np = 10 a program per image padded its 10 rows to 16 on mma.sync). In
+    the sm_90a SASS (Triton 3.8) of the launch at K = 6, B = 32, Np = 10, f_p's D step took 208
+    instructions a warp for 16 rows, 192 programs of one tile; it takes 204 for 64 rows, 30
+    programs (167 registers, was 166, no spills). At Np = 50, 192 programs of two 32-row tiles
+    (8 warps, 208 instructions a step) became 150 of one 64-row tile (181), 178 registers where
+    the launch took 182. A small batch keeps BLOCK_P rows: B = 1 takes f_p's one tile an expert
+    as before; so does H > 64, whose generic 4-warp variants spilled up to 120 bytes a thread
+    with 64 rows against none.
+
+    More prompts take the forward's 8-warp variant (``_forward_warps``), and with it f_e's tiles
+    of 32 rows, 2 walks over D at Np = 50 where 16-row tiles took 4. (64 rows, one walk, took
+    all 255 registers and 57 KB of shared memory as launched, and spilled up to 1.2 KB a thread
+    in the generic variants.) The mixture steps through D 128 at a time: each step waits on its loads of P
     (``_softmax_and_mix``), and a group of images at Np = 50 takes 4 prompt tiles x 6 steps where
     the forward's 32-wide step took 4 x 24. On sm_90a (Triton 3.8) the launch at K = 6, B = 32,
     Np = 50 takes 184 registers against 178, no spills, the same 36 KB of shared memory
@@ -1498,8 +1517,8 @@ def _prompt_blocks(Np: int, block_n: int, block_d_fwd: int, small_batch: bool) -
     a 16 x 256 tile of P taking 128 registers.) Untimed on a GPU."""
     block_p = block_n if Np <= block_n else 32
     if small_batch:
-        return block_p, 128, 1
-    return block_p, (block_d_fwd if Np <= block_n else 128), 4
+        return block_p, block_p, 128, 1
+    return block_p, (64 if block_h <= 64 else block_p), (block_d_fwd if Np <= block_n else 128), 4
 
 
 def cdiv(a: int, b: int) -> int:
@@ -1558,7 +1577,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     small_batch = device.type == "cuda" and K * B * 8 <= multiprocessors(device)
     block_t_fwd, block_d_fwd = _forward_blocks(block_h, small_batch)
     block_n = 16
-    block_p, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_d_fwd, small_batch)
+    block_p, block_zp, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_h, block_d_fwd, small_batch)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight
@@ -1579,6 +1598,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_T_SPLIT": 64,
         "BLOCK_N": block_n,
         "BLOCK_P": block_p,
+        "BLOCK_ZP": block_zp,
         "BLOCK_D": block_d,
         "BLOCK_D_MIX": block_d_mix,
         "BLOCK_DW": block_dw,
@@ -1771,7 +1791,8 @@ def dispatch_fwd(
         # A placeholder of the slopes' dtype (``slopes_shape``): inference and training run one
         # compiled variant.
         hidden_ptrs[2] = tokens
-    grid = (K + K * B * int(has_prompt_out) + K * B * chunks,)
+    zp_tiles = cdiv(B * Np, blocks["BLOCK_ZP"])
+    grid = (K + K * zp_tiles * int(has_prompt_out) + K * B * chunks,)
     _dispatch_fwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
@@ -1779,9 +1800,9 @@ def dispatch_fwd(
         scratch, arrivals,
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *ipt_out.stride()[:3],
         *strides_e, *strides_p, *strides_z,
-        B, K, Np, T, D, H, chunks,
+        B, K, Np, T, D, H, chunks, zp_tiles,
         int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
-        BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_P=blocks["BLOCK_P"],
+        BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_P=blocks["BLOCK_P"], BLOCK_ZP=blocks["BLOCK_ZP"],
         BLOCK_D=blocks["BLOCK_D_FWD"], BLOCK_D_MIX=blocks["BLOCK_D_MIX"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16,
         B_PER_FIN=blocks["B_PER_FIN"], ROUND_FP32=bool(blocks["ROUND_FP32"]),
         num_warps=blocks["FWD_WARPS"], num_stages=_NUM_STAGES["fwd"],
@@ -2384,7 +2405,7 @@ def _kernel_variants() -> list[dict]:
                     _dispatch_fwd_kernel,
                     f"fwd{'-small-batch' if small else ''}{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}",
                     param, act, warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt, **slopes},
-                    HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_P=block_p, BLOCK_D=block_d,
+                    HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_P=block_p, BLOCK_ZP=block_zp, BLOCK_D=block_d,
                     BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b_per_fin, ROUND_FP32=small,
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
@@ -2392,7 +2413,7 @@ def _kernel_variants() -> list[dict]:
                 for small in (False, True)
                 for warps in [_forward_warps(Np, b["BLOCK_N"], small)]
                 for block_t, block_d in [_forward_blocks(b["BLOCK_H"], small)]
-                for block_p, block_d_mix, b_per_fin in [_prompt_blocks(Np, b["BLOCK_N"], block_d, small)]
+                for block_p, block_zp, block_d_mix, b_per_fin in [_prompt_blocks(Np, b["BLOCK_N"], b["BLOCK_H"], block_d, small)]
             ] + [
                 _variant(
                     _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], {**slopes, **dh_p},

@@ -68,9 +68,10 @@ CASES = {
     # mixture's 128-wide D step past D = 100, float32 products split by _dot_fwd's rounding (fp32
     # tokens, and fp32 prompts beside bf16 tokens as in the model).
     "small-batch": Case(B=1, blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1"),
+    # f_p's one 16-row tile holds the rows of all three images, and counts into three groups.
     "small-batch-B3": Case(
         B=3, act_dtype=torch.bfloat16, shared=False,
-        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1",
+        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_ZP=16,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1",
     ),
     "logits-x20-small-batch": Case(
         w2_scale=20.0, shared=False, blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1",
@@ -84,14 +85,17 @@ CASES = {
     "logits-x20": Case(w2_scale=20.0, shared=False),
     "strided": Case(strided=True, starts=(1, 1, 1), ends=(37, 37, 37)),
     "hidden-128": Case(H=100, K=2, T=20),
-    # More prompts than a BLOCK_N tile (``_prompt_blocks``): f_e and f_p in 32-row tiles, three
-    # of them at Np = 70, the last one short, and the mixture's 128-wide D step past D; K = 6
-    # takes the mixture's experts in two steps of four, the second half empty.
+    # More prompts than a BLOCK_N tile (``_prompt_blocks``): f_e in 32-row tiles, three of them
+    # at Np = 70, the last one short; f_p in 64-row tiles of the 140 rows of Z_P[k], the second
+    # holding rows of both images; the mixture's 128-wide D step past D; K = 6 takes the
+    # mixture's experts in three steps of two.
     "many-prompts-K6": Case(K=6, B=2, Np=70, T=9, D=40),
     "small-tiles": Case(
         Np=20, B=3, D=48, shared=False,
-        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=16,BLOCK_T=16,BLOCK_N=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=1,N_PER_PROG=3,"
-        "B_PER_FIN=2",  # B = 3: a group of two images and a group of one
+        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=16,BLOCK_T=16,BLOCK_N=16,BLOCK_ZP=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,"
+        # B = 3: a group of two images and a group of one; f_p's third 16-row tile of the 60
+        # rows of Z_P holds rows of both groups, its fourth is short.
+        "B_PER_PROG=1,N_PER_PROG=3,B_PER_FIN=2",
     ),
     "small-tiles-linear": Case(
         H=0, Np=20, B=3, D=48,
@@ -388,12 +392,17 @@ def test_small_batches_on_a_gpu_take_the_forwards_small_tiles(monkeypatch):
     assert (small["BLOCK_T_FWD"], small["BLOCK_D_FWD"]) == (16, 64)
     # each image finished by its own program, the mixture 128 wide
     assert (small["B_PER_FIN"], small["BLOCK_D_MIX"], small["BLOCK_P"], small["ROUND_FP32"]) == (1, 128, 16, 1)
-    assert kd.default_blocks(K=2, B=8, Np=50, D=768, H=64, device=cuda)["BLOCK_P"] == 32
+    # f_p's tiles: BLOCK_P rows for a small batch, 64 (a wgmma's rows) for a large one
+    assert small["BLOCK_ZP"] == 16
+    many = kd.default_blocks(K=2, B=8, Np=50, D=768, H=64, device=cuda)
+    assert (many["BLOCK_P"], many["BLOCK_ZP"]) == (32, 32)
     assert kd.default_blocks(K=2, B=8, Np=10, D=768, H=128, device=cuda)["BLOCK_D_FWD"] == 32
+    assert kd.default_blocks(K=6, B=32, Np=10, D=768, H=128, device=cuda)["BLOCK_ZP"] == 16
     for K, B, device in ((6, 32, cuda), (4, 5, cuda), (2, 1, torch.device("cpu"))):
         large = kd.default_blocks(K=K, B=B, Np=10, D=768, H=64, device=device)
         assert (large["BLOCK_T_FWD"], large["BLOCK_D_FWD"]) == (64, 32), (K, B, device)
         assert (large["B_PER_FIN"], large["BLOCK_D_MIX"], large["ROUND_FP32"]) == (4, 32, 0), (K, B, device)
+        assert (large["BLOCK_P"], large["BLOCK_ZP"]) == (16, 64), (K, B, device)
         # The backward's softmax kernel keeps the large-batch D step at every batch.
         assert large["BLOCK_D"] == small["BLOCK_D"] == 32
 
