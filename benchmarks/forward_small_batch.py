@@ -28,10 +28,12 @@ SHAPES = ((2, 1), (6, 1), (9, 1), (6, 4), (6, 32))  # (K, B)
 # The large-batch tiling; the small-batch MLP tiles with the large batch's finish (groups of 4
 # images, the mixture's D step that of the MLP), the small-batch default before a program finished
 # each image; then a 256-wide mixture; then other token chunks and D steps; then the small
-# batch's default at 4 warps, the count it ran before the default became 8.
+# batch's default at 4 warps, the count it ran before the default became 8; then f_e in one
+# piece (one program over all of D, as before its pieces) and in 8.
 SETTINGS = ("default", "BLOCK_T_FWD=64,BLOCK_D_FWD=32,BLOCK_D_MIX=32,B_PER_FIN=4",
             "BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=64,B_PER_FIN=4", "BLOCK_D_MIX=256,B_PER_FIN=1",
-            "BLOCK_T_FWD=16,BLOCK_D_FWD=32", "BLOCK_T_FWD=32,BLOCK_D_FWD=64", "FWD_WARPS=4")
+            "BLOCK_T_FWD=16,BLOCK_D_FWD=32", "BLOCK_T_FWD=32,BLOCK_D_FWD=64", "FWD_WARPS=4", "BLOCK_D_E=768",
+            "BLOCK_D_E=96")
 
 
 def layer(K: int, B: int):
@@ -72,7 +74,9 @@ def main() -> None:
                 want = ipt
             err = ((ipt - want).norm() / want.norm()).item()
             cells.append(f"{setting} {us:7.1f}" + (f" (ipt off by {err:.1e})" if err > 1e-5 else ""))
-        default = ",".join(f"{key}={picked[key]}" for key in ("BLOCK_T_FWD", "BLOCK_D_FWD", "BLOCK_D_MIX", "B_PER_FIN", "FWD_WARPS"))
+        default = ",".join(
+            f"{key}={picked[key]}" for key in ("BLOCK_T_FWD", "BLOCK_D_FWD", "BLOCK_D_E", "BLOCK_D_MIX", "B_PER_FIN", "FWD_WARPS")
+        )
         print(f"K={K} B={B:<2} (default {default}): "
               + " | ".join(cells))
     os.environ.pop(triton_dispatch.BLOCK_ENV, None)

@@ -47,10 +47,11 @@ WARPS = (4, 8)
 # Np = 50: FWD_WARPS=4 with 16-row f_e tiles and a 64-wide mixture step compiles to 168
 # registers without spills, and a token chunk's D step takes 4 warps x 208 instructions where 8
 # take 8 x 181 (sm_90a, Triton 3.8), but the mixture of a group's 4 x 50 prompts then waits on
-# 12 steps of loads of P, not 6.
+# 12 steps of loads of P, not 6. BLOCK_D_E=768 runs f_e as one program an expert, as before
+# its pieces.
 SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D_FWD=64", "B_PER_FIN=1", "BLOCK_T_SPLIT=32", "BLOCK_DW=32",
           "BLOCK_T_SPLIT=32,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4", "BLOCK_P=16", "BLOCK_D_MIX=32",
-          "BLOCK_P=16,BLOCK_D_MIX=32", "BLOCK_ZP=16", "FWD_WARPS=4,BLOCK_P=16,BLOCK_D_MIX=64")
+          "BLOCK_P=16,BLOCK_D_MIX=32", "BLOCK_ZP=16", "FWD_WARPS=4,BLOCK_P=16,BLOCK_D_MIX=64", "BLOCK_D_E=768")
 BF16_PARAMS = "bf16 params"
 
 

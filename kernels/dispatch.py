@@ -17,8 +17,13 @@ then what the launchers can run (``triton_not_supported_reasons``) and every var
 Design. The tokens Z (K, B, T, D) dominate the bytes: at the GPU target (K=6, B=32, T=197,
 D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 
-* Forward, ONE launch, grid (K + K*S_P + K*B*S_T,), three roles: K programs evaluate f_e on the
-  prompts P[k] (once per expert, not per image); K*S_P programs evaluate f_p (with prompt_out)
+* Forward, ONE launch, grid (K*S_E + K*S_P + K*B*S_T,), three roles: K*S_E programs evaluate
+  f_e on the prompts P[k] (once per expert, not per image), each over D / S_E of the columns
+  (S_E = ceil(D / 192)), and the program that finishes a group of images sums their partial
+  products in a fixed order, then applies b1, GELU and W2 (Np*H values; f_e's one program per
+  expert was the longest of the launch, 24 D steps of 366 instructions where a token chunk
+  takes 24 of 202, and as the last to arrive at each group of its expert it finished them one
+  after another); K*S_P programs evaluate f_p (with prompt_out)
   on tiles of 64 rows of Z_P[k] (B*Np rows, S_P = ceil(B*Np / 64) tiles; small batches and
   H > 64, ``_prompt_blocks``, take BLOCK_P rows); K*B*S_T programs each take a chunk of BLOCK_T tokens
   of one (k, b) and keep the sum over its tokens of gelu(x W1^T + b1) (H floats: the mean over
@@ -284,38 +289,45 @@ def _dot_fwd(a, b, acc, ROUND_FP32: tl.constexpr):
 
 
 @triton.jit
-def _hidden_preact(
+def _row_products(
     x_ptrs,  # (BLOCK_R,) pointers to the first element of each row, each row D contiguous
     row_mask,  # (BLOCK_R,)
-    w1_ptr,  # (H, D)
-    stride_w1_h,
-    b1_ptr,  # (H,)
-    D,
-    H,
+    w_ptr,  # (W, D): W1 (H, D), or W2 (K, D) without a hidden layer
+    stride_w,
+    d_lo,  # the columns [d_lo, d_hi) of x and w
+    d_hi,
+    W,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     ROUND_FP32: tl.constexpr,
 ):
-    """x W1^T + b1 for one tile of rows: (BLOCK_R, BLOCK_H) float32, zero in padded columns."""
+    """x[:, d_lo:d_hi] w[:, d_lo:d_hi]^T for one tile of rows: (BLOCK_R, BLOCK_W) float32, zero
+    in padded columns."""
     offs_d = tl.arange(0, BLOCK_D)
-    offs_h = tl.arange(0, BLOCK_H)
-    h_mask = offs_h < H
-    acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    offs_w = tl.arange(0, BLOCK_W)
+    w_mask = offs_w < W
+    acc = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         d = d0 + offs_d
-        d_mask = d < D
+        d_mask = d < d_hi
         x = tl.load(x_ptrs[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w1t = tl.load(
-            w1_ptr + offs_h[None, :] * stride_w1_h + d[:, None],
-            mask=h_mask[None, :] & d_mask[:, None],
+        wt = tl.load(
+            w_ptr + offs_w[None, :] * stride_w + d[:, None],
+            mask=w_mask[None, :] & d_mask[:, None],
             other=0.0,
-        )  # (BLOCK_D, BLOCK_H), W1 transposed
-        # x in the tokens' dtype against W1 in the parameters': as Dispatcher's x.to(param.dtype)
-        # @ W1, since a 16-bit x meets float32 parameters only, which hold it exactly.
-        acc = _dot_fwd(x, w1t, acc, ROUND_FP32)
-    b1 = tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0)
-    return acc + b1.to(tl.float32)[None, :]
+        )  # (BLOCK_D, BLOCK_W), w transposed
+        # x in the tokens' dtype against w in the parameters': as Dispatcher's x.to(param.dtype)
+        # @ w, since a 16-bit x meets float32 parameters only, which hold it exactly.
+        acc = _dot_fwd(x, wt, acc, ROUND_FP32)
+    return acc
+
+
+@triton.jit
+def _plus_bias(acc, b_ptr, W, BLOCK_W: tl.constexpr):
+    """acc (BLOCK_R, BLOCK_W) + b (W,) in float32."""
+    offs_w = tl.arange(0, BLOCK_W)
+    return acc + tl.load(b_ptr + offs_w, mask=offs_w < W, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -342,35 +354,41 @@ def _mlp_rows(
     """f(x) - b2 for one tile of rows: (BLOCK_R, BLOCK_K) float32, zero in masked rows. With a
     hidden layer and ``save_hidden`` it also stores the pre-activations x W1^T + b1, which the
     backward reads instead of recomputing them from all of D."""
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
     if HAS_HIDDEN:
-        offs_h = tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        h = _hidden_preact(x_ptrs, row_mask, w1_ptr, stride_w1_h, b1_ptr, D, H, BLOCK_R, BLOCK_D, BLOCK_H, ROUND_FP32)
-        if save_hidden:
-            tl.store(h_ptrs[:, None] + offs_h[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
-        a = tl.where(row_mask[:, None], _gelu(h), 0.0)
-        w2t = tl.load(
-            w2_ptr + offs_k[None, :] * stride_w2_k + offs_h[:, None],
-            mask=k_mask[None, :] & h_mask[:, None],
-            other=0.0,
-        )  # (BLOCK_H, BLOCK_K)
-        out = _dot_fwd(a.to(w2t.dtype), w2t, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), ROUND_FP32)
-    else:
-        offs_d = tl.arange(0, BLOCK_D)
-        out = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            x = tl.load(x_ptrs[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            w2t = tl.load(
-                w2_ptr + offs_k[None, :] * stride_w2_k + d[:, None],
-                mask=k_mask[None, :] & d_mask[:, None],
-                other=0.0,
-            )  # (BLOCK_D, BLOCK_K)
-            out = _dot_fwd(x, w2t, out, ROUND_FP32)
-    return out
+        h = _row_products(x_ptrs, row_mask, w1_ptr, stride_w1_h, 0, D, H, BLOCK_R, BLOCK_D, BLOCK_H, ROUND_FP32)
+        h = _plus_bias(h, b1_ptr, H, BLOCK_H)
+        return _mlp_out(h, row_mask, h_ptrs, save_hidden, w2_ptr, stride_w2_k, K, H, BLOCK_H, BLOCK_K, ROUND_FP32)
+    return _row_products(x_ptrs, row_mask, w2_ptr, stride_w2_k, 0, D, K, BLOCK_R, BLOCK_D, BLOCK_K, ROUND_FP32)
+
+
+@triton.jit
+def _mlp_out(
+    h,  # (BLOCK_R, BLOCK_H) float32: the pre-activations x W1^T + b1 of a tile of rows
+    row_mask,  # (BLOCK_R,)
+    h_ptrs,  # (BLOCK_R,) pointers to each row's H pre-activations (out, float32)
+    save_hidden,  # 0 or 1: whether to store h
+    w2_ptr,  # (K, H)
+    stride_w2_k,
+    K,
+    H,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROUND_FP32: tl.constexpr,
+):
+    """W2 gelu(h) for one tile of rows: (BLOCK_R, BLOCK_K) float32, zero in masked rows; stores
+    h first with ``save_hidden``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    if save_hidden:
+        tl.store(h_ptrs[:, None] + offs_h[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
+    a = tl.where(row_mask[:, None], _gelu(h), 0.0)
+    w2t = tl.load(
+        w2_ptr + offs_k[None, :] * stride_w2_k + offs_h[:, None],
+        mask=(offs_k < K)[None, :] & h_mask[:, None],
+        other=0.0,
+    )  # (BLOCK_H, BLOCK_K)
+    return _dot_fwd(a.to(w2t.dtype), w2t, tl.zeros((h.shape[0], BLOCK_K), dtype=tl.float32), ROUND_FP32)
 
 
 @triton.jit
@@ -493,7 +511,8 @@ def _dispatch_fwd_kernel(
     #                  a placeholder, as the three above
     scratch_ptr,  # float32: at 0 each token chunk's sums over its tokens: of gelu(x W1^T + b1)
     #               (K * B, S_T, H), or of f_z - b2_z (K * B, S_T, K) when HAS_HIDDEN is False;
-    #               then at the next multiple of 4 elements f_e(P[k, n]) (K, Np, K)
+    #               then at the next multiple of 4 elements f_e's pieces, (K * S_E, Np, H) parts
+    #               of P W1^T, or of P W2^T (K * S_E, Np, K)
     arrivals_ptr,  # (K, ceil(B / B_PER_FIN)) int32, zero on entry: how many programs are done
     #                with each group of B_PER_FIN images of an expert
     stride_prompts_k,
@@ -521,6 +540,8 @@ def _dispatch_fwd_kernel(
     H,
     S_T,  # token chunks of BLOCK_T rows per (k, b): ceil(max_k (end_k - start_k) / BLOCK_T)
     S_P,  # f_p tiles per expert: ceil(B * Np / BLOCK_ZP)
+    S_E,  # f_e pieces per expert: ceil(D / D_E)
+    D_E,  # the columns of P one f_e piece multiplies
     has_prompt_out,  # 0 or 1, a run-time switch: one compiled variant serves both cases
     save_hidden,  # 0 or 1, a run-time switch: store the pre-activations (hidden_*) for a backward
     HAS_HIDDEN: tl.constexpr,
@@ -535,11 +556,12 @@ def _dispatch_fwd_kernel(
     B_PER_FIN: tl.constexpr,
     ROUND_FP32: tl.constexpr,  # float32 x float32 products split by _dot_fwd's rounding, not tf32x3
 ):
-    """Three roles by program id: [0, K) f_e over the prompts P[k]; the next K * S_P (with
+    """Three roles by program id: [0, K * S_E) f_e's pieces (k, e), each the product of P[k] by
+    W1 (W2 without a hidden layer) over D_E of the columns; the next K * S_P (with
     prompt_out) f_p over tiles of BLOCK_ZP rows of Z_P[k]; then K * B * S_T token chunks
     (k, b, s), each f_z over BLOCK_T tokens. Each stores its logits (or its tokens' sums), then
-    counts itself done with each group of B_PER_FIN images of expert k it served (f_e: every
-    group; an f_p tile: those of its rows' images). The program that completes the
+    counts itself done with each group of B_PER_FIN images of expert k it served (f_e's pieces:
+    every group; an f_p tile: those of its rows' images). The program that completes the
     count of a group, whichever it is, finishes it: softmax over the K experts and the mixture of
     the EPTs. Only the finishing program of a group writes its IPT rows, after f_p has read Z_P
     of each of its images: the IPT may overwrite Z_P in place."""
@@ -549,30 +571,48 @@ def _dispatch_fwd_kernel(
     else:
         sums_width = K
     partials_ptr = scratch_ptr
-    logits_e_ptr = scratch_ptr + (K * B * S_T * sums_width + 3) // 4 * 4
+    parts_e_ptr = scratch_ptr + (K * B * S_T * sums_width + 3) // 4 * 4
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     offs_n = tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
+    e_programs = K * S_E
     p_programs = K * S_P * has_prompt_out
-    if pid < K:
-        k = pid
+    if pid < e_programs:
+        # Piece (k, e) of f_e: the product of P[k] by W1 (W2 without a hidden layer) over the
+        # columns [e * D_E, (e + 1) * D_E). The finishing programs sum the pieces.
+        k = pid // S_E
+        e = pid - k * S_E
+        d_lo = e * D_E
+        d_hi = tl.minimum(d_lo + D_E, D)
         for n0 in range(0, Np, BLOCK_P):
             n = n0 + offs_p
             n_mask = n < Np
-            logits = _mlp_rows(
-                prompts_ptr + k * stride_prompts_k + n * stride_prompts_n, n_mask, hidden_e_ptr + (k * Np + n) * H, save_hidden,
-                w1e_ptr, stride_w1e_h, b1e_ptr, w2e_ptr, stride_w2e_k,
-                K, D, H, HAS_HIDDEN, BLOCK_P, BLOCK_D, BLOCK_H, BLOCK_K, ROUND_FP32,
-            ) + tl.load(b2e_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], logits, mask=n_mask[:, None] & k_mask[None, :])
+            x_ptrs = prompts_ptr + k * stride_prompts_k + n * stride_prompts_n
+            if HAS_HIDDEN:
+                offs_h = tl.arange(0, BLOCK_H)
+                part = _row_products(
+                    x_ptrs, n_mask, w1e_ptr, stride_w1e_h, d_lo, d_hi, H, BLOCK_P, BLOCK_D, BLOCK_H, ROUND_FP32,
+                )
+                tl.store(
+                    parts_e_ptr + (pid * Np + n)[:, None] * H + offs_h[None, :], part,
+                    mask=n_mask[:, None] & (offs_h < H)[None, :],
+                )
+            else:
+                part = _row_products(
+                    x_ptrs, n_mask, w2e_ptr, stride_w2e_k, d_lo, d_hi, K, BLOCK_P, BLOCK_D, BLOCK_K, ROUND_FP32,
+                )
+                tl.store(
+                    parts_e_ptr + (pid * Np + n)[:, None] * K + offs_k[None, :], part,
+                    mask=n_mask[:, None] & k_mask[None, :],
+                )
         g_lo = pid * 0
         g_hi = g_lo + tl.cdiv(B, B_PER_FIN)
-    elif pid < K + p_programs:
+    elif pid < e_programs + p_programs:
         # Tile (k, s): rows [s * BLOCK_ZP, (s + 1) * BLOCK_ZP) of Z_P[k] as one (B * Np, D)
         # matrix, the rows of several images when Np < BLOCK_ZP.
-        k = (pid - K) // S_P
-        first = (pid - K - k * S_P) * BLOCK_ZP
+        k = (pid - e_programs) // S_P
+        first = (pid - e_programs - k * S_P) * BLOCK_ZP
         r = first + tl.arange(0, BLOCK_ZP)
         r_mask = r < B * Np
         b_r = r // Np
@@ -588,7 +628,7 @@ def _dispatch_fwd_kernel(
         g_lo = first // Np // B_PER_FIN
         g_hi = (tl.minimum(first + BLOCK_ZP, B * Np) - 1) // Np // B_PER_FIN + 1
     else:
-        chunk = pid - K - p_programs
+        chunk = pid - e_programs - p_programs
         s = chunk % S_T
         kb = chunk // S_T
         k = kb // B
@@ -606,8 +646,9 @@ def _dispatch_fwd_kernel(
             # the same dL/d f_z).
             offs_h = tl.arange(0, BLOCK_H)
             h_mask = offs_h < H
-            h = _hidden_preact(
-                x_ptrs, t_mask, w1z_ptr, stride_w1z_h, b1z_ptr, D, H, BLOCK_T, BLOCK_D, BLOCK_H, ROUND_FP32,
+            h = _plus_bias(
+                _row_products(x_ptrs, t_mask, w1z_ptr, stride_w1z_h, 0, D, H, BLOCK_T, BLOCK_D, BLOCK_H, ROUND_FP32),
+                b1z_ptr, H, BLOCK_H,
             )
             if save_hidden:
                 _store_split(slopes_z_ptr, kb * T + t, offs_h, t_mask[:, None] & h_mask[None, :], _gelu_grad(h), H)
@@ -629,10 +670,10 @@ def _dispatch_fwd_kernel(
         kb = k * B + b
         images = tl.minimum(B - g * B_PER_FIN, B_PER_FIN)
         done_before = tl.atomic_add(arrivals_ptr + k * tl.cdiv(B, B_PER_FIN) + g, 1, sem="acq_rel")
-        # The others: f_e, the token chunks and the f_p tiles with rows in the group.
+        # The others: f_e's pieces, the token chunks and the f_p tiles with rows in the group.
         rows_lo = g * B_PER_FIN * Np
         zp_tiles = ((rows_lo + images * Np - 1) // BLOCK_ZP - rows_lo // BLOCK_ZP + 1) * has_prompt_out
-        if done_before == images * S_T + zp_tiles:
+        if done_before == S_E - 1 + images * S_T + zp_tiles:
             start = tl.load(tok_range_ptr + 2 * k)
             end = tl.load(tok_range_ptr + 2 * k + 1)
             # The chunks' sums, in a fixed order, so the logits are reproducible.
@@ -665,10 +706,29 @@ def _dispatch_fwd_kernel(
             for n0 in range(0, Np, BLOCK_N):
                 n = n0 + offs_n
                 n_mask = n < Np
-                logits = token_logits[:, None, :] + tl.load(
-                    logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
-                )[None, :, :]
+                # f_e(P[k, n]): its pieces summed in order (the first group's program stores the
+                # pre-activations for a backward).
+                if HAS_HIDDEN:
+                    offs_h = tl.arange(0, BLOCK_H)
+                    h_e = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+                    for e in range(0, S_E):
+                        h_e += tl.load(
+                            parts_e_ptr + ((k * S_E + e) * Np + n)[:, None] * H + offs_h[None, :],
+                            mask=n_mask[:, None] & (offs_h < H)[None, :], other=0.0, cache_modifier=".cg",
+                        )
+                    f_e = _mlp_out(
+                        _plus_bias(h_e, b1e_ptr, H, BLOCK_H), n_mask, hidden_e_ptr + (k * Np + n) * H,
+                        (save_hidden != 0) & (g == 0), w2e_ptr, stride_w2e_k, K, H, BLOCK_H, BLOCK_K, ROUND_FP32,
+                    )
+                else:
+                    f_e = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+                    for e in range(0, S_E):
+                        f_e += tl.load(
+                            parts_e_ptr + ((k * S_E + e) * Np + n)[:, None] * K + offs_k[None, :],
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
+                        )
+                f_e = _plus_bias(f_e, b2e_ptr, K, BLOCK_K)
+                logits = token_logits[:, None, :] + f_e[None, :, :]
                 rows = kb[:, None] * Np + n[None, :]  # (B_PER_FIN, BLOCK_N) rows of (K, B, Np)
                 row_mask = b_mask[:, None] & n_mask[None, :]
                 if has_prompt_out:
@@ -1457,16 +1517,17 @@ def _forward_warps(Np: int, block_n: int, small_batch: bool) -> int:
     ``_NUM_WARPS["fwd"]`` while the prompts fit one BLOCK_N tile, else
     ``_NUM_WARPS["fwd_many_prompts"]`` (timed at Np = 10 and 50 only; see ``_NUM_WARPS``).
 
-    A small batch takes ``_NUM_WARPS["fwd_small_batch"]``, 8: its grid is about a program an SM
-    (90 programs at K = 6, B = 1), each a chain of dependent D steps, and the forward's latency is
-    the longest chain (f_e's over fp32 prompts, then the mixture of the group it completes). 8 warps
-    split each step's tiles over twice the threads; in the sm_90a SASS of the B = 1 launch
-    (K = 6, Np = 10, Triton 3.8) a warp's D step takes 368 instructions in f_e's program, not 544,
-    241 in a token chunk's, not 343, and 52 in the mixture's step of two experts, not 92, at 210
-    registers, no spills and the same 60 KB of shared memory: one program an SM, where 4 warps at
-    208 registers fit two. The generic small-batch variants (no alignment hints) spill up to 156
-    bytes a thread, where with 4 warps they spilled up to 308 (benchmarks/triton_resources.py).
-    Untimed on a GPU (``benchmarks/forward_small_batch.py`` times FWD_WARPS=4 beside it)."""
+    A small batch takes ``_NUM_WARPS["fwd_small_batch"]``, 8: its grid is about a program an SM (90
+    programs at K = 6, B = 1), each a chain of dependent D steps, and the forward's latency is the
+    longest chain (a token chunk's or f_p's since f_e runs in pieces, then the mixture of the group
+    it completes). 8 warps split each step's tiles over twice the threads; in the sm_90a SASS of the
+    B = 1 launch (K = 6, Np = 10, Triton 3.8) a warp's D step takes 368 instructions in f_e's
+    program, not 544, 241 in a token chunk's, not 343, and 52 in the mixture's step of two experts,
+    not 92, at 210 registers, no spills and the same 60 KB of shared memory: one program an SM,
+    where 4 warps at 208 registers fit two. The generic small-batch variants (no alignment hints)
+    spill up to 156 bytes a thread, where with 4 warps they spilled up to 308
+    (benchmarks/triton_resources.py). Untimed on a GPU (``benchmarks/forward_small_batch.py`` times
+    FWD_WARPS=4 beside it)."""
     if small_batch:
         return _NUM_WARPS["fwd_small_batch"]
     return _NUM_WARPS["fwd"] if Np <= block_n else _NUM_WARPS["fwd_many_prompts"]
@@ -1499,22 +1560,21 @@ def _prompt_blocks(Np: int, block_n: int, block_h: int, block_d_fwd: int, small_
     with fp32 parameters and H = 64 spill 28-40 bytes a thread, where they spilled none. Untimed on
     a GPU.
 
-    A large batch finishes its images in groups of 4: each tile of P a program mixes serves them
-    all (a program per image read all of P, K*Np*D, from L2 for every image). A small batch
-    (``_forward_blocks``) has few images, and the mixture is on the path every IPT waits for:
-    each image is its own group (a group of 4 at B = 1 mixed three empty images, its accumulator
-    4x the tile), so its finish can start as soon as its own programs are done (f_e's program,
-    the slowest with its fp32 prompts, serves every group of its expert and may still finish
-    several in turn, as it did groups of 4), and steps through D 128 at a time, 6 steps where
-    the forward's 64 took 12, each waiting on its loads of P from L2. In the sm_90a SASS of the
-    B = 1 launch (K = 6, Np = 10, Triton 3.8) the mixture's D loop ran 12 steps of 617
-    instructions, then 6 of 378, at the same 255 registers, no spills and 60 KB of shared
-    memory (each step's loop over experts, four a step in 299 instructions with 16 barriers, takes
-    two a step in 92, none, since ``_softmax_and_mix`` reads the weights back from memory). The
-    generic 4-warp small-batch variants, without the launch's alignment hints, spilled more: up to
-    212 bytes a thread where they spilled 136 (benchmarks/triton_resources.py). (Steps of 256 took
-    3 of 619, but the generic 4-warp variants then spilled up to 288 bytes a thread, four loads of
-    a 16 x 256 tile of P taking 128 registers.) Untimed on a GPU."""
+    A large batch finishes its images in groups of 4: each tile of P a program mixes serves them all
+    (a program per image read all of P, K*Np*D, from L2 for every image). A small batch
+    (``_forward_blocks``) has few images, and the mixture is on the path every IPT waits for: each
+    image is its own group (a group of 4 at B = 1 mixed three empty images, its accumulator 4x the
+    tile), so its finish can start as soon as its own programs are done (f_e's pieces serve every
+    group of their expert and may still finish several in turn), and steps through D 128 at a time,
+    6 steps where the forward's 64 took 12, each waiting on its loads of P from L2. In the sm_90a
+    SASS of the B = 1 launch (K = 6, Np = 10, Triton 3.8) the mixture's D loop ran 12 steps of 617
+    instructions, then 6 of 378, at the same 255 registers, no spills and 60 KB of shared memory
+    (each step's loop over experts, four a step in 299 instructions with 16 barriers, takes two a
+    step in 92, none, since ``_softmax_and_mix`` reads the weights back from memory). The generic
+    4-warp small-batch variants, without the launch's alignment hints, spilled more: up to 212 bytes
+    a thread where they spilled 136 (benchmarks/triton_resources.py). (Steps of 256 took 3 of 619,
+    but the generic 4-warp variants then spilled up to 288 bytes a thread, four loads of a 16 x 256
+    tile of P taking 128 registers.) Untimed on a GPU."""
     block_p = block_n if Np <= block_n else 32
     if small_batch:
         return block_p, block_p, 128, 1
@@ -1599,6 +1659,9 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_N": block_n,
         "BLOCK_P": block_p,
         "BLOCK_ZP": block_zp,
+        # The columns of P each of f_e's pieces multiplies: 4 pieces at D = 768, each 6 of a
+        # large batch's D steps (3 of a small batch's), a third of a token chunk's walk or less.
+        "BLOCK_D_E": 192,
         "BLOCK_D": block_d,
         "BLOCK_D_MIX": block_d_mix,
         "BLOCK_DW": block_dw,
@@ -1639,6 +1702,8 @@ def _pinned_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
             key = key.strip()
             if key not in blocks or not value.strip().isdigit():
                 raise ValueError(f"{BLOCK_ENV}: cannot read {item!r}; expected KEY=INT with KEY one of {tuple(blocks)}")
+            if key.startswith("BLOCK_") and int(value) < 1:
+                raise ValueError(f"{BLOCK_ENV}: {key} must be at least 1, got {item!r}")
             blocks[key] = int(value)
     return types.MappingProxyType(blocks)
 
@@ -1768,9 +1833,11 @@ def dispatch_fwd(
         )
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
     # Scratch, one allocation: the token chunks' sums (K * B, chunks, H or K), then (from a 16-byte
-    # boundary) f_e's logits (K, Np, K), where the kernel expects them. A backward keeps none of it.
+    # boundary) f_e's pieces (K * e_pieces, Np, H or K), where the kernel expects them. A backward
+    # keeps none of it.
+    e_pieces = cdiv(D, blocks["BLOCK_D_E"])
     sums = K * B * chunks * (H or K)
-    scratch = torch.empty((sums + 3) // 4 * 4 + K * Np * K, dtype=torch.float32, device=device)
+    scratch = torch.empty((sums + 3) // 4 * 4 + K * e_pieces * Np * (H or K), dtype=torch.float32, device=device)
     hidden = (None, None, None, None)
     if save_hidden:
         hidden_p = torch.empty((K, B, Np, H), dtype=torch.float32, device=device) if has_prompt_out else None
@@ -1792,7 +1859,7 @@ def dispatch_fwd(
         # compiled variant.
         hidden_ptrs[2] = tokens
     zp_tiles = cdiv(B * Np, blocks["BLOCK_ZP"])
-    grid = (K + K * zp_tiles * int(has_prompt_out) + K * B * chunks,)
+    grid = (K * e_pieces + K * zp_tiles * int(has_prompt_out) + K * B * chunks,)
     _dispatch_fwd_kernel[grid](
         prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
@@ -1800,7 +1867,7 @@ def dispatch_fwd(
         scratch, arrivals,
         *prompts.stride()[:2], *tokens.stride()[:3], *outer_strides(prompt_out), *ipt_out.stride()[:3],
         *strides_e, *strides_p, *strides_z,
-        B, K, Np, T, D, H, chunks, zp_tiles,
+        B, K, Np, T, D, H, chunks, zp_tiles, e_pieces, blocks["BLOCK_D_E"],
         int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
         BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_P=blocks["BLOCK_P"], BLOCK_ZP=blocks["BLOCK_ZP"],
         BLOCK_D=blocks["BLOCK_D_FWD"], BLOCK_D_MIX=blocks["BLOCK_D_MIX"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16,

@@ -192,7 +192,7 @@ def _preact(
 ):
     """x W^T + b on one tile of rows, (BLOCK_R, BLOCK_O) float32: the router's logits (O = M),
     an MLP's hidden pre-activations (O = H) or, without hidden layer, its output (O = K). As
-    kernels/dispatch.py's _hidden_preact, with two row pointers."""
+    kernels/dispatch.py's _row_products, with two row pointers and a bias."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_o = tl.arange(0, BLOCK_O)
     o_mask = offs_o < O

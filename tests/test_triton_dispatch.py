@@ -67,7 +67,8 @@ CASES = {
     # which the interpreter's default blocks never pick: one image per finishing program, the
     # mixture's 128-wide D step past D = 100, float32 products split by _dot_fwd's rounding (fp32
     # tokens, and fp32 prompts beside bf16 tokens as in the model).
-    "small-batch": Case(B=1, blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1"),
+    # f_e in two pieces, 64 columns and the last 36.
+    "small-batch": Case(B=1, blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=64,BLOCK_D_E=64,BLOCK_D_MIX=128,B_PER_FIN=1,ROUND_FP32=1"),
     # f_p's one 16-row tile holds the rows of all three images, and counts into three groups.
     "small-batch-B3": Case(
         B=3, act_dtype=torch.bfloat16, shared=False,
@@ -92,14 +93,17 @@ CASES = {
     "many-prompts-K6": Case(K=6, B=2, Np=70, T=9, D=40),
     "small-tiles": Case(
         Np=20, B=3, D=48, shared=False,
-        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=16,BLOCK_T=16,BLOCK_N=16,BLOCK_ZP=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,"
+        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=16,BLOCK_D_E=16,BLOCK_T=16,BLOCK_N=16,BLOCK_ZP=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,"
         # B = 3: a group of two images and a group of one; f_p's third 16-row tile of the 60
-        # rows of Z_P holds rows of both groups, its fourth is short.
+        # rows of Z_P holds rows of both groups, its fourth is short; f_e in three pieces.
+        "BLOCK_C=64,"
         "B_PER_PROG=1,N_PER_PROG=3,B_PER_FIN=2",
     ),
     "small-tiles-linear": Case(
         H=0, Np=20, B=3, D=48,
-        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=16,BLOCK_T=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=2,N_PER_PROG=7",
+        # f_e without a hidden layer in two pieces
+        blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=16,BLOCK_D_E=32,BLOCK_T=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,BLOCK_C=64,B_PER_PROG=2,"
+        "N_PER_PROG=7",
     ),
     # bf16 runs in the interpreter too, rounding as an H100 does (tests/triton_interpreter.py).
     "bf16-shared": Case(dtype=torch.bfloat16),
