@@ -48,10 +48,12 @@ WARPS = (4, 8)
 # registers without spills, and a token chunk's D step takes 4 warps x 208 instructions where 8
 # take 8 x 181 (sm_90a, Triton 3.8), but the mixture of a group's 4 x 50 prompts then waits on
 # 12 steps of loads of P, not 6. BLOCK_D_E=768 runs f_e as one program an expert, as before
-# its pieces.
+# its pieces. At Np = 10 BLOCK_D_MIX=64 halves the steps of a group's mixture, each waiting on
+# its loads of P: as launched 168 registers without spills, as the default 32 (sm_90a, Triton
+# 3.8), but the generic variants spill up to 252 bytes a thread, where they spill up to 12.
 SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D_FWD=64", "B_PER_FIN=1", "BLOCK_T_SPLIT=32", "BLOCK_DW=32",
           "BLOCK_T_SPLIT=32,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4", "BLOCK_P=16", "BLOCK_D_MIX=32",
-          "BLOCK_P=16,BLOCK_D_MIX=32", "BLOCK_ZP=16", "FWD_WARPS=4,BLOCK_P=16,BLOCK_D_MIX=64", "BLOCK_D_E=768")
+          "BLOCK_P=16,BLOCK_D_MIX=32", "BLOCK_ZP=16", "FWD_WARPS=4,BLOCK_P=16,BLOCK_D_MIX=64", "BLOCK_D_E=768", "BLOCK_D_MIX=64")
 BF16_PARAMS = "bf16 params"
 
 
