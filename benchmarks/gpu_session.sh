@@ -3,6 +3,7 @@
 #
 #   OUT=gpu-out bash benchmarks/gpu_session.sh check   # build, then the test suite on the GPU
 #   OUT=gpu-out bash benchmarks/gpu_session.sh tune    # the Triton dispatcher's launch settings
+#       (then the tuning script's options, e.g. --prompts 10)
 #   OUT=gpu-out bash benchmarks/gpu_session.sh bench   # the issues' GPU targets, side by side
 #   OUT=gpu-out bash benchmarks/gpu_session.sh profile # the fast training step's kernels, by group
 #   OUT=gpu-out bash benchmarks/gpu_session.sh ncu     # Nsight Compute on the Triton dispatcher's kernels
@@ -59,7 +60,9 @@ check)
     $python -m pytest -q -p no:cacheprovider --tb=short -W ignore tests/test_model.py -k "torch_compile and cuda" 2>&1 | tee -a "$OUT/tests.txt" || true
     ;;
 tune)
-    $python benchmarks/tune_triton_dispatch.py 2>&1 | tee "$OUT/triton_tuning.txt"
+    # Arguments after the stage go to the tuning script: `tune --prompts 10`, then
+    # `tune --prompts 50`, keeps each call within a device command's 10 minutes.
+    $python benchmarks/tune_triton_dispatch.py "${@:2}" 2>&1 | tee "$OUT/triton_tuning.txt"
     $python benchmarks/triton_resources.py --launched 2>&1 | tee "$OUT/triton_launched.txt"
     ;;
 bench)
