@@ -17,31 +17,31 @@ then what the launchers can run (``triton_not_supported_reasons``) and every var
 Design. The tokens Z (K, B, T, D) dominate the bytes: at the GPU target (K=6, B=32, T=197,
 D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 
-* Forward, ONE launch, grid (K*S_E + K*S_P + K*B*S_T,), three roles: K*S_E programs evaluate
-  f_e on the prompts P[k] (once per expert, not per image), each over D / S_E of the columns
-  (S_E = ceil(D / 192)), and the program that finishes a group of images sums their partial
-  products in a fixed order, then applies b1, GELU and W2 (Np*H values; f_e's one program per
-  expert was the longest of the launch, 24 D steps of 366 instructions where a token chunk
-  takes 24 of 202, and as the last to arrive at each group of its expert it finished them one
-  after another); K*S_P programs evaluate f_p (with prompt_out)
-  on tiles of 64 rows of Z_P[k] (B*Np rows, S_P = ceil(B*Np / 64) tiles; small batches and
-  H > 64, ``_prompt_blocks``, take BLOCK_P rows); K*B*S_T programs each take a chunk of BLOCK_T tokens
-  of one (k, b) and keep the sum over its tokens of gelu(x W1^T + b1) (H floats: the mean over
-  tokens commutes with W2), or of f_z - b2 without a hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (768
-  at the target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197
-  tokens. When a backward will follow, the programs of P and Z_P store the pre-activations
-  x W1^T + b1 of their rows in float32, and the token programs the GELU slopes
-  gelu'(x W1^T + b1) (K*B*T*H floats, 9.7 MB at the target against 58 MB of tokens; for bf16
-  tokens and H <= 64 three bfloat16 parts of each, ``_store_split``, 14.5 MB), with which the
-  backward needs neither the product over all of D nor any transcendental function per token.
-  Then each program counts itself done with each group of B_PER_FIN images of expert k it served
-  (an atomic counter per group; f_e's programs count for every group, f_p's for each group
-  their rows reach), and the program that completes a count, whichever it is, finishes that
-  group: it sums the chunks' sums in a fixed order (the result does not depend on which program
-  finishes; for a backward it stores them, H floats a (k, b)), multiplies them by W2, takes the
-  softmax over K and writes weights and ipt, into a new tensor or into the prompt slots of the
-  experts' sequences, where Z_P was (``Dispatcher.dispatch_into``). Mixing the EPTs reads all of P (K*Np*D): once per group of
-  images, not once per image (177 MB from L2 at K=6, B=32, Np=50, fp32). Reads K*B*T*D
+* Forward, ONE launch, grid (K*S_E + K*S_P + K*B*S_T,), three roles: K*S_E programs evaluate f_e
+  on the prompts P[k] (once per expert, not per image), each over D / S_E of the columns (S_E =
+  ceil(D / 192)), and the program that finishes a group of images sums their partial products in
+  a fixed order, then applies b1, GELU and W2 (Np*H values; f_e's one program per expert was the
+  longest of the launch, 24 D steps of 366 instructions where a token chunk takes 24 of 202, and
+  as the last to arrive at each group of its expert it finished them one after another); K*S_P
+  programs evaluate f_p (with prompt_out) on tiles of 64 rows of Z_P[k] (B*Np rows, S_P =
+  ceil(B*Np / 64) tiles; small batches and H > 64, ``_prompt_blocks``, take BLOCK_P rows);
+  K*B*S_T programs each take a chunk of BLOCK_T tokens of one (k, b) and keep the sum over its
+  tokens of gelu(x W1^T + b1) (H floats: the mean over tokens commutes with W2), or of f_z - b2
+  without a hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (768 at the
+  target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197 tokens.
+  When a backward will follow, the programs of P and Z_P store the pre-activations x W1^T + b1
+  of their rows in float32, and the token programs the GELU slopes gelu'(x W1^T + b1) (K*B*T*H
+  floats, 9.7 MB at the target against 58 MB of tokens; for bf16 tokens and H <= 64 three
+  bfloat16 parts of each, ``_store_split``, 14.5 MB), with which the backward needs neither the
+  product over all of D nor any transcendental function per token. Then each program counts
+  itself done with each group of B_PER_FIN images of expert k it served (an atomic counter per
+  group; f_e's programs count for every group, f_p's for each group their rows reach), and the
+  program that completes a count, whichever it is, finishes that group: it sums the chunks' sums
+  in a fixed order (the result does not depend on which program finishes; for a backward it
+  stores them, H floats a (k, b)), multiplies them by W2, takes the softmax over K and writes
+  weights and ipt, into a new tensor or into the prompt slots of the experts' sequences, where
+  Z_P was (``Dispatcher.dispatch_into``). Mixing the EPTs reads all of P (K*Np*D): once per
+  group of images, not once per image (177 MB from L2 at K=6, B=32, Np=50, fp32). Reads K*B*T*D
   (tokens) + K*B*Np*D (Z_P) + K*B*K*Np*D / B_PER_FIN (P, L2-resident); writes K*B*Np*(D+K)
   elements, and (K*B*(T+Np+1) + K*Np)*H floats for a backward.
 * Backward, THREE launches:
@@ -622,7 +622,8 @@ def _dispatch_fwd_kernel(
             r_mask, hidden_p_ptr + (k * B * Np + r) * H, save_hidden,
             w1p_ptr, stride_w1p_h, b1p_ptr, w2p_ptr, stride_w2p_k,
             K, D, H, HAS_HIDDEN, BLOCK_ZP, BLOCK_D, BLOCK_H, BLOCK_K, ROUND_FP32,
-        ) + tl.load(b2p_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        )
+        logits = _plus_bias(logits, b2p_ptr, K, BLOCK_K)
         tl.store(weights_ptr + (k * B * Np + r)[:, None] * K + offs_k[None, :], logits, mask=r_mask[:, None] & k_mask[None, :])
         # The groups of its first and last images.
         g_lo = first // Np // B_PER_FIN
