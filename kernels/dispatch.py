@@ -19,10 +19,11 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 
 * Forward, ONE launch, grid (K*S_E + K*S_P + K*B*S_T,), three roles: K*S_E programs evaluate f_e
   on the prompts P[k] (once per expert, not per image), each over D / S_E of the columns (S_E =
-  ceil(D / 192)), and the program that finishes a group of images sums their partial products in
-  a fixed order, then applies b1, GELU and W2 (Np*H values; f_e's one program per expert was the
-  longest of the launch, 24 D steps of 366 instructions where a token chunk takes 24 of 202, and
-  as the last to arrive at each group of its expert it finished them one after another); K*S_P
+  ceil(D / 192)), and the last of an expert's pieces to arrive (an atomic counter per expert)
+  sums their partial products in a fixed order, then applies b1, GELU and W2 and stores f_e's
+  Np*K logits for every group of the expert (f_e's one program per expert was the longest of
+  the launch, 24 D steps of 366 instructions where a token chunk takes 24 of 202, and as the
+  last to arrive at each group of its expert it finished them one after another); K*S_P
   programs evaluate f_p (with prompt_out) on tiles of 64 rows of Z_P[k] (B*Np rows, S_P =
   ceil(B*Np / 64) tiles; small batches and H > 64, ``_prompt_blocks``, take BLOCK_P rows);
   K*B*S_T programs each take a chunk of BLOCK_T tokens of one (k, b) and keep the sum over its
@@ -35,7 +36,7 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   bfloat16 parts of each, ``_store_split``, 14.5 MB), with which the backward needs neither the
   product over all of D nor any transcendental function per token. Then each program counts
   itself done with each group of B_PER_FIN images of expert k it served (an atomic counter per
-  group; f_e's programs count for every group, f_p's for each group their rows reach), and the
+  group; f_e's last piece counts for every group, f_p's tiles for each group their rows reach), and the
   program that completes a count, whichever it is, finishes that group: it sums the chunks' sums
   in a fixed order (the result does not depend on which program finishes; for a backward it
   stores them, H floats a (k, b)), multiplies them by W2, takes the softmax over K and writes
@@ -82,9 +83,9 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      (deterministic, where atomics would not be) and writes the gradients in the parameters'
      dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
      gradients are summed here rather than by autograd.
-  Allocations aside (and zeroing the forward's K*ceil(B/B_PER_FIN) counters), no other torch op runs (tests
-  check it). The gradient of tokens that need none (those of a first prompt layer, from a frozen
-  embedding) is not written.
+  Allocations aside (and zeroing the forward's K*ceil(B/B_PER_FIN) + K counters), no other torch
+  op runs (tests check it). The gradient of tokens that need none (those of a first prompt layer,
+  from a frozen embedding) is not written.
 
 Numerics. Every reduction accumulates in float32. Matrix products take their operands in the
 parameters' dtype, as ``Dispatcher`` does (``x.to(param.dtype)``): fp32 parameters with bf16
@@ -512,9 +513,10 @@ def _dispatch_fwd_kernel(
     scratch_ptr,  # float32: at 0 each token chunk's sums over its tokens: of gelu(x W1^T + b1)
     #               (K * B, S_T, H), or of f_z - b2_z (K * B, S_T, K) when HAS_HIDDEN is False;
     #               then at the next multiple of 4 elements f_e's pieces, (K * S_E, Np, H) parts
-    #               of P W1^T, or of P W2^T (K * S_E, Np, K)
-    arrivals_ptr,  # (K, ceil(B / B_PER_FIN)) int32, zero on entry: how many programs are done
-    #                with each group of B_PER_FIN images of an expert
+    #               of P W1^T, or of P W2^T (K * S_E, Np, K), and at the next f_e's logits (K, Np, K)
+    arrivals_ptr,  # (K * ceil(B / B_PER_FIN) + K,) int32, zero on entry: how many programs are
+    #                done with each group of B_PER_FIN images of an expert, then how many of f_e's
+    #                pieces with each expert
     stride_prompts_k,
     stride_prompts_n,
     stride_tokens_k,
@@ -560,8 +562,9 @@ def _dispatch_fwd_kernel(
     W1 (W2 without a hidden layer) over D_E of the columns; the next K * S_P (with
     prompt_out) f_p over tiles of BLOCK_ZP rows of Z_P[k]; then K * B * S_T token chunks
     (k, b, s), each f_z over BLOCK_T tokens. Each stores its logits (or its tokens' sums), then
-    counts itself done with each group of B_PER_FIN images of expert k it served (f_e's pieces:
-    every group; an f_p tile: those of its rows' images). The program that completes the
+    counts itself done with each group of B_PER_FIN images of expert k it served (f_e's pieces
+    count with their expert first, and the last to arrive finishes f_e and counts in every group;
+    an f_p tile counts in those of its rows' images). The program that completes the
     count of a group, whichever it is, finishes it: softmax over the K experts and the mixture of
     the EPTs. Only the finishing program of a group writes its IPT rows, after f_p has read Z_P
     of each of its images: the IPT may overwrite Z_P in place."""
@@ -572,6 +575,7 @@ def _dispatch_fwd_kernel(
         sums_width = K
     partials_ptr = scratch_ptr
     parts_e_ptr = scratch_ptr + (K * B * S_T * sums_width + 3) // 4 * 4
+    logits_e_ptr = parts_e_ptr + (K * S_E * Np * sums_width + 3) // 4 * 4
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     offs_n = tl.arange(0, BLOCK_N)
@@ -580,7 +584,7 @@ def _dispatch_fwd_kernel(
     p_programs = K * S_P * has_prompt_out
     if pid < e_programs:
         # Piece (k, e) of f_e: the product of P[k] by W1 (W2 without a hidden layer) over the
-        # columns [e * D_E, (e + 1) * D_E). The finishing programs sum the pieces.
+        # columns [e * D_E, (e + 1) * D_E).
         k = pid // S_E
         e = pid - k * S_E
         d_lo = e * D_E
@@ -606,8 +610,41 @@ def _dispatch_fwd_kernel(
                     parts_e_ptr + (pid * Np + n)[:, None] * K + offs_k[None, :], part,
                     mask=n_mask[:, None] & k_mask[None, :],
                 )
+        # The last of expert k's pieces to arrive sums them in a fixed order, finishes f_e (b1,
+        # GELU and W2, with the pre-activations stored for a backward) and stores its logits for
+        # every group's finishing program: f_e counts once in each group of its expert.
+        tl.debug_barrier()
+        pieces_before = tl.atomic_add(arrivals_ptr + K * tl.cdiv(B, B_PER_FIN) + k, 1, sem="acq_rel")
         g_lo = pid * 0
-        g_hi = g_lo + tl.cdiv(B, B_PER_FIN)
+        g_hi = g_lo
+        if pieces_before == S_E - 1:
+            for n0 in range(0, Np, BLOCK_P):
+                n = n0 + offs_p
+                n_mask = n < Np
+                if HAS_HIDDEN:
+                    offs_h = tl.arange(0, BLOCK_H)
+                    h_e = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+                    for piece in range(0, S_E):
+                        h_e += tl.load(
+                            parts_e_ptr + ((k * S_E + piece) * Np + n)[:, None] * H + offs_h[None, :],
+                            mask=n_mask[:, None] & (offs_h < H)[None, :], other=0.0, cache_modifier=".cg",
+                        )
+                    f_e = _mlp_out(
+                        _plus_bias(h_e, b1e_ptr, H, BLOCK_H), n_mask, hidden_e_ptr + (k * Np + n) * H, save_hidden,
+                        w2e_ptr, stride_w2e_k, K, H, BLOCK_H, BLOCK_K, ROUND_FP32,
+                    )
+                else:
+                    f_e = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+                    for piece in range(0, S_E):
+                        f_e += tl.load(
+                            parts_e_ptr + ((k * S_E + piece) * Np + n)[:, None] * K + offs_k[None, :],
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
+                        )
+                tl.store(
+                    logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], _plus_bias(f_e, b2e_ptr, K, BLOCK_K),
+                    mask=n_mask[:, None] & k_mask[None, :],
+                )
+            g_hi = g_lo + tl.cdiv(B, B_PER_FIN)
     elif pid < e_programs + p_programs:
         # Tile (k, s): rows [s * BLOCK_ZP, (s + 1) * BLOCK_ZP) of Z_P[k] as one (B * Np, D)
         # matrix, the rows of several images when Np < BLOCK_ZP.
@@ -671,10 +708,10 @@ def _dispatch_fwd_kernel(
         kb = k * B + b
         images = tl.minimum(B - g * B_PER_FIN, B_PER_FIN)
         done_before = tl.atomic_add(arrivals_ptr + k * tl.cdiv(B, B_PER_FIN) + g, 1, sem="acq_rel")
-        # The others: f_e's pieces, the token chunks and the f_p tiles with rows in the group.
+        # The others: f_e's last piece, the token chunks and the f_p tiles with rows in the group.
         rows_lo = g * B_PER_FIN * Np
         zp_tiles = ((rows_lo + images * Np - 1) // BLOCK_ZP - rows_lo // BLOCK_ZP + 1) * has_prompt_out
-        if done_before == S_E - 1 + images * S_T + zp_tiles:
+        if done_before == images * S_T + zp_tiles:
             start = tl.load(tok_range_ptr + 2 * k)
             end = tl.load(tok_range_ptr + 2 * k + 1)
             # The chunks' sums, in a fixed order, so the logits are reproducible.
@@ -707,28 +744,10 @@ def _dispatch_fwd_kernel(
             for n0 in range(0, Np, BLOCK_N):
                 n = n0 + offs_n
                 n_mask = n < Np
-                # f_e(P[k, n]): its pieces summed in order (the first group's program stores the
-                # pre-activations for a backward).
-                if HAS_HIDDEN:
-                    offs_h = tl.arange(0, BLOCK_H)
-                    h_e = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-                    for e in range(0, S_E):
-                        h_e += tl.load(
-                            parts_e_ptr + ((k * S_E + e) * Np + n)[:, None] * H + offs_h[None, :],
-                            mask=n_mask[:, None] & (offs_h < H)[None, :], other=0.0, cache_modifier=".cg",
-                        )
-                    f_e = _mlp_out(
-                        _plus_bias(h_e, b1e_ptr, H, BLOCK_H), n_mask, hidden_e_ptr + (k * Np + n) * H,
-                        (save_hidden != 0) & (g == 0), w2e_ptr, stride_w2e_k, K, H, BLOCK_H, BLOCK_K, ROUND_FP32,
-                    )
-                else:
-                    f_e = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-                    for e in range(0, S_E):
-                        f_e += tl.load(
-                            parts_e_ptr + ((k * S_E + e) * Np + n)[:, None] * K + offs_k[None, :],
-                            mask=n_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
-                        )
-                f_e = _plus_bias(f_e, b2e_ptr, K, BLOCK_K)
+                f_e = tl.load(
+                    logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :],
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
+                )
                 logits = token_logits[:, None, :] + f_e[None, :, :]
                 rows = kb[:, None] * Np + n[None, :]  # (B_PER_FIN, BLOCK_N) rows of (K, B, Np)
                 row_mask = b_mask[:, None] & n_mask[None, :]
@@ -1565,8 +1584,9 @@ def _prompt_blocks(Np: int, block_n: int, block_h: int, block_d_fwd: int, small_
     (a program per image read all of P, K*Np*D, from L2 for every image). A small batch
     (``_forward_blocks``) has few images, and the mixture is on the path every IPT waits for: each
     image is its own group (a group of 4 at B = 1 mixed three empty images, its accumulator 4x the
-    tile), so its finish can start as soon as its own programs are done (f_e's pieces serve every
-    group of their expert and may still finish several in turn), and steps through D 128 at a time,
+    tile), so its finish can start as soon as its own programs are done (the last of f_e's pieces
+    serves every group of its expert and may still finish several in turn), and steps through D
+    128 at a time,
     6 steps where the forward's 64 took 12, each waiting on its loads of P from L2. In the sm_90a
     SASS of the B = 1 launch (K = 6, Np = 10, Triton 3.8) the mixture's D loop ran 12 steps of 617
     instructions, then 6 of 378, at the same 255 registers, no spills and 60 KB of shared memory
@@ -1833,12 +1853,15 @@ def dispatch_fwd(
             f"{ipt_out.dtype}"
         )
     weights = torch.empty((K, B, Np, K), dtype=torch.float32, device=device)
-    # Scratch, one allocation: the token chunks' sums (K * B, chunks, H or K), then (from a 16-byte
-    # boundary) f_e's pieces (K * e_pieces, Np, H or K), where the kernel expects them. A backward
-    # keeps none of it.
+    # Scratch, one allocation: the token chunks' sums (K * B, chunks, H or K), then (each from a
+    # 16-byte boundary) f_e's pieces (K * e_pieces, Np, H or K) and f_e's logits (K, Np, K), where
+    # the kernel expects them. A backward keeps none of it.
     e_pieces = cdiv(D, blocks["BLOCK_D_E"])
     sums = K * B * chunks * (H or K)
-    scratch = torch.empty((sums + 3) // 4 * 4 + K * e_pieces * Np * (H or K), dtype=torch.float32, device=device)
+    parts = K * e_pieces * Np * (H or K)
+    scratch = torch.empty(
+        (sums + 3) // 4 * 4 + (parts + 3) // 4 * 4 + K * Np * K, dtype=torch.float32, device=device
+    )
     hidden = (None, None, None, None)
     if save_hidden:
         hidden_p = torch.empty((K, B, Np, H), dtype=torch.float32, device=device) if has_prompt_out else None
@@ -1849,7 +1872,8 @@ def dispatch_fwd(
             torch.empty(slopes_size, dtype=slopes_dtype, device=device),
             torch.empty((K, B, H), dtype=torch.float32, device=device),
         )
-    arrivals = torch.zeros(K * cdiv(B, blocks["B_PER_FIN"]), dtype=torch.int32, device=device)
+    # A counter for each group of images, then one for each expert's f_e pieces.
+    arrivals = torch.zeros(K * cdiv(B, blocks["B_PER_FIN"]) + K, dtype=torch.int32, device=device)
     pout = prompt_out if has_prompt_out else tokens
     ptrs_e, strides_e = _param_pointers(params_e)
     ptrs_p, strides_p = _param_pointers(params_p)
