@@ -45,13 +45,13 @@ WARPS = (4, 8)
 # 128-wide mixture step. BLOCK_ZP=16 is near f_p's tiling before its 64-row tiles across images (one
 # program an image, 16 rows a tile). With those tiles f_p no longer needs 8 warps at Np = 50:
 # FWD_WARPS=4 with 16-row f_e tiles and a 64-wide mixture step compiles to 168 registers without
-# spills (three programs an SM, where the 8-warp default's 174 fit one), and a token chunk's D step
+# spills (three programs an SM, where the 8-warp default's 170 fit one), and a token chunk's D step
 # takes 4 warps x 208 instructions where 8 take 8 x 181 (sm_90a, Triton 3.8), but the mixture of a
 # group's 4 x 50 prompts then waits on 4 x 12 steps of loads of P, not 4 x 6; with 32 prompts a
-# mixture tile, 2 x 12 steps, it takes 178 registers (two programs an SM), and f_e in pieces of 96
+# mixture tile, 2 x 12 steps, it takes 176 registers (two programs an SM), and f_e in pieces of 96
 # columns stays shorter than a token chunk. BLOCK_D_E=768 runs f_e as one program an expert, as
 # before its pieces. At Np = 10 BLOCK_D_MIX=64 halves the steps of a group's mixture, each waiting
-# on its loads of P: as launched 168 registers without spills, the default 32 167 (sm_90a, Triton
+# on its loads of P: as launched 168 registers without spills, the default 32 168 (sm_90a, Triton
 # 3.8), but its 14 generic 4-warp variants all spill, up to 60 bytes a thread, where the default's
 # spill nothing.
 SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D_FWD=64", "B_PER_FIN=1", "BLOCK_T_SPLIT=32", "BLOCK_DW=32",

@@ -332,6 +332,26 @@ def _plus_bias(acc, b_ptr, W, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _sum_parts(
+    row_ptrs,  # (BLOCK_R,) pointers to each row's first part, W contiguous float32
+    row_mask,  # (BLOCK_R,)
+    parts,  # parts a row: part c of a row starts stride_part elements after part c - 1
+    stride_part,
+    W,
+    BLOCK_W: tl.constexpr,
+):
+    """The sum of each row's parts in the order of c, so the result does not depend on which
+    program sums them: (BLOCK_R, BLOCK_W) float32, zero in masked rows and padded columns. The
+    parts are what other programs of the launch stored: read from L2 (.cg), past this SM's L1."""
+    offs_w = tl.arange(0, BLOCK_W)
+    mask = row_mask[:, None] & (offs_w < W)[None, :]
+    acc = tl.zeros((row_ptrs.shape[0], BLOCK_W), dtype=tl.float32)
+    for c in range(0, parts):
+        acc += tl.load(row_ptrs[:, None] + c * stride_part + offs_w[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def _mlp_rows(
     x_ptrs,  # (BLOCK_R,) pointers to the first element of each row, each row D contiguous
     row_mask,  # (BLOCK_R,)
@@ -594,22 +614,18 @@ def _dispatch_fwd_kernel(
             n_mask = n < Np
             x_ptrs = prompts_ptr + k * stride_prompts_k + n * stride_prompts_n
             if HAS_HIDDEN:
-                offs_h = tl.arange(0, BLOCK_H)
                 part = _row_products(
                     x_ptrs, n_mask, w1e_ptr, stride_w1e_h, d_lo, d_hi, H, BLOCK_P, BLOCK_D, BLOCK_H, ROUND_FP32,
-                )
-                tl.store(
-                    parts_e_ptr + (pid * Np + n)[:, None] * H + offs_h[None, :], part,
-                    mask=n_mask[:, None] & (offs_h < H)[None, :],
                 )
             else:
                 part = _row_products(
                     x_ptrs, n_mask, w2e_ptr, stride_w2e_k, d_lo, d_hi, K, BLOCK_P, BLOCK_D, BLOCK_K, ROUND_FP32,
                 )
-                tl.store(
-                    parts_e_ptr + (pid * Np + n)[:, None] * K + offs_k[None, :], part,
-                    mask=n_mask[:, None] & k_mask[None, :],
-                )
+            offs_w = tl.arange(0, part.shape[1])
+            tl.store(
+                parts_e_ptr + (pid * Np + n)[:, None] * sums_width + offs_w[None, :], part,
+                mask=n_mask[:, None] & (offs_w < sums_width)[None, :],
+            )
         # The last of expert k's pieces to arrive sums them in a fixed order, finishes f_e (b1,
         # GELU and W2, with the pre-activations stored for a backward) and stores its logits for
         # every group's finishing program: f_e counts once in each group of its expert.
@@ -621,25 +637,15 @@ def _dispatch_fwd_kernel(
             for n0 in range(0, Np, BLOCK_P):
                 n = n0 + offs_p
                 n_mask = n < Np
+                piece_rows = parts_e_ptr + (k * S_E * Np + n) * sums_width  # (K * S_E, Np, H or K)
                 if HAS_HIDDEN:
-                    offs_h = tl.arange(0, BLOCK_H)
-                    h_e = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-                    for piece in range(0, S_E):
-                        h_e += tl.load(
-                            parts_e_ptr + ((k * S_E + piece) * Np + n)[:, None] * H + offs_h[None, :],
-                            mask=n_mask[:, None] & (offs_h < H)[None, :], other=0.0, cache_modifier=".cg",
-                        )
+                    h_e = _sum_parts(piece_rows, n_mask, S_E, Np * H, H, BLOCK_H)
                     f_e = _mlp_out(
                         _plus_bias(h_e, b1e_ptr, H, BLOCK_H), n_mask, hidden_e_ptr + (k * Np + n) * H, save_hidden,
                         w2e_ptr, stride_w2e_k, K, H, BLOCK_H, BLOCK_K, ROUND_FP32,
                     )
                 else:
-                    f_e = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-                    for piece in range(0, S_E):
-                        f_e += tl.load(
-                            parts_e_ptr + ((k * S_E + piece) * Np + n)[:, None] * K + offs_k[None, :],
-                            mask=n_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
-                        )
+                    f_e = _sum_parts(piece_rows, n_mask, S_E, Np * K, K, BLOCK_K)
                 tl.store(
                     logits_e_ptr + (k * Np + n)[:, None] * K + offs_k[None, :], _plus_bias(f_e, b2e_ptr, K, BLOCK_K),
                     mask=n_mask[:, None] & k_mask[None, :],
@@ -718,12 +724,7 @@ def _dispatch_fwd_kernel(
             if HAS_HIDDEN:
                 offs_h = tl.arange(0, BLOCK_H)
                 h_mask = offs_h < H
-                a_sum = tl.zeros((B_PER_FIN, BLOCK_H), dtype=tl.float32)
-                for c in range(0, S_T):
-                    a_sum += tl.load(
-                        partials_ptr + ((kb * S_T + c) * H)[:, None] + offs_h[None, :],
-                        mask=b_mask[:, None] & h_mask[None, :], other=0.0, cache_modifier=".cg",
-                    )
+                a_sum = _sum_parts(partials_ptr + kb * S_T * H, b_mask, S_T, H, H, BLOCK_H)
                 w2 = tl.load(
                     w2z_ptr + offs_k[:, None] * stride_w2z_k + offs_h[None, :],
                     mask=k_mask[:, None] & h_mask[None, :],
@@ -733,12 +734,7 @@ def _dispatch_fwd_kernel(
                 if save_hidden:
                     tl.store(act_sums_z_ptr + kb[:, None] * H + offs_h[None, :], a_sum, mask=b_mask[:, None] & h_mask[None, :])
             else:
-                token_sum = tl.zeros((B_PER_FIN, BLOCK_K), dtype=tl.float32)
-                for c in range(0, S_T):
-                    token_sum += tl.load(
-                        partials_ptr + ((kb * S_T + c) * K)[:, None] + offs_k[None, :],
-                        mask=b_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg",
-                    )
+                token_sum = _sum_parts(partials_ptr + kb * S_T * K, b_mask, S_T, K, K, BLOCK_K)
             token_logits = token_sum / (end - start).to(tl.float32)
             token_logits += tl.load(b2z_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             for n0 in range(0, Np, BLOCK_N):
@@ -1586,11 +1582,10 @@ def _prompt_blocks(Np: int, block_n: int, block_h: int, block_d_fwd: int, small_
     image is its own group (a group of 4 at B = 1 mixed three empty images, its accumulator 4x the
     tile), so its finish can start as soon as its own programs are done (the last of f_e's pieces
     serves every group of its expert and may still finish several in turn), and steps through D
-    128 at a time,
-    6 steps where the forward's 64 took 12, each waiting on its loads of P from L2. In the sm_90a
-    SASS of the B = 1 launch (K = 6, Np = 10, Triton 3.8) the mixture's D loop ran 12 steps of 617
-    instructions, then 6 of 378, at the same 255 registers, no spills and 60 KB of shared memory
-    (each step's loop over experts, four a step in 299 instructions with 16 barriers, takes two a
+    128 at a time, 6 steps where the forward's 64 took 12, each waiting on its loads of P from L2.
+    In the sm_90a SASS of the B = 1 launch (K = 6, Np = 10, Triton 3.8) the mixture's D loop ran
+    12 steps of 617 instructions, then 6 of 378, at the same 255 registers, no spills and 60 KB of
+    shared memory (each step's loop over experts, four a step in 299 instructions with 16 barriers, takes two a
     step in 92, none, since ``_softmax_and_mix`` reads the weights back from memory). The generic
     4-warp small-batch variants, without the launch's alignment hints, spilled more: up to 212 bytes
     a thread where they spilled 136 (benchmarks/triton_resources.py). (Steps of 256 took 3 of 619,

@@ -91,13 +91,12 @@ CASES = {
     # holding rows of both images; the mixture's 128-wide D step past D; K = 6 takes the
     # mixture's experts in three steps of two.
     "many-prompts-K6": Case(K=6, B=2, Np=70, T=9, D=40),
+    # B = 3: a group of two images and a group of one; f_p's third 16-row tile of the 60 rows of
+    # Z_P holds rows of both groups, its fourth is short; f_e in three pieces.
     "small-tiles": Case(
         Np=20, B=3, D=48, shared=False,
         blocks="BLOCK_T_FWD=16,BLOCK_D_FWD=16,BLOCK_D_E=16,BLOCK_T=16,BLOCK_N=16,BLOCK_ZP=16,BLOCK_D=16,BLOCK_DW=32,BLOCK_KB=16,"
-        # B = 3: a group of two images and a group of one; f_p's third 16-row tile of the 60
-        # rows of Z_P holds rows of both groups, its fourth is short; f_e in three pieces.
-        "BLOCK_C=64,"
-        "B_PER_PROG=1,N_PER_PROG=3,B_PER_FIN=2",
+        "BLOCK_C=64,B_PER_PROG=1,N_PER_PROG=3,B_PER_FIN=2",
     ),
     "small-tiles-linear": Case(
         H=0, Np=20, B=3, D=48,
