@@ -1,9 +1,11 @@
 // CUDA implementations of pmoe_fast::dispatch_mlp and dispatch_mlp_backward (schemas in
 // ../dispatch_cpu.cpp; notation and formulas in ../dispatch.h).
 //
-// Written to be correct by construction and to be read, not tuned: FMAs on CUDA cores over
-// shared-memory tiles (no tensor cores), every reduction in a fixed order, so results are bitwise
-// reproducible (the atomics, in the forward and launch 3, count arrivals; they order no sum).
+// Written to be correct by construction and to be read: FMAs on CUDA cores over shared-memory
+// tiles (no tensor cores; a thread's 4 x 2 outputs take one vector load of each operand per
+// reduction step, and a tile's next chunk loads, coalesced, while this one's FMAs run), every
+// reduction in a fixed order, so results are bitwise reproducible (the atomics, in the forward
+// and launch 3, count arrivals; they order no sum).
 // Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float
 // otherwise); prompts, prompt_out, parameters and grad_ipt are converted to acc_t up front (small
 // tensors), the tokens are read in place through their strides when at::opmath_type of their
@@ -61,12 +63,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // A product tile is kTileRows x kTileCols outputs, reduced kTileK at a time through shared
-// memory. Thread t owns column t % kTileCols and rows t / kTileCols + kRowGroups * i.
+// memory. Warp w owns rows kThreadRows * w + [0, kThreadRows) and lane l columns kThreadCols * l +
+// [0, kThreadCols): a thread's kOutputs outputs are a 4 x 2 block, whose 4 + 2 operands are one
+// vector load each from shared memory per reduction step (8 FMAs for 2 loads).
 constexpr int kTileRows = 32;
 constexpr int kTileCols = 64;
 constexpr int kTileK = 32;
-constexpr int kRowGroups = kThreads / kTileCols;
-constexpr int kRowsPerThread = kTileRows / kRowGroups;
+constexpr int kThreadRows = kTileRows / kWarps;
+constexpr int kThreadCols = kTileCols / 32;
+constexpr int kOutputs = kThreadRows * kThreadCols;
 // The forward's and the backward's first launch's blocks take an image's tokens this many at a time.
 constexpr int kChunkTokens = 2 * kTileRows;
 // The token ranges of all experts travel in the launch arguments (no host-to-device copy).
@@ -163,63 +168,134 @@ struct Scratch {
 
 // ---- Tiles -------------------------------------------------------------------------------
 
-template <typename acc_t>
-struct Tile {
-  acc_t a[kTileRows][kTileK + 1];  // left operand chunk [row][reduction]; +1: no bank conflicts
-  acc_t b[kTileK][kTileCols + 1];  // right operand chunk [reduction][column]
+// Output i < kOutputs of this thread's block of a tile: row out_row(i), column out_col(i).
+__device__ inline int out_row(int i) { return kThreadRows * (threadIdx.x / 32) + i / kThreadCols; }
+__device__ inline int out_col(int i) { return kThreadCols * (threadIdx.x % 32) + i % kThreadCols; }
+
+// n consecutive values, aligned so that a thread reads them from shared memory in one load.
+template <typename T, int n>
+struct alignas(n * sizeof(T)) Vec {
+  T v[n];
 };
 
-// acc[i] += sum_{r < len} A(row_i, r) * B(r, col) for this thread's outputs of a tile. load_a(row,
-// r) and load_b(r, col) return the operands (0 outside the matrices). kATransposed: A is stored
-// with rows contiguous along `row`, so consecutive threads load consecutive rows (coalesced).
-template <bool kATransposed, typename acc_t, typename LoadA, typename LoadB>
-__device__ void tile_product(int64_t len, const LoadA& load_a, const LoadB& load_b, Tile<acc_t>& sm,
-                             acc_t (&acc)[kRowsPerThread]) {
-  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
+template <typename acc_t>
+struct Tile {
+  // The operands' chunks, transposed: [reduction][row of A or column of B]. The padding keeps a
+  // thread's 4 rows or 2 columns one aligned load and spreads a fill along the reduction over the
+  // banks (4-way and 2-way conflicts instead of 32-way).
+  alignas(kThreadRows * sizeof(acc_t)) acc_t a[kTileK][kTileRows + kThreadRows];
+  alignas(kThreadCols * sizeof(acc_t)) acc_t b[kTileK][kTileCols + kThreadCols];
+};
+
+// One operand of a tile product: element (i, r), i a row of A or a column of B and r along the
+// reduction, is ptr[i * stride_i + r * stride_r] for i < extent (r < len: the product's), 0 for
+// i >= extent; with ones_at >= 0 the elements of i = ones_at are 1 (a constant input, whose
+// product is a bias's gradient).
+template <typename T>
+struct Operand {
+  const T* ptr;
+  int64_t stride_i, stride_r, extent;
+  int64_t ones_at = -1;
+};
+
+// Which of an operand's indices is adjacent in memory: consecutive threads load along it.
+enum class Along { kReduction, kIndex };
+
+// This thread's elements of an operand's chunks of kN rows of A or columns of B by kTileK along the
+// reduction: element e's index is i + e * kStepI and its reduction r + e * kStepR, so that
+// consecutive threads load along the operand's adjacent index.
+template <int kN, Along kAlong, typename T>
+struct OperandChunk {
+  static constexpr int kCount = kN * kTileK / kThreads;
+  static constexpr int kStepI = kAlong == Along::kIndex ? 0 : kThreads / kTileK;
+  static constexpr int kStepR = kAlong == Along::kIndex ? kThreads / kN : 0;
+  const T* first;               // element 0 at reduction 0 (dereferenced only when in the operand)
+  int64_t stride_e, stride_r;   // address steps from an element to the next and along the reduction
+  int i, r;                     // element 0's
+  int extent, ones_at;          // clamped to the chunk: [0, kN], and -1 when not in it
+
+  __device__ explicit OperandChunk(const Operand<T>& op)
+      : stride_e(kStepI * op.stride_i + kStepR * op.stride_r),
+        stride_r(op.stride_r),
+        i(kAlong == Along::kIndex ? threadIdx.x % kN : threadIdx.x / kTileK),
+        r(kAlong == Along::kIndex ? threadIdx.x / kN : threadIdx.x % kTileK),
+        extent(static_cast<int>(op.extent < kN ? op.extent : kN)),
+        ones_at(static_cast<int>(op.ones_at >= 0 && op.ones_at < kN ? op.ones_at : -1)) {
+    first = op.ptr + i * op.stride_i + r * op.stride_r;
+  }
+
+  // The chunk's elements at reductions r0 + [0, kTileK), 0 from len on.
+  template <typename acc_t>
+  __device__ void load(int64_t r0, int64_t len, acc_t (&v)[kCount]) const {
+    const int left = static_cast<int>(len - r0 < kTileK ? len - r0 : kTileK);
+    const T* p = first + r0 * stride_r;
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) {
+      const int ie = i + e * kStepI;
+      const bool in = r + e * kStepR < left;
+      v[e] = in && ie == ones_at ? acc_t(1) : in && ie < extent ? static_cast<acc_t>(p[e * stride_e]) : acc_t(0);
+    }
+  }
+
+  template <typename acc_t, int kLd>
+  __device__ void store(const acc_t (&v)[kCount], acc_t (&chunk)[kTileK][kLd]) const {
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) chunk[r + e * kStepR][i + e * kStepI] = v[e];
+  }
+};
+
+// acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile,
+// r in increasing order; kAlongA and kAlongB say how the operands lie in memory. The next chunk's
+// operands are loaded into registers while this one's FMAs run.
+template <Along kAlongA, Along kAlongB, typename acc_t, typename TA, typename TB>
+__device__ void tile_product(int64_t len, const Operand<TA>& a_op, const Operand<TB>& b_op, Tile<acc_t>& sm,
+                             acc_t (&acc)[kOutputs]) {
+  const OperandChunk<kTileRows, kAlongA, TA> a_chunk(a_op);
+  const OperandChunk<kTileCols, kAlongB, TB> b_chunk(b_op);
+  acc_t next_a[a_chunk.kCount], next_b[b_chunk.kCount];
+  const int row0 = kThreadRows * (threadIdx.x / 32), col0 = kThreadCols * (threadIdx.x % 32);
+  a_chunk.load(0, len, next_a);
+  b_chunk.load(0, len, next_b);
   for (int64_t r0 = 0; r0 < len; r0 += kTileK) {
-    for (int idx = threadIdx.x; idx < kTileRows * kTileK; idx += kThreads) {
-      const int row = kATransposed ? idx % kTileRows : idx / kTileK;
-      const int r = kATransposed ? idx / kTileRows : idx % kTileK;
-      sm.a[row][r] = r0 + r < len ? load_a(row, r0 + r) : acc_t(0);
-    }
-    for (int idx = threadIdx.x; idx < kTileK * kTileCols; idx += kThreads) {
-      const int r = idx / kTileCols, c = idx % kTileCols;
-      sm.b[r][c] = r0 + r < len ? load_b(r0 + r, c) : acc_t(0);
-    }
+    a_chunk.store(next_a, sm.a);
+    b_chunk.store(next_b, sm.b);
     __syncthreads();
+    if (r0 + kTileK < len) {
+      a_chunk.load(r0 + kTileK, len, next_a);
+      b_chunk.load(r0 + kTileK, len, next_b);
+    }
 #pragma unroll 8
     for (int r = 0; r < kTileK; ++r) {
-      const acc_t bv = sm.b[r][col];
+      const auto a = *reinterpret_cast<const Vec<acc_t, kThreadRows>*>(&sm.a[r][row0]);
+      const auto b = *reinterpret_cast<const Vec<acc_t, kThreadCols>*>(&sm.b[r][col0]);
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) acc[i] += sm.a[group + kRowGroups * i][r] * bv;
+      for (int i = 0; i < kOutputs; ++i) acc[i] += a.v[i / kThreadCols] * b.v[i % kThreadCols];
     }
     __syncthreads();
   }
 }
 
-// This thread's pre-activations of features h0 + col for rows row_i < rows of x (row stride
-// stride_x): W1 x + b1, or x itself when H = 0 (f = Linear(D, K): its features are its inputs).
-// Zero for rows >= rows and features >= Hz. Every thread of the block must call it.
+// This thread's pre-activations pre[i] of feature h0 + out_col(i) for row out_row(i) of x (row
+// stride stride_x): W1 x + b1, or x itself when H = 0 (f = Linear(D, K): its features are its
+// inputs). Zero for rows >= rows and features >= Hz. Every thread of the block must call it.
 template <typename x_t, typename acc_t>
 __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, const Mlp<acc_t>& f,
                                     int64_t H, int64_t D, int64_t h0, Tile<acc_t>& sm,
-                                    acc_t (&pre)[kRowsPerThread]) {
-  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
-  const int64_t h = h0 + col;
-  for (int i = 0; i < kRowsPerThread; ++i) pre[i] = acc_t(0);
+                                    acc_t (&pre)[kOutputs]) {
+  for (int i = 0; i < kOutputs; ++i) pre[i] = acc_t(0);
   if (H == 0) {
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const int row = group + kRowGroups * i;
+    for (int i = 0; i < kOutputs; ++i) {
+      const int row = out_row(i);
+      const int64_t h = h0 + out_col(i);
       if (row < rows && h < D) pre[i] = static_cast<acc_t>(x[row * stride_x + h]);
     }
     return;
   }
-  tile_product<false>(
-      D,
-      [&](int row, int64_t d) { return row < rows ? static_cast<acc_t>(x[row * stride_x + d]) : acc_t(0); },
-      [&](int64_t d, int c) { return h0 + c < H ? f.w1[(h0 + c) * D + d] : acc_t(0); }, sm, pre);
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    if (group + kRowGroups * i < rows && h < H) pre[i] += f.b1[h];
+  tile_product<Along::kReduction, Along::kReduction>(D, Operand<x_t>{x, stride_x, 1, rows},
+                                                     Operand<acc_t>{f.w1 + h0 * D, D, 1, H - h0}, sm, pre);
+  for (int i = 0; i < kOutputs; ++i) {
+    const int64_t h = h0 + out_col(i);
+    if (out_row(i) < rows && h < H) pre[i] += f.b1[h];
   }
 }
 
@@ -252,17 +328,14 @@ template <typename acc_t>
 __device__ void prompt_logits(const acc_t* x, const Mlp<acc_t>& f, int64_t K, int64_t Np, int64_t D,
                               int64_t H, int64_t Hz, acc_t* logits, Tile<acc_t>& tile,
                               acc_t (&features)[kTileRows][kTileCols + 1]) {
-  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
-  acc_t pre[kRowsPerThread];
+  acc_t pre[kOutputs];
   for (int64_t idx = threadIdx.x; idx < Np * K; idx += kThreads) logits[idx] = f.b2[idx % K];
   __syncthreads();
   for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
     for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
       const int rows = tile_rows(n0, Np);
       pre_activation_tile(x + n0 * D, D, rows, f, H, D, h0, tile, pre);
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        features[group + kRowGroups * i][col] = activation(pre[i], H > 0);  // 0 outside
-      }
+      for (int i = 0; i < kOutputs; ++i) features[out_row(i)][out_col(i)] = activation(pre[i], H > 0);  // 0 outside
       __syncthreads();
       for (int64_t idx = threadIdx.x; idx < rows * K; idx += kThreads) {
         const int64_t row = idx / K, j = idx % K;
@@ -349,7 +422,7 @@ __global__ void __launch_bounds__(kThreads)
                             int* __restrict__ arrivals) {        // (K, B), zero at launch
   __shared__ Tile<acc_t> tile;
   __shared__ acc_t features[kTileRows][kTileCols + 1];  // activated tile, read across columns
-  __shared__ acc_t partial[kRowGroups][kTileCols];      // per row group sums over tokens
+  __shared__ acc_t partial[kWarps][kTileCols];          // each warp's sums over its token rows
 
   const int64_t K = in.K, B = in.B, Np = in.Np, D = in.D, H = in.H, Hz = in.Hz;
   const int64_t p_blocks = in.prompt_out ? K * B : 0;
@@ -374,8 +447,7 @@ __global__ void __launch_bounds__(kThreads)
     b_lo = kb % B;
     b_hi = b_lo + 1;
     const bool hidden = H > 0;
-    const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
-    acc_t pre[kRowsPerThread];
+    acc_t pre[kOutputs];
     const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
     acc_t* z_act = z_act_ptr + kb * in.T * H;
     if (chunk == 0) {
@@ -388,24 +460,24 @@ __global__ void __launch_bounds__(kThreads)
     token_chunk(start, end, chunk, chunk_start, chunk_end);
     acc_t* chunk_sums = chunk_sums_ptr + kb * C * Hz;
     for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
-      const int64_t h = h0 + col;
-      acc_t sum = 0;  // over this thread's rows of every token tile: a fixed order
+      acc_t sum[kThreadCols] = {};  // per column, over this thread's rows of every token tile in order
       for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
         const int rows = tile_rows(t0, chunk_end);
         pre_activation_tile(in.token_row(k, b_lo, t0), in.stride_z_t, rows, in.f[2], H, D, h0, tile, pre);
-        for (int i = 0; i < kRowsPerThread; ++i) {
-          const int row = group + kRowGroups * i;
+        for (int i = 0; i < kOutputs; ++i) {
+          const int row = out_row(i);
+          const int64_t h = h0 + out_col(i);
           if (row < rows && h < Hz) {
             if (hidden) z_act[(t0 + row) * H + h] = pre[i];
-            sum += activation(pre[i], hidden);
+            sum[i % kThreadCols] += activation(pre[i], hidden);
           }
         }
       }
-      partial[group][col] = sum;
+      for (int j = 0; j < kThreadCols; ++j) partial[threadIdx.x / 32][out_col(j)] = sum[j];
       __syncthreads();
       if (threadIdx.x < kTileCols && h0 + threadIdx.x < Hz) {
         acc_t total = 0;
-        for (int g = 0; g < kRowGroups; ++g) total += partial[g][threadIdx.x];
+        for (int w = 0; w < kWarps; ++w) total += partial[w][threadIdx.x];
         chunk_sums[chunk * Hz + h0 + threadIdx.x] = total;
       }
       __syncthreads();
@@ -439,7 +511,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t C = gridDim.x / (in.K * in.B);
   const int64_t kb = blockIdx.x / C, chunk = blockIdx.x % C, k = kb / in.B;
   const int64_t K = in.K, Np = in.Np, T = in.T, D = in.D, H = in.H, Hz = in.Hz;
-  const int col = threadIdx.x % kTileCols, group = threadIdx.x / kTileCols;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const acc_t* grad = grad_ipt_ptr + kb * Np * D;
   const acc_t* w = weights_ptr + kb * Np * K;
@@ -510,14 +581,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
         const int rows = tile_rows(t0, chunk_end);
         for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
-          acc_t acc[kRowsPerThread] = {};
-          tile_product<false>(
-              H,
-              [&](int row, int64_t h) { return row < rows ? da[(t0 + row) * H + h] : acc_t(0); },
-              [&](int64_t h, int c) { return d0 + c < D ? w1[h * D + d0 + c] : acc_t(0); }, tile, acc);
-          for (int i = 0; i < kRowsPerThread; ++i) {
-            const int row = group + kRowGroups * i;
-            if (row < rows && d0 + col < D) gz[(t0 + row) * D + d0 + col] = static_cast<scalar_t>(acc[i]);
+          acc_t acc[kOutputs] = {};
+          tile_product<Along::kReduction, Along::kIndex>(H, Operand<acc_t>{da + t0 * H, H, 1, rows},
+                                                         Operand<acc_t>{w1 + d0, 1, D, D - d0}, tile, acc);
+          for (int i = 0; i < kOutputs; ++i) {
+            const int row = out_row(i);
+            const int64_t d = d0 + out_col(i);
+            if (row < rows && d < D) gz[(t0 + row) * D + d] = static_cast<scalar_t>(acc[i]);
           }
         }
       }
@@ -541,14 +611,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   acc_t* pre_p = scratch.pre_p + kb * Np * H;
   acc_t* da_p = scratch.da_p + kb * Np * H;
-  acc_t pre[kRowsPerThread];
+  acc_t pre[kOutputs];
   for (int64_t h0 = 0; h0 < H; h0 += kTileCols) {
     for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
       const int rows = tile_rows(n0, Np);
       pre_activation_tile(x + n0 * D, D, rows, f, H, D, h0, tile, pre);
-      const int64_t h = h0 + col;
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        const int64_t n = n0 + group + kRowGroups * i;
+      for (int i = 0; i < kOutputs; ++i) {
+        const int64_t n = n0 + out_row(i), h = h0 + out_col(i);
         if (n - n0 < rows && h < H) {
           acc_t up = 0;  // (W2_p^T dl[n])[h]
           for (int64_t j = 0; j < K; ++j) up += f.w2[j * H + h] * dl[n * K + j];
@@ -563,13 +632,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
     const int rows = tile_rows(n0, Np);
     for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
-      acc_t acc[kRowsPerThread] = {};
-      tile_product<false>(
-          H, [&](int row, int64_t h) { return row < rows ? da_p[(n0 + row) * H + h] : acc_t(0); },
-          [&](int64_t h, int c) { return d0 + c < D ? f.w1[h * D + d0 + c] : acc_t(0); }, tile, acc);
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        const int row = group + kRowGroups * i;
-        if (row < rows && d0 + col < D) gzp[(n0 + row) * D + d0 + col] = acc[i];
+      acc_t acc[kOutputs] = {};
+      tile_product<Along::kReduction, Along::kIndex>(H, Operand<acc_t>{da_p + n0 * H, H, 1, rows},
+                                                     Operand<acc_t>{f.w1 + d0, 1, D, D - d0}, tile, acc);
+      for (int i = 0; i < kOutputs; ++i) {
+        const int row = out_row(i);
+        const int64_t d = d0 + out_col(i);
+        if (row < rows && d < D) gzp[(n0 + row) * D + d] = acc[i];
       }
     }
   }
@@ -666,46 +735,35 @@ __global__ void __launch_bounds__(kThreads)
 
   if (blockIdx.x < w1_tiles) {
     const int64_t h0 = blockIdx.x / d_tiles * kTileRows, d0 = blockIdx.x % d_tiles * kTileCols;
-    acc_t acc[kRowsPerThread] = {};
+    acc_t acc[kOutputs] = {};
     if (s == 2) {  // rows (k, b, t) of each image's token range
       for (int64_t kb = begin; kb < end; ++kb) {
         const int64_t k = kb / B, b = kb % B, start = in.tok_start[k];
         const acc_t* da = scratch.da_z + (kb * T + start) * H;
         const scalar_t* x = in.token_row(k, b, start);
-        tile_product<true>(
-            in.tok_end[k] - start,
-            [&](int row, int64_t t) { return h0 + row < H ? da[t * H + h0 + row] : acc_t(0); },
-            [&](int64_t t, int cc) {
-              const int64_t d = d0 + cc;
-              return d < D ? static_cast<acc_t>(x[t * in.stride_z_t + d]) : acc_t(d == D);
-            },
-            tile, acc);
+        tile_product<Along::kIndex, Along::kIndex>(in.tok_end[k] - start, Operand<acc_t>{da + h0, 1, H, H - h0},
+                                                   Operand<scalar_t>{x + d0, 1, in.stride_z_t, D - d0, D - d0}, tile,
+                                                   acc);
       }
     } else {  // rows (k, n) of P, or (k, b, n) of Z_P
       const acc_t* x = (s == 0 ? in.prompts : in.prompt_out) + begin * D;
       const acc_t* da = (s == 0 ? scratch.da_e : scratch.da_p) + begin * H;
-      tile_product<true>(
-          end - begin, [&](int row, int64_t r) { return h0 + row < H ? da[r * H + h0 + row] : acc_t(0); },
-          [&](int64_t r, int cc) {
-            const int64_t d = d0 + cc;
-            return d < D ? x[r * D + d] : acc_t(d == D);
-          },
-          tile, acc);
+      tile_product<Along::kIndex, Along::kIndex>(end - begin, Operand<acc_t>{da + h0, 1, H, H - h0},
+                                                 Operand<acc_t>{x + d0, 1, D, D - d0, D - d0}, tile, acc);
     }
-    // Thread t holds outputs t + i * kThreads of the tile: row group + kRowGroups * i, column col.
+    // A block's partial sums go to its slot in thread order: output i of thread t at t + i * kThreads.
     const auto store = [&](int i, acc_t value) {
-      const int64_t o = threadIdx.x + i * kThreads;
-      const int64_t h = h0 + o / kTileCols, d = d0 + o % kTileCols;
+      const int64_t h = h0 + out_row(i), d = d0 + out_col(i);
       if (h < H && d < D) grads.w1[s][h * D + d] = value;
       if (h < H && d == D) grads.b1[s][h] = value;
     };
     if (G == 1) {
-      for (int i = 0; i < kRowsPerThread; ++i) store(i, acc[i]);
+      for (int i = 0; i < kOutputs; ++i) store(i, acc[i]);
       return;
     }
-    for (int i = 0; i < kRowsPerThread; ++i) partial[g * split.slot + threadIdx.x + i * kThreads] = acc[i];
+    for (int i = 0; i < kOutputs; ++i) partial[g * split.slot + threadIdx.x + i * kThreads] = acc[i];
     if (!last_to_arrive(split.arrivals + tile_id, static_cast<int>(G))) return;
-    for (int i = 0; i < kRowsPerThread; ++i) {
+    for (int i = 0; i < kOutputs; ++i) {
       acc_t total = 0;
       for (int64_t j = 0; j < G; ++j) total += load_from_l2(partial + j * split.slot + threadIdx.x + i * kThreads);
       store(i, total);
