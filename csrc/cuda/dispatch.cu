@@ -394,12 +394,14 @@ __device__ void finish_image(const Inputs<scalar_t, acc_t>& in, int64_t k, int64
   }
   __syncthreads();
 
-  // ipt[n, d] = sum_j weights[n, j] P[j, n, d]; consecutive threads on consecutive d.
-  for (int64_t idx = threadIdx.x; idx < Np * D; idx += kThreads) {
-    const int64_t n = idx / D, d = idx % D;
-    acc_t sum = 0;
-    for (int64_t j = 0; j < K; ++j) sum += weights[n * K + j] * in.prompts[(j * Np + n) * D + d];
-    ipt_ptr[kb * Np * D + idx] = sum;
+  // ipt[n, d] = sum_j weights[n, j] P[j, n, d]; consecutive threads on consecutive d (no 64-bit
+  // division by D: a few dozen instructions an element).
+  for (int64_t n = 0; n < Np; ++n) {
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+      acc_t sum = 0;
+      for (int64_t j = 0; j < K; ++j) sum += weights[n * K + j] * in.prompts[(j * Np + n) * D + d];
+      ipt_ptr[(kb * Np + n) * D + d] = sum;
+    }
   }
 }
 
@@ -558,8 +560,10 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* da = scratch.da_z + kb * T * H;
   if (H > 0) {
     const acc_t* z_act = z_act_ptr + kb * T * H;
-    for (int64_t idx = chunk_start * H + threadIdx.x; idx < chunk_end * H; idx += kThreads) {
-      scratch.da_z[kb * T * H + idx] = coef[idx % H] * gelu_grad(z_act[idx]);
+    const int elements = static_cast<int>((chunk_end - chunk_start) * H), units = static_cast<int>(H);
+    for (int e = threadIdx.x; e < elements; e += kThreads) {  // 32-bit index: at most kChunkTokens * H
+      const int64_t idx = chunk_start * H + e;
+      scratch.da_z[kb * T * H + idx] = coef[e % units] * gelu_grad(z_act[idx]);
     }
     __syncthreads();
   }
