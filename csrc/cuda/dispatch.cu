@@ -253,7 +253,7 @@ __device__ void tile_product(int64_t len, const Operand<TA>& a_op, const Operand
   const OperandChunk<kTileRows, kAlongA, TA> a_chunk(a_op);
   const OperandChunk<kTileCols, kAlongB, TB> b_chunk(b_op);
   acc_t next_a[a_chunk.kCount], next_b[b_chunk.kCount];
-  const int row0 = kThreadRows * (threadIdx.x / 32), col0 = kThreadCols * (threadIdx.x % 32);
+  const int row0 = out_row(0), col0 = out_col(0);
   a_chunk.load(0, len, next_a);
   b_chunk.load(0, len, next_b);
   for (int64_t r0 = 0; r0 < len; r0 += kTileK) {
