@@ -459,6 +459,28 @@ def test_bf16_probe_sees_the_interpreters_own_dot(monkeypatch):
     assert not kd.interpreter_computes_bf16.__wrapped__()
 
 
+@pytest.mark.skipif(not kd._INTERPRETED, reason="probes Triton's interpreter")
+def test_builtins_listed_once_are_what_the_interpreters_own_scan_patches():
+    """tests/triton_interpreter.py lists each module's builtins once: it must patch what the
+    interpreter's scan patches, and nothing on a second call while those are patched; also after
+    a kernel ran (inside one, tl.core is scanned with reduce and associative_scan replaced)."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    Dispatcher(8, 2, hidden=4, backend="triton")(torch.randn(2, 2, 8), torch.randn(2, 1, 3, 8))
+    ours = interpreter._patch_builtin
+    for pkg in (tl, tl.core, tl.math, tl.tensor, tl.core.tensor_descriptor_base):
+        patched = []
+        for patch in (ours.original, ours):
+            scope, again = interpreter._LangPatchScope(), interpreter._LangPatchScope()
+            patch(pkg, interpreter.interpreter_builder, scope)
+            patch(pkg, interpreter.interpreter_builder, again)
+            patched.append([name for _, name, _ in scope._changes])
+            assert not again._changes, (pkg, patch)
+            scope.restore()
+        assert patched[0] and patched[0] == patched[1], pkg
+
+
 def test_reasons_last_stride(monkeypatch):
     prompts, tokens, _, *params = reason_inputs(device=DEVICE)
     tokens = tokens.transpose(-1, -2).contiguous().transpose(-1, -2)

@@ -16,11 +16,25 @@ arithmetic differs from sm_90's in three ways that matter to them (Triton 3.8):
   round to nearest even.
 
 ``tf32x3`` stays a float32 product: its error (about 2**-21 relative) is below the tests'
-float32 floor. ``install()`` patches the interpreter in this process (the patched methods keep
-the interpreter's own as ``.original``); conftest.py calls it when ``TRITON_INTERPRET=1``.
+float32 floor.
+
+One change is for speed alone: on every call of a ``@triton.jit`` helper inside a kernel the
+interpreter patches ``triton.language`` again, and each time it lists every member of four
+modules and classes (``inspect.getmembers``) to find the builtins not patched yet. Under
+cProfile that listing was a third of the MoE dispatcher tests' time. Here the builtins of the
+modules and classes it patches are listed once, at ``install()``, while nothing is patched, and
+each call patches those of them still unpatched. That is what the interpreter's own scan finds:
+builtins are made at import only, and a patched builtin is no longer one. (Listed lazily instead,
+a module first seen inside a kernel would miss ``reduce`` and ``associative_scan``, which the
+interpreter replaces in tl.core before it scans tl.core.)
+
+``install()`` patches the interpreter in this process (the patched functions keep the
+interpreter's own as ``.original``); conftest.py calls it when ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 
@@ -66,3 +80,23 @@ def install() -> None:
     create_dot.original, cast_impl.original = original_dot, original_cast
     builder_cls.create_dot = create_dot
     builder_cls.cast_impl = cast_impl
+
+    # What interpreter._patch_lang patches: tl and tl.core, their tensor class, tl.math, and
+    # tensor_descriptor_base. Anything else keeps the interpreter's own scan.
+    patched_by_the_interpreter = (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base)
+    builtin_names = {
+        pkg: [name for name, member in inspect.getmembers(pkg) if tl.core.is_builtin(member)]
+        for pkg in patched_by_the_interpreter
+    }
+    original_patch_builtin = interpreter._patch_builtin
+
+    def patch_builtin(pkg, builder, scope):
+        if pkg not in builtin_names:
+            return original_patch_builtin(pkg, builder, scope)
+        for name in builtin_names[pkg]:
+            member = getattr(pkg, name)
+            if tl.core.is_builtin(member):
+                interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    patch_builtin.original = original_patch_builtin
+    interpreter._patch_builtin = patch_builtin
