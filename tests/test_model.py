@@ -16,8 +16,8 @@ FUSED_CPU_BACKENDS = ["cpp", "triton"] if not torch.cuda.is_available() else ["c
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def same_arch(k=3):
-    return [small_vit("p16") for _ in range(k)]
+def same_arch(k=3, **kwargs):
+    return [small_vit("p16", **kwargs) for _ in range(k)]
 
 
 def mixed():
@@ -101,11 +101,11 @@ def test_batched_fused_dispatchers_write_into_the_sequences(backend, execution, 
 @pytest.mark.parametrize("kind", ["p16", "p14reg"], ids=["vit", "layer-scale-registers"])
 def test_batched_triton_layer_norm_matches_reference(kind, checkpoint):
     """layer_norm="triton": the batched blocks' LayerNorms in one kernel each way (here under the
-    interpreter), outputs and every gradient as the reference's; "auto" on a CPU runs torch."""
+    interpreter, so two blocks: the first and one after a prompt layer), outputs and every
+    gradient as the reference's; "auto" on a CPU runs torch."""
     config = dict(CONFIG, dispatch_pool="patches") if kind == "p14reg" else CONFIG
-    fast = assert_matches_reference(
-        [small_vit(kind), small_vit(kind)], config=config, execution="batched", layer_norm="triton", checkpoint=checkpoint
-    )
+    experts = [small_vit(kind, depth=2), small_vit(kind, depth=2)]
+    fast = assert_matches_reference(experts, config=config, execution="batched", layer_norm="triton", checkpoint=checkpoint)
     assert fast.execution_plan()["layer_norm_last_run"] == "triton"
     auto = PMoE(same_arch(), **CONFIG, execution="batched")
     auto(torch.randn(1, 3, IMG, IMG))
@@ -511,9 +511,12 @@ def test_torch_compile_training(device, execution, backend, checkpoint, kind):
     Batched with a fused dispatcher on a CPU, it keeps no more activations for backward than
     eager does."""
     torch.manual_seed(0)
-    model = PMoE(same_arch(2), **CONFIG, execution=execution, dispatcher=kind, dispatcher_backend=backend, checkpoint=checkpoint)
+    # Two blocks (the first prompt layer and one fed prompt outputs: each kind there is) of 2 x 2
+    # patches: what compiles is the same at any size, and the interpreter runs kernels for it.
+    experts = same_arch(2, depth=2, img_size=32)
+    model = PMoE(experts, **CONFIG, execution=execution, dispatcher=kind, dispatcher_backend=backend, checkpoint=checkpoint)
     model = model.to(device)
-    x = torch.randn(2, 3, IMG, IMG, device=device)
+    x = torch.randn(2, 3, 32, 32, device=device)
     trainable = list(model.trainable_parameters())
 
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
