@@ -299,6 +299,26 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
   }
 }
 
+// out[r] = W1^T da[r] for rows r0 <= r < r1: an MLP's input gradient (D wide) from its dA (H wide),
+// row r of each at r times its width. Every thread of the block must call it.
+template <typename out_t, typename acc_t>
+__device__ void input_gradient(const acc_t* da, int64_t r0, int64_t r1, const acc_t* w1, int64_t H, int64_t D,
+                               Tile<acc_t>& sm, out_t* out) {
+  for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
+    const int rows = tile_rows(row0, r1);
+    for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
+      acc_t acc[kOutputs] = {};
+      tile_product<Along::kReduction, Along::kIndex>(H, Operand<acc_t>{da + row0 * H, H, 1, rows},
+                                                     Operand<acc_t>{w1 + d0, 1, D, D - d0}, sm, acc);
+      for (int i = 0; i < kOutputs; ++i) {
+        const int row = out_row(i);
+        const int64_t d = d0 + out_col(i);
+        if (row < rows && d < D) out[(row0 + row) * D + d] = static_cast<out_t>(acc[i]);
+      }
+    }
+  }
+}
+
 // ---- Forward -----------------------------------------------------------------------------
 
 // A load past the SM's L1 cache, which is not coherent across SMs: for what other blocks wrote
@@ -581,20 +601,7 @@ __global__ void __launch_bounds__(kThreads)
         gz[chunk_start * D + idx] = static_cast<scalar_t>(coef[idx % D]);
       }
     } else {  // dL/dZ[t] = W1_z^T dA[t]
-      const acc_t* w1 = in.f[2].w1;
-      for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
-        const int rows = tile_rows(t0, chunk_end);
-        for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
-          acc_t acc[kOutputs] = {};
-          tile_product<Along::kReduction, Along::kIndex>(H, Operand<acc_t>{da + t0 * H, H, 1, rows},
-                                                         Operand<acc_t>{w1 + d0, 1, D, D - d0}, tile, acc);
-          for (int i = 0; i < kOutputs; ++i) {
-            const int row = out_row(i);
-            const int64_t d = d0 + out_col(i);
-            if (row < rows && d < D) gz[(t0 + row) * D + d] = static_cast<scalar_t>(acc[i]);
-          }
-        }
-      }
+      input_gradient(da, chunk_start, chunk_end, in.f[2].w1, H, D, tile, gz);
     }
   }
 
@@ -632,20 +639,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  if (gzp == nullptr) return;
-  for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
-    const int rows = tile_rows(n0, Np);
-    for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
-      acc_t acc[kOutputs] = {};
-      tile_product<Along::kReduction, Along::kIndex>(H, Operand<acc_t>{da_p + n0 * H, H, 1, rows},
-                                                     Operand<acc_t>{f.w1 + d0, 1, D, D - d0}, tile, acc);
-      for (int i = 0; i < kOutputs; ++i) {
-        const int row = out_row(i);
-        const int64_t d = d0 + out_col(i);
-        if (row < rows && d < D) gzp[(n0 + row) * D + d] = acc[i];
-      }
-    }
-  }
+  if (gzp != nullptr) input_gradient(da_p, 0, Np, f.w1, H, D, tile, gzp);
 }
 
 // Launch 2. Grid K * Np, block kThreads: block (j, n) owns prompt P[j, n]: source e's backward
