@@ -52,41 +52,12 @@ def read_version() -> str:
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
-def find_cuda_home(cpp_extension) -> str | None:
-    """The CUDA toolkit root: $CUDA_HOME if set, else torch's guess or /usr/local/cuda.
-
-    torch guesses from ``which nvcc``; a wrapper script at /usr/local/bin/nvcc makes that guess
-    /usr/local, which has nvcc but no CUDA headers. So a toolkit must have both.
-    """
-    if os.environ.get("CUDA_HOME"):
-        candidates = [os.environ["CUDA_HOME"]]
-    else:
-        candidates = [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
-    for candidate in candidates:
-        if (
-            candidate
-            and os.path.isfile(os.path.join(candidate, "bin", "nvcc"))
-            and os.path.isfile(os.path.join(candidate, "include", "cuda_runtime.h"))
-        ):
-            return candidate
-    return None
-
-
-def nvidia_wheel_include(cuda_version: str) -> str | None:
-    """``<site-packages>/nvidia/cu<major>/include`` from torch's CUDA wheels, if installed.
-
-    A minimal toolkit can lack the cuBLAS / cuSPARSE headers that ATen's CUDA headers include;
-    torch's nvidia-* wheels ship them there.
-    """
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    major = cuda_version.split(".")[0]
-    for base in spec.submodule_search_locations:
-        include = os.path.join(base, f"cu{major}", "include")
-        if os.path.isdir(include):
-            return include
-    return None
+def load_cuda_toolkit_module():
+    """pmoe_fast/_cuda_toolkit.py, loaded by its path: pmoe_fast itself is not importable yet."""
+    spec = importlib.util.spec_from_file_location("pmoe_fast_cuda_toolkit", ROOT / "pmoe_fast" / "_cuda_toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cap_max_jobs() -> None:
@@ -107,7 +78,8 @@ def extension_modules():
     import torch
     from torch.utils import cpp_extension
 
-    cuda_home = find_cuda_home(cpp_extension) if torch.version.cuda else None
+    toolkit = load_cuda_toolkit_module()
+    cuda_home = toolkit.find_cuda_home(cpp_extension.CUDA_HOME) if torch.version.cuda else None
     if flag("PMOE_FAST_SKIP_CUDA_BUILD"):
         build_cuda, reason = False, "PMOE_FAST_SKIP_CUDA_BUILD=1"
     elif not torch.version.cuda:
@@ -138,8 +110,8 @@ def extension_modules():
         )
     else:
         # cpp_extension reads CUDA_HOME once, at import; correct it if its guess was not a toolkit.
-        cpp_extension.CUDA_HOME = cuda_home
-        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = str(cuda_home)
+        os.environ["CUDA_HOME"] = str(cuda_home)
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "those of the visible GPUs")
@@ -148,11 +120,9 @@ def extension_modules():
             f"{arch_list}; MAX_JOBS={os.environ['MAX_JOBS']})"
         )
         nvcc_flags = ["-O3", "-DPMOE_FAST_WITH_CUDA"]
-        wheel_include = nvidia_wheel_include(torch.version.cuda)
+        wheel_include = toolkit.nvidia_wheel_include(torch.version.cuda)
         if wheel_include:
-            # -isystem, not -I: searched after the toolkit's own include dir, so the toolkit's
-            # cuda_runtime.h wins and only the headers it lacks come from the wheel.
-            nvcc_flags += ["-isystem", wheel_include]
+            nvcc_flags += ["-isystem", str(wheel_include)]
         ext = cpp_extension.CUDAExtension(
             "pmoe_fast._C",
             cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),

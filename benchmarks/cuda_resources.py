@@ -10,8 +10,6 @@ registers a thread, 2 up to 128); spill stores and loads go through local memory
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from pmoe_fast._cuda_toolkit import find_cuda_home, nvidia_wheel_include
+
 ROOT = Path(__file__).resolve().parent.parent
 
 KERNEL = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
@@ -29,22 +29,17 @@ USAGE = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
 
 
 def cuda_home() -> Path:
-    """A toolkit with nvcc and headers, looked for where setup.py looks."""
-    for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file():
-            return Path(home)
-    sys.exit("cuda_resources: no CUDA toolkit with nvcc found (set CUDA_HOME to one)")
+    home = find_cuda_home(cpp_extension.CUDA_HOME)
+    if home is None:
+        sys.exit("cuda_resources: no CUDA toolkit with nvcc found (set CUDA_HOME to one)")
+    return home
 
 
 def include_flags() -> list[str]:
+    """Torch's include directories and, as in setup.py, the headers a minimal toolkit lacks."""
     flags = [f"-I{path}" for path in cpp_extension.include_paths()]
-    spec = importlib.util.find_spec("nvidia")
-    major = (torch.version.cuda or "").split(".")[0]
-    for base in spec.submodule_search_locations if spec and major else []:
-        wheel_include = Path(base) / f"cu{major}" / "include"
-        if wheel_include.is_dir():  # the headers a minimal toolkit lacks, as in setup.py
-            flags += ["-isystem", str(wheel_include)]
-    return flags
+    wheel_include = nvidia_wheel_include(torch.version.cuda) if torch.version.cuda else None
+    return flags + (["-isystem", str(wheel_include)] if wheel_include else [])
 
 
 def short_name(mangled: str) -> str:

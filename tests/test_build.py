@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import pmoe_fast
+from pmoe_fast._cuda_toolkit import find_cuda_home
 from pmoe_fast._ext import extension_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +39,10 @@ def without_build_flags(environ) -> dict:
 
 
 def nvcc_available() -> bool:
-    """Mirrors setup.py: a CUDA toolkit with nvcc and headers, where setup.py would look."""
+    """A CUDA toolkit with nvcc and headers, where setup.py looks for one."""
     from torch.utils import cpp_extension
 
-    for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if not home:
-            continue
-        if (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file():
-            return True
-    return False
+    return find_cuda_home(cpp_extension.CUDA_HOME) is not None
 
 
 def test_extension_loaded():
