@@ -294,7 +294,7 @@ def test_moe_dispatch_into_writes_in_place_as_concatenating_would(has_prompt_out
     without gradients as well."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    d, np_, t = 16, 2, 5  # eight forwards and backwards: small, for the interpreter
+    d, np_, t = 16, 2, 5  # five forwards and backwards, and a forward: small, for the interpreter
     disp = Dispatcher(d, K, hidden=8, kind="moe", num_dispatch_experts=3, top_k=2, backend="triton").to(device)
     prompts = torch.randn(K, np_, d, device=device)
     seq = torch.randn(K, B, np_ + t, d, device=device)

@@ -464,12 +464,12 @@ def test_builtins_listed_once_are_what_the_interpreters_own_scan_patches():
     """tests/triton_interpreter.py lists each module's builtins once: it must patch what the
     interpreter's scan patches, and nothing on a second call while those are patched; also after
     a kernel ran (inside one, tl.core is scanned with reduce and associative_scan replaced)."""
-    import triton.language as tl
     from triton.runtime import interpreter
+    from triton_interpreter import patched_by_the_interpreter
 
     Dispatcher(8, 2, hidden=4, backend="triton")(torch.randn(2, 2, 8), torch.randn(2, 1, 3, 8))
     ours = interpreter._patch_builtin
-    for pkg in (tl, tl.core, tl.math, tl.tensor, tl.core.tensor_descriptor_base):
+    for pkg in patched_by_the_interpreter():
         patched = []
         for patch in (ours.original, ours):
             scope, again = interpreter._LangPatchScope(), interpreter._LangPatchScope()

@@ -50,6 +50,14 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
+def patched_by_the_interpreter() -> tuple:
+    """What the interpreter's ``_patch_lang`` patches the builtins of: tl and tl.core, their
+    tensor class, tl.math, and tensor_descriptor_base."""
+    import triton.language as tl
+
+    return (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base)
+
+
 def install() -> None:
     import triton.language as tl
     from triton._C.libtriton import ir
@@ -81,12 +89,10 @@ def install() -> None:
     builder_cls.create_dot = create_dot
     builder_cls.cast_impl = cast_impl
 
-    # What interpreter._patch_lang patches: tl and tl.core, their tensor class, tl.math, and
-    # tensor_descriptor_base. Anything else keeps the interpreter's own scan.
-    patched_by_the_interpreter = (tl, tl.core, tl.tensor, tl.math, tl.core.tensor_descriptor_base)
+    # Anything else keeps the interpreter's own scan.
     builtin_names = {
         pkg: [name for name, member in inspect.getmembers(pkg) if tl.core.is_builtin(member)]
-        for pkg in patched_by_the_interpreter
+        for pkg in patched_by_the_interpreter()
     }
     original_patch_builtin = interpreter._patch_builtin
 
