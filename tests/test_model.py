@@ -513,10 +513,11 @@ def test_torch_compile_training(device, execution, backend, checkpoint, kind):
     torch.manual_seed(0)
     # Two blocks (the first prompt layer and one fed prompt outputs: each kind there is) of 2 x 2
     # patches: what compiles is the same at any size, and the interpreter runs kernels for it.
-    experts = same_arch(2, depth=2, img_size=32)
+    img = 32
+    experts = same_arch(2, depth=2, img_size=img)
     model = PMoE(experts, **CONFIG, execution=execution, dispatcher=kind, dispatcher_backend=backend, checkpoint=checkpoint)
     model = model.to(device)
-    x = torch.randn(2, 3, 32, 32, device=device)
+    x = torch.randn(2, 3, img, img, device=device)
     trainable = list(model.trainable_parameters())
 
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
