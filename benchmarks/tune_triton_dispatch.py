@@ -53,11 +53,17 @@ WARPS = (4, 8)
 # before its pieces. At Np = 10 BLOCK_D_MIX=64 halves the steps of a group's mixture, each waiting
 # on its loads of P: as launched 168 registers without spills, the default 32 168 (sm_90a, Triton
 # 3.8), but its 14 generic 4-warp variants all spill, up to 60 bytes a thread, where the default's
-# spill nothing.
-SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_D_FWD=64", "B_PER_FIN=1", "BLOCK_T_SPLIT=32", "BLOCK_DW=32",
-          "BLOCK_T_SPLIT=32,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4", "BLOCK_P=16", "BLOCK_D_MIX=32",
-          "BLOCK_P=16,BLOCK_D_MIX=32", "BLOCK_ZP=16", "FWD_WARPS=4,BLOCK_P=16,BLOCK_D_MIX=64",
-          "FWD_WARPS=4,BLOCK_P=16,BLOCK_N=32,BLOCK_D_MIX=64,BLOCK_D_E=96", "BLOCK_D_E=768", "BLOCK_D_MIX=64")
+# spill nothing. The forward's token chunks and f_p tiles are 64 rows a warpgroup (128 at 8 warps,
+# ``_forward_blocks``): pinning FWD_WARPS keeps the default's rows, so the 4-warp splits pin 64;
+# "BLOCK_T_FWD=64,BLOCK_ZP=64" is the 8-warp tiling before, the warpgroups splitting each tile's
+# columns (at Np = 10 the default), and "BLOCK_T_FWD=128" at Np = 10 one 4-warp warpgroup on
+# 128 rows.
+SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_T_FWD=64,BLOCK_ZP=64", "BLOCK_D_FWD=64", "B_PER_FIN=1",
+          "BLOCK_T_SPLIT=32", "BLOCK_DW=32", "BLOCK_T_SPLIT=32,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4", "BLOCK_P=16",
+          "BLOCK_D_MIX=32", "BLOCK_P=16,BLOCK_D_MIX=32", "BLOCK_ZP=16",
+          "FWD_WARPS=4,BLOCK_T_FWD=64,BLOCK_ZP=64,BLOCK_P=16,BLOCK_D_MIX=64",
+          "FWD_WARPS=4,BLOCK_T_FWD=64,BLOCK_ZP=64,BLOCK_P=16,BLOCK_N=32,BLOCK_D_MIX=64,BLOCK_D_E=96", "BLOCK_D_E=768",
+          "BLOCK_D_MIX=64")
 BF16_PARAMS = "bf16 params"
 
 

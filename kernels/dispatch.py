@@ -24,12 +24,14 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   Np*K logits for every group of the expert (f_e's one program per expert was the longest of
   the launch, 24 D steps of 366 instructions where a token chunk takes 24 of 202, and as the
   last to arrive at each group of its expert it finished them one after another); K*S_P
-  programs evaluate f_p (with prompt_out) on tiles of 64 rows of Z_P[k] (B*Np rows, S_P =
-  ceil(B*Np / 64) tiles; small batches and H > 64, ``_prompt_blocks``, take BLOCK_P rows);
-  K*B*S_T programs each take a chunk of BLOCK_T tokens of one (k, b) and keep the sum over its
-  tokens of gelu(x W1^T + b1) (H floats: the mean over tokens commutes with W2), or of f_z - b2
-  without a hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (768 at the
-  target) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197 tokens.
+  programs evaluate f_p (with prompt_out) on tiles of BLOCK_ZP rows of Z_P[k] (B*Np rows, S_P =
+  ceil(B*Np / BLOCK_ZP) tiles: a token chunk's rows for a large batch, BLOCK_P rows for small
+  batches and H > 64, ``_prompt_blocks``); K*B*S_T programs each take a chunk of BLOCK_T tokens
+  of one (k, b), 64 a warpgroup (``_forward_blocks``), and keep the sum over its tokens of
+  gelu(x W1^T + b1) (H floats: the mean over tokens commutes with W2), or of f_z - b2 without a
+  hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (768 at the target, 384
+  with 8 warps) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197
+  tokens.
   When a backward will follow, the programs of P and Z_P store the pre-activations x W1^T + b1
   of their rows in float32, and the token programs the GELU slopes gelu'(x W1^T + b1) (K*B*T*H
   floats, 9.7 MB at the target against 58 MB of tokens; for bf16 tokens and H <= 64 three
@@ -1549,21 +1551,24 @@ def _forward_warps(Np: int, block_n: int, small_batch: bool) -> int:
     return _NUM_WARPS["fwd"] if Np <= block_n else _NUM_WARPS["fwd_many_prompts"]
 
 
-def _prompt_blocks(Np: int, block_n: int, block_h: int, block_d_fwd: int, small_batch: bool) -> tuple[int, int, int, int]:
+def _prompt_blocks(
+    Np: int, block_n: int, block_h: int, block_t_fwd: int, block_d_fwd: int, small_batch: bool
+) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_ZP, BLOCK_D_MIX, B_PER_FIN): the rows of f_e's tiles and of f_p's, the D
     step of the prompt mixture, and the images one program finishes. While the prompts fit one
     BLOCK_N tile, BLOCK_N rows and, for a large batch, the forward's own D step.
 
     f_p's tiles take the rows of Z_P[k] as one (B * Np, D) matrix, several images a tile. For a
-    large batch they are 64 rows, a token chunk's tile: the rows of one warpgroup's wgmma, as
-    the token chunks' (at Np = 10 a program per image padded its 10 rows to 16 on mma.sync). In
+    large batch they are a token chunk's tile (BLOCK_T_FWD rows, ``_forward_blocks``): 64 rows a
+    warpgroup's wgmma (at Np = 10 a program per image padded its 10 rows to 16 on mma.sync). In
     the sm_90a SASS (Triton 3.8) of the launch at K = 6, B = 32, Np = 10, f_p's D step took 208
     instructions a warp for 16 rows, 192 programs of one tile; it takes 204 for 64 rows, 30
     programs (167 registers, was 166, no spills). At Np = 50, 192 programs of two 32-row tiles
     (8 warps, 208 instructions a step) became 150 of one 64-row tile (181), 178 registers where
-    the launch took 182. A small batch keeps BLOCK_P rows: B = 1 takes f_p's one tile an expert
-    as before; so does H > 64, whose generic 4-warp variants spilled up to 120 bytes a thread
-    with 64 rows against none.
+    the launch took 182, and with the 8 warps' 128-token chunks 75 of one 128-row tile (164
+    instructions a step, 4 barriers where 64 rows took 16). A small batch keeps BLOCK_P rows:
+    B = 1 takes f_p's one tile an expert as before; so does H > 64, whose generic 4-warp variants
+    spilled up to 120 bytes a thread with 64 rows against none.
 
     More prompts take the forward's 8-warp variant (``_forward_warps``), and with it f_e's tiles
     of 32 rows, 2 walks over D at Np = 50 where 16-row tiles took 4. (64 rows, one walk, took
@@ -1571,7 +1576,7 @@ def _prompt_blocks(Np: int, block_n: int, block_h: int, block_d_fwd: int, small_
     in the generic variants.) The mixture steps through D 128 at a time: each step waits on its loads of P
     (``_softmax_and_mix``), and a group of images at Np = 50 takes 4 prompt tiles x 6 steps where
     the forward's 32-wide step took 4 x 24. On sm_90a (Triton 3.8) the launch at K = 6, B = 32,
-    Np = 50 takes 184 registers against 178, no spills, the same 36 KB of shared memory
+    Np = 50 took 184 registers against 178, no spills, the same 36 KB of shared memory
     (benchmarks/triton_resources.py --launched); the generic small-batch variants for many prompts
     with fp32 parameters and H = 64 spill 28-40 bytes a thread, where they spilled none. Untimed on
     a GPU.
@@ -1594,7 +1599,7 @@ def _prompt_blocks(Np: int, block_n: int, block_h: int, block_d_fwd: int, small_
     block_p = block_n if Np <= block_n else 32
     if small_batch:
         return block_p, block_p, 128, 1
-    return block_p, (64 if block_h <= 64 else block_p), (block_d_fwd if Np <= block_n else 128), 4
+    return block_p, (block_t_fwd if block_h <= 64 else block_p), (block_d_fwd if Np <= block_n else 128), 4
 
 
 def cdiv(a: int, b: int) -> int:
@@ -1616,12 +1621,22 @@ def _hidden_blocks(H: int) -> int:
     return 16 if H == 0 else max(64, 1 << (H - 1).bit_length())
 
 
-def _forward_blocks(block_h: int, small_batch: bool) -> tuple[int, int]:
-    """(BLOCK_T_FWD, BLOCK_D_FWD): the forward's token chunk and D step.
+def _forward_blocks(block_h: int, small_batch: bool, warps: int) -> tuple[int, int]:
+    """(BLOCK_T_FWD, BLOCK_D_FWD): the forward's token chunk and D step, for a forward of ``warps``
+    warps (``_forward_warps``).
+
+    A large batch's token chunk is 64 rows a warpgroup: each warpgroup's wgmma takes 64 rows
+    by all of BLOCK_H. With 64 rows at 8 warps the two warpgroups split BLOCK_H instead and pass
+    the accumulator through shared memory in every D step: in the sm_90a SASS of the launch at
+    K = 6, B = 32, Np = 50 (Triton 3.8; Triton 3.6 alike) a step took 181 instructions a warp with
+    16 barriers for 64 tokens, and takes 164 with 4 for 128, under half the instructions a token,
+    at 215 registers where it took 170 (one program an SM either way; no spills). A BLOCK_H of
+    128 keeps 64 rows: its generic 8-warp variants spilled up to 164 bytes a thread with 128, where
+    they spill up to 40 (benchmarks/triton_resources.py). Untimed on a GPU.
 
     The W1 tile (BLOCK_D_FWD x BLOCK_H) of the forward's D loop is pipelined through shared memory,
     three stages deep: 2048 elements a stage keep every large-batch forward variant within 24
-    bytes of spills a thread on sm_90, and the model's launches at 168-184 registers without
+    bytes of spills a thread on sm_90, and the model's launches at 168-215 registers without
     spills (4096, BLOCK_D=64 at H=64 with chunks of 64 tokens, takes all 255 and 80 KB of shared
     memory as launched; benchmarks/triton_resources.py, --launched).
 
@@ -1637,7 +1652,9 @@ def _forward_blocks(block_h: int, small_batch: bool) -> tuple[int, int]:
     16 tokens took 418 us and the wider D step 202, against 148. (8192 elements, BLOCK_D=128 at
     H=64, took 46.7 us at K = 6, B = 1, but spills and needs 120 KB of shared memory on sm_90a
     with Triton 3.8.)"""
-    return (16 if small_batch else 64), (4096 if small_batch else 2048) // max(block_h, 64)
+    if small_batch:
+        return 16, 4096 // max(block_h, 64)
+    return (64 * max(1, warps // 4) if block_h <= 64 else 64), 2048 // max(block_h, 64)
 
 
 def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> dict[str, int]:
@@ -1649,11 +1666,12 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     block_dw = 4096 // max(block_h, 64)
     block_t = 32 if block_h <= 64 else 16
     # The backward's softmax kernel steps through D as the large-batch forward does.
-    block_d = _forward_blocks(block_h, small_batch=False)[1]
+    block_d = _forward_blocks(block_h, small_batch=False, warps=_NUM_WARPS["fwd"])[1]
     small_batch = device.type == "cuda" and K * B * 8 <= multiprocessors(device)
-    block_t_fwd, block_d_fwd = _forward_blocks(block_h, small_batch)
     block_n = 16
-    block_p, block_zp, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_h, block_d_fwd, small_batch)
+    fwd_warps = _forward_warps(Np, block_n, small_batch)
+    block_t_fwd, block_d_fwd = _forward_blocks(block_h, small_batch, fwd_warps)
+    block_p, block_zp, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_h, block_t_fwd, block_d_fwd, small_batch)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight
@@ -1685,7 +1703,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_KB": 32,
         "BLOCK_C": 512,
         "B_PER_FIN": b_per_fin,
-        "FWD_WARPS": _forward_warps(Np, block_n, small_batch),
+        "FWD_WARPS": fwd_warps,
         # The forward's float32 products: _dot_fwd's split for a small batch, tf32x3 for a large.
         "ROUND_FP32": int(small_batch),
         "B_PER_PROG": cdiv(B, b_groups),
@@ -2499,8 +2517,10 @@ def _kernel_variants() -> list[dict]:
                 for Np in (b["BLOCK_N"], b["BLOCK_N"] + 1)
                 for small in (False, True)
                 for warps in [_forward_warps(Np, b["BLOCK_N"], small)]
-                for block_t, block_d in [_forward_blocks(b["BLOCK_H"], small)]
-                for block_p, block_zp, block_d_mix, b_per_fin in [_prompt_blocks(Np, b["BLOCK_N"], b["BLOCK_H"], block_d, small)]
+                for block_t, block_d in [_forward_blocks(b["BLOCK_H"], small, warps)]
+                for block_p, block_zp, block_d_mix, b_per_fin in [
+                    _prompt_blocks(Np, b["BLOCK_N"], b["BLOCK_H"], block_t, block_d, small)
+                ]
             ] + [
                 _variant(
                     _dispatch_bwd_kernel, "bwd", param, act, _NUM_WARPS["bwd"], _NUM_STAGES["bwd"], {**slopes, **dh_p},

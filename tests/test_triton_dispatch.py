@@ -87,9 +87,9 @@ CASES = {
     "strided": Case(strided=True, starts=(1, 1, 1), ends=(37, 37, 37)),
     "hidden-128": Case(H=100, K=2, T=20),
     # More prompts than a BLOCK_N tile (``_prompt_blocks``): f_e in 32-row tiles, three of them
-    # at Np = 70, the last one short; f_p in 64-row tiles of the 140 rows of Z_P[k], the second
-    # holding rows of both images; the mixture's 128-wide D step past D; K = 6 takes the
-    # mixture's experts in three steps of two.
+    # at Np = 70, the last one short; the 8 warps' token chunks and f_p tiles of 128 rows, f_p's
+    # first holding rows of both images of the 140 of Z_P[k], its second short; the mixture's
+    # 128-wide D step past D; K = 6 takes the mixture's experts in three steps of two.
     "many-prompts-K6": Case(K=6, B=2, Np=70, T=9, D=40),
     # B = 3: a group of two images and a group of one; f_p's third 16-row tile of the 60 rows of
     # Z_P holds rows of both groups, its fourth is short; f_e in three pieces.
@@ -408,6 +408,12 @@ def test_small_batches_on_a_gpu_take_the_forwards_small_tiles(monkeypatch):
         assert (large["BLOCK_P"], large["BLOCK_ZP"]) == (16, 64), (K, B, device)
         # The backward's softmax kernel keeps the large-batch D step at every batch.
         assert large["BLOCK_D"] == small["BLOCK_D"] == 32
+    # More prompts than a BLOCK_N tile take 8 warps and, with them, token chunks and f_p tiles of
+    # 64 rows a warpgroup; H > 64 keeps 64 rows.
+    many_prompts = kd.default_blocks(K=6, B=32, Np=50, D=768, H=64, device=cuda)
+    assert (many_prompts["FWD_WARPS"], many_prompts["BLOCK_T_FWD"], many_prompts["BLOCK_ZP"]) == (8, 128, 128)
+    wide = kd.default_blocks(K=6, B=32, Np=50, D=768, H=128, device=cuda)
+    assert (wide["FWD_WARPS"], wide["BLOCK_T_FWD"]) == (8, 64)
 
 
 def test_pinned_blocks_are_read_and_checked(monkeypatch):
