@@ -26,7 +26,8 @@ from test_cpp_dispatch import CASES, Case, assert_parity, forward_backward, make
 
 from pmoe_fast._ext import extension_status
 
-# Two C++ builds (~20 s each on 2 cores), then 256 fibers a block: ~3 minutes in all.
+# Two C++ builds (~35 s and, with the sanitizers, ~50 s on 2 cores), then 256 fibers a block:
+# ~2.5 minutes in all, the sanitizer build and run beside the other tests (sanitizer_run).
 pytestmark = pytest.mark.slow
 
 SOURCES = Path(__file__).resolve().parent / "cuda_on_cpu"
@@ -165,15 +166,24 @@ print("checked", calls)
 """
 
 
-def test_kernels_under_address_and_undefined_behavior_sanitizers(cuda_on_cpu_ops, tmp_path):
-    """Parity cases again, with the kernels built with -fsanitize=address,undefined in a fresh
-    interpreter: a read or write past any tensor or shared array, or undefined behaviour such as a
-    signed index overflowing, fails the run (what compute-sanitizer would say on a GPU, for these
-    inputs)."""
+SANITIZER_TEST = "test_kernels_under_address_and_undefined_behavior_sanitizers"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sanitizer_run(request, tmp_path_factory, cuda_on_cpu_ops):
+    """Starts the sanitizer build and run of ``SANITIZER_TEST`` in the background once this
+    module's own build is done, when that test is selected: (the process, its log), or why it
+    cannot run here. It builds two files at a time, then runs in one thread, beside this module's
+    other tests, mostly a single thread too: on 2 cores the module took 156 s so, 214 s with the two
+    one after the other. The test, last in the module, waits for it."""
+    if not any(item.module is request.module and item.name == SANITIZER_TEST for item in request.session.items):
+        yield "not selected"
+        return
     found = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True)
     libasan = found.stdout.strip()
     if not os.path.isabs(libasan):
-        pytest.skip("g++ has no AddressSanitizer runtime (libasan.so) here")
+        yield "g++ has no AddressSanitizer runtime (libasan.so) here"
+        return
     names = ("dispatch", "prompt_fusion", "selftest")
     sources = ", ".join(repr(str(SOURCES / f"{name}_on_cpu.cpp")) for name in names)
     # Cases that between them take every path through the kernels' indexing: separate f's without
@@ -181,14 +191,18 @@ def test_kernels_under_address_and_undefined_behavior_sanitizers(cuda_on_cpu_ops
     # groups of two images, and K = 64; fp32 and bf16 for prompt fusion.
     cases = ["H0-separate-no-prompt-out", "fp16-tokens-strided-separate", "multi-tile", "long-and-short-ranges",
              "images-per-group"]
-    code = ASAN_RUN.format(tests=str(SOURCES.parent), sources=sources, build=str(tmp_path), cases=cases)
-    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0"}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=900
-    )
-    report = result.stdout + result.stderr
-    # Both sanitizers stop the process at the first error (-fno-sanitize-recover for UBSan).
-    assert result.returncode == 0 and "checked" in result.stdout, report[-4000:]
+    build = tmp_path_factory.mktemp("cuda_on_cpu_asan")
+    code = ASAN_RUN.format(tests=str(SOURCES.parent), sources=sources, build=str(build), cases=cases)
+    env = {**os.environ, "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0", "MAX_JOBS": "2"}
+    log = build / "run.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)], stdout=out, stderr=subprocess.STDOUT, text=True, env=env
+        )
+    yield process, log
+    if process.poll() is None:  # the module ended before its test waited (a failure with -x, say)
+        process.kill()
+        process.wait()
 
 
 # dispatch.cu ---------------------------------------------------------------------------------
@@ -308,3 +322,18 @@ def test_fusion_ops_run_the_kernels(fusion_kernels):
     weights, prompts = fusion_tests.make_inputs(3, 2, 3, 100)
     fusion_tests.forward_backward(fusion_tests.prompt_fusion, weights, prompts, torch.randn(3, 2, 3, 100))
     assert fusion_kernels == {name: n + 1 for name, n in before.items()}
+
+
+# Last, so that the module's other tests run while the sanitizer build and run go on (sanitizer_run).
+def test_kernels_under_address_and_undefined_behavior_sanitizers(sanitizer_run):
+    """Parity cases again, with the kernels built with -fsanitize=address,undefined in a fresh
+    interpreter: a read or write past any tensor or shared array, or undefined behaviour such as a
+    signed index overflowing, fails the run (what compute-sanitizer would say on a GPU, for these
+    inputs)."""
+    if isinstance(sanitizer_run, str):
+        pytest.skip(sanitizer_run)
+    process, log = sanitizer_run
+    process.wait(timeout=900)
+    report = log.read_text()
+    # Both sanitizers stop the process at the first error (-fno-sanitize-recover for UBSan).
+    assert process.returncode == 0 and "\nchecked {" in "\n" + report, report[-4000:]
