@@ -54,11 +54,13 @@ WARPS = (4, 8)
 # on its loads of P: as launched 168 registers without spills, the default 32 168 (sm_90a, Triton
 # 3.8), but its 14 generic 4-warp variants all spill, up to 60 bytes a thread, where the default's
 # spill nothing. The forward's token chunks and f_p tiles are 64 rows a warpgroup (128 at 8 warps,
-# ``_forward_blocks``): pinning FWD_WARPS keeps the default's rows, so the 4-warp splits pin 64;
-# "BLOCK_T_FWD=64,BLOCK_ZP=64" is the 8-warp tiling before, the warpgroups splitting each tile's
-# columns (at Np = 10 the default), and "BLOCK_T_FWD=128" at Np = 10 one 4-warp warpgroup on
-# 128 rows.
-SPLITS = ("BLOCK_T_FWD=32", "BLOCK_T_FWD=128", "BLOCK_T_FWD=64,BLOCK_ZP=64", "BLOCK_D_FWD=64", "B_PER_FIN=1",
+# ``_forward_blocks``), and with one warpgroup bf16 tokens go as W1 Z^T in chunks of BLOCK_T_FWD_T
+# = 128 (``tokens_transposed``). Pinning FWD_WARPS keeps the default's rows, so the 4-warp splits
+# pin BLOCK_ZP=64 (their token chunks W1 Z^T); "BLOCK_T_FWD=64,BLOCK_ZP=64" is the 8-warp tiling
+# before, the warpgroups splitting each tile's columns; "TOKENS_T=0" at Np = 10 is the token chunks
+# before, Z W1^T on 64 tokens, and "TOKENS_T=0,BLOCK_T_FWD=128" Z W1^T on 128.
+SPLITS = ("TOKENS_T=0", "TOKENS_T=0,BLOCK_T_FWD=128", "BLOCK_T_FWD_T=64", "BLOCK_T_FWD=32", "BLOCK_T_FWD=128",
+          "BLOCK_T_FWD=64,BLOCK_ZP=64", "BLOCK_D_FWD=64", "B_PER_FIN=1",
           "BLOCK_T_SPLIT=32", "BLOCK_DW=32", "BLOCK_T_SPLIT=32,BLOCK_DW=32", "B_PER_PROG=1", "B_PER_PROG=4", "BLOCK_P=16",
           "BLOCK_D_MIX=32", "BLOCK_P=16,BLOCK_D_MIX=32", "BLOCK_ZP=16",
           "FWD_WARPS=4,BLOCK_T_FWD=64,BLOCK_ZP=64,BLOCK_P=16,BLOCK_D_MIX=64",

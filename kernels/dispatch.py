@@ -27,10 +27,11 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   programs evaluate f_p (with prompt_out) on tiles of BLOCK_ZP rows of Z_P[k] (B*Np rows, S_P =
   ceil(B*Np / BLOCK_ZP) tiles: a token chunk's rows for a large batch, BLOCK_P rows for small
   batches and H > 64, ``_prompt_blocks``); K*B*S_T programs each take a chunk of BLOCK_T tokens
-  of one (k, b), 64 a warpgroup (``_forward_blocks``), and keep the sum over its tokens of
+  of one (k, b), 64 a warpgroup, or 128 on one warpgroup as W1 Z^T for bf16 tokens
+  (``_forward_blocks``, ``_tokens_hidden_t``), and keep the sum over its tokens of
   gelu(x W1^T + b1) (H floats: the mean over tokens commutes with W2), or of f_z - b2 without a
-  hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (768 at the target, 384
-  with 8 warps) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197
+  hidden layer (K floats). Splitting the tokens gives K*B*S_T programs (384 at the target, two
+  chunks an image) where one program per (k, b) gave 192 on an H100's 132 SMs, each walking 197
   tokens.
   When a backward will follow, the programs of P and Z_P store the pre-activations x W1^T + b1
   of their rows in float32, and the token programs the GELU slopes gelu'(x W1^T + b1) (K*B*T*H
@@ -98,8 +99,10 @@ from 16-bit tokens, which tf32 holds exactly. The one exception is the tokens' g
 is stored in bf16: one tf32 product errs well below bf16's rounding. The backward over bf16
 activations splits its float32 operand into three bfloat16 parts instead (``_bf16x3``), whose
 exact products with the bf16 tiles sum to float32's accuracy (three of nine products for dZ and
-dZ_P, which are stored in bf16). Softmax subtracts the row
-maximum; softmax and fusion run in float32 whatever the input dtype.
+dZ_P, which are stored in bf16), and so do the forward's token chunks of bf16 tokens (W1 cut into
+three bfloat16 parts, ``_bf16_cut3``: 2**-21 of W1 left out, where a tf32 head and rest leave
+2**-20). Softmax subtracts the row maximum; softmax and fusion run in float32 whatever the input
+dtype.
 """
 
 from __future__ import annotations
@@ -327,6 +330,85 @@ def _row_products(
 
 
 @triton.jit
+def _bf16_cut3(x):
+    """float32 x as three bfloat16 parts, each x's rest after the parts before it cut toward zero
+    to bfloat16's 8 significant bits: hi + mid + lo is x to within 2**-21 of |x| (a tf32 head and
+    rest, as ``_dot`` splits, leave 2**-20). Integer masks and two subtractions an element, where
+    ``_bf16x3``'s rounding conversions take several instructions each on sm_90a."""
+    hi = x.to(tl.uint32, bitcast=True) & 0xFFFF0000
+    rest = x - hi.to(tl.float32, bitcast=True)
+    mid = rest.to(tl.uint32, bitcast=True) & 0xFFFF0000
+    lo = (rest - mid.to(tl.float32, bitcast=True)).to(tl.uint32, bitcast=True)
+    return (
+        (hi >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+        (mid >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+        (lo >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+    )
+
+
+@triton.jit
+def _tokens_hidden_t(
+    x_ptrs,  # (BLOCK_T,) pointers to the first element of each token row (bfloat16), D contiguous
+    t_mask,  # (BLOCK_T,)
+    w_ptr,  # (H, D) float32 W1
+    stride_w,
+    D,
+    H,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """W1 Z^T for one chunk of bfloat16 tokens against float32 W1: (BLOCK_H, BLOCK_T) float32,
+    zero in padded rows. ``_row_products`` computes Z W1^T, the tokens as the product's first
+    operand: a tf32 product wants them as float32 in registers, converted element by element, a
+    tile at a time. Here W1's tile is the first operand, cut into three bfloat16 parts in registers
+    (``_bf16_cut3``; a part times a bf16 token is exact), and the tokens, the second, go from
+    shared memory to the tensor cores as they were loaded: one wgmma of 64 hidden units by
+    128 tokens a part and 16 columns. In the sm_90a SASS of the model's launch at K = 6, B = 32,
+    Np = 10 (Triton 3.8) a D step of 128 tokens takes 193 instructions a warp and 2 barriers,
+    where Z W1^T took 208 and 4 for 64 tokens (and 292 for 128), at 203 registers where it took
+    168 (two programs an SM, not three). Wants one warpgroup (4 warps) and BLOCK_H = 64: two
+    would split the tokens and exchange W1's parts through shared memory every step (271
+    instructions and 33 barriers a step in a test kernel). Untimed on a GPU."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    acc = tl.zeros((BLOCK_H, BLOCK_T), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        x_t = tl.load(x_ptrs[None, :] + d[:, None], mask=t_mask[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_T)
+        w = tl.load(w_ptr + offs_h[:, None] * stride_w + d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+        hi, mid, lo = _bf16_cut3(w)
+        acc = tl.dot(lo, x_t, acc)
+        acc = tl.dot(mid, x_t, acc)
+        acc = tl.dot(hi, x_t, acc)
+    return acc
+
+
+@triton.jit
+def _tokens_epilogue_t(
+    h,  # (BLOCK_H, n) float32: pre-activations W1 Z^T + b1 of n tokens of a chunk, tokens along the columns
+    t,  # (n,) the tokens
+    end,  # the expert's token range ends at end
+    offs_h,  # (BLOCK_H,)
+    h_mask,  # (BLOCK_H,)
+    slopes_ptr,  # the saved GELU slopes (``_store_split``)
+    row0,  # the slopes' row of token 0 of the image
+    save_hidden,
+    H,
+):
+    """Stores the tokens' GELU slopes (with ``save_hidden``) and returns their sum of gelu,
+    (BLOCK_H,). The forward's transposed token chunks (``_tokens_hidden_t``) call it on two halves
+    of a chunk: on all 128 tokens at once the launch at K = 6, B = 32, Np = 10 took 255 registers
+    and spilled (sm_90a, Triton 3.8), on halves 203 and none."""
+    t_mask = t < end
+    if save_hidden:
+        _store_split(slopes_ptr, (row0 + t)[None, :], offs_h[:, None], h_mask[:, None] & t_mask[None, :], _gelu_grad(h), H)
+    return tl.sum(tl.where(t_mask[None, :], _gelu(h), 0.0), axis=1)
+
+
+@triton.jit
 def _plus_bias(acc, b_ptr, W, BLOCK_W: tl.constexpr):
     """acc (BLOCK_R, BLOCK_W) + b (W,) in float32."""
     offs_w = tl.arange(0, BLOCK_W)
@@ -480,10 +562,10 @@ def _softmax_and_mix(
 @triton.jit
 def _store_split(
     out_ptr,  # (rows, H) float32, or (rows, 3, H) bfloat16
-    rows,  # (BLOCK_R,)
-    offs_h,  # (BLOCK_H,)
-    mask,  # (BLOCK_R, BLOCK_H)
-    values,  # (BLOCK_R, BLOCK_H) float32
+    rows,  # (BLOCK_R, 1), or (1, BLOCK_R) for a tile of values transposed
+    offs_h,  # (1, BLOCK_H), or (BLOCK_H, 1)
+    mask,  # as the values
+    values,  # (BLOCK_R, BLOCK_H) float32, or (BLOCK_H, BLOCK_R)
     H,
 ):
     """Stores float32 rows as they are, or into a bfloat16 buffer as the three parts of
@@ -493,7 +575,7 @@ def _store_split(
     is computed: with the three computed first, the forward launch at K = 6, B = 32, Np = 10 took
     220 registers, not 166 (sm_90a, Triton 3.8), two programs an SM where three fit."""
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        ptrs = out_ptr + (rows * 3 * H)[:, None] + offs_h[None, :]
+        ptrs = out_ptr + rows * 3 * H + offs_h
         hi = values.to(tl.bfloat16)
         tl.store(ptrs, hi, mask=mask)
         rest = values - hi.to(tl.float32)
@@ -501,7 +583,7 @@ def _store_split(
         tl.store(ptrs + H, mid, mask=mask)
         tl.store(ptrs + 2 * H, (rest - mid.to(tl.float32)).to(tl.bfloat16), mask=mask)
     else:
-        tl.store(out_ptr + (rows * H)[:, None] + offs_h[None, :], values, mask=mask)
+        tl.store(out_ptr + rows * H + offs_h, values, mask=mask)
 
 
 # Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
@@ -579,6 +661,7 @@ def _dispatch_fwd_kernel(
     BLOCK_K: tl.constexpr,
     B_PER_FIN: tl.constexpr,
     ROUND_FP32: tl.constexpr,  # float32 x float32 products split by _dot_fwd's rounding, not tf32x3
+    TOKENS_T: tl.constexpr,  # the token chunks' W1 Z^T with W1 first (``_tokens_hidden_t``)
 ):
     """Three roles by program id: [0, K * S_E) f_e's pieces (k, e), each the product of P[k] by
     W1 (W2 without a hidden layer) over D_E of the columns; the next K * S_P (with
@@ -692,14 +775,25 @@ def _dispatch_fwd_kernel(
             # the same dL/d f_z).
             offs_h = tl.arange(0, BLOCK_H)
             h_mask = offs_h < H
-            h = _plus_bias(
-                _row_products(x_ptrs, t_mask, w1z_ptr, stride_w1z_h, 0, D, H, BLOCK_T, BLOCK_D, BLOCK_H, ROUND_FP32),
-                b1z_ptr, H, BLOCK_H,
-            )
-            if save_hidden:
-                _store_split(slopes_z_ptr, kb * T + t, offs_h, t_mask[:, None] & h_mask[None, :], _gelu_grad(h), H)
-            a = tl.where(t_mask[:, None], _gelu(h), 0.0)
-            tl.store(partials_ptr + (kb * S_T + s) * H + offs_h, tl.sum(a, axis=0), mask=h_mask)
+            if TOKENS_T:
+                # (BLOCK_H, BLOCK_T): the chunk's tokens along the columns, to the end.
+                h = _tokens_hidden_t(x_ptrs, t_mask, w1z_ptr, stride_w1z_h, D, H, BLOCK_T, BLOCK_D, BLOCK_H)
+                h += tl.load(b1z_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[:, None]
+                # Two halves, even and odd tokens (``_tokens_epilogue_t``).
+                h0, h1 = tl.split(tl.reshape(h, (BLOCK_H, BLOCK_T // 2, 2)))
+                t0, t1 = tl.split(tl.reshape(t, (BLOCK_T // 2, 2)))
+                token_sums = _tokens_epilogue_t(h0, t0, end, offs_h, h_mask, slopes_z_ptr, kb * T, save_hidden, H)
+                token_sums += _tokens_epilogue_t(h1, t1, end, offs_h, h_mask, slopes_z_ptr, kb * T, save_hidden, H)
+            else:
+                h = _plus_bias(
+                    _row_products(x_ptrs, t_mask, w1z_ptr, stride_w1z_h, 0, D, H, BLOCK_T, BLOCK_D, BLOCK_H, ROUND_FP32),
+                    b1z_ptr, H, BLOCK_H,
+                )
+                if save_hidden:
+                    _store_split(slopes_z_ptr, (kb * T + t)[:, None], offs_h[None, :], t_mask[:, None] & h_mask[None, :],
+                                 _gelu_grad(h), H)
+                token_sums = tl.sum(tl.where(t_mask[:, None], _gelu(h), 0.0), axis=0)
+            tl.store(partials_ptr + (kb * S_T + s) * H + offs_h, token_sums, mask=h_mask)
         else:
             out = _mlp_rows(
                 x_ptrs, t_mask, x_ptrs, 0, w1z_ptr, stride_w1z_h, b1z_ptr, w2z_ptr, stride_w2z_k,
@@ -832,7 +926,7 @@ def _dispatch_bwd_softmax_kernel(
             da = _dot(dl.to(w2.dtype), w2, tl.zeros((BLOCK_KB, BLOCK_H), dtype=tl.float32))
             mask_h = kb_mask[:, None] & h_mask[None, :]
             h = tl.load(hidden_p_ptr + row[:, None] * H + offs_h[None, :], mask=mask_h, other=0.0)
-            _store_split(dh_p_ptr, row, offs_h, mask_h, da * _gelu_grad(h), H)
+            _store_split(dh_p_ptr, row[:, None], offs_h[None, :], mask_h, da * _gelu_grad(h), H)
             tl.store(act_p_ptr + row[:, None] * H + offs_h[None, :], _gelu(h), mask=mask_h)
 
 
@@ -1552,21 +1646,21 @@ def _forward_warps(Np: int, block_n: int, small_batch: bool) -> int:
 
 
 def _prompt_blocks(
-    Np: int, block_n: int, block_h: int, block_t_fwd: int, block_d_fwd: int, small_batch: bool
+    Np: int, block_n: int, block_h: int, warps: int, block_d_fwd: int, small_batch: bool
 ) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_ZP, BLOCK_D_MIX, B_PER_FIN): the rows of f_e's tiles and of f_p's, the D
     step of the prompt mixture, and the images one program finishes. While the prompts fit one
     BLOCK_N tile, BLOCK_N rows and, for a large batch, the forward's own D step.
 
     f_p's tiles take the rows of Z_P[k] as one (B * Np, D) matrix, several images a tile. For a
-    large batch they are a token chunk's tile (BLOCK_T_FWD rows, ``_forward_blocks``): 64 rows a
-    warpgroup's wgmma (at Np = 10 a program per image padded its 10 rows to 16 on mma.sync). In
+    large batch they are 64 rows a warpgroup of the forward's ``warps``: the rows of a warpgroup's
+    wgmma (at Np = 10 a program per image padded its 10 rows to 16 on mma.sync). In
     the sm_90a SASS (Triton 3.8) of the launch at K = 6, B = 32, Np = 10, f_p's D step took 208
     instructions a warp for 16 rows, 192 programs of one tile; it takes 204 for 64 rows, 30
     programs (167 registers, was 166, no spills). At Np = 50, 192 programs of two 32-row tiles
     (8 warps, 208 instructions a step) became 150 of one 64-row tile (181), 178 registers where
-    the launch took 182, and with the 8 warps' 128-token chunks 75 of one 128-row tile (164
-    instructions a step, 4 barriers where 64 rows took 16). A small batch keeps BLOCK_P rows:
+    the launch took 182, and with 8 warps' two warpgroups 75 of one 128-row tile (164
+    instructions a step, 4 barriers where 64 rows took 16; ``_forward_blocks``). A small batch keeps BLOCK_P rows:
     B = 1 takes f_p's one tile an expert as before; so does H > 64, whose generic 4-warp variants
     spilled up to 120 bytes a thread with 64 rows against none.
 
@@ -1599,7 +1693,8 @@ def _prompt_blocks(
     block_p = block_n if Np <= block_n else 32
     if small_batch:
         return block_p, block_p, 128, 1
-    return block_p, (block_t_fwd if block_h <= 64 else block_p), (block_d_fwd if Np <= block_n else 128), 4
+    block_zp = 64 * max(1, warps // 4) if block_h <= 64 else block_p
+    return block_p, block_zp, (block_d_fwd if Np <= block_n else 128), 4
 
 
 def cdiv(a: int, b: int) -> int:
@@ -1621,18 +1716,21 @@ def _hidden_blocks(H: int) -> int:
     return 16 if H == 0 else max(64, 1 << (H - 1).bit_length())
 
 
-def _forward_blocks(block_h: int, small_batch: bool, warps: int) -> tuple[int, int]:
-    """(BLOCK_T_FWD, BLOCK_D_FWD): the forward's token chunk and D step, for a forward of ``warps``
-    warps (``_forward_warps``).
+def _forward_blocks(block_h: int, small_batch: bool, warps: int) -> tuple[int, int, int]:
+    """(BLOCK_T_FWD, BLOCK_T_FWD_T, BLOCK_D_FWD): the forward's token chunk, its token chunk when
+    the chunks compute W1 Z^T (``tokens_transposed``), and its D step, for ``warps`` warps.
 
-    A large batch's token chunk is 64 rows a warpgroup: each warpgroup's wgmma takes 64 rows
-    by all of BLOCK_H. With 64 rows at 8 warps the two warpgroups split BLOCK_H instead and pass
-    the accumulator through shared memory in every D step: in the sm_90a SASS of the launch at
-    K = 6, B = 32, Np = 50 (Triton 3.8; Triton 3.6 alike) a step took 181 instructions a warp with
-    16 barriers for 64 tokens, and takes 164 with 4 for 128, under half the instructions a token,
-    at 215 registers where it took 170 (one program an SM either way; no spills). A BLOCK_H of
-    128 keeps 64 rows: its generic 8-warp variants spilled up to 164 bytes a thread with 128, where
-    they spill up to 40 (benchmarks/triton_resources.py). Untimed on a GPU.
+    A large batch's token chunk is 64 tokens a warpgroup (H <= 64): each warpgroup's wgmma takes
+    64 tokens by all of BLOCK_H. With 64 tokens at 8 warps the two warpgroups split BLOCK_H instead
+    and passed the accumulator through shared memory in every D step: in the sm_90a SASS of the
+    launch at K = 6, B = 32, Np = 50 (Triton 3.8; Triton 3.6 alike) a step took 181 instructions a
+    warp with 16 barriers for 64 tokens, and takes 164 with 4 for 128, under half the instructions
+    a token, at 215 registers where it took 170 (one program an SM either way; no spills). A
+    BLOCK_H of 128 keeps 64 tokens: its generic 8-warp variants spilled up to 164 bytes a thread
+    with 128, where they spill up to 40. W1 Z^T takes 128 tokens on one warpgroup (a wgmma of 64
+    hidden units by 128 tokens, ``_tokens_hidden_t``); Z W1^T on 128 tokens at 4 warps, two wgmmas
+    of 64 tokens, took 292 instructions a step, 250 registers as launched, and its generic
+    variants spilled up to 516 bytes a thread (benchmarks/triton_resources.py). Untimed on a GPU.
 
     The W1 tile (BLOCK_D_FWD x BLOCK_H) of the forward's D loop is pipelined through shared memory,
     three stages deep: 2048 elements a stage keep every large-batch forward variant within 24
@@ -1653,8 +1751,8 @@ def _forward_blocks(block_h: int, small_batch: bool, warps: int) -> tuple[int, i
     H=64, took 46.7 us at K = 6, B = 1, but spills and needs 120 KB of shared memory on sm_90a
     with Triton 3.8.)"""
     if small_batch:
-        return 16, 4096 // max(block_h, 64)
-    return (64 * max(1, warps // 4) if block_h <= 64 else 64), 2048 // max(block_h, 64)
+        return 16, 16, 4096 // max(block_h, 64)
+    return (64 * max(1, warps // 4) if block_h <= 64 else 64), 128, 2048 // max(block_h, 64)
 
 
 def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> dict[str, int]:
@@ -1666,12 +1764,12 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     block_dw = 4096 // max(block_h, 64)
     block_t = 32 if block_h <= 64 else 16
     # The backward's softmax kernel steps through D as the large-batch forward does.
-    block_d = _forward_blocks(block_h, small_batch=False, warps=_NUM_WARPS["fwd"])[1]
+    block_d = _forward_blocks(block_h, small_batch=False, warps=_NUM_WARPS["fwd"])[2]
     small_batch = device.type == "cuda" and K * B * 8 <= multiprocessors(device)
     block_n = 16
     fwd_warps = _forward_warps(Np, block_n, small_batch)
-    block_t_fwd, block_d_fwd = _forward_blocks(block_h, small_batch, fwd_warps)
-    block_p, block_zp, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_h, block_t_fwd, block_d_fwd, small_batch)
+    block_t_fwd, block_t_fwd_t, block_d_fwd = _forward_blocks(block_h, small_batch, fwd_warps)
+    block_p, block_zp, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_h, fwd_warps, block_d_fwd, small_batch)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight
@@ -1685,6 +1783,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         b_groups, n_groups = min(B, 2), min(Np, 2)
     return {
         "BLOCK_T_FWD": block_t_fwd,
+        "BLOCK_T_FWD_T": block_t_fwd_t,
         "BLOCK_D_FWD": block_d_fwd,
         "BLOCK_T": block_t,
         # The backward's tile of bf16 rows (tokens and prompt outputs, ``_tokens_bwd_split``): 64,
@@ -1704,6 +1803,8 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
         "BLOCK_C": 512,
         "B_PER_FIN": b_per_fin,
         "FWD_WARPS": fwd_warps,
+        # The forward's token chunks as W1 Z^T where they can (``tokens_transposed``).
+        "TOKENS_T": 1,
         # The forward's float32 products: _dot_fwd's split for a small batch, tf32x3 for a large.
         "ROUND_FP32": int(small_batch),
         "B_PER_PROG": cdiv(B, b_groups),
@@ -1806,6 +1907,16 @@ def splits_bf16(tokens_dtype: torch.dtype, H: int) -> bool:
     return tokens_dtype == torch.bfloat16 and 0 < H <= 64
 
 
+def tokens_transposed(tokens_dtype: torch.dtype, w1_dtype: torch.dtype | None, blocks: Mapping[str, int]) -> bool:
+    """Whether the forward's token chunks compute W1 Z^T (``_tokens_hidden_t``, the kernel's
+    TOKENS_T): bf16 tokens against float32 W1 (the model's case), BLOCK_H = 64, one warpgroup,
+    and the block key TOKENS_T (1; 0 for Z W1^T, to compare)."""
+    return (
+        tokens_dtype == torch.bfloat16 and w1_dtype == torch.float32 and blocks["BLOCK_H"] == 64
+        and blocks["FWD_WARPS"] == 4 and bool(blocks["TOKENS_T"])
+    )
+
+
 def slopes_shape(K: int, B: int, T: int, H: int, tokens_dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
     """The shape and dtype of the tokens' saved GELU slopes: (K, B, T, H) float32, or where
     ``splits_bf16`` (K, B, T, 3, H) bfloat16, each slope as the three parts of ``_bf16x3``
@@ -1853,7 +1964,9 @@ def dispatch_fwd(
     blocks = dispatch_blocks(K, B, Np, D, H, device)
     has_prompt_out = prompt_out is not None
     save_hidden = bool(save_hidden and H)
-    chunks = cdiv(max(e - s for s, e in zip(tok_start, tok_end)), blocks["BLOCK_T_FWD"])
+    tokens_t = tokens_transposed(tokens.dtype, params_z[0].dtype if H else None, blocks)
+    block_t = blocks["BLOCK_T_FWD_T" if tokens_t else "BLOCK_T_FWD"]
+    chunks = cdiv(max(e - s for s, e in zip(tok_start, tok_end)), block_t)
     if ipt_out is None:
         ipt_out = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
     elif (
@@ -1907,9 +2020,10 @@ def dispatch_fwd(
         *strides_e, *strides_p, *strides_z,
         B, K, Np, T, D, H, chunks, zp_tiles, e_pieces, blocks["BLOCK_D_E"],
         int(has_prompt_out), int(save_hidden), HAS_HIDDEN=H > 0,
-        BLOCK_T=blocks["BLOCK_T_FWD"], BLOCK_N=blocks["BLOCK_N"], BLOCK_P=blocks["BLOCK_P"], BLOCK_ZP=blocks["BLOCK_ZP"],
+        BLOCK_T=block_t, BLOCK_N=blocks["BLOCK_N"], BLOCK_P=blocks["BLOCK_P"], BLOCK_ZP=blocks["BLOCK_ZP"],
         BLOCK_D=blocks["BLOCK_D_FWD"], BLOCK_D_MIX=blocks["BLOCK_D_MIX"], BLOCK_H=blocks["BLOCK_H"], BLOCK_K=16,
         B_PER_FIN=blocks["B_PER_FIN"], ROUND_FP32=bool(blocks["ROUND_FP32"]),
+        TOKENS_T=tokens_t,
         num_warps=blocks["FWD_WARPS"], num_stages=_NUM_STAGES["fwd"],
     )
     return ipt_out, weights, hidden
@@ -2441,6 +2555,7 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 # (parameter dtype: prompts and every W/b, activation dtype: tokens and prompt_out), as
 # triton_not_supported_reasons allows them.
 DTYPE_SIGNATURES = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"), ("fp32", "bf16")]
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The dtype of each pointer argument: "param", "act", or a fixed Triton type.
 _POINTER_DTYPES = {
     "prompts_ptr": "param", "tokens_ptr": "act", "prompt_out_ptr": "act", "tok_range_ptr": "i32",
@@ -2510,16 +2625,20 @@ def _kernel_variants() -> list[dict]:
                     _dispatch_fwd_kernel,
                     f"fwd{'-small-batch' if small else ''}{'' if warps == _NUM_WARPS['fwd'] else f'-{warps}warps'}",
                     param, act, warps, _NUM_STAGES["fwd"], {"ipt_ptr": ipt, **slopes},
-                    HAS_HIDDEN=H > 0, BLOCK_T=block_t, BLOCK_N=b["BLOCK_N"], BLOCK_P=block_p, BLOCK_ZP=block_zp, BLOCK_D=block_d,
-                    BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16, B_PER_FIN=b_per_fin, ROUND_FP32=small,
+                    HAS_HIDDEN=H > 0, BLOCK_T=block_t_t if tokens_t else block_t, BLOCK_N=b["BLOCK_N"], BLOCK_P=block_p,
+                    BLOCK_ZP=block_zp, BLOCK_D=block_d, BLOCK_D_MIX=block_d_mix, BLOCK_H=b["BLOCK_H"], BLOCK_K=16,
+                    B_PER_FIN=b_per_fin, ROUND_FP32=small, TOKENS_T=tokens_t,
                 )
                 for ipt in (("param",) if param == act else ("param", "act"))
                 for Np in (b["BLOCK_N"], b["BLOCK_N"] + 1)
                 for small in (False, True)
                 for warps in [_forward_warps(Np, b["BLOCK_N"], small)]
-                for block_t, block_d in [_forward_blocks(b["BLOCK_H"], small, warps)]
+                for block_t, block_t_t, block_d in [_forward_blocks(b["BLOCK_H"], small, warps)]
                 for block_p, block_zp, block_d_mix, b_per_fin in [
-                    _prompt_blocks(Np, b["BLOCK_N"], b["BLOCK_H"], block_t, block_d, small)
+                    _prompt_blocks(Np, b["BLOCK_N"], b["BLOCK_H"], warps, block_d, small)
+                ]
+                for tokens_t in [
+                    tokens_transposed(_TORCH_DTYPES[act], _TORCH_DTYPES[param] if H else None, {**b, "FWD_WARPS": warps})
                 ]
             ] + [
                 _variant(

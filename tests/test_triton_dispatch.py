@@ -414,6 +414,15 @@ def test_small_batches_on_a_gpu_take_the_forwards_small_tiles(monkeypatch):
     assert (many_prompts["FWD_WARPS"], many_prompts["BLOCK_T_FWD"], many_prompts["BLOCK_ZP"]) == (8, 128, 128)
     wide = kd.default_blocks(K=6, B=32, Np=50, D=768, H=128, device=cuda)
     assert (wide["FWD_WARPS"], wide["BLOCK_T_FWD"]) == (8, 64)
+    # One warpgroup takes bf16 tokens against float32 W1 as W1 Z^T, 128 tokens a chunk.
+    few_prompts = kd.default_blocks(K=6, B=32, Np=10, D=768, H=64, device=cuda)
+    assert few_prompts["BLOCK_T_FWD_T"] == 128
+    assert kd.tokens_transposed(torch.bfloat16, torch.float32, few_prompts)
+    assert not kd.tokens_transposed(torch.float16, torch.float32, few_prompts)
+    assert not kd.tokens_transposed(torch.bfloat16, torch.bfloat16, few_prompts)
+    assert not kd.tokens_transposed(torch.bfloat16, torch.float32, many_prompts)  # two warpgroups
+    assert not kd.tokens_transposed(torch.bfloat16, torch.float32, wide)
+    assert not kd.tokens_transposed(torch.bfloat16, torch.float32, {**few_prompts, "TOKENS_T": 0})
 
 
 def test_pinned_blocks_are_read_and_checked(monkeypatch):
