@@ -388,7 +388,7 @@ def _tokens_hidden_t(
 
 @triton.jit
 def _tokens_epilogue_t(
-    h,  # (BLOCK_H, n) float32: pre-activations W1 Z^T + b1 of n tokens of a chunk, tokens along the columns
+    h,  # (BLOCK_H, n) float32: W1 Z^T + b1 of n tokens of a chunk, the tokens along the columns
     t,  # (n,) the tokens
     end,  # the expert's token range ends at end
     offs_h,  # (BLOCK_H,)
@@ -1660,9 +1660,9 @@ def _prompt_blocks(
     programs (167 registers, was 166, no spills). At Np = 50, 192 programs of two 32-row tiles
     (8 warps, 208 instructions a step) became 150 of one 64-row tile (181), 178 registers where
     the launch took 182, and with 8 warps' two warpgroups 75 of one 128-row tile (164
-    instructions a step, 4 barriers where 64 rows took 16; ``_forward_blocks``). A small batch keeps BLOCK_P rows:
-    B = 1 takes f_p's one tile an expert as before; so does H > 64, whose generic 4-warp variants
-    spilled up to 120 bytes a thread with 64 rows against none.
+    instructions a step, 4 barriers where 64 rows took 16; ``_forward_blocks``). A small batch
+    keeps BLOCK_P rows: B = 1 takes f_p's one tile an expert as before; so does H > 64, whose
+    generic 4-warp variants spilled up to 120 bytes a thread with 64 rows against none.
 
     More prompts take the forward's 8-warp variant (``_forward_warps``), and with it f_e's tiles
     of 32 rows, 2 walks over D at Np = 50 where 16-row tiles took 4. (64 rows, one walk, took
