@@ -107,6 +107,8 @@ CASES = {
     # bf16 runs in the interpreter too, rounding as an H100 does (tests/triton_interpreter.py).
     "bf16-shared": Case(dtype=torch.bfloat16),
     "fp32-params-bf16-tokens": Case(act_dtype=torch.bfloat16, shared=False),
+    # The same token chunks as Z W1^T, as more prompts (8 warps) take them (``tokens_transposed``).
+    "fp32-params-bf16-tokens-z-w1t": Case(act_dtype=torch.bfloat16, shared=False, blocks="TOKENS_T=0"),
     # bf16 tokens without prompt outputs: the backward's bf16 variant with its placeholders.
     "layer0-bf16-tokens": Case(prompt_out=False, act_dtype=torch.bfloat16, shared=False),
     # The GPU targets' layer at K = 2, B = 5 (about 20 s here): D = 768, H = 64, T = 197 with
@@ -460,6 +462,30 @@ def test_reasons_bf16_in_interpreter(monkeypatch):
     monkeypatch.setattr(kd, "interpreter_computes_bf16", lambda: False)
     reasons = kd.triton_not_supported_reasons(*reason_inputs(dtype=torch.bfloat16))
     assert reasons and all("bfloat16" in r and "interpreter" in r for r in reasons)
+
+
+def test_bf16_token_chunks_run_as_w1_zt(monkeypatch):
+    """bf16 tokens against float32 W1 (the model's case) reach the forward as W1 Z^T in chunks of
+    BLOCK_T_FWD_T; fp16 tokens, and TOKENS_T=0, as Z W1^T in chunks of BLOCK_T_FWD."""
+    kernel, launched = kd._dispatch_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["TOKENS_T"], kwargs["BLOCK_T"]))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kd, "_dispatch_fwd_kernel", Spy())
+    disp = Dispatcher(16, 2, hidden=8, backend="triton").to(DEVICE)
+    prompts = torch.randn(2, 3, 16, device=DEVICE)
+    B = 9  # a large batch on an H100 too (K * B * 8 > 132 SMs): one warpgroup
+    for dtype, pinned in ((torch.bfloat16, ""), (torch.float16, ""), (torch.bfloat16, "TOKENS_T=0")):
+        monkeypatch.setenv(kd.BLOCK_ENV, pinned)
+        disp(prompts, torch.randn(2, B, 5, 16, dtype=dtype, device=DEVICE))
+    blocks = kd.dispatch_blocks(2, B, 3, 16, 8, DEVICE)
+    assert launched == [(True, blocks["BLOCK_T_FWD_T"]), (False, blocks["BLOCK_T_FWD"]), (False, blocks["BLOCK_T_FWD"])]
 
 
 @pytest.mark.skipif(not kd._INTERPRETED, reason="probes Triton's interpreter")
