@@ -25,7 +25,7 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
   the launch, 24 D steps of 366 instructions where a token chunk takes 24 of 202, and as the
   last to arrive at each group of its expert it finished them one after another); K*S_P
   programs evaluate f_p (with prompt_out) on tiles of BLOCK_ZP rows of Z_P[k] (B*Np rows, S_P =
-  ceil(B*Np / BLOCK_ZP) tiles: a token chunk's rows for a large batch, BLOCK_P rows for small
+  ceil(B*Np / BLOCK_ZP) tiles: BLOCK_T_FWD rows for a large batch, BLOCK_P rows for small
   batches and H > 64, ``_prompt_blocks``); K*B*S_T programs each take a chunk of BLOCK_T tokens
   of one (k, b), 64 a warpgroup, or 128 on one warpgroup as W1 Z^T for bf16 tokens
   (``_forward_blocks``, ``_tokens_hidden_t``), and keep the sum over its tokens of
@@ -1646,15 +1646,15 @@ def _forward_warps(Np: int, block_n: int, small_batch: bool) -> int:
 
 
 def _prompt_blocks(
-    Np: int, block_n: int, block_h: int, warps: int, block_d_fwd: int, small_batch: bool
+    Np: int, block_n: int, block_h: int, block_t_fwd: int, block_d_fwd: int, small_batch: bool
 ) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_ZP, BLOCK_D_MIX, B_PER_FIN): the rows of f_e's tiles and of f_p's, the D
     step of the prompt mixture, and the images one program finishes. While the prompts fit one
     BLOCK_N tile, BLOCK_N rows and, for a large batch, the forward's own D step.
 
     f_p's tiles take the rows of Z_P[k] as one (B * Np, D) matrix, several images a tile. For a
-    large batch they are 64 rows a warpgroup of the forward's ``warps``: the rows of a warpgroup's
-    wgmma (at Np = 10 a program per image padded its 10 rows to 16 on mma.sync). In
+    large batch they are a token chunk's tile (BLOCK_T_FWD rows, ``_forward_blocks``): 64 rows a
+    warpgroup's wgmma (at Np = 10 a program per image padded its 10 rows to 16 on mma.sync). In
     the sm_90a SASS (Triton 3.8) of the launch at K = 6, B = 32, Np = 10, f_p's D step took 208
     instructions a warp for 16 rows, 192 programs of one tile; it takes 204 for 64 rows, 30
     programs (167 registers, was 166, no spills). At Np = 50, 192 programs of two 32-row tiles
@@ -1693,8 +1693,7 @@ def _prompt_blocks(
     block_p = block_n if Np <= block_n else 32
     if small_batch:
         return block_p, block_p, 128, 1
-    block_zp = 64 * max(1, warps // 4) if block_h <= 64 else block_p
-    return block_p, block_zp, (block_d_fwd if Np <= block_n else 128), 4
+    return block_p, (block_t_fwd if block_h <= 64 else block_p), (block_d_fwd if Np <= block_n else 128), 4
 
 
 def cdiv(a: int, b: int) -> int:
@@ -1769,7 +1768,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     block_n = 16
     fwd_warps = _forward_warps(Np, block_n, small_batch)
     block_t_fwd, block_t_fwd_t, block_d_fwd = _forward_blocks(block_h, small_batch, fwd_warps)
-    block_p, block_zp, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_h, fwd_warps, block_d_fwd, small_batch)
+    block_p, block_zp, block_d_mix, b_per_fin = _prompt_blocks(Np, block_n, block_h, block_t_fwd, block_d_fwd, small_batch)
     d_tiles = cdiv(D, block_dw)
     if device.type == "cuda":
         # Two programs per SM: enough to hide memory latency, few enough that the partial weight
@@ -2617,7 +2616,7 @@ def _kernel_variants() -> list[dict]:
             # either tiling (``_forward_blocks``), named by its warps and tiling.
             # bf16 activations, H <= 64 (``splits_bf16``): the slopes in bf16 parts, f_p's dL/dh
             # from the softmax's backward, and the main backward's tiles of BLOCK_T_SPLIT rows.
-            split = splits_bf16(torch.bfloat16 if act == "bf16" else torch.float32, H)
+            split = splits_bf16(_TORCH_DTYPES[act], H)
             slopes = {"slopes_z_ptr": "bf16"} if split else {}
             dh_p = {"dh_p_ptr": "bf16"} if split else {}
             found = [
@@ -2635,7 +2634,7 @@ def _kernel_variants() -> list[dict]:
                 for warps in [_forward_warps(Np, b["BLOCK_N"], small)]
                 for block_t, block_t_t, block_d in [_forward_blocks(b["BLOCK_H"], small, warps)]
                 for block_p, block_zp, block_d_mix, b_per_fin in [
-                    _prompt_blocks(Np, b["BLOCK_N"], b["BLOCK_H"], warps, block_d, small)
+                    _prompt_blocks(Np, b["BLOCK_N"], b["BLOCK_H"], block_t, block_d, small)
                 ]
                 for tokens_t in [
                     tokens_transposed(_TORCH_DTYPES[act], _TORCH_DTYPES[param] if H else None, {**b, "FWD_WARPS": warps})
