@@ -427,7 +427,8 @@ class Dispatcher(nn.Module):
         reasons = self.not_supported_reasons(self.backend, prompts, tokens, prompt_out)
         if reasons:
             raise RuntimeError(
-                f"dispatcher backend {self.backend!r} cannot serve these inputs: " + "; ".join(reasons)
+                f"dispatcher backend {self.backend!r} cannot serve these inputs: "
+                + "; ".join(r.rstrip(".") for r in reasons)
                 + ". Use backend='auto' to fall back to one that can."
             )
         return self.backend
@@ -471,6 +472,13 @@ class Dispatcher(nn.Module):
                 if z.dim() != 3 or z.shape[0] != B or z.shape[2] != D:
                     raise ValueError(f"tokens[{k}] must be (B={B}, T_k, D={D}), got {tuple(z.shape)}")
             token_counts = [z.shape[1] for z in token_list]
+        if B == 0:
+            raise ValueError("tokens must hold at least one image (B >= 1), got B = 0")
+        named = [("prompts", prompts), ("prompt_out", prompt_out)]
+        named += [("tokens", tokens)] if isinstance(tokens, torch.Tensor) else [(f"tokens[{k}]", z) for k, z in enumerate(tokens)]
+        for name, t in named:
+            if isinstance(t, torch.Tensor) and not t.is_floating_point():
+                raise ValueError(f"{name} must be floating point, got {t.dtype}: convert it with .float()")
         if prompt_out is not None and (not isinstance(prompt_out, torch.Tensor) or tuple(prompt_out.shape) != (K, B, Np, D)):
             got = tuple(prompt_out.shape) if isinstance(prompt_out, torch.Tensor) else type(prompt_out).__name__
             raise ValueError(f"prompt_out must be None or a tensor (K={K}, B={B}, Np={Np}, D={D}), got {got}")
@@ -478,7 +486,9 @@ class Dispatcher(nn.Module):
         if len(prefix) != K:
             raise ValueError(f"num_prefix_tokens must be one int or K={K} ints, got {len(prefix)}")
         for k, (count, q) in enumerate(zip(token_counts, prefix)):
-            if not 0 <= q < count:
+            if not isinstance(q, numbers.Integral) or q < 0:
+                raise ValueError(f"expert {k}: num_prefix_tokens must be an int >= 0, got {q!r}")
+            if q >= count:
                 raise ValueError(f"expert {k}: num_prefix_tokens={q} leaves no tokens out of T_k={count}")
         return B, prefix
 

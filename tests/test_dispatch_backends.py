@@ -144,6 +144,15 @@ def test_explicit_backend_that_cannot_serve_raises_every_reason(kwargs, tokens_a
     assert f"backend {kwargs['backend']!r} cannot serve" in str(info.value)
 
 
+def test_reasons_join_into_one_sentence(monkeypatch):
+    disp = Dispatcher(D, K, hidden=H, backend="cpp").double()
+    monkeypatch.setattr(disp, "not_supported_reasons", lambda *args: ["the first reason.", "the second"])
+    prompts, seq, _ = make_inputs()
+    with pytest.raises(RuntimeError) as info:
+        disp(prompts, seq[:, :, NP:])
+    assert "serve these inputs: the first reason; the second. Use backend='auto'" in str(info.value)
+
+
 def test_environment_variable_overrides_auto_only(monkeypatch):
     monkeypatch.setenv("PMOE_BACKEND", "torch")
     assert Dispatcher(D, K).backend == "torch"

@@ -87,9 +87,15 @@ def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
         (lambda d, p, z, zp: d.to("meta")(p, z, zp), "the dispatcher's parameters on meta"),
         (lambda d, p, z, zp: d(p, z, zp, [1, 1]), "one int or K=3 ints"),
         (lambda d, p, z, zp: d(p, z, zp, T), "leaves no tokens"),
+        (lambda d, p, z, zp: d(p, z, zp, -1), "num_prefix_tokens must be an int >= 0, got -1"),
+        (lambda d, p, z, zp: d(p, z[:, :0], None), r"at least one image \(B >= 1\)"),
+        (lambda d, p, z, zp: d(p, z.long(), zp), "tokens must be floating point, got torch.int64"),
+        (lambda d, p, z, zp: d(p, [z[0], z[1].int(), z[2]], zp), r"tokens\[1\] must be floating point"),
+        (lambda d, p, z, zp: d(p.long(), z, zp), "prompts must be floating point"),
     ],
     ids=["prompts", "tokens-width", "tokens-count", "tokens-batch", "prompt-out", "prompt-out-list", "tokens-device",
-         "token-list-device", "prompt-out-device", "parameters-device", "prefix-count", "prefix-too-long"],
+         "token-list-device", "prompt-out-device", "parameters-device", "prefix-count", "prefix-too-long",
+         "prefix-negative", "no-images", "tokens-dtype", "token-list-dtype", "prompts-dtype"],
 )
 def test_bad_inputs_raise_clear_errors(call, match):
     disp = Dispatcher(D, K, hidden=4, backend="torch")
