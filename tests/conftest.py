@@ -15,6 +15,16 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
     install()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sm90_compiles_in_background(request):
+    """The selected tests' compiles for sm_90 (``helpers.SM90_JOBS``) start with the session."""
+    from helpers import start_sm90_jobs, stop_sm90_jobs
+
+    start_sm90_jobs(request.session.items)
+    yield
+    stop_sm90_jobs()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

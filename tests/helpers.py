@@ -89,35 +89,63 @@ def spec_forward(experts, sd: dict, images, num_prompts: int, prompt_layers: int
     return torch.stack([m.forward_head(m.norm(z), pre_logits=True) for m, z in zip(experts, Z)]).mean(0)
 
 
-def sm90_launched_usage() -> list[tuple[str, dict | str]]:
-    """Registers and spills of every launch of the model's GPU configurations, compiled for sm_90a
-    as Triton's runtime specializes it (``benchmarks/triton_resources.py --launched``), in a
-    subprocess without TRITON_INTERPRET: (launch name, usage dict or the error)."""
-    return _triton_resources_json(
-        "from triton_resources import MODEL_CASES, launched_usage; "
-        "print(json.dumps([r for case in MODEL_CASES for r in launched_usage(case)]))"
-    )
+# The suite's compiles for sm_90 (tests/sm90_compile.py), each a subprocess without
+# TRITON_INTERPRET. conftest.py starts those whose tests are selected when the session begins, at
+# low priority, so that a cold Triton cache compiles beside the interpreted tests (mostly one
+# thread on CI's two cores) instead of before the tests that read them; those then wait here.
+SM90_JOBS = {
+    # job: the tests that read it, as (test file, test function)
+    "variants:dispatch": {("test_triton_dispatch.py", "test_variant_compiles_for_sm90")},
+    "launched": {("test_triton_dispatch.py", "test_model_launches_compile_for_sm90_within_spill_budgets")},
+    "variants:dispatch_moe": {("test_triton_dispatch_moe.py", "test_variant_compiles_for_sm90")},
+    "usage:layer_norm": {
+        ("test_triton_layer_norm.py", "test_every_variant_compiles_for_sm90"),
+        ("test_triton_layer_norm.py", "test_model_variants_spill_nothing"),
+    },
+}
+_SM90_RUNNING: dict[str, subprocess.Popen] = {}
+_SM90_RESULTS: dict = {}
 
 
-def sm90_usage(module: str, indices: list[int]) -> list[tuple[str, dict | str]]:
-    """Registers and spills of ``pmoe_fast.kernels.<module>.KERNEL_VARIANTS[i]`` for each index, as
-    ptxas reports them for sm_90a (``benchmarks/triton_resources.py``), compiled in a subprocess
-    without TRITON_INTERPRET: (variant name, usage dict or the error)."""
-    return _triton_resources_json(
-        f"from triton_resources import usage; print(json.dumps([usage({module!r}, i) for i in {list(indices)}]))"
-    )
+def start_sm90_jobs(items) -> None:
+    """Starts, in the background, every job of SM90_JOBS that one of the pytest ``items`` reads."""
+    selected = {(os.path.basename(str(item.path)), item.originalname) for item in items}
+    for job, readers in SM90_JOBS.items():
+        if readers & selected:
+            _start_sm90(job)
 
 
-def _triton_resources_json(code: str) -> list[tuple]:
-    """Runs ``code`` after ``import json`` with benchmarks/triton_resources.py importable, in a
-    subprocess without TRITON_INTERPRET (the kernels must be real JITFunctions to compile), and
-    returns the JSON list it prints, each item a tuple."""
-    script = "import json, sys; sys.path.insert(0, 'benchmarks'); " + code
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def stop_sm90_jobs() -> None:
+    """Kills the jobs still running (a session that ends early, or deselected readers)."""
+    for proc in _SM90_RUNNING.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    _SM90_RUNNING.clear()
+
+
+def _start_sm90(job: str) -> None:
+    if job in _SM90_RUNNING or job in _SM90_RESULTS:
+        return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [tuple(item) for item in json.loads(proc.stdout)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    _SM90_RUNNING[job] = subprocess.Popen(
+        [sys.executable, os.path.join(root, "tests", "sm90_compile.py"), job], cwd=root, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(10),
+    )
+
+
+def sm90_job(job: str):
+    """The JSON result of one job of tests/sm90_compile.py, waiting for it (starting it first if
+    the session did not): lists of pairs come back as lists of tuples."""
+    if job not in _SM90_RESULTS:
+        _start_sm90(job)
+        proc = _SM90_RUNNING.pop(job)
+        stdout, stderr = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, f"tests/sm90_compile.py {job} failed:\n{stderr[-4000:]}"
+        result = json.loads(stdout)
+        _SM90_RESULTS[job] = [tuple(item) for item in result] if isinstance(result, list) else result
+    return _SM90_RESULTS[job]
 
 
 class WorkLog(TorchDispatchMode):

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
-import os
 import random
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import WorkLog, sm90_launched_usage
+from helpers import WorkLog, sm90_job
 
 from pmoe_fast.dispatcher import Dispatcher
 from pmoe_fast.kernels import dispatch as kd
@@ -692,49 +687,10 @@ def test_a_forward_without_saved_pre_activations_has_no_backward():
         kd.dispatch_bwd(torch.ones_like(ipt), prompts, tokens, *args[2:5], weights, nothing, pe, pp, pz)
 
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, traceback
-    from concurrent.futures import ProcessPoolExecutor
-
-    def build(index):
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from pmoe_fast.kernels.dispatch import KERNEL_VARIANTS
-
-        v = KERNEL_VARIANTS[index]
-        assert type(v["kernel"]).__name__ == "JITFunction", type(v["kernel"])
-        try:
-            compiled = triton.compile(
-                ASTSource(v["kernel"], v["signature"], v["constexprs"]),
-                target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
-            )
-        except Exception:
-            return v["name"], traceback.format_exc()
-        return v["name"], {"shared": compiled.metadata.shared, "ptx": len(compiled.asm["ptx"])}
-
-    if __name__ == "__main__":
-        from pmoe_fast.kernels.dispatch import KERNEL_VARIANTS
-
-        with ProcessPoolExecutor(2) as pool:
-            results = dict(pool.map(build, range(len(KERNEL_VARIANTS))))
-        json.dump(results, sys.stdout)
-    """
-)
-
-
 @pytest.fixture(scope="module")
-def compiled_variants(tmp_path_factory):
-    """Compiles every variant for sm_90 in a subprocess without TRITON_INTERPRET (there the
-    kernels are real JITFunctions, here they are the interpreter's wrappers), two at a time."""
-    script = tmp_path_factory.mktemp("compile") / "compile_variants.py"
-    script.write_text(COMPILE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+def compiled_variants():
+    """Every variant compiled for sm_90 (tests/sm90_compile.py, begun with the session)."""
+    return sm90_job("variants:dispatch")
 
 
 @pytest.mark.slow
@@ -776,7 +732,7 @@ def test_model_launches_compile_for_sm90_within_spill_budgets():
     the generic KERNEL_VARIANTS above do not reach. Every one compiles, fits two programs an SM,
     and, with the pinned Triton, spills within its budget: a change that spills more fails here,
     without a GPU. Another Triton skips the budgets, saying so."""
-    launched = sm90_launched_usage()
+    launched = sm90_job("launched")
     kernels = [name.split(": ")[1].split(",")[0] for name, _ in launched]  # "case: kernel, grid (...)"
     # Each training case: a forward and three backward launches (kind "moe": its own two, then the
     # same softmax and reduction); inference: a forward; LayerNorm: forward and backward.

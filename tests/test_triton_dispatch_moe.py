@@ -5,7 +5,7 @@ refuses, and that every variant builds for an H100.
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET
 before this module imports them, and tests/triton_interpreter.py makes its products round as an
 H100's), a few seconds per case here; on a GPU the same tests run compiled. The sm_90 builds
-start with the first test and run beside them.
+start with the test session and run beside the tests (tests/helpers.py, SM90_JOBS).
 
 Routing is discontinuous: were two gates of a row within rounding of each other, the float64
 truth, PyTorch at the test dtype and the kernels could pick different MLPs and differ by O(1).
@@ -19,15 +19,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import WorkLog
+from helpers import WorkLog, sm90_job
 
 from pmoe_fast.dispatcher import Dispatcher
 from pmoe_fast.kernels import dispatch as kd
@@ -466,75 +461,10 @@ def test_one_launch_forward_three_backward_all_listed_variants(case, path, monke
         assert launch in listed, f"{launch[0]} launched with a variant no KERNEL_VARIANTS lists: {launch[2]}"
 
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, traceback
-    from concurrent.futures import ProcessPoolExecutor
-
-    def build(index):
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from pmoe_fast.kernels.dispatch_moe import KERNEL_VARIANTS
-
-        v = KERNEL_VARIANTS[index]
-        assert type(v["kernel"]).__name__ == "JITFunction", type(v["kernel"])
-        try:
-            compiled = triton.compile(
-                ASTSource(v["kernel"], v["signature"], v["constexprs"]),
-                target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
-            )
-        except Exception:
-            return v["name"], traceback.format_exc()
-        return v["name"], {"shared": compiled.metadata.shared, "ptx": len(compiled.asm["ptx"])}
-
-    if __name__ == "__main__":
-        from pmoe_fast.kernels.dispatch_moe import KERNEL_VARIANTS
-
-        with ProcessPoolExecutor(2) as pool:
-            results = dict(pool.map(build, range(len(KERNEL_VARIANTS))))
-        json.dump(results, sys.stdout)
-    """
-)
-
-
-_COMPILING: dict = {}
-
-
-def _start_compiling(tmp_dir) -> None:
-    """Starts compiling every variant for sm_90 in a subprocess without TRITON_INTERPRET (there
-    the kernels are real JITFunctions, here they are the interpreter's wrappers), two at a time."""
-    if not _COMPILING:
-        script = tmp_dir / "compile_moe_variants.py"
-        script.write_text(COMPILE_SCRIPT)
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        _COMPILING["proc"] = subprocess.Popen(
-            [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_in_background(request, tmp_path_factory):
-    """A cold compile of every variant takes minutes of CPU: when the sm_90 tests are selected it
-    starts with this module's first test and runs beside the interpreted ones."""
-    if any(item.originalname == "test_variant_compiles_for_sm90" for item in request.session.items):
-        _start_compiling(tmp_path_factory.mktemp("compile"))
-    yield
-    proc = _COMPILING.pop("proc", None)
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
-def compiled_variants(tmp_path_factory):
-    _start_compiling(tmp_path_factory.mktemp("compile"))
-    if "results" not in _COMPILING:
-        stdout, stderr = _COMPILING["proc"].communicate(timeout=900)
-        assert _COMPILING["proc"].returncode == 0, stderr[-4000:]
-        _COMPILING["results"] = json.loads(stdout)
-    return _COMPILING["results"]
+def compiled_variants():
+    """Every variant compiled for sm_90 (tests/sm90_compile.py, begun with the session)."""
+    return sm90_job("variants:dispatch_moe")
 
 
 @pytest.mark.slow

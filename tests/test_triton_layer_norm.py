@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import sm90_usage
+from helpers import sm90_job
 
 from pmoe_fast.kernels import has_triton
 
@@ -83,9 +83,9 @@ def test_reasons_name_each_problem():
 
 @pytest.fixture(scope="module")
 def sm90():
-    """Every variant compiled for sm_90 and assembled by ptxas (a subprocess without
-    TRITON_INTERPRET: here the kernels are the interpreter's), by name."""
-    return dict(sm90_usage("layer_norm", list(range(len(ln.KERNEL_VARIANTS)))))
+    """Every variant compiled for sm_90 and assembled by ptxas (tests/sm90_compile.py, begun with
+    the session), by name."""
+    return dict(sm90_job("usage:layer_norm"))
 
 
 @pytest.mark.slow
