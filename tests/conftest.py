@@ -15,6 +15,14 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
     install()
 
 
+def pytest_collection_modifyitems(items):
+    """The tests that read the background compiles for sm_90 run last, in their order: the
+    compiles have the whole session."""
+    from helpers import reads_sm90_job
+
+    items.sort(key=reads_sm90_job)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _sm90_compiles_in_background(request):
     """The selected tests' compiles for sm_90 (``helpers.SM90_JOBS``) start with the session."""

@@ -92,7 +92,8 @@ def spec_forward(experts, sd: dict, images, num_prompts: int, prompt_layers: int
 # The suite's compiles for sm_90 (tests/sm90_compile.py), each a subprocess without
 # TRITON_INTERPRET. conftest.py starts those whose tests are selected when the session begins, at
 # low priority, so that a cold Triton cache compiles beside the interpreted tests (mostly one
-# thread on CI's two cores) instead of before the tests that read them; those then wait here.
+# thread on CI's two cores) instead of before the tests that read them; those run last
+# (conftest.py) and wait here for what is left.
 SM90_JOBS = {
     # job: the tests that read it, as (test file, test function)
     "variants:dispatch": {("test_triton_dispatch.py", "test_variant_compiles_for_sm90")},
@@ -105,6 +106,11 @@ SM90_JOBS = {
 }
 _SM90_RUNNING: dict[str, subprocess.Popen] = {}
 _SM90_RESULTS: dict = {}
+
+
+def reads_sm90_job(item) -> bool:
+    """Whether the pytest ``item`` is one of SM90_JOBS' readers."""
+    return any((os.path.basename(str(item.path)), item.originalname) in readers for readers in SM90_JOBS.values())
 
 
 def start_sm90_jobs(items) -> None:
