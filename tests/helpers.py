@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,9 +136,10 @@ def _start_sm90(job: str) -> None:
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    nice = ["nice", "-n", "10"] if shutil.which("nice") else []  # not preexec_fn: threads may be running
     _SM90_RUNNING[job] = subprocess.Popen(
-        [sys.executable, os.path.join(root, "tests", "sm90_compile.py"), job], cwd=root, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(10),
+        [*nice, sys.executable, os.path.join(root, "tests", "sm90_compile.py"), job], cwd=root, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
