@@ -210,7 +210,7 @@ PROFILES = {
                 *_points("model", "infer", 1, 1, 10, ("single-vit-graphed",)),
                 *_points("dispatch", "fwd+bwd", 6, 32, 50, ("torch", "triton", "cuda")),
                 *_points("dispatch", "fwd", 6, 32, 50, ("torch", "triton", "cuda")),
-                # The dispatcher's share of a K=6 training step: 12 prompt layers of this.
+                # The op at the training step's shape (Np = 10), beside its share of the step (bench_model.py).
                 *_points("dispatch", "fwd+bwd", 6, 32, 10, ("torch", "triton", "cuda")),
             ),
         ),
