@@ -214,12 +214,13 @@ def test_dispatch_parity_with_dispatcher(case, dispatch_kernels):
 
 
 @pytest.mark.parametrize("order", [1, 2], ids=["reversed", "shuffled"])
-@pytest.mark.parametrize("name", ["odd-shared", "H0-separate-no-prompt-out", "images-per-group"])
+@pytest.mark.parametrize("name", ["odd-shared", "H0-separate-no-prompt-out", "images-per-group", "multi-tile"])
 def test_dispatch_results_do_not_depend_on_the_block_order(name, order, cuda_on_cpu_ops, dispatch_kernels):
     """On a GPU any block may be the last to arrive and finish what others started: in the forward
     an expert's f_e block (then finishing all of its images), an image's f_p block or one of its
-    token chunks; in the backward a tile's last row group. Reversed, f_e's blocks come last;
-    shuffled, every role finishes some image. The results must be the same bits whichever it is."""
+    token chunks; in the backward an image's last block of prompt rows (several at Np = 40,
+    "multi-tile") and a tile's last row group. Reversed, f_e's blocks come last; shuffled, every
+    role finishes some image. The results must be the same bits whichever it is."""
     case = CASES[name]
     torch.manual_seed(0)
     inputs = make_case(case, "cpu")

@@ -24,13 +24,16 @@
 //    and mixes the prompts. Reads the tokens once (29 MB) and W1 once per tile of 32 tokens (from
 //    L2); writes z_act (2.4 MB) and the small outputs. 0.93 GFLOP.
 //  * backward, THREE launches:
-//    1. grid K*B*C: block (k, b, c) takes the image's Np rows through the mixture and the
-//       softmax backward (each of the C blocks alike: Np K D multiply-adds, Np K / (64 H) = 2%
-//       of its token work here), then dA = coef * gelu'(z_act) of its 64 tokens, once, into
-//       scratch (2.4 MB in all), and dL/dZ = dA W1_z for them; the block of the image's last
-//       chunk also does dL/dZ_P. Writes dL/dZ (29 MB).
-//    2. grid K*Np: block (j, n) owns dL/dP[j, n]: the mixture part, sum_{k,b} weights[k, b, n, j]
-//       grad_ipt[k, b, n], and source e's part through f_e.
+//    1. grid K*B*ceil(Np/8): a block takes 8 of an image's prompt rows through the mixture and
+//       the softmax backward (a warp per (n, j), lanes along D); the last of an image's blocks
+//       sums dL/dlogits over n and forms coef = W2_z^T dl_z / count for its tokens. (Every token
+//       block of an image did this for all Np rows, C times over, when launch 2's token blocks
+//       were launch 1: at Np = 50 each read all of P, 922 KB, from L2.)
+//    2. grid K*B*C + K*Np: block (k, b, c) computes dA = coef * gelu'(z_act) of its 64 tokens,
+//       once, into scratch (2.4 MB in all), and dL/dZ = dA W1_z for them; the block of the
+//       image's last chunk also does dL/dZ_P. Writes dL/dZ (29 MB). Block (j, n) of the last
+//       K*Np owns dL/dP[j, n]: the mixture part, sum_{k,b} weights[k, b, n, j] grad_ipt[k, b, n],
+//       and source e's part through f_e.
 //    3. grid (tiles + 1, 3 sources, G row groups): a block sums one output tile, a 32 x 64 tile
 //       of dL/dW1_s (its column D is dL/db1_s: a constant-1 input) or all of dL/dW2_s and
 //       dL/db2_s, over one of G runs of the source's rows; the last of a tile's G blocks adds
@@ -72,8 +75,10 @@ constexpr int kTileK = 32;
 constexpr int kThreadRows = kTileRows / kWarps;
 constexpr int kThreadCols = kTileCols / 32;
 constexpr int kOutputs = kThreadRows * kThreadCols;
-// The forward's and the backward's first launch's blocks take an image's tokens this many at a time.
+// The forward's and the backward's second launch's blocks take an image's tokens this many at a time.
 constexpr int kChunkTokens = 2 * kTileRows;
+// The backward's first launch takes an image's prompts this many a block.
+constexpr int kSoftmaxRows = 8;
 // The token ranges of all experts travel in the launch arguments (no host-to-device copy).
 constexpr int kMaxExperts = 64;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
@@ -157,7 +162,6 @@ struct Scratch {
   acc_t* dlogits;  // (K, B, Np, K)  dL/dlogits
   acc_t* dl_z;     // (K, B, K)      its sum over n: the gradient of mean_t f_z
   acc_t* coef_z;   // (K, B, Hz)     W2_z^T dl_z / count: dL/d(features) of each token
-  acc_t* chunk_work;  // (K, B, C - 1, Np * K + Hz)  launch 1's dlogits and coef_z of chunks > 0
   acc_t* da_z;     // (K, B, T, H)   coef_z * gelu'(z_act) over each token range, when H > 0
   acc_t* pre_p;    // (K, B, Np, H)  pre-activations of source p
   acc_t* da_p;     // (K, B, Np, H)  their gradient
@@ -514,68 +518,74 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- Backward ----------------------------------------------------------------------------
 
-// Launch 1. Grid K * B * C, block kThreads, C token chunks per image as in the forward: block
-// (k, b, c) takes the image's Np rows through the mixture and the softmax (every chunk's block
-// the same, chunk 0's result the one launches 2 and 3 read), then chunk c of source z's tokens
-// through f_z, and the last chunk's block source p's prompt outputs through f_p.
+// Launch 1. Grid K * B * S, block kThreads, S = ceil(Np / kSoftmaxRows): block (k, b, s) takes
+// prompts [s * kSoftmaxRows, (s + 1) * kSoftmaxRows) of image (k, b) through the mixture and the
+// softmax: dL/dweights[n, j] = <grad_ipt[n, :], P[j, n, :]> (a warp per (n, j), lanes along D),
+// then dL/dlogits = w * (dL/dw - <w, dL/dw>) into scratch.dlogits. The last of an image's S blocks
+// to arrive sums its dL/dlogits over n in order (source z's logits were shared by the Np rows):
+// scratch.dl_z, and scratch.coef_z = W2_z^T dl_z / count, which every token of the image receives.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    dispatch_mlp_bwd_rows_kernel(const Inputs<scalar_t, acc_t> in,
-                                 const acc_t* __restrict__ grad_ipt_ptr,  // (K, B, Np, D)
-                                 const acc_t* __restrict__ weights_ptr,   // (K, B, Np, K)
-                                 const acc_t* __restrict__ z_act_ptr,     // (K, B, T, H)
-                                 const Scratch<acc_t> scratch,
-                                 scalar_t* __restrict__ grad_tokens_ptr,    // (K, B, T, D) or null
-                                 acc_t* __restrict__ grad_prompt_out_ptr) {  // (K, B, Np, D) or null
-  __shared__ Tile<acc_t> tile;
-  __shared__ acc_t dl_z[kMaxExperts];
-
-  const int64_t C = gridDim.x / (in.K * in.B);
-  const int64_t kb = blockIdx.x / C, chunk = blockIdx.x % C, k = kb / in.B;
-  const int64_t K = in.K, Np = in.Np, T = in.T, D = in.D, H = in.H, Hz = in.Hz;
+    dispatch_mlp_bwd_softmax_kernel(const Inputs<scalar_t, acc_t> in,
+                                    const acc_t* __restrict__ grad_ipt_ptr,  // (K, B, Np, D)
+                                    const acc_t* __restrict__ weights_ptr,   // (K, B, Np, K)
+                                    const Scratch<acc_t> scratch,
+                                    int* __restrict__ arrivals) {  // (K, B), zero at launch
+  __shared__ acc_t dw[kSoftmaxRows * kMaxExperts];  // dL/dweights of the block's rows
+  const int64_t K = in.K, Np = in.Np, D = in.D, Hz = in.Hz;
+  const int64_t tiles = (Np + kSoftmaxRows - 1) / kSoftmaxRows;
+  const int64_t kb = blockIdx.x / tiles, n0 = blockIdx.x % tiles * kSoftmaxRows, k = kb / in.B;
+  const int64_t rows = Np - n0 < kSoftmaxRows ? Np - n0 : kSoftmaxRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const acc_t* grad = grad_ipt_ptr + kb * Np * D;
-  const acc_t* w = weights_ptr + kb * Np * K;
-  // dL/dlogits (Np, K) and coef (Hz): chunk 0's in scratch.dlogits and scratch.coef_z, the other
-  // chunks' in their own slice of scratch.chunk_work.
-  acc_t* const own = chunk == 0 ? nullptr : scratch.chunk_work + (kb * (C - 1) + chunk - 1) * (Np * K + Hz);
-  acc_t* dl = chunk == 0 ? scratch.dlogits + kb * Np * K : own;
+  const acc_t* grad = grad_ipt_ptr + (kb * Np + n0) * D;
+  const acc_t* w = weights_ptr + (kb * Np + n0) * K;
+  acc_t* dl = scratch.dlogits + (kb * Np + n0) * K;
 
-  // dL/dweights[n, j] = <grad_ipt[n, :], P[j, n, :]>: a warp per (n, j), lanes along D.
-  for (int64_t nj = warp; nj < Np * K; nj += kWarps) {
+  for (int64_t nj = warp; nj < rows * K; nj += kWarps) {
     const int64_t n = nj / K, j = nj % K;
     acc_t sum = 0;
-    for (int64_t d = lane; d < D; d += 32) sum += grad[n * D + d] * in.prompts[(j * Np + n) * D + d];
+    for (int64_t d = lane; d < D; d += 32) sum += grad[n * D + d] * in.prompts[(j * Np + n0 + n) * D + d];
     sum = warp_sum(sum);
-    if (lane == 0) dl[nj] = sum;
+    if (lane == 0) dw[nj] = sum;
   }
   __syncthreads();
-  // Softmax backward: dL/dlogits = w * (dL/dw - <w, dL/dw>).
-  for (int64_t n = threadIdx.x; n < Np; n += kThreads) {
+  for (int64_t n = threadIdx.x; n < rows; n += kThreads) {
     acc_t dot = 0;
-    for (int64_t j = 0; j < K; ++j) dot += w[n * K + j] * dl[n * K + j];
-    for (int64_t j = 0; j < K; ++j) dl[n * K + j] = w[n * K + j] * (dl[n * K + j] - dot);
+    for (int64_t j = 0; j < K; ++j) dot += w[n * K + j] * dw[n * K + j];
+    for (int64_t j = 0; j < K; ++j) dl[n * K + j] = w[n * K + j] * (dw[n * K + j] - dot);
   }
-  __syncthreads();
-
-  // Source z: its logits were shared by the Np rows, so their gradient is the sum over n.
+  if (!last_to_arrive(arrivals + kb, static_cast<int>(tiles))) return;
+  __shared__ acc_t dl_z[kMaxExperts];
+  const acc_t* image = scratch.dlogits + kb * Np * K;
   for (int64_t j = threadIdx.x; j < K; j += kThreads) {
     acc_t sum = 0;
-    for (int64_t n = 0; n < Np; ++n) sum += dl[n * K + j];
+    for (int64_t n = 0; n < Np; ++n) sum += load_from_l2(image + n * K + j);
     dl_z[j] = sum;
-    if (chunk == 0) scratch.dl_z[kb * K + j] = sum;
+    scratch.dl_z[kb * K + j] = sum;
   }
   __syncthreads();
-  const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
-  int64_t chunk_start, chunk_end;
-  token_chunk(start, end, chunk, chunk_start, chunk_end);
-  acc_t* coef = chunk == 0 ? scratch.coef_z + kb * Hz : own + Np * K;
+  const int64_t count = in.tok_end[k] - in.tok_start[k];
   for (int64_t h = threadIdx.x; h < Hz; h += kThreads) {
     acc_t sum = 0;
     for (int64_t j = 0; j < K; ++j) sum += in.f[2].w2[j * Hz + h] * dl_z[j];
-    coef[h] = sum / acc_t(count);
+    scratch.coef_z[kb * Hz + h] = sum / acc_t(count);
   }
-  __syncthreads();
+}
+
+// Launch 2, its token blocks: chunk `chunk` of image kb's tokens through f_z with the image's
+// coef_z, and the image's last chunk also its prompt outputs through f_p. Every thread of the
+// block must call it.
+template <typename scalar_t, typename acc_t>
+__device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t kb, int64_t chunk, int64_t C,
+                                     const acc_t* z_act_ptr, const Scratch<acc_t>& scratch,
+                                     scalar_t* grad_tokens_ptr, acc_t* grad_prompt_out_ptr, Tile<acc_t>& tile) {
+  const int64_t k = kb / in.B;
+  const int64_t K = in.K, Np = in.Np, T = in.T, D = in.D, H = in.H;
+  const acc_t* coef = scratch.coef_z + kb * in.Hz;
+  const acc_t* dl = scratch.dlogits + kb * Np * K;
+  const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
+  int64_t chunk_start, chunk_end;
+  token_chunk(start, end, chunk, chunk_start, chunk_end);
   // dA = coef * gelu'(z_act) of its tokens, once: dL/dZ below and dL/dW1_z (launch 3) read it.
   const acc_t* da = scratch.da_z + kb * T * H;
   if (H > 0) {
@@ -642,17 +652,13 @@ __global__ void __launch_bounds__(kThreads)
   if (gzp != nullptr) input_gradient(da_p, 0, Np, f.w1, H, D, tile, gzp);
 }
 
-// Launch 2. Grid K * Np, block kThreads: block (j, n) owns prompt P[j, n]: source e's backward
-// for it, and its gradient (the mixture's part plus f_e's).
+// Launch 2, its prompt blocks: block (j, n) owns prompt P[j, n]: source e's backward for it, and
+// its gradient (the mixture's part plus f_e's). Every thread of the block must call it.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    dispatch_mlp_bwd_prompts_kernel(const Inputs<scalar_t, acc_t> in,
-                                    const acc_t* __restrict__ grad_ipt_ptr,  // (K, B, Np, D)
-                                    const acc_t* __restrict__ weights_ptr,   // (K, B, Np, K)
-                                    const Scratch<acc_t> scratch,
-                                    acc_t* __restrict__ grad_prompts_ptr) {  // (K, Np, D) or null
+__device__ void prompt_backward(const Inputs<scalar_t, acc_t>& in, int64_t jn, const acc_t* grad_ipt_ptr,
+                                const acc_t* weights_ptr, const Scratch<acc_t>& scratch, acc_t* grad_prompts_ptr) {
   __shared__ acc_t dl_e[kMaxExperts];
-  const int64_t jn = blockIdx.x, j = jn / in.Np, n = jn % in.Np;
+  const int64_t j = jn / in.Np, n = jn % in.Np;
   const int64_t K = in.K, B = in.B, Np = in.Np, D = in.D, H = in.H;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const Mlp<acc_t>& f = in.f[0];
@@ -693,6 +699,29 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t i = 0; i < K; ++i) sum += f.w2[i * D + d] * dl_e[i];
     }
     grad_prompts_ptr[jn * D + d] = sum;
+  }
+}
+
+// Launch 2. Grid K * B * C + K * Np, block kThreads: the first K * B * C blocks take the images'
+// token chunks, C per image as in the forward (token_chunk_backward), the other K * Np one prompt
+// each (prompt_backward). Both read what launch 1 left in scratch.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_mlp_bwd_rows_kernel(const Inputs<scalar_t, acc_t> in, int64_t C,
+                                 const acc_t* __restrict__ grad_ipt_ptr,  // (K, B, Np, D)
+                                 const acc_t* __restrict__ weights_ptr,   // (K, B, Np, K)
+                                 const acc_t* __restrict__ z_act_ptr,     // (K, B, T, H)
+                                 const Scratch<acc_t> scratch,
+                                 scalar_t* __restrict__ grad_tokens_ptr,      // (K, B, T, D) or null
+                                 acc_t* __restrict__ grad_prompt_out_ptr,     // (K, B, Np, D) or null
+                                 acc_t* __restrict__ grad_prompts_ptr) {      // (K, Np, D) or null
+  __shared__ Tile<acc_t> tile;
+  const int64_t token_blocks = in.K * in.B * C;
+  if (blockIdx.x < token_blocks) {
+    token_chunk_backward(in, blockIdx.x / C, blockIdx.x % C, C, z_act_ptr, scratch, grad_tokens_ptr,
+                         grad_prompt_out_ptr, tile);
+  } else {
+    prompt_backward(in, blockIdx.x - token_blocks, grad_ipt_ptr, weights_ptr, scratch, grad_prompts_ptr);
   }
 }
 
@@ -770,8 +799,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // dL/dW2_s[j, h] = sum_rows dl[row, j] * features[row, h]; column h = Hz (input 1) is dL/db2_s.
-  // One thread per output, rows in order. Features: act(pre) of e and p, or their inputs when
-  // H = 0; z_mean for z.
+  // Features: act(pre) of e and p, or their inputs when H = 0; z_mean for z. A thread takes one
+  // feature column h for kW2Experts experts at a time over one of kW2Slices interleaved runs of
+  // the group's rows, computing each feature once for them (column 0's threads also sum dl for
+  // the bias); the slices' sums are then added in slice order. (A thread per output, over all the
+  // rows, recomputed each GELU for every expert: K * (H + 1) / kThreads outputs a thread, each a
+  // chain over all the group's rows, 873 of them at K = 6, B = 32, Np = 50 for source p.)
+  constexpr int kW2Cols = 64, kW2Slices = kThreads / kW2Cols, kW2Experts = 8;
+  __shared__ acc_t slice_sums[kW2Slices][kW2Experts][kW2Cols + 1];  // column kW2Cols: the bias's
   const acc_t* dl = nullptr;
   const acc_t* pre = nullptr;
   const acc_t* inputs = nullptr;
@@ -791,20 +826,41 @@ __global__ void __launch_bounds__(kThreads)
       grads.b2[s][j] = value;
     }
   };
-  for (int64_t o = threadIdx.x; o < outputs; o += kThreads) {
-    const int64_t j = o / (Hz + 1), h = o % (Hz + 1);
-    acc_t sum = 0;
-    for (int64_t r = begin; r < end; ++r) {
-      acc_t feature = 1;
-      if (h < Hz) {
-        feature = s == 2 ? z_mean_ptr[r * Hz + h] : hidden ? gelu(pre[r * H + h]) : inputs[r * D + h];
+  const int lane = threadIdx.x % kW2Cols, slice = threadIdx.x / kW2Cols;
+  for (int64_t j0 = 0; j0 < K; j0 += kW2Experts) {
+    for (int64_t c0 = 0; c0 < Hz; c0 += kW2Cols) {
+      const int64_t h = c0 + lane;
+      acc_t sum[kW2Experts] = {}, bias[kW2Experts] = {};
+      for (int64_t r = begin + slice; r < end; r += kW2Slices) {
+        acc_t feature = 0;
+        if (h < Hz) feature = s == 2 ? z_mean_ptr[r * Hz + h] : hidden ? gelu(pre[r * H + h]) : inputs[r * D + h];
+#pragma unroll
+        for (int e = 0; e < kW2Experts; ++e) {
+          const acc_t d = j0 + e < K ? dl[r * K + j0 + e] : acc_t(0);
+          sum[e] += d * feature;
+          bias[e] += d;
+        }
       }
-      sum += dl[r * K + j] * feature;
-    }
-    if (G == 1) {
-      store(o, sum);
-    } else {
-      partial[g * split.slot + o] = sum;
+      for (int e = 0; e < kW2Experts; ++e) {
+        slice_sums[slice][e][lane] = sum[e];
+        if (lane == 0) slice_sums[slice][e][kW2Cols] = bias[e];
+      }
+      __syncthreads();
+      // This step's outputs: experts j0 + e, columns c0 + c (c < kW2Cols) and, once, the bias's.
+      for (int idx = threadIdx.x; idx < kW2Experts * (kW2Cols + 1); idx += kThreads) {
+        const int e = idx / (kW2Cols + 1), c = idx % (kW2Cols + 1);
+        const int64_t j = j0 + e, column = c < kW2Cols ? c0 + c : Hz;
+        if (j >= K || (c < kW2Cols && column >= Hz) || (c == kW2Cols && c0 != 0)) continue;
+        acc_t total = 0;
+        for (int sl = 0; sl < kW2Slices; ++sl) total += slice_sums[sl][e][c];
+        const int64_t o = j * (Hz + 1) + column;
+        if (G == 1) {
+          store(o, total);
+        } else {
+          partial[g * split.slot + o] = total;
+        }
+      }
+      __syncthreads();
     }
   }
   if (G == 1 || !last_to_arrive(split.arrivals + tile_id, static_cast<int>(G))) return;
@@ -954,9 +1010,11 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const at::Tensor dl_z = at::empty({s.K, s.B, s.K}, options);
   const at::Tensor coef_z = at::empty({s.K, s.B, Hz}, options);
   const int64_t chunks = token_chunks(tok_start, tok_end);
-  TORCH_CHECK(s.K * s.B * chunks <= kMaxGridX, op, ": problem too large for the CUDA launch grid (K * B = ",
-              s.K * s.B, " images of ", chunks, " token chunks)");
-  const at::Tensor chunk_work = at::empty({s.K * s.B * (chunks - 1) * (s.Np * s.K + Hz)}, options);
+  const int64_t softmax_blocks = s.K * s.B * ((s.Np + kSoftmaxRows - 1) / kSoftmaxRows);
+  TORCH_CHECK(softmax_blocks <= kMaxGridX && s.K * s.B * chunks + s.K * s.Np <= kMaxGridX, op,
+              ": problem too large for the CUDA launch grid (K * B = ", s.K * s.B, " images of ", chunks,
+              " token chunks, Np = ", s.Np, ")");
+  const at::Tensor image_arrivals = at::zeros({s.K, s.B}, prompts.options().dtype(at::kInt));
   const at::Tensor da_z = at::empty({s.H > 0 ? s.K * s.B * s.T * s.H : 0}, options);
   const at::Tensor pre_p = at::empty({s.K, s.B, s.Np, s.H}, options);
   const at::Tensor da_p = at::empty({s.K, s.B, s.Np, s.H}, options);
@@ -996,8 +1054,7 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
     const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
     const Scratch<acc_t> scratch{
         dlogits.mutable_data_ptr<acc_t>(), dl_z.mutable_data_ptr<acc_t>(),
-        coef_z.mutable_data_ptr<acc_t>(),  chunk_work.mutable_data_ptr<acc_t>(),
-        da_z.mutable_data_ptr<acc_t>(),
+        coef_z.mutable_data_ptr<acc_t>(),  da_z.mutable_data_ptr<acc_t>(),
         pre_p.mutable_data_ptr<acc_t>(),   da_p.mutable_data_ptr<acc_t>(),
         dl_e.mutable_data_ptr<acc_t>(),    pre_e.mutable_data_ptr<acc_t>(),
         da_e.mutable_data_ptr<acc_t>()};
@@ -1011,12 +1068,14 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
       param_grads.w2[i] = gw2[i].mutable_data_ptr<acc_t>();
       param_grads.b2[i] = gb2[i].mutable_data_ptr<acc_t>();
     }
-    launch(dispatch_mlp_bwd_rows_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B * chunks)), kThreads,
-           stream, in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), scratch,
-           grad_tokens.defined() ? grad_tokens.mutable_data_ptr<scalar_t>() : nullptr,
-           grad_prompt_out.defined() ? grad_prompt_out.mutable_data_ptr<acc_t>() : nullptr);
-    launch(dispatch_mlp_bwd_prompts_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.Np)), kThreads,
+    launch(dispatch_mlp_bwd_softmax_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(softmax_blocks)), kThreads,
            stream, in, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), scratch,
+           image_arrivals.mutable_data_ptr<int>());
+    launch(dispatch_mlp_bwd_rows_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(s.K * s.B * chunks + s.K * s.Np)),
+           kThreads, stream, in, chunks, grad.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+           a.const_data_ptr<acc_t>(), scratch,
+           grad_tokens.defined() ? grad_tokens.mutable_data_ptr<scalar_t>() : nullptr,
+           grad_prompt_out.defined() ? grad_prompt_out.mutable_data_ptr<acc_t>() : nullptr,
            grad_prompts.defined() ? grad_prompts.mutable_data_ptr<acc_t>() : nullptr);
     launch(dispatch_mlp_bwd_params_kernel<scalar_t, acc_t>,
            dim3(static_cast<unsigned>(w1_tiles + 1), kNumSources, static_cast<unsigned>(groups)), kThreads, stream, in,
