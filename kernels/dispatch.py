@@ -86,8 +86,8 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      (deterministic, where atomics would not be) and writes the gradients in the parameters'
      dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
      gradients are summed here rather than by autograd.
-  Allocations aside (and zeroing the forward's K*ceil(B/B_PER_FIN) + K counters), no other torch
-  op runs (tests check it). The gradient of tokens that need none (those of a first prompt layer,
+  Allocations aside (and the copy of the token ranges, with the forward's K*ceil(B/B_PER_FIN) + K
+  zeroed counters, from host memory), no other torch op runs (tests check it). The gradient of tokens that need none (those of a first prompt layer,
   from a frozen embedding) is not written.
 
 Numerics. Every reduction accumulates in float32. Matrix products take their operands in the
@@ -1881,22 +1881,49 @@ def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, param
 
 
 _TOKEN_RANGES: dict = {}
+_LAUNCH_STATE: dict = {}
 
 
-def _token_ranges(tok_start, tok_end, device: torch.device) -> torch.Tensor:
-    """(K, 2) int32 [start, end) per expert on the device. A GPU gets a new tensor each call,
-    copied without blocking from host memory pinned once per distinct ranges (a model has one or
-    two): a device tensor kept across calls would be allocated in the memory pool of the CUDA
-    graph being recorded when the first call is one (torch.compile(mode="reduce-overhead") before
-    any eager call), where CUDA-graph trees refuse it as a live allocation no graph returns."""
+def _host_ranges(tok_start, tok_end) -> torch.Tensor:
+    """(K, 2) int32 [start, end) per expert in host memory, pinned with a GPU, made once per
+    distinct ranges (a model has one or two) and kept for the process: a recorded CUDA graph reads
+    its copy's source again on every replay."""
     key = (tuple(tok_start), tuple(tok_end))
     if key not in _TOKEN_RANGES:
         ranges = torch.tensor([[s, e] for s, e in zip(tok_start, tok_end)], dtype=torch.int32)
         _TOKEN_RANGES[key] = ranges.pin_memory() if torch.cuda.is_available() else ranges
-    ranges = _TOKEN_RANGES[key]
+    return _TOKEN_RANGES[key]
+
+
+def _token_ranges(tok_start, tok_end, device: torch.device) -> torch.Tensor:
+    """(K, 2) int32 [start, end) per expert on the device. A GPU gets a new tensor each call,
+    copied without blocking from ``_host_ranges``: a device tensor kept across calls would be
+    allocated in the memory pool of the CUDA graph being recorded when the first call is one
+    (torch.compile(mode="reduce-overhead") before any eager call), where CUDA-graph trees refuse it
+    as a live allocation no graph returns."""
+    ranges = _host_ranges(tok_start, tok_end)
     if device.type == "cpu":
         return ranges
     return torch.empty(ranges.shape, dtype=ranges.dtype, device=device).copy_(ranges, non_blocking=True)
+
+
+def _ranges_and_counters(tok_start, tok_end, counters: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's token ranges, (K, 2) int32 as ``_token_ranges``, and its ``counters`` arrival
+    counters, int32 zeros, on the device in one copy from host memory (pinned with a GPU, made
+    once per distinct ranges and count and kept, as ``_host_ranges``): on a GPU the zeros take no
+    fill kernel of their own, a graph node less a prompt layer under CUDA graphs. The ranges take
+    the buffer's first 2K ints rounded up to 4, so that the counters start 16 bytes aligned, as an
+    allocation of their own would, and the launch specializes alike."""
+    key = (tuple(tok_start), tuple(tok_end), counters)
+    if key not in _LAUNCH_STATE:
+        ranges = _host_ranges(tok_start, tok_end)  # the backward's, made here with the forward's
+        head = (ranges.numel() + 3) // 4 * 4
+        host = torch.zeros(head + counters, dtype=torch.int32)
+        host[: ranges.numel()] = ranges.flatten()
+        _LAUNCH_STATE[key] = (host.pin_memory() if torch.cuda.is_available() else host, head)
+    host, head = _LAUNCH_STATE[key]
+    state = torch.empty(host.shape, dtype=torch.int32, device=device).copy_(host, non_blocking=True)
+    return state[: 2 * len(tok_start)].view(-1, 2), state[head:]
 
 
 def splits_bf16(tokens_dtype: torch.dtype, H: int) -> bool:
@@ -1998,7 +2025,7 @@ def dispatch_fwd(
             torch.empty((K, B, H), dtype=torch.float32, device=device),
         )
     # A counter for each group of images, then one for each expert's f_e pieces.
-    arrivals = torch.zeros(K * cdiv(B, blocks["B_PER_FIN"]) + K, dtype=torch.int32, device=device)
+    tok_ranges, arrivals = _ranges_and_counters(tok_start, tok_end, K * cdiv(B, blocks["B_PER_FIN"]) + K, device)
     pout = prompt_out if has_prompt_out else tokens
     ptrs_e, strides_e = _param_pointers(params_e)
     ptrs_p, strides_p = _param_pointers(params_p)
@@ -2011,7 +2038,7 @@ def dispatch_fwd(
     zp_tiles = cdiv(B * Np, blocks["BLOCK_ZP"])
     grid = (K * e_pieces + K * zp_tiles * int(has_prompt_out) + K * B * chunks,)
     _dispatch_fwd_kernel[grid](
-        prompts, tokens, pout, _token_ranges(tok_start, tok_end, device),
+        prompts, tokens, pout, tok_ranges,
         *ptrs_e, params_e[3], *ptrs_p, params_p[3], *ptrs_z, params_z[3],
         ipt_out, weights, *hidden_ptrs,
         scratch, arrivals,

@@ -159,8 +159,9 @@ def sm90_job(job: str):
 class WorkLog(TorchDispatchMode):
     """The torch ops that do work (beyond allocating, viewing and splitting) while it is active,
     the Triton dispatchers' operators seen through to the ops their bodies run. Zeroed
-    allocations (the forward's arrival counters, a memset) count as allocations, and so does a
-    GPU's copy of the token ranges (K x 2 ints) from pinned host memory (``_token_ranges``)."""
+    allocations (a memset) count as allocations, and so does a copy from host memory: the token
+    ranges (K x 2 ints; ``_token_ranges``), with the forward's zeroed arrival counters
+    (``_ranges_and_counters``)."""
 
     FREE = {
         "aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor",

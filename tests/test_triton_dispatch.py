@@ -593,6 +593,21 @@ def via_operators(prompts, tokens, tok_start, tok_end, prompt_out, params_e, par
     return ipt, weights
 
 
+@pytest.mark.parametrize("K", [1, 3, 6])
+def test_ranges_and_counters_come_in_one_copy(K):
+    """The forward's token ranges and zeroed arrival counters: one buffer copied from host memory,
+    the counters 16 bytes into it or more (aligned as an allocation of their own), zero on every
+    call though the kernel counts in them."""
+    starts, ends = list(range(K)), [10 + k for k in range(K)]
+    for _ in range(2):
+        ranges, counters = kd._ranges_and_counters(starts, ends, 7, DEVICE)
+        assert ranges.tolist() == [[s, e] for s, e in zip(starts, ends)] and ranges.dtype == torch.int32
+        assert counters.tolist() == [0] * 7 and counters.dtype == torch.int32
+        assert counters.untyped_storage().data_ptr() == ranges.untyped_storage().data_ptr()
+        assert counters.storage_offset() * 4 % 16 == 0 and counters.storage_offset() >= 2 * K
+        counters += 1  # as the kernel's arrivals
+
+
 @pytest.mark.parametrize(
     "case",
     [Case(H=0, prompt_out=False), Case(H=24), Case(H=100, act_dtype=torch.float16, shared=False), Case(dtype=torch.float16)],
