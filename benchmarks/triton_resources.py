@@ -76,18 +76,22 @@ def target():
     return GPUTarget("cuda", TARGET_ARCH, 32)
 
 
-def variant_usage(v: dict) -> tuple[str, dict[str, int] | str]:
-    """(variant name, {registers, spill_stores, spill_loads, shared, num_warps, num_stages}) or
-    (name, the error), for one variant as the kernel modules' KERNEL_VARIANTS list them."""
+def compile_variant(v: dict):
+    """One variant, as the kernel modules' KERNEL_VARIANTS list them, compiled for TARGET_ARCH."""
     import triton
     from triton.compiler import ASTSource
 
-    compiled = triton.compile(
+    return triton.compile(
         ASTSource(v["kernel"], v["signature"], v["constexprs"]),
         target=target(),
         options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
     )
-    return v["name"], ptxas_usage(compiled, v["num_warps"], v["num_stages"])
+
+
+def variant_usage(v: dict) -> tuple[str, dict[str, int] | str]:
+    """(variant name, {registers, spill_stores, spill_loads, shared, num_warps, num_stages}) or
+    (name, the error), for one variant as the kernel modules' KERNEL_VARIANTS list them."""
+    return v["name"], ptxas_usage(compile_variant(v), v["num_warps"], v["num_stages"])
 
 
 def ptxas_usage(compiled, num_warps: int, num_stages: int) -> dict[str, int] | str:

@@ -87,8 +87,8 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
      dtype. Reads R*C floats, writes G*C. G = 1 when the three sources share one MLP: their
      gradients are summed here rather than by autograd.
   Allocations aside (and the copy of the token ranges, with the forward's K*ceil(B/B_PER_FIN) + K
-  zeroed counters, from host memory), no other torch op runs (tests check it). The gradient of tokens that need none (those of a first prompt layer,
-  from a frozen embedding) is not written.
+  zeroed counters, from host memory), no other torch op runs (tests check it). The gradient of
+  tokens that need none (those of a first prompt layer, from a frozen embedding) is not written.
 
 Numerics. Every reduction accumulates in float32. Matrix products take their operands in the
 parameters' dtype, as ``Dispatcher`` does (``x.to(param.dtype)``): fp32 parameters with bf16

@@ -109,14 +109,19 @@ _SM90_RUNNING: dict[str, subprocess.Popen] = {}
 _SM90_RESULTS: dict = {}
 
 
+def _reader(item) -> tuple[str, str]:
+    """A pytest item as SM90_JOBS names its readers: (test file, test function)."""
+    return os.path.basename(str(item.path)), item.originalname
+
+
 def reads_sm90_job(item) -> bool:
     """Whether the pytest ``item`` is one of SM90_JOBS' readers."""
-    return any((os.path.basename(str(item.path)), item.originalname) in readers for readers in SM90_JOBS.values())
+    return any(_reader(item) in readers for readers in SM90_JOBS.values())
 
 
 def start_sm90_jobs(items) -> None:
     """Starts, in the background, every job of SM90_JOBS that one of the pytest ``items`` reads."""
-    selected = {(os.path.basename(str(item.path)), item.originalname) for item in items}
+    selected = {_reader(item) for item in items}
     for job, readers in SM90_JOBS.items():
         if readers & selected:
             _start_sm90(job)

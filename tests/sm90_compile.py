@@ -12,7 +12,6 @@ The tests start these jobs in the background when the session begins (tests/help
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -22,21 +21,15 @@ from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
-def compile_variant(module: str, index: int) -> tuple[str, dict[str, int] | str]:
+def variant_compiles(module: str, index: int) -> tuple[str, dict[str, int] | str]:
     """(name, {shared, ptx}) of ``pmoe_fast.kernels.<module>.KERNEL_VARIANTS[index]`` compiled for
-    sm_90, or (name, the traceback)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    sm_90 (``triton_resources.compile_variant``), or (name, the traceback)."""
+    import triton_resources as tr
 
-    v = importlib.import_module(f"pmoe_fast.kernels.{module}").KERNEL_VARIANTS[index]
+    v = tr.kernel_modules()[module].KERNEL_VARIANTS[index]
     assert type(v["kernel"]).__name__ == "JITFunction", type(v["kernel"])
     try:
-        compiled = triton.compile(
-            ASTSource(v["kernel"], v["signature"], v["constexprs"]),
-            target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
-        )
+        compiled = tr.compile_variant(v)
     except Exception:  # reported per variant
         return v["name"], traceback.format_exc()
     return v["name"], {"shared": compiled.metadata.shared, "ptx": len(compiled.asm["ptx"])}
@@ -47,11 +40,10 @@ def run(job: str):
 
     kind, _, module = job.partition(":")
     with ProcessPoolExecutor(2) as pool:
+        count = len(tr.kernel_modules()[module].KERNEL_VARIANTS) if module else 0
         if kind == "variants":
-            count = len(importlib.import_module(f"pmoe_fast.kernels.{module}").KERNEL_VARIANTS)
-            return dict(pool.map(compile_variant, [module] * count, range(count)))
+            return dict(pool.map(variant_compiles, [module] * count, range(count)))
         if kind == "usage":
-            count = len(tr.kernel_modules()[module].KERNEL_VARIANTS)
             return list(pool.map(tr.usage, [module] * count, range(count)))
         if kind == "launched":
             return [r for found in pool.map(tr.launched_usage, list(tr.MODEL_CASES)) for r in found]
