@@ -27,7 +27,7 @@ from test_cpp_dispatch import CASES, Case, assert_parity, forward_backward, make
 from pmoe_fast._ext import extension_status
 
 # Two C++ builds (~35 s and, with the sanitizers, ~50 s on 2 cores), then 256 fibers a block:
-# ~2.5 minutes in all, the sanitizer build and run beside the other tests (sanitizer_run).
+# ~3 minutes in all, the sanitizer build and run beside the other tests (sanitizer_run).
 pytestmark = pytest.mark.slow
 
 SOURCES = Path(__file__).resolve().parent / "cuda_on_cpu"
@@ -111,6 +111,37 @@ def test_warp_shuffle(lane_mask, cuda_on_cpu_ops):
     torch.testing.assert_close(cuda_on_cpu_ops.selftest_shuffle(x, lane_mask), expected, rtol=0, atol=0)
 
 
+def test_mma_multiplies_the_fragments_of_the_documented_layout(cuda_on_cpu_ops):
+    """mma_bf16 (csrc/cuda/mma.cuh's layouts, emulated): a lane loading its fragments as documented
+    gets its part of a b + c, the products of bfloat16 values exact in float."""
+    torch.manual_seed(0)
+    a = torch.randn(16, 16).bfloat16().float()
+    b = torch.randn(16, 8).bfloat16().float()
+    c = torch.randn(16, 8)
+    expected = (a.double() @ b.double() + c.double()).float()
+    torch.testing.assert_close(cuda_on_cpu_ops.selftest_mma(a, b, c), expected, rtol=1e-6, atol=1e-6)
+    # Every element's place matters: a transposed b is another product.
+    assert not torch.allclose(cuda_on_cpu_ops.selftest_mma(a, b.flip(0), c), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_bfloat16_parts_hold_each_dtype_to_its_precision(cuda_on_cpu_ops):
+    """split_bf16: bfloat16 values are their first part, half values their first two, and floats
+    the sum of three to float's precision (2^-24 relative, where two parts leave about 2^-17)."""
+    torch.manual_seed(0)
+    x = torch.randn(4096) * torch.logspace(-20, 20, 4096)
+    bf16 = x.bfloat16().float()
+    half = (torch.randn(4096) * torch.logspace(-8, 4, 4096)).half().float()  # subnormal to 6e4
+    assert torch.equal(cuda_on_cpu_ops.selftest_split_bf16(bf16)[:, 0], bf16)
+    assert not cuda_on_cpu_ops.selftest_split_bf16(bf16)[:, 1:].any()
+    half_parts = cuda_on_cpu_ops.selftest_split_bf16(half)
+    assert torch.equal(half_parts[:, 0].double() + half_parts[:, 1].double(), half.double())
+    assert not half_parts[:, 2].any()
+    parts = cuda_on_cpu_ops.selftest_split_bf16(x).double()
+    rel = ((parts.sum(1) - x.double()).abs() / x.double().abs()).max().item()
+    assert rel <= 2.0**-24, rel
+    assert ((parts[:, :2].sum(1) - x.double()).abs() / x.double().abs()).max().item() > 2.0**-20
+
+
 def test_every_block_and_thread_of_a_3d_grid_runs_once(cuda_on_cpu_ops):
     out = cuda_on_cpu_ops.selftest_indices(4, 3, 2)
     z, y, x, t = torch.meshgrid(*(torch.arange(n) for n in (2, 3, 4, 64)), indexing="ij")
@@ -144,7 +175,7 @@ cpp_extension.load(
     name="pmoe_fast_cuda_on_cpu_asan",
     sources=[{sources}],
     extra_cflags=[
-        "-O0", "-g1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"
+        "-O1", "-g1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"
     ],
     extra_ldflags=["-fsanitize=address,undefined"],
     build_directory={build!r},
@@ -175,7 +206,8 @@ def sanitizer_run(request, tmp_path_factory, cuda_on_cpu_ops):
     module's own build is done, when that test is selected: (the process, its log), or why it
     cannot run here. It builds two files at a time, then runs in one thread, beside this module's
     other tests, mostly a single thread too: on 2 cores the module took 156 s so, 214 s with the two
-    one after the other. The test, last in the module, waits for it."""
+    one after the other (185 s since the float tiles' products run on emulated tensor cores, the
+    sanitizer build at -O1). The test, last in the module, waits for it."""
     if not any(item.module is request.module and item.name == SANITIZER_TEST for item in request.session.items):
         yield "not selected"
         return
@@ -229,6 +261,23 @@ def test_dispatch_results_do_not_depend_on_the_block_order(name, order, cuda_on_
         reordered = forward_backward(case, "op", *inputs)
     for key, value in by_index.items():
         assert (value is None and reordered[key] is None) or torch.equal(value, reordered[key]), key
+
+
+@pytest.mark.parametrize("name", ["odd-shared", "multi-tile", "images-per-group"])
+def test_dispatch_float32_tiles_keep_float_accuracy(name, dispatch_kernels):
+    """The float tiles' products on tensor cores (mma.cuh: three bfloat16 parts of each float
+    operand) err as float arithmetic does: every result within 2e-6 of its largest reference
+    value, where two parts of each operand leave up to 7e-6 here, both under the parity tests'
+    1e-5 floor."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    inputs = make_case(case, "cpu")
+    ref = forward_backward(case, "dispatcher", *inputs, dtype=torch.float64)
+    ours = forward_backward(case, "op", *inputs)
+    for key, r in ref.items():
+        if r is not None:
+            err = (ours[key].double() - r).abs().max().item() / r.abs().max().item()
+            assert err <= 2e-6, f"{key}: {err:.3g} of the largest value"
 
 
 def test_dispatch_parity_at_the_most_experts_the_kernels_take(dispatch_kernels):

@@ -1,11 +1,12 @@
 // CUDA implementations of pmoe_fast::dispatch_mlp and dispatch_mlp_backward (schemas in
 // ../dispatch_cpu.cpp; notation and formulas in ../dispatch.h).
 //
-// Written to be correct by construction and to be read: FMAs on CUDA cores over shared-memory
-// tiles (no tensor cores; a thread's 4 x 2 outputs take one vector load of each operand per
-// reduction step, and a tile's next chunk loads, coalesced, while this one's FMAs run), every
-// reduction in a fixed order, so results are bitwise reproducible (the atomics, in the forward
-// and launch 3, count arrivals; they order no sum).
+// Written to be correct by construction and to be read: one tile product (tile_product) over
+// shared-memory chunks, whose next chunk loads, coalesced, while this one multiplies, on tensor
+// cores for float (mma.sync on bfloat16 parts of each operand, to float's accuracy; sm_80 and
+// later) and with FMAs for double; every reduction in a fixed order, so results are bitwise
+// reproducible on one GPU (the atomics, in the forward and launch 3, count arrivals; they order
+// no sum).
 // Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float
 // otherwise); prompts, prompt_out, parameters and grad_ipt are converted to acc_t up front (small
 // tensors), the tokens are read in place through their strides when at::opmath_type of their
@@ -54,10 +55,12 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
 #include "launch.cuh"
+#include "mma.cuh"
 #include "warp_sum.cuh"
 
 namespace pmoe_fast {
@@ -66,15 +69,13 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // A product tile is kTileRows x kTileCols outputs, reduced kTileK at a time through shared
-// memory. Warp w owns rows kThreadRows * w + [0, kThreadRows) and lane l columns kThreadCols * l +
-// [0, kThreadCols): a thread's kOutputs outputs are a 4 x 2 block, whose 4 + 2 operands are one
-// vector load each from shared memory per reduction step (8 FMAs for 2 loads).
+// memory (tile_product). Its outputs lie as in two rows of warps' tensor-core tiles: warp w owns
+// rows 16 * (w / 4) + [0, 16) and columns 16 * (w % 4) + [0, 16), two 16 x 8 tiles of mma_bf16,
+// whose layout gives a thread kOutputs = 8 outputs in 2 rows and 4 columns (out_row, out_col).
 constexpr int kTileRows = 32;
 constexpr int kTileCols = 64;
 constexpr int kTileK = 32;
-constexpr int kThreadRows = kTileRows / kWarps;
-constexpr int kThreadCols = kTileCols / 32;
-constexpr int kOutputs = kThreadRows * kThreadCols;
+constexpr int kOutputs = kTileRows * kTileCols / kThreads;
 // The forward's and the backward's second launch's blocks take an image's tokens this many at a time.
 constexpr int kChunkTokens = 2 * kTileRows;
 // The backward's first launch takes an image's prompts this many a block.
@@ -170,11 +171,21 @@ struct Scratch {
   acc_t* da_e;     // (K, Np, H)     their gradient
 };
 
-// ---- Tiles -------------------------------------------------------------------------------
+// ---- Tiles ------------------------------------------------------------------------------
 
-// Output i < kOutputs of this thread's block of a tile: row out_row(i), column out_col(i).
-__device__ inline int out_row(int i) { return kThreadRows * (threadIdx.x / 32) + i / kThreadCols; }
-__device__ inline int out_col(int i) { return kThreadCols * (threadIdx.x % 32) + i % kThreadCols; }
+// Output i < kOutputs of this thread's part of a tile: row out_row(i), column out_col(i). With
+// g = lane / 4 and t = lane % 4, outputs 4j..4j+3 are mma_bf16's d of the warp's 16 x 8 tile j:
+// rows g and g + 8, columns 2t and 2t + 1.
+__device__ inline int out_row(int i) { return 16 * (threadIdx.x / 128) + threadIdx.x % 32 / 4 + 8 * (i / 2 % 2); }
+__device__ inline int out_col(int i) { return 16 * (threadIdx.x / 32 % 4) + 8 * (i / 4) + 2 * (threadIdx.x % 4) + i % 2; }
+static_assert(kThreads == 256 && kTileRows == 32 && kTileCols == 64, "out_row, out_col: 8 warps on a 32 x 64 tile");
+
+// Float products run on tensor cores where there are any (mma.cuh): each operand as the sum of
+// its bfloat16 parts, every pair of parts whose sum of ranks is at most 2 multiplied (3 products
+// for bfloat16 tokens by float weights, 6 for float by float), which leaves out terms below 2^-24
+// of the product, as float's own rounding does. Double (the checking dtype) takes FMAs.
+template <typename acc_t>
+constexpr bool kTensorCores = kTensorCoreArch && std::is_same_v<acc_t, float>;
 
 // n consecutive values, aligned so that a thread reads them from shared memory in one load.
 template <typename T, int n>
@@ -182,13 +193,21 @@ struct alignas(n * sizeof(T)) Vec {
   T v[n];
 };
 
-template <typename acc_t>
+template <typename acc_t, bool = kTensorCores<acc_t>>
 struct Tile {
-  // The operands' chunks, transposed: [reduction][row of A or column of B]. The padding keeps a
-  // thread's 4 rows or 2 columns one aligned load and spreads a fill along the reduction over the
-  // banks (4-way and 2-way conflicts instead of 32-way).
-  alignas(kThreadRows * sizeof(acc_t)) acc_t a[kTileK][kTileRows + kThreadRows];
-  alignas(kThreadCols * sizeof(acc_t)) acc_t b[kTileK][kTileCols + kThreadCols];
+  // The operands' chunks, transposed: [reduction][row of A or column of B], for FMAs. A thread
+  // reads its 2 rows of A one at a time and its columns of B in pairs (one aligned load each).
+  acc_t a[kTileK][kTileRows + 4];
+  alignas(2 * sizeof(acc_t)) acc_t b[kTileK][kTileCols + 2];
+};
+
+template <typename acc_t>
+struct Tile<acc_t, true> {
+  // The operands' chunks as bfloat16 parts: [part][row of A or column of B][reduction], the
+  // layout mma_bf16's fragments take in pairs along the reduction. A row of kTileK + 8 halves
+  // (20 banks apart) puts the 32 lanes of a fragment's load on 32 different banks.
+  alignas(4) uint16_t a[3][kTileRows][kTileK + 8];
+  alignas(4) uint16_t b[3][kTileCols][kTileK + 8];
 };
 
 // One operand of a tile product: element (i, r), i a row of A or a column of B and r along the
@@ -246,18 +265,75 @@ struct OperandChunk {
 #pragma unroll
     for (int e = 0; e < kCount; ++e) chunk[r + e * kStepR][i + e * kStepI] = v[e];
   }
+
+  // For tensor cores: the kBf16Parts<T> parts of each element (the parts past them are not read).
+  template <int kLd>
+  __device__ void store(const float (&v)[kCount], uint16_t (&chunk)[3][kN][kLd]) const {
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) {
+      uint16_t parts[kBf16Parts<T>];
+      split_bf16(v[e], parts);
+#pragma unroll
+      for (int p = 0; p < kBf16Parts<T>; ++p) chunk[p][i + e * kStepI][r + e * kStepR] = parts[p];
+    }
+  }
 };
 
-// acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile,
-// r in increasing order; kAlongA and kAlongB say how the operands lie in memory. The next chunk's
-// operands are loaded into registers while this one's FMAs run.
+// acc[i] += sum_{r < kTileK} A(out_row(i), r) * B(r, out_col(i)) over one chunk, r in increasing
+// order: FMAs (the parts' counts are the tensor cores').
+template <int kPartsA, int kPartsB, typename acc_t>
+__device__ void multiply_chunk(const Tile<acc_t, false>& sm, acc_t (&acc)[kOutputs]) {
+  const int row0 = out_row(0), col0 = out_col(0);  // rows row0 + {0, 8}, columns col0 + {0, 1, 8, 9}
+#pragma unroll 8
+  for (int r = 0; r < kTileK; ++r) {
+    const acc_t a[2] = {sm.a[r][row0], sm.a[r][row0 + 8]};
+    const auto b0 = *reinterpret_cast<const Vec<acc_t, 2>*>(&sm.b[r][col0]);
+    const auto b1 = *reinterpret_cast<const Vec<acc_t, 2>*>(&sm.b[r][col0 + 8]);
+#pragma unroll
+    for (int i = 0; i < kOutputs; ++i) acc[i] += a[i / 2 % 2] * (i < 4 ? b0 : b1).v[i % 2];
+  }
+}
+
+// The same on tensor cores, A and B of kPartsA and kPartsB bfloat16 parts: for each 16 of the
+// reduction, each of the warp's two 16 x 8 tiles takes the products of parts (pa, pb),
+// pa + pb <= 2, in the order of pb, then pa.
+template <int kPartsA, int kPartsB>
+__device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutputs]) {
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  const int m0 = 16 * (warp / 4), n0 = 16 * (warp % 4);
+  const auto pair = [](const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); };
+#pragma unroll
+  for (int k0 = 0; k0 < kTileK; k0 += 16) {
+    const int k = k0 + 2 * t;
+    uint32_t a[kPartsA][4];
+#pragma unroll
+    for (int p = 0; p < kPartsA; ++p) {
+      a[p][0] = pair(&sm.a[p][m0 + g][k]);
+      a[p][1] = pair(&sm.a[p][m0 + g + 8][k]);
+      a[p][2] = pair(&sm.a[p][m0 + g][k + 8]);
+      a[p][3] = pair(&sm.a[p][m0 + g + 8][k + 8]);
+    }
+#pragma unroll
+    for (int pb = 0; pb < kPartsB; ++pb) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t b[2] = {pair(&sm.b[pb][n0 + 8 * j + g][k]), pair(&sm.b[pb][n0 + 8 * j + g][k + 8])};
+#pragma unroll
+        for (int pa = 0; pa < kPartsA && pa + pb <= 2; ++pa) mma_bf16(&acc[4 * j], a[pa], b);
+      }
+    }
+  }
+}
+
+// acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile;
+// kAlongA and kAlongB say how the operands lie in memory. The next chunk's operands are loaded into
+// registers while this one's products run.
 template <Along kAlongA, Along kAlongB, typename acc_t, typename TA, typename TB>
 __device__ void tile_product(int64_t len, const Operand<TA>& a_op, const Operand<TB>& b_op, Tile<acc_t>& sm,
                              acc_t (&acc)[kOutputs]) {
   const OperandChunk<kTileRows, kAlongA, TA> a_chunk(a_op);
   const OperandChunk<kTileCols, kAlongB, TB> b_chunk(b_op);
   acc_t next_a[a_chunk.kCount], next_b[b_chunk.kCount];
-  const int row0 = out_row(0), col0 = out_col(0);
   a_chunk.load(0, len, next_a);
   b_chunk.load(0, len, next_b);
   for (int64_t r0 = 0; r0 < len; r0 += kTileK) {
@@ -268,13 +344,7 @@ __device__ void tile_product(int64_t len, const Operand<TA>& a_op, const Operand
       a_chunk.load(r0 + kTileK, len, next_a);
       b_chunk.load(r0 + kTileK, len, next_b);
     }
-#pragma unroll 8
-    for (int r = 0; r < kTileK; ++r) {
-      const auto a = *reinterpret_cast<const Vec<acc_t, kThreadRows>*>(&sm.a[r][row0]);
-      const auto b = *reinterpret_cast<const Vec<acc_t, kThreadCols>*>(&sm.b[r][col0]);
-#pragma unroll
-      for (int i = 0; i < kOutputs; ++i) acc[i] += a.v[i / kThreadCols] * b.v[i % kThreadCols];
-    }
+    multiply_chunk<kBf16Parts<TA>, kBf16Parts<TB>>(sm, acc);
     __syncthreads();
   }
 }
@@ -447,8 +517,8 @@ __global__ void __launch_bounds__(kThreads)
                             acc_t* __restrict__ logits_e_ptr,    // (K, Np, K): f_e's logits
                             int* __restrict__ arrivals) {        // (K, B), zero at launch
   __shared__ Tile<acc_t> tile;
-  __shared__ acc_t features[kTileRows][kTileCols + 1];  // activated tile, read across columns
-  __shared__ acc_t partial[kWarps][kTileCols];          // each warp's sums over its token rows
+  // f_e's and f_p's activated tile, read across columns; source z's sums of each tile position
+  __shared__ acc_t features[kTileRows][kTileCols + 1];
 
   const int64_t K = in.K, B = in.B, Np = in.Np, D = in.D, H = in.H, Hz = in.Hz;
   const int64_t p_blocks = in.prompt_out ? K * B : 0;
@@ -486,7 +556,7 @@ __global__ void __launch_bounds__(kThreads)
     token_chunk(start, end, chunk, chunk_start, chunk_end);
     acc_t* chunk_sums = chunk_sums_ptr + kb * C * Hz;
     for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
-      acc_t sum[kThreadCols] = {};  // per column, over this thread's rows of every token tile in order
+      acc_t sum[kOutputs] = {};  // per tile position, over the chunk's token tiles in order
       for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
         const int rows = tile_rows(t0, chunk_end);
         pre_activation_tile(in.token_row(k, b_lo, t0), in.stride_z_t, rows, in.f[2], H, D, h0, tile, pre);
@@ -495,15 +565,15 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t h = h0 + out_col(i);
           if (row < rows && h < Hz) {
             if (hidden) z_act[(t0 + row) * H + h] = pre[i];
-            sum[i % kThreadCols] += activation(pre[i], hidden);
+            sum[i] += activation(pre[i], hidden);
           }
         }
       }
-      for (int j = 0; j < kThreadCols; ++j) partial[threadIdx.x / 32][out_col(j)] = sum[j];
+      for (int i = 0; i < kOutputs; ++i) features[out_row(i)][out_col(i)] = sum[i];
       __syncthreads();
       if (threadIdx.x < kTileCols && h0 + threadIdx.x < Hz) {
         acc_t total = 0;
-        for (int w = 0; w < kWarps; ++w) total += partial[w][threadIdx.x];
+        for (int row = 0; row < kTileRows; ++row) total += features[row][threadIdx.x];
         chunk_sums[chunk * Hz + h0 + threadIdx.x] = total;
       }
       __syncthreads();

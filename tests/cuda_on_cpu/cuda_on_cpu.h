@@ -2,12 +2,17 @@
 // without a GPU instead of only compiling them.
 //
 // Each CUDA thread of a block is a fiber (ucontext) on the calling thread; the blocks of a launch
-// run one after another, in the order block_order sets. A kernel's __shared__ variables become function-local statics, which every
-// fiber of the running block sees, as shared memory. __syncthreads suspends a fiber until all of
-// the block's have arrived, __shfl_xor_sync exchanges through memory between two such barriers over
-// the warp's 32; atomicAdd and __threadfence are plain reads and writes, as nothing runs
-// concurrently. A barrier that some thread never reaches (a __syncthreads under divergent control
-// flow) raises instead of hanging. That is all csrc/cuda uses, and what this file supports.
+// run one after another, in the order block_order sets. A kernel's __shared__ variables become
+// function-local statics, which every fiber of the running block sees, as shared memory.
+// __syncthreads suspends a fiber until all of the block's have arrived, __shfl_xor_sync exchanges
+// through memory between two such barriers over the warp's 32. The tensor cores' mma_bf16
+// (csrc/cuda/mma.cuh) takes each lane's fragments as it is called and computes the warp's
+// products when the warp next meets at a barrier (a __syncthreads or a shuffle), each lane's part
+// in float from all 32 lanes' fragments: so a kernel must not read or write an mma's d between
+// the call and the next barrier (csrc/cuda's do not), and all 32 lanes must make the same calls.
+// atomicAdd and __threadfence are plain reads and writes, as nothing runs concurrently. A barrier
+// that some thread never reaches (a __syncthreads under divergent control flow) raises instead of
+// hanging. That is all csrc/cuda uses, and what this file supports.
 //
 // What it cannot check: blocks running concurrently (races between blocks), threads interleaving
 // other than at barriers (races inside a block), shared memory holding garbage at a block's start
@@ -22,6 +27,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -56,10 +62,16 @@ struct Barrier {
   uint64_t generation = 0;
 };
 
+// A lane's mma_bf16 call: its fragments a[4], b[2], and its d.
+struct Mma {
+  std::array<uint32_t, 6> fragments;
+  float* d;
+};
+
 // The fibers of the running block and what they wait for.
 struct Block {
   explicit Block(int threads)
-      : sync{threads}, warps(threads / 32, Barrier{32}), lanes(threads), contexts(threads),
+      : sync{threads}, warps(threads / 32, Barrier{32}), lanes(threads), mmas(threads), contexts(threads),
         waiting_on(threads), waiting_for(threads), done(threads) {
     for (int t = 0; t < threads; ++t) stacks.emplace_back(new char[kStackBytes]);
   }
@@ -67,6 +79,7 @@ struct Block {
   Barrier sync;
   std::vector<Barrier> warps;
   std::vector<uint64_t> lanes;  // __shfl_xor_sync's exchange slots, one per thread
+  std::vector<std::vector<Mma>> mmas;  // each thread's mma_bf16 calls since its warp last met
   std::vector<ucontext_t> contexts;
   std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<Barrier*> waiting_on;     // the barrier a suspended fiber waits at, or nullptr
@@ -93,9 +106,54 @@ inline std::vector<int64_t> block_sequence(int64_t blocks) {
   return sequence;
 }
 
+// The mma_bf16 calls of warp w's lanes since it last met, in order: d += a b for each lane's part
+// (the fragment layouts of csrc/cuda/mma.cuh), the 16 products in order, in float (a product of
+// two bfloat16 values is exact in float).
+inline void run_mmas(Block& block, int w) {
+  std::array<const Mma*, 32> lanes{};
+  const size_t calls = block.mmas[w * 32].size();
+  for (int lane = 0; lane < 32; ++lane) {
+    TORCH_CHECK(block.mmas[w * 32 + lane].size() == calls, "cuda_on_cpu: lane ", lane, " of warp ", w, " called mma_bf16 ",
+                block.mmas[w * 32 + lane].size(), " times where lane 0 called it ", calls, " times");
+    lanes[lane] = block.mmas[w * 32 + lane].data();
+  }
+  const auto value = [](uint32_t reg, int half) {  // bfloat16 `half` of a register, as a float
+    const uint32_t u = (reg >> (16 * half) & 0xffffu) << 16;
+    float x;
+    std::memcpy(&x, &u, sizeof(x));
+    return x;
+  };
+  for (size_t c = 0; c < calls; ++c) {
+    float a[16][16], b[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      const std::array<uint32_t, 6>& f = lanes[lane][c].fragments;
+      for (int half = 0; half < 2; ++half) {
+        for (int reg = 0; reg < 4; ++reg) a[g + 8 * (reg % 2)][2 * t + half + 8 * (reg / 2)] = value(f[reg], half);
+        for (int reg = 0; reg < 2; ++reg) b[2 * t + half + 8 * reg][g] = value(f[4 + reg], half);
+      }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      float* d = lanes[lane][c].d;
+      for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float sum = d[i];
+        for (int k = 0; k < 16; ++k) sum += a[row][k] * b[k][col];
+        d[i] = sum;
+      }
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) block.mmas[w * 32 + lane].clear();
+}
+
 inline void wait(Barrier& barrier) {
   Block& block = *current_block;
-  if (++barrier.arrived == barrier.count) {  // the last to arrive releases the others
+  if (++barrier.arrived == barrier.count) {  // the last to arrive runs the warps' products, releases the others
+    const bool whole_block = &barrier == &block.sync;
+    const int first = whole_block ? 0 : static_cast<int>(&barrier - block.warps.data());
+    const int last = whole_block ? static_cast<int>(block.warps.size()) : first + 1;
+    for (int w = first; w < last; ++w) run_mmas(block, w);
     barrier.arrived = 0;
     ++barrier.generation;
     return;
@@ -143,6 +201,12 @@ T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
 }
 
 namespace pmoe_fast {
+
+// mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp, as csrc/cuda/mma.cuh declares it:
+// d is updated when the warp next meets (cuda_on_cpu::run_mmas).
+inline void mma_bf16(float* d, const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  cuda_on_cpu::current_block->mmas[threadIdx.x].push_back({{a[0], a[1], a[2], a[3], b[0], b[1]}, d});
+}
 
 // The .cu file's device guard and stream: nothing to select on the CPU.
 struct DeviceGuard {
@@ -196,6 +260,10 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t, Arg
       TORCH_CHECK(progress || finished == threads, "cuda_on_cpu: block (", x, ", ", y, ", ", z,
                   ") is stuck: ", threads - finished,
                   " threads wait at a barrier that the others returned without reaching");
+    }
+    for (int t = 0; t < threads; ++t) {
+      TORCH_CHECK(block.mmas[t].empty(), "cuda_on_cpu: block (", x, ", ", y, ", ", z, ") ended with thread ", t,
+                  "'s mma_bf16 calls after its last barrier: their results here come at a barrier");
     }
   }
   cuda_on_cpu::current_block = nullptr;

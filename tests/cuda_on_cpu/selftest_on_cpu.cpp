@@ -1,8 +1,11 @@
 // Kernels that check cuda_on_cpu.h itself, as ops pmoe_fast_cuda_on_cpu::selftest_*: shared
-// memory across a block's threads, the barrier, the warp shuffle, the grid's three dimensions,
-// the order of the blocks, and a barrier that some threads never reach. Also the op that sets
+// memory across a block's threads, the barrier, the warp shuffle, the tensor cores' mma_bf16 with
+// csrc/cuda/mma.cuh's bfloat16 parts, the grid's three dimensions, the order of the blocks, and a
+// barrier that some threads never reach. Also the op that sets
 // that order for the launches after it: set_block_order(0 by index, 1 reversed, 2 shuffled).
 #include "cuda_on_cpu.h"
+
+#include "../../csrc/cuda/mma.cuh"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -21,6 +24,33 @@ __global__ void reverse_kernel(const float* in, float* out) {
 
 __global__ void shuffle_kernel(const float* in, float* out, int lane_mask) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, in[threadIdx.x], lane_mask);
+}
+
+// d = a b + c on one warp's mma_bf16, each lane loading its fragments as mma.cuh documents them:
+// a (16, 16) and b (16, 8) of bfloat16 values, c and d (16, 8), all float and row-major.
+__global__ void mma_kernel(const float* a, const float* b, const float* c, float* d) {
+  const int g = threadIdx.x / 4, t = threadIdx.x % 4;
+  const auto pair = [](float lo, float hi) {
+    return uint32_t{pmoe_fast::bf16_bits(lo)} | uint32_t{pmoe_fast::bf16_bits(hi)} << 16;
+  };
+  const auto a_pair = [&](int row, int col) { return pair(a[row * 16 + col], a[row * 16 + col + 1]); };
+  const auto b_pair = [&](int row, int col) { return pair(b[row * 8 + col], b[(row + 1) * 8 + col]); };
+  const uint32_t af[4] = {a_pair(g, 2 * t), a_pair(g + 8, 2 * t), a_pair(g, 2 * t + 8), a_pair(g + 8, 2 * t + 8)};
+  const uint32_t bf[2] = {b_pair(2 * t, g), b_pair(2 * t + 8, g)};
+  float acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = c[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
+  pmoe_fast::mma_bf16(acc, af, bf);
+  __syncthreads();  // cuda_on_cpu.h computes the products when the warp meets
+  for (int i = 0; i < 4; ++i) d[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = acc[i];
+}
+
+// out[i, p] = part p of x[i] (split_bf16 into 3 parts), as a float.
+__global__ void split_kernel(const float* x, float* out, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    uint16_t parts[3];
+    pmoe_fast::split_bf16(x[i], parts);
+    for (int p = 0; p < 3; ++p) out[i * 3 + p] = pmoe_fast::bf16_value(parts[p]);
+  }
 }
 
 // out[z, y, x, t] = a number naming the block and the thread.
@@ -55,6 +85,25 @@ at::Tensor shuffle(const at::Tensor& x, int64_t lane_mask) {  // (kThreads) floa
   return out;
 }
 
+at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {  // float (16, 16), (16, 8), (16, 8)
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({16, 16}) && b.sizes() == at::IntArrayRef({16, 8}) &&
+                  c.sizes() == at::IntArrayRef({16, 8}),
+              "selftest_mma: a (16, 16), b (16, 8), c (16, 8)");
+  const at::Tensor a_ = a.contiguous(), b_ = b.contiguous(), c_ = c.contiguous();
+  at::Tensor d = at::empty_like(c_);
+  pmoe_fast::launch(mma_kernel, dim3(1), 32, nullptr, a_.const_data_ptr<float>(), b_.const_data_ptr<float>(),
+                    c_.const_data_ptr<float>(), d.mutable_data_ptr<float>());
+  return d;
+}
+
+at::Tensor split(const at::Tensor& x) {  // (n) float
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty({in.numel(), 3}, in.options());
+  pmoe_fast::launch(split_kernel, dim3(1), 64, nullptr, in.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                    in.numel());
+  return out;
+}
+
 at::Tensor indices(int64_t x, int64_t y, int64_t z) {
   at::Tensor out = at::full({z, y, x, 64}, -1, at::kLong);
   pmoe_fast::launch(indices_kernel, dim3(x, y, z), 64, nullptr, out.mutable_data_ptr<int64_t>());
@@ -80,6 +129,8 @@ void diverging_barrier() { pmoe_fast::launch(diverging_barrier_kernel, dim3(1), 
 TORCH_LIBRARY_FRAGMENT(pmoe_fast_cuda_on_cpu, m) {
   m.def("selftest_reverse", &reverse);
   m.def("selftest_shuffle", &shuffle);
+  m.def("selftest_mma", &mma);
+  m.def("selftest_split_bf16", &split);
   m.def("selftest_indices", &indices);
   m.def("selftest_order", &order);
   m.def("selftest_diverging_barrier", &diverging_barrier);

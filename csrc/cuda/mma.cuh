@@ -1,0 +1,87 @@
+// Tensor-core arithmetic for csrc/cuda's float tiles: bfloat16 parts of float values, and the
+// warp-wide mma.sync.m16n8k16 (bfloat16 inputs, float accumulation, sm_80 and later) that
+// multiplies them. Under PMOE_CUDA_ON_CPU tests/cuda_on_cpu/cuda_on_cpu.h supplies mma_bf16.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#ifndef PMOE_CUDA_ON_CPU
+#include <cuda_bf16.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+namespace pmoe_fast {
+
+// Whether this compilation has tensor cores for the float tiles: device code for sm_80 or later,
+// and the CPU build of the kernels (tests/cuda_on_cpu), which emulates them.
+#if defined(PMOE_CUDA_ON_CPU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+constexpr bool kTensorCoreArch = true;
+#else
+constexpr bool kTensorCoreArch = false;
+#endif
+
+// How many bfloat16 parts hold a value of type T: exactly for bfloat16 (1) and half (2, 8 + 8 of
+// its 11 significant bits), to float's accuracy for float (3 parts, about 24 bits).
+template <typename T>
+constexpr int kBf16Parts = 3;
+template <>
+constexpr int kBf16Parts<c10::BFloat16> = 1;
+template <>
+constexpr int kBf16Parts<c10::Half> = 2;
+
+// The bits of x rounded to the nearest bfloat16 (ties to even), and back.
+__device__ inline uint16_t bf16_bits(float x) {
+#ifdef PMOE_CUDA_ON_CPU
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN stays NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#else
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+#endif
+}
+
+__device__ inline float bf16_value(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+#ifdef PMOE_CUDA_ON_CPU
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#else
+  return __uint_as_float(u);
+#endif
+}
+
+// x = parts[0] + parts[1] + ... : each part the bfloat16 nearest to what the ones before leave.
+template <int kParts>
+__device__ inline void split_bf16(float x, uint16_t (&parts)[kParts]) {
+#pragma unroll
+  for (int p = 0; p < kParts; ++p) {
+    parts[p] = bf16_bits(x);
+    x -= bf16_value(parts[p]);
+  }
+}
+
+#ifndef PMOE_CUDA_ON_CPU
+// d += a b for the calling warp, every lane of which must call it: a the 16 x 16 tile of A, b the
+// 16 x 8 tile of B, two bfloat16 a register (the lower-indexed in the low half), d the 16 x 8 floats,
+// each lane holding the elements the PTX ISA's fragment layouts for mma.m16n8k16 give it: with
+// g = lane / 4 and t = lane % 4, a[0] = A(g, 2t..2t+1), a[1] = A(g+8, 2t..), a[2] = A(g, 2t+8..),
+// a[3] = A(g+8, 2t+8..); b[0] = B(2t..2t+1, g), b[1] = B(2t+8..2t+9, g); d[0..1] = D(g, 2t..2t+1),
+// d[2..3] = D(g+8, 2t..2t+1).
+__device__ inline void mma_bf16(float* d, const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // the tiles take this path only where kTensorCoreArch holds
+#endif
+}
+#endif
+
+}  // namespace pmoe_fast
