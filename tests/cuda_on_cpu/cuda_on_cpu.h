@@ -43,6 +43,8 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
+#include "../../csrc/cuda/mma.cuh"  // its CPU parts (bf16_bits, bf16_value); mma_bf16 is below
+
 struct uint3 {
   unsigned x = 0, y = 0, z = 0;
 };
@@ -118,10 +120,7 @@ inline void run_mmas(Block& block, int w) {
     lanes[lane] = block.mmas[w * 32 + lane].data();
   }
   const auto value = [](uint32_t reg, int half) {  // bfloat16 `half` of a register, as a float
-    const uint32_t u = (reg >> (16 * half) & 0xffffu) << 16;
-    float x;
-    std::memcpy(&x, &u, sizeof(x));
-    return x;
+    return pmoe_fast::bf16_value(static_cast<uint16_t>(reg >> (16 * half)));
   };
   for (size_t c = 0; c < calls; ++c) {
     float a[16][16], b[16][8];

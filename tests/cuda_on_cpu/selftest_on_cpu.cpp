@@ -5,8 +5,6 @@
 // that order for the launches after it: set_block_order(0 by index, 1 reversed, 2 shuffled).
 #include "cuda_on_cpu.h"
 
-#include "../../csrc/cuda/mma.cuh"
-
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
