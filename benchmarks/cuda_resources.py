@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 KERNEL = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 PROPERTIES = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-USAGE = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
+# ptxas names shared memory only for kernels that use some.
+USAGE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def cuda_home() -> Path:
@@ -67,7 +68,7 @@ def resources(source: Path, arch: str) -> list[tuple[str, int, int, int, int, in
         elif (match := PROPERTIES.search(line)) and kernel:
             props = [int(v) for v in match.groups()]
         elif (match := USAGE.search(line)) and kernel and props:
-            rows.append((kernel, int(match.group(1)), *props, int(match.group(2))))
+            rows.append((kernel, int(match.group(1)), *props, int(match.group(2) or 0)))
             kernel, props = None, None
     return rows
 
