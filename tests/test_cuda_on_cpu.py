@@ -280,6 +280,18 @@ def test_dispatch_float32_tiles_keep_float_accuracy(name, dispatch_kernels):
             assert err <= 2e-6, f"{key}: {err:.3g} of the largest value"
 
 
+@pytest.mark.parametrize(
+    "case",
+    [Case(token_dtype=torch.bfloat16, D=96, H=20), Case(token_dtype=torch.bfloat16, D=98, H=20, strided=True)],
+    ids=["rows-copied", "rows-converted"],
+)
+def test_dispatch_bf16_tokens_copied_as_they_are_or_converted(case, dispatch_kernels):
+    """The float tiles copy bfloat16 token rows into shared memory as they are where they fit whole
+    aligned vectors (D = 96) and convert them otherwise (D = 98, rows 196 bytes apart), beside W1's
+    bfloat16 parts padded to whole vectors (D and H = 20 not multiples of 8)."""
+    assert_parity(case, "cpu", cuda_kernels=True)
+
+
 def test_dispatch_parity_at_the_most_experts_the_kernels_take(dispatch_kernels):
     """K = 64: the kernels' per-expert arrays (token ranges, logits in shared memory) are full."""
     assert_parity(Case(K=64, B=1, Np=2, T=5, D=8, H=4, separate=True), "cpu", cuda_kernels=True)

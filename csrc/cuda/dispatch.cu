@@ -4,7 +4,8 @@
 // Written to be correct by construction and to be read: one tile product (tile_product) over
 // shared-memory chunks, whose next chunk loads, coalesced, while this one multiplies, on tensor
 // cores for float (mma.sync on bfloat16 parts of each operand, to float's accuracy; sm_80 and
-// later) and with FMAs for double; every reduction in a fixed order, so results are bitwise
+// later: W1's parts are split once a call, bfloat16 tokens copied as they are) and with FMAs for
+// double; every reduction in a fixed order, so results are bitwise
 // reproducible on one GPU (the atomics, in the forward and launch 3, count arrivals; they order
 // no sum).
 // Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float
@@ -16,6 +17,8 @@
 // Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB). An image's
 // tokens go to C = ceil(longest token range / 64) blocks, 64 at a time (C = 4 here), so that
 // the token work has K * B * C blocks (192 here), where one block per image left most SMs idle.
+// With float and H > 0 the forward and the backward first split each W1 into its bfloat16 parts
+// (split_weights_kernel, one small launch writing 0.6 MB an MLP at H = 64, D = 768).
 //  * forward, ONE launch (after zeroing K * B arrival counters), grid K + K*B + K*B*C, block
 //    256: block k runs f_e on P[k], once for all of expert k's images; block (k, b) f_p on
 //    Z_P[k, b] (with prompt_out); block (k, b, c) computes W1_z Z + b1_z for its 64 tokens tile by
@@ -124,6 +127,9 @@ __device__ inline void token_chunk(int64_t start, int64_t end, int64_t chunk, in
 
 // ---- Kernel arguments --------------------------------------------------------------------
 
+// D and H rounded up to a multiple of 8: the rows of W1's bfloat16 parts (Mlp), whole 16-byte vectors.
+__host__ __device__ inline int64_t padded(int64_t n) { return (n + 7) / 8 * 8; }
+
 // One source's f, in acc_t, contiguous.
 template <typename acc_t>
 struct Mlp {
@@ -131,6 +137,11 @@ struct Mlp {
   const acc_t* b1;  // (H)
   const acc_t* w2;  // (K, Hz)
   const acc_t* b2;  // (K)
+  // With float acc_t and H > 0, W1 as its three bfloat16 parts (split_weights_kernel), which the
+  // tensor cores' tiles copy as they are: (3, H, padded(D)) and, transposed, (3, D, padded(H)),
+  // zero in the padding; nullptr otherwise.
+  const uint16_t* w1_parts;
+  const uint16_t* w1t_parts;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -206,8 +217,8 @@ struct Tile<acc_t, true> {
   // The operands' chunks as bfloat16 parts: [part][row of A or column of B][reduction], the
   // layout mma_bf16's fragments take in pairs along the reduction. A row of kTileK + 8 halves
   // (20 banks apart) puts the 32 lanes of a fragment's load on 32 different banks.
-  alignas(4) uint16_t a[3][kTileRows][kTileK + 8];
-  alignas(4) uint16_t b[3][kTileCols][kTileK + 8];
+  alignas(16) uint16_t a[3][kTileRows][kTileK + 8];
+  alignas(16) uint16_t b[3][kTileCols][kTileK + 8];
 };
 
 // One operand of a tile product: element (i, r), i a row of A or a column of B and r along the
@@ -230,6 +241,9 @@ enum class Along { kReduction, kIndex };
 template <int kN, Along kAlong, typename T>
 struct OperandChunk {
   static constexpr int kCount = kN * kTileK / kThreads;
+  static constexpr int kParts = kBf16Parts<T>;
+  template <typename acc_t>
+  using Regs = acc_t[kCount];
   static constexpr int kStepI = kAlong == Along::kIndex ? 0 : kThreads / kTileK;
   static constexpr int kStepR = kAlong == Along::kIndex ? kThreads / kN : 0;
   const T* first;               // element 0 at reduction 0 (dereferenced only when in the operand)
@@ -279,6 +293,69 @@ struct OperandChunk {
   }
 };
 
+// The largest vector, in 16-bit values, that splits kParts x kN x kTileK values evenly over the block.
+template <int kN, int kParts>
+constexpr int raw_vector() {
+  int v = 8;
+  while (v > 1 && kParts * kN * kTileK / v % kThreads != 0) v /= 2;
+  return v;
+}
+
+// For tensor cores: the chunks of an operand already in bfloat16 parts (bfloat16 tokens, 1 part;
+// W1's parts in Mlp, 3), copied into shared memory as they are, kVec values along the reduction at
+// a time: no conversion, one load and one store a vector. Element (i, r) of part p is
+// ptr[p * part_stride + i * stride_i + r]; the vectors start at multiples of kVec along the
+// reduction, so ptr must be 2 * kVec bytes aligned, stride_i and part_stride multiples of kVec,
+// and the memory readable up to len rounded up to kVec (zeros past len that the product must not
+// see, or a len that is a multiple of kVec: raw_chunk_fits).
+template <int kN, int kParts_>
+struct RawChunk {
+  static constexpr int kParts = kParts_;
+  static constexpr int kVec = raw_vector<kN, kParts>();
+  static constexpr int kRowVectors = kTileK / kVec;
+  static constexpr int kCount = kParts * kN * kRowVectors / kThreads;
+  static_assert(kVec >= 2 && kCount * kThreads == kParts * kN * kRowVectors && kThreads % kRowVectors == 0);
+  using V = Vec<uint32_t, kVec / 2>;  // 32-bit words: what the registers hold
+  template <typename>
+  using Regs = V[kCount];
+  const uint16_t* first[kCount];  // this thread's vectors at reduction 0
+  bool in[kCount];                // whether their rows are in the operand (i < extent)
+  int r;                          // their reduction offset in the chunk (the same for all)
+
+  // Vector e of this thread: part, then row i, then reduction, as consecutive threads go.
+  __device__ static int part(int e) { return (threadIdx.x + e * kThreads) / (kRowVectors * kN); }
+  __device__ static int row(int e) { return (threadIdx.x + e * kThreads) / kRowVectors % kN; }
+
+  __device__ RawChunk(const uint16_t* ptr, int64_t stride_i, int64_t part_stride, int64_t extent)
+      : r(threadIdx.x % kRowVectors * kVec) {
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) {
+      first[e] = ptr + part(e) * part_stride + row(e) * stride_i + r;
+      in[e] = row(e) < extent;
+    }
+  }
+
+  __device__ void load(int64_t r0, int64_t len, V (&v)[kCount]) const {
+    const bool in_r = r0 + r < len;
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) v[e] = in_r && in[e] ? *reinterpret_cast<const V*>(first[e] + r0) : V{};
+  }
+
+  template <int kLd>
+  __device__ void store(const V (&v)[kCount], uint16_t (&chunk)[3][kN][kLd]) const {
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) *reinterpret_cast<V*>(&chunk[part(e)][row(e)][r]) = v[e];
+  }
+};
+
+// Whether a RawChunk<kN, kParts> may read the 16-bit rows at ptr (stride_i apart) over len: aligned
+// vectors, none of them past len.
+template <int kN, int kParts>
+__device__ bool raw_chunk_fits(const void* ptr, int64_t stride_i, int64_t len) {
+  constexpr int kVec = RawChunk<kN, kParts>::kVec;
+  return reinterpret_cast<uintptr_t>(ptr) % (2 * kVec) == 0 && stride_i % kVec == 0 && len % kVec == 0;
+}
+
 // acc[i] += sum_{r < kTileK} A(out_row(i), r) * B(r, out_col(i)) over one chunk, r in increasing
 // order: FMAs (the parts' counts are the tensor cores').
 template <int kPartsA, int kPartsB, typename acc_t>
@@ -325,28 +402,48 @@ __device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutput
   }
 }
 
-// acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile;
-// kAlongA and kAlongB say how the operands lie in memory. The next chunk's operands are loaded into
-// registers while this one's products run.
+// acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile,
+// the operands' chunks loaded by a and b (OperandChunk, RawChunk). The next chunk's operands are
+// loaded into registers while this one's products run.
+template <typename ChunkA, typename ChunkB, typename acc_t>
+__device__ void chunk_product(int64_t len, const ChunkA& a, const ChunkB& b, Tile<acc_t>& sm, acc_t (&acc)[kOutputs]) {
+  typename ChunkA::template Regs<acc_t> next_a;
+  typename ChunkB::template Regs<acc_t> next_b;
+  a.load(0, len, next_a);
+  b.load(0, len, next_b);
+  for (int64_t r0 = 0; r0 < len; r0 += kTileK) {
+    a.store(next_a, sm.a);
+    b.store(next_b, sm.b);
+    __syncthreads();
+    if (r0 + kTileK < len) {
+      a.load(r0 + kTileK, len, next_a);
+      b.load(r0 + kTileK, len, next_b);
+    }
+    multiply_chunk<ChunkA::kParts, ChunkB::kParts>(sm, acc);
+    __syncthreads();
+  }
+}
+
+// The same for two operands in memory; kAlongA and kAlongB say how they lie.
 template <Along kAlongA, Along kAlongB, typename acc_t, typename TA, typename TB>
 __device__ void tile_product(int64_t len, const Operand<TA>& a_op, const Operand<TB>& b_op, Tile<acc_t>& sm,
                              acc_t (&acc)[kOutputs]) {
-  const OperandChunk<kTileRows, kAlongA, TA> a_chunk(a_op);
-  const OperandChunk<kTileCols, kAlongB, TB> b_chunk(b_op);
-  acc_t next_a[a_chunk.kCount], next_b[b_chunk.kCount];
-  a_chunk.load(0, len, next_a);
-  b_chunk.load(0, len, next_b);
-  for (int64_t r0 = 0; r0 < len; r0 += kTileK) {
-    a_chunk.store(next_a, sm.a);
-    b_chunk.store(next_b, sm.b);
-    __syncthreads();
-    if (r0 + kTileK < len) {
-      a_chunk.load(r0 + kTileK, len, next_a);
-      b_chunk.load(r0 + kTileK, len, next_b);
+  chunk_product(len, OperandChunk<kTileRows, kAlongA, TA>(a_op), OperandChunk<kTileCols, kAlongB, TB>(b_op), sm, acc);
+}
+
+// A by one of W1's bfloat16 parts (Mlp) as B: bfloat16 rows of A that raw_chunk_fits takes copied
+// as they are, others converted and split chunk by chunk.
+template <typename TA>
+__device__ void product_by_parts(int64_t len, const Operand<TA>& a_op, const RawChunk<kTileCols, 3>& b,
+                                 Tile<float>& sm, float (&acc)[kOutputs]) {
+  if constexpr (std::is_same_v<TA, c10::BFloat16>) {
+    if (a_op.stride_r == 1 && raw_chunk_fits<kTileRows, 1>(a_op.ptr, a_op.stride_i, len)) {
+      const RawChunk<kTileRows, 1> a(reinterpret_cast<const uint16_t*>(a_op.ptr), a_op.stride_i, 0, a_op.extent);
+      chunk_product(len, a, b, sm, acc);
+      return;
     }
-    multiply_chunk<kBf16Parts<TA>, kBf16Parts<TB>>(sm, acc);
-    __syncthreads();
   }
+  chunk_product(len, OperandChunk<kTileRows, Along::kReduction, TA>(a_op), b, sm, acc);
 }
 
 // This thread's pre-activations pre[i] of feature h0 + out_col(i) for row out_row(i) of x (row
@@ -365,8 +462,13 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
     }
     return;
   }
-  tile_product<Along::kReduction, Along::kReduction>(D, Operand<x_t>{x, stride_x, 1, rows},
-                                                     Operand<acc_t>{f.w1 + h0 * D, D, 1, H - h0}, sm, pre);
+  const Operand<x_t> x_op{x, stride_x, 1, rows};
+  if constexpr (kTensorCores<acc_t>) {
+    const int64_t Dp = padded(D);
+    product_by_parts(D, x_op, RawChunk<kTileCols, 3>(f.w1_parts + h0 * Dp, Dp, H * Dp, H - h0), sm, pre);
+  } else {
+    tile_product<Along::kReduction, Along::kReduction>(D, x_op, Operand<acc_t>{f.w1 + h0 * D, D, 1, H - h0}, sm, pre);
+  }
   for (int i = 0; i < kOutputs; ++i) {
     const int64_t h = h0 + out_col(i);
     if (out_row(i) < rows && h < H) pre[i] += f.b1[h];
@@ -376,14 +478,19 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
 // out[r] = W1^T da[r] for rows r0 <= r < r1: an MLP's input gradient (D wide) from its dA (H wide),
 // row r of each at r times its width. Every thread of the block must call it.
 template <typename out_t, typename acc_t>
-__device__ void input_gradient(const acc_t* da, int64_t r0, int64_t r1, const acc_t* w1, int64_t H, int64_t D,
+__device__ void input_gradient(const acc_t* da, int64_t r0, int64_t r1, const Mlp<acc_t>& f, int64_t H, int64_t D,
                                Tile<acc_t>& sm, out_t* out) {
   for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
     const int rows = tile_rows(row0, r1);
     for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
       acc_t acc[kOutputs] = {};
-      tile_product<Along::kReduction, Along::kIndex>(H, Operand<acc_t>{da + row0 * H, H, 1, rows},
-                                                     Operand<acc_t>{w1 + d0, 1, D, D - d0}, sm, acc);
+      const Operand<acc_t> da_op{da + row0 * H, H, 1, rows};
+      if constexpr (kTensorCores<acc_t>) {
+        const int64_t Hp = padded(H);
+        product_by_parts(H, da_op, RawChunk<kTileCols, 3>(f.w1t_parts + d0 * Hp, Hp, D * Hp, D - d0), sm, acc);
+      } else {
+        tile_product<Along::kReduction, Along::kIndex>(H, da_op, Operand<acc_t>{f.w1 + d0, 1, D, D - d0}, sm, acc);
+      }
       for (int i = 0; i < kOutputs; ++i) {
         const int row = out_row(i);
         const int64_t d = d0 + out_col(i);
@@ -681,7 +788,7 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
         gz[chunk_start * D + idx] = static_cast<scalar_t>(coef[idx % D]);
       }
     } else {  // dL/dZ[t] = W1_z^T dA[t]
-      input_gradient(da, chunk_start, chunk_end, in.f[2].w1, H, D, tile, gz);
+      input_gradient(da, chunk_start, chunk_end, in.f[2], H, D, tile, gz);
     }
   }
 
@@ -719,7 +826,7 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
     }
   }
   __syncthreads();
-  if (gzp != nullptr) input_gradient(da_p, 0, Np, f.w1, H, D, tile, gzp);
+  if (gzp != nullptr) input_gradient(da_p, 0, Np, f, H, D, tile, gzp);
 }
 
 // Launch 2, its prompt blocks: block (j, n) owns prompt P[j, n]: source e's backward for it, and
@@ -941,6 +1048,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- W1's bfloat16 parts -----------------------------------------------------------------
+
+// The W1 of up to kNumSources MLPs, and where split_weights_kernel writes their parts.
+struct WeightParts {
+  const float* w1[kNumSources];     // (H, D)
+  uint16_t* parts[kNumSources];     // (3, H, padded(D)): Mlp::w1_parts
+  uint16_t* parts_t[kNumSources];   // (3, D, padded(H)): Mlp::w1t_parts
+};
+
+// Grid (ceil(n / kThreads), MLPs), n = H * padded(D) + D * padded(H), block kThreads: W1 of MLP
+// blockIdx.y as its three bfloat16 parts (split_bf16) in both layouts, zero in the padding.
+__global__ void __launch_bounds__(kThreads) split_weights_kernel(const WeightParts wp, int64_t H, int64_t D) {
+  const int m = blockIdx.y;
+  const int64_t Dp = padded(D), Hp = padded(H);
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (idx >= H * Dp + D * Hp) return;
+  const bool transposed = idx >= H * Dp;
+  const int64_t j = transposed ? idx - H * Dp : idx, plane = transposed ? D * Hp : H * Dp;
+  const int64_t h = transposed ? j % Hp : j / Dp, d = transposed ? j / Hp : j % Dp;
+  uint16_t parts[kBf16Parts<float>] = {};
+  if (h < H && d < D) split_bf16(wp.w1[m][h * D + d], parts);
+  uint16_t* out = (transposed ? wp.parts_t[m] : wp.parts[m]) + j;
+  for (int p = 0; p < kBf16Parts<float>; ++p) out[p * plane] = parts[p];
+}
+
 // ---- Host side ---------------------------------------------------------------------------
 
 void check_cuda_limits(const char* op, const DispatchSizes& s) {
@@ -1004,7 +1136,7 @@ Inputs<scalar_t, acc_t> kernel_inputs(const KernelTensors& kt, const DispatchSiz
   in.prompt_out = ptr_or_null<acc_t>(kt.prompt_out);
   for (int i = 0; i < kNumSources; ++i) {
     in.f[i] = {ptr_or_null<acc_t>(kt.w1[i]), ptr_or_null<acc_t>(kt.b1[i]),
-               kt.w2[i].const_data_ptr<acc_t>(), kt.b2[i].const_data_ptr<acc_t>()};
+               kt.w2[i].const_data_ptr<acc_t>(), kt.b2[i].const_data_ptr<acc_t>(), nullptr, nullptr};
   }
   in.K = s.K, in.B = s.B, in.Np = s.Np, in.T = s.T, in.D = s.D, in.H = s.H, in.Hz = s.features();
   for (int64_t k = 0; k < s.K; ++k) {
@@ -1012,6 +1144,38 @@ Inputs<scalar_t, acc_t> kernel_inputs(const KernelTensors& kt, const DispatchSiz
     in.tok_end[k] = tok_end[k];
   }
   return in;
+}
+
+// For float kernels with H > 0: W1's parts (Mlp::w1_parts, w1t_parts) for the tensor cores' tiles,
+// in one launch, the sources that share W1 sharing them. The returned tensor holds them.
+template <typename scalar_t, typename acc_t>
+at::Tensor split_weights(const KernelTensors& kt, const DispatchSizes& s, cudaStream_t stream,
+                         Inputs<scalar_t, acc_t>& in) {
+  if (!std::is_same_v<acc_t, float> || s.H == 0) return at::Tensor();
+  const int64_t plane = s.H * padded(s.D), plane_t = s.D * padded(s.H);
+  const int64_t per_mlp = kBf16Parts<float> * (plane + plane_t);
+  int mlp_of[kNumSources], mlps = 0;
+  const float* w1[kNumSources];
+  for (int i = 0; i < kNumSources; ++i) {
+    const float* w = kt.w1[i].const_data_ptr<float>();
+    mlp_of[i] = static_cast<int>(std::find(w1, w1 + mlps, w) - w1);
+    if (mlp_of[i] == mlps) w1[mlps++] = w;
+  }
+  at::Tensor parts = at::empty({mlps * per_mlp}, kt.w1[0].options().dtype(at::kBFloat16));
+  auto* base = reinterpret_cast<uint16_t*>(parts.mutable_data_ptr<at::BFloat16>());
+  WeightParts wp{};
+  for (int m = 0; m < mlps; ++m) {
+    wp.w1[m] = w1[m];
+    wp.parts[m] = base + m * per_mlp;
+    wp.parts_t[m] = wp.parts[m] + kBf16Parts<float> * plane;
+  }
+  for (int i = 0; i < kNumSources; ++i) {
+    in.f[i].w1_parts = wp.parts[mlp_of[i]];
+    in.f[i].w1t_parts = wp.parts_t[mlp_of[i]];
+  }
+  launch(split_weights_kernel, dim3(static_cast<unsigned>((plane + plane_t + kThreads - 1) / kThreads), mlps),
+         kThreads, stream, wp, s.H, s.D);
+  return parts;
 }
 
 // Same contract as dispatch_mlp_cpu (dispatch_cpu.cpp).
@@ -1042,7 +1206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_mlp_cuda(
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
+    Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
+    const at::Tensor w1_parts = split_weights(kt, s, stream, in);
     launch(dispatch_mlp_fwd_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(blocks)), kThreads, stream, in,
            ipt.mutable_data_ptr<acc_t>(), weights.mutable_data_ptr<acc_t>(), z_act.mutable_data_ptr<acc_t>(),
            z_mean.mutable_data_ptr<acc_t>(), chunk_sums.mutable_data_ptr<acc_t>(),
@@ -1121,7 +1286,8 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kt.tokens.scalar_type(), "dispatch_mlp_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
+    Inputs<scalar_t, acc_t> in = kernel_inputs<scalar_t, acc_t>(kt, s, tok_start, tok_end);
+    const at::Tensor w1_parts = split_weights(kt, s, stream, in);
     const Scratch<acc_t> scratch{
         dlogits.mutable_data_ptr<acc_t>(), dl_z.mutable_data_ptr<acc_t>(),
         coef_z.mutable_data_ptr<acc_t>(),  da_z.mutable_data_ptr<acc_t>(),
