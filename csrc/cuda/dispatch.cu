@@ -180,6 +180,7 @@ struct Scratch {
   acc_t* dl_e;     // (K, Np, K)     sum over b of dL/dlogits: the gradient of f_e
   acc_t* pre_e;    // (K, Np, H)     pre-activations of source e
   acc_t* da_e;     // (K, Np, H)     their gradient
+  uint16_t* da_z_parts;  // (K, B, T, 3, padded(H)) da_z's bfloat16 parts, zero past H: with tensor cores
 };
 
 // ---- Tiles ------------------------------------------------------------------------------
@@ -476,10 +477,12 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
 }
 
 // out[r] = W1^T da[r] for rows r0 <= r < r1: an MLP's input gradient (D wide) from its dA (H wide),
-// row r of each at r times its width. Every thread of the block must call it.
+// row r of each at r times its width. With tensor cores, da_parts (unless nullptr) holds dA's
+// bfloat16 parts, row r's part p at da_parts[(3 r + p) * padded(H)], zero past H, and the tiles
+// copy them as they are. Every thread of the block must call it.
 template <typename out_t, typename acc_t>
-__device__ void input_gradient(const acc_t* da, int64_t r0, int64_t r1, const Mlp<acc_t>& f, int64_t H, int64_t D,
-                               Tile<acc_t>& sm, out_t* out) {
+__device__ void input_gradient(const acc_t* da, const uint16_t* da_parts, int64_t r0, int64_t r1, const Mlp<acc_t>& f,
+                               int64_t H, int64_t D, Tile<acc_t>& sm, out_t* out) {
   for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
     const int rows = tile_rows(row0, r1);
     for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
@@ -487,7 +490,12 @@ __device__ void input_gradient(const acc_t* da, int64_t r0, int64_t r1, const Ml
       const Operand<acc_t> da_op{da + row0 * H, H, 1, rows};
       if constexpr (kTensorCores<acc_t>) {
         const int64_t Hp = padded(H);
-        product_by_parts(H, da_op, RawChunk<kTileCols, 3>(f.w1t_parts + d0 * Hp, Hp, D * Hp, D - d0), sm, acc);
+        const RawChunk<kTileCols, 3> w1t(f.w1t_parts + d0 * Hp, Hp, D * Hp, D - d0);
+        if (da_parts != nullptr) {
+          chunk_product(H, RawChunk<kTileRows, 3>(da_parts + row0 * 3 * Hp, 3 * Hp, Hp, rows), w1t, sm, acc);
+        } else {
+          product_by_parts(H, da_op, w1t, sm, acc);
+        }
       } else {
         tile_product<Along::kReduction, Along::kIndex>(H, da_op, Operand<acc_t>{f.w1 + d0, 1, D, D - d0}, sm, acc);
       }
@@ -763,14 +771,25 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
   const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
   int64_t chunk_start, chunk_end;
   token_chunk(start, end, chunk, chunk_start, chunk_end);
-  // dA = coef * gelu'(z_act) of its tokens, once: dL/dZ below and dL/dW1_z (launch 3) read it.
+  // dA = coef * gelu'(z_act) of its tokens, once: dL/dZ below and dL/dW1_z (launch 3) read it, and
+  // with tensor cores dL/dZ reads its parts.
   const acc_t* da = scratch.da_z + kb * T * H;
+  const int64_t Hp = padded(H);
+  const uint16_t* da_parts = kTensorCores<acc_t> ? scratch.da_z_parts + kb * T * 3 * Hp : nullptr;
   if (H > 0) {
     const acc_t* z_act = z_act_ptr + kb * T * H;
-    const int elements = static_cast<int>((chunk_end - chunk_start) * H), units = static_cast<int>(H);
-    for (int e = threadIdx.x; e < elements; e += kThreads) {  // 32-bit index: at most kChunkTokens * H
-      const int64_t idx = chunk_start * H + e;
-      scratch.da_z[kb * T * H + idx] = coef[e % units] * gelu_grad(z_act[idx]);
+    const int width = static_cast<int>(kTensorCores<acc_t> ? Hp : H);
+    const int elements = static_cast<int>(chunk_end - chunk_start) * width;
+    for (int e = threadIdx.x; e < elements; e += kThreads) {  // 32-bit index: at most kChunkTokens * Hp
+      const int64_t t = chunk_start + e / width;
+      const int h = e % width;
+      const acc_t value = h < H ? coef[h] * gelu_grad(z_act[t * H + h]) : acc_t(0);
+      if (h < H) scratch.da_z[(kb * T + t) * H + h] = value;
+      if constexpr (kTensorCores<acc_t>) {
+        uint16_t parts[3];
+        split_bf16(value, parts);
+        for (int p = 0; p < 3; ++p) scratch.da_z_parts[((kb * T + t) * 3 + p) * Hp + h] = parts[p];
+      }
     }
     __syncthreads();
   }
@@ -788,7 +807,7 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
         gz[chunk_start * D + idx] = static_cast<scalar_t>(coef[idx % D]);
       }
     } else {  // dL/dZ[t] = W1_z^T dA[t]
-      input_gradient(da, chunk_start, chunk_end, in.f[2], H, D, tile, gz);
+      input_gradient(da, da_parts, chunk_start, chunk_end, in.f[2], H, D, tile, gz);
     }
   }
 
@@ -826,7 +845,7 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
     }
   }
   __syncthreads();
-  if (gzp != nullptr) input_gradient(da_p, 0, Np, f, H, D, tile, gzp);
+  if (gzp != nullptr) input_gradient(da_p, nullptr, 0, Np, f, H, D, tile, gzp);
 }
 
 // Launch 2, its prompt blocks: block (j, n) owns prompt P[j, n]: source e's backward for it, and
@@ -1256,6 +1275,9 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const at::Tensor dl_e = at::empty({s.K, s.Np, s.K}, options);
   const at::Tensor pre_e = at::empty({s.K, s.Np, s.H}, options);
   const at::Tensor da_e = at::empty({s.K, s.Np, s.H}, options);
+  const bool float_parts = acc == at::kFloat && s.H > 0;  // what the kernels' tensor cores read, if any
+  const at::Tensor da_z_parts =
+      at::empty({float_parts ? s.K * s.B * s.T * 3 * padded(s.H) : 0}, options.dtype(at::kBFloat16));
   // dL/dZ in the dtype the kernels read the tokens in; outputs are converted at the end.
   at::Tensor grad_tokens = need_tokens ? at::empty({s.K, s.B, s.T, s.D}, kt.tokens.options()) : at::Tensor();
   at::Tensor grad_prompts = need_prompts ? at::empty({s.K, s.Np, s.D}, options) : at::Tensor();
@@ -1293,7 +1315,7 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
         coef_z.mutable_data_ptr<acc_t>(),  da_z.mutable_data_ptr<acc_t>(),
         pre_p.mutable_data_ptr<acc_t>(),   da_p.mutable_data_ptr<acc_t>(),
         dl_e.mutable_data_ptr<acc_t>(),    pre_e.mutable_data_ptr<acc_t>(),
-        da_e.mutable_data_ptr<acc_t>()};
+        da_e.mutable_data_ptr<acc_t>(),    reinterpret_cast<uint16_t*>(da_z_parts.mutable_data_ptr<at::BFloat16>())};
     const Split<acc_t> split{partial.mutable_data_ptr<acc_t>(), arrivals.mutable_data_ptr<int>(), slot};
     ParamGrads<acc_t> param_grads{};
     for (int i = 0; i < kNumSources; ++i) {
