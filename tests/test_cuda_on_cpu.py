@@ -282,7 +282,7 @@ def test_dispatch_float32_tiles_keep_float_accuracy(name, dispatch_kernels):
 
 @pytest.mark.parametrize(
     "case",
-    [Case(token_dtype=torch.bfloat16, D=96, H=20), Case(token_dtype=torch.bfloat16, D=98, H=20, strided=True)],
+    [Case(token_dtype=torch.bfloat16, D=96, H=36), Case(token_dtype=torch.bfloat16, D=98, H=36, strided=True)],
     ids=["rows-copied", "rows-converted"],
 )
 def test_dispatch_bf16_tokens_copied_as_they_are_or_converted(case, dispatch_kernels):

@@ -34,7 +34,8 @@
 //       block of an image did this for all Np rows, C times over, when launch 2's token blocks
 //       were launch 1: at Np = 50 each read all of P, 922 KB, from L2.)
 //    2. grid K*B*C + K*Np: block (k, b, c) computes dA = coef * gelu'(z_act) of its 64 tokens,
-//       once, into scratch (2.4 MB in all), and dL/dZ = dA W1_z for them; the block of the
+//       once, into scratch (2.4 MB in all; for float also its bfloat16 parts, 3.6 MB, which the
+//       tensor cores' tiles read), and dL/dZ = dA W1_z for them; the block of the
 //       image's last chunk also does dL/dZ_P. Writes dL/dZ (29 MB). Block (j, n) of the last
 //       K*Np owns dL/dP[j, n]: the mixture part, sum_{k,b} weights[k, b, n, j] grad_ipt[k, b, n],
 //       and source e's part through f_e.
@@ -357,6 +358,54 @@ __device__ bool raw_chunk_fits(const void* ptr, int64_t stride_i, int64_t len) {
   return reinterpret_cast<uintptr_t>(ptr) % (2 * kVec) == 0 && stride_i % kVec == 0 && len % kVec == 0;
 }
 
+// For tensor cores: the chunks of bfloat16 tokens that lie along their index (B of dL/dW1 = dA^T Z:
+// the reduction runs over tokens, D is contiguous), copied into shared memory as they are. A
+// thread loads kVec consecutive values of the index at two consecutive reductions, one vector
+// each, and stores each index's two values as one 32-bit pair, the layout mma_bf16's fragments
+// take. Element (i, r) is ptr[i + r * stride_r]; the operand must fill the tile (extent >= kN),
+// ptr be 2 * kVec bytes aligned and stride_r a multiple of kVec (pair_chunk_fits).
+template <int kN>
+struct PairChunk {
+  static constexpr int kParts = 1;
+  static constexpr int kVec = 4;
+  static constexpr int kRowVectors = kN / kVec;
+  static_assert(kRowVectors * (kTileK / 2) == kThreads, "one vector pair a thread");
+  using V = Vec<uint32_t, kVec / 2>;
+  template <typename>
+  using Regs = V[2];
+  const uint16_t* first[2];  // this thread's two vectors at reduction 0
+  int64_t stride_r;
+  int i, r;                  // their index and the first one's (even) reduction in the chunk
+
+  __device__ PairChunk(const uint16_t* ptr, int64_t stride_r)
+      : stride_r(stride_r), i(threadIdx.x % kRowVectors * kVec), r(threadIdx.x / kRowVectors * 2) {
+    first[0] = ptr + r * stride_r + i;
+    first[1] = first[0] + stride_r;
+  }
+
+  __device__ void load(int64_t r0, int64_t len, V (&v)[2]) const {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) v[q] = r0 + r + q < len ? *reinterpret_cast<const V*>(first[q] + r0 * stride_r) : V{};
+  }
+
+  template <int kLd>
+  __device__ void store(const V (&v)[2], uint16_t (&chunk)[3][kN][kLd]) const {
+#pragma unroll
+    for (int w = 0; w < kVec / 2; ++w) {
+      const uint32_t lo = v[0].v[w], hi = v[1].v[w];  // values i + 2w (low halves) and i + 2w + 1
+      *reinterpret_cast<uint32_t*>(&chunk[0][i + 2 * w][r]) = (lo & 0xffffu) | (hi << 16);
+      *reinterpret_cast<uint32_t*>(&chunk[0][i + 2 * w + 1][r]) = (lo >> 16) | (hi & 0xffff0000u);
+    }
+  }
+};
+
+// Whether a PairChunk<kN> may read the operand at ptr: a full tile, aligned vectors.
+template <int kN>
+__device__ bool pair_chunk_fits(const void* ptr, int64_t stride_r, int64_t extent) {
+  constexpr int kVec = PairChunk<kN>::kVec;
+  return reinterpret_cast<uintptr_t>(ptr) % (2 * kVec) == 0 && stride_r % kVec == 0 && extent >= kN;
+}
+
 // acc[i] += sum_{r < kTileK} A(out_row(i), r) * B(r, out_col(i)) over one chunk, r in increasing
 // order: FMAs (the parts' counts are the tensor cores').
 template <int kPartsA, int kPartsB, typename acc_t>
@@ -445,6 +494,21 @@ __device__ void product_by_parts(int64_t len, const Operand<TA>& a_op, const Raw
     }
   }
   chunk_product(len, OperandChunk<kTileRows, Along::kReduction, TA>(a_op), b, sm, acc);
+}
+
+// dL/dW1_z's tile product over len tokens: A = dA^T by the tokens, bfloat16 tokens that
+// pair_chunk_fits takes copied as they are, others converted.
+template <typename TB>
+__device__ void da_tokens_product(int64_t len, const Operand<float>& da_op, const Operand<TB>& x_op, Tile<float>& sm,
+                                  float (&acc)[kOutputs]) {
+  const OperandChunk<kTileRows, Along::kIndex, float> a(da_op);
+  if constexpr (std::is_same_v<TB, c10::BFloat16>) {
+    if (pair_chunk_fits<kTileCols>(x_op.ptr, x_op.stride_r, x_op.extent)) {
+      chunk_product(len, a, PairChunk<kTileCols>(reinterpret_cast<const uint16_t*>(x_op.ptr), x_op.stride_r), sm, acc);
+      return;
+    }
+  }
+  chunk_product(len, a, OperandChunk<kTileCols, Along::kIndex, TB>(x_op), sm, acc);
 }
 
 // This thread's pre-activations pre[i] of feature h0 + out_col(i) for row out_row(i) of x (row
@@ -962,11 +1026,14 @@ __global__ void __launch_bounds__(kThreads)
     if (s == 2) {  // rows (k, b, t) of each image's token range
       for (int64_t kb = begin; kb < end; ++kb) {
         const int64_t k = kb / B, b = kb % B, start = in.tok_start[k];
-        const acc_t* da = scratch.da_z + (kb * T + start) * H;
-        const scalar_t* x = in.token_row(k, b, start);
-        tile_product<Along::kIndex, Along::kIndex>(in.tok_end[k] - start, Operand<acc_t>{da + h0, 1, H, H - h0},
-                                                   Operand<scalar_t>{x + d0, 1, in.stride_z_t, D - d0, D - d0}, tile,
-                                                   acc);
+        const int64_t len = in.tok_end[k] - start;
+        const Operand<acc_t> da_op{scratch.da_z + (kb * T + start) * H + h0, 1, H, H - h0};
+        const Operand<scalar_t> x_op{in.token_row(k, b, start) + d0, 1, in.stride_z_t, D - d0, D - d0};
+        if constexpr (kTensorCores<acc_t>) {
+          da_tokens_product(len, da_op, x_op, tile, acc);
+        } else {
+          tile_product<Along::kIndex, Along::kIndex>(len, da_op, x_op, tile, acc);
+        }
       }
     } else {  // rows (k, n) of P, or (k, b, n) of Z_P
       const acc_t* x = (s == 0 ? in.prompts : in.prompt_out) + begin * D;
