@@ -9,10 +9,11 @@
 // reproducible on one GPU (the atomics, in the forward and launch 3, count arrivals; they order
 // no sum).
 // Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float
-// otherwise); prompts, prompt_out, parameters and grad_ipt are converted to acc_t up front (small
-// tensors), the tokens are read in place through their strides when at::opmath_type of their
-// dtype is acc_t, and converted first otherwise (fp64 tokens in a float run, other tokens in an
-// fp64 run: fp64 is for checking, not speed).
+// otherwise); prompts, parameters and grad_ipt are converted to acc_t up front (small tensors),
+// the tokens are read in place through their strides when at::opmath_type of their dtype is
+// acc_t, and converted first otherwise (fp64 tokens in a float run, other tokens in an fp64 run:
+// fp64 is for checking, not speed). prompt_out is read in the tokens' dtype (contiguous); when its
+// own dtype differs, both are converted to acc_t.
 //
 // Launches, with bytes at K=6, B=8, Np=10, T=197, D=768, H=64 in fp32 (tokens: 29 MB). An image's
 // tokens go to C = ceil(longest token range / 64) blocks, 64 at a time (C = 4 here), so that
@@ -150,7 +151,7 @@ struct Inputs {
   const acc_t* prompts;     // (K, Np, D)
   const scalar_t* tokens;   // (K, B, T, D), strides below, unit stride along D
   int64_t stride_z_k, stride_z_b, stride_z_t;
-  const acc_t* prompt_out;  // (K, B, Np, D), or nullptr
+  const scalar_t* prompt_out;  // (K, B, Np, D), or nullptr
   Mlp<acc_t> f[kNumSources];
   int64_t K, B, Np, T, D, H, Hz;
   int64_t tok_start[kMaxExperts], tok_end[kMaxExperts];
@@ -496,10 +497,10 @@ __device__ void product_by_parts(int64_t len, const Operand<TA>& a_op, const Raw
   chunk_product(len, OperandChunk<kTileRows, Along::kReduction, TA>(a_op), b, sm, acc);
 }
 
-// dL/dW1_z's tile product over len tokens: A = dA^T by the tokens, bfloat16 tokens that
-// pair_chunk_fits takes copied as they are, others converted.
+// dL/dW1's tile product over len rows of a source's inputs, tokens or prompt outputs: A = dA^T by
+// the inputs, bfloat16 rows that pair_chunk_fits takes copied as they are, others converted.
 template <typename TB>
-__device__ void da_tokens_product(int64_t len, const Operand<float>& da_op, const Operand<TB>& x_op, Tile<float>& sm,
+__device__ void da_rows_product(int64_t len, const Operand<float>& da_op, const Operand<TB>& x_op, Tile<float>& sm,
                                   float (&acc)[kOutputs]) {
   const OperandChunk<kTileRows, Along::kIndex, float> a(da_op);
   if constexpr (std::is_same_v<TB, c10::BFloat16>) {
@@ -597,8 +598,8 @@ __device__ inline bool last_to_arrive(int* counter, int blocks) {
 // logits[n * K + j] = b2[j] + sum_h W2[j, h] act(pre[n, h]) for the Np rows of x (row stride D):
 // f on the prompts P[k] (source e) or on one image's prompt outputs Z_P[k, b] (source p). Every
 // thread of the block must call it; the block's own reads of logits later see its writes.
-template <typename acc_t>
-__device__ void prompt_logits(const acc_t* x, const Mlp<acc_t>& f, int64_t K, int64_t Np, int64_t D,
+template <typename x_t, typename acc_t>
+__device__ void prompt_logits(const x_t* x, const Mlp<acc_t>& f, int64_t K, int64_t Np, int64_t D,
                               int64_t H, int64_t Hz, acc_t* logits, Tile<acc_t>& tile,
                               acc_t (&features)[kTileRows][kTileCols + 1]) {
   acc_t pre[kOutputs];
@@ -711,8 +712,15 @@ __global__ void __launch_bounds__(kThreads)
     k = e ? blockIdx.x : kb / B;
     b_lo = e ? 0 : kb % B;
     b_hi = e ? B : b_lo + 1;
-    prompt_logits(e ? in.prompts + k * Np * D : in.prompt_out + kb * Np * D, in.f[e ? 0 : 1], K, Np, D, H, Hz,
-                  e ? logits_e_ptr + k * Np * K : weights_ptr + kb * Np * K, tile, features);
+    acc_t* logits = e ? logits_e_ptr + k * Np * K : weights_ptr + kb * Np * K;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {  // one call site, which takes fewer registers
+      prompt_logits(e ? in.prompts + k * Np * D : in.prompt_out + kb * Np * D, in.f[e ? 0 : 1], K, Np, D, H, Hz,
+                    logits, tile, features);
+    } else if (e) {
+      prompt_logits(in.prompts + k * Np * D, in.f[0], K, Np, D, H, Hz, logits, tile, features);
+    } else {
+      prompt_logits(in.prompt_out + kb * Np * D, in.f[1], K, Np, D, H, Hz, logits, tile, features);
+    }
   } else {
     // Source z: chunk c of image (k, b)'s tokens. z_act outside the token range is zero (chunk 0
     // writes it).
@@ -877,7 +885,7 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
 
   // Source p: one row per prompt output Z_P[k, b, n], with the gradient dl[n].
   if (in.prompt_out == nullptr || chunk != C - 1) return;
-  const acc_t* x = in.prompt_out + kb * Np * D;
+  const scalar_t* x = in.prompt_out + kb * Np * D;
   const Mlp<acc_t>& f = in.f[1];
   acc_t* gzp = grad_prompt_out_ptr != nullptr ? grad_prompt_out_ptr + kb * Np * D : nullptr;
   if (H == 0) {
@@ -1030,16 +1038,23 @@ __global__ void __launch_bounds__(kThreads)
         const Operand<acc_t> da_op{scratch.da_z + (kb * T + start) * H + h0, 1, H, H - h0};
         const Operand<scalar_t> x_op{in.token_row(k, b, start) + d0, 1, in.stride_z_t, D - d0, D - d0};
         if constexpr (kTensorCores<acc_t>) {
-          da_tokens_product(len, da_op, x_op, tile, acc);
+          da_rows_product(len, da_op, x_op, tile, acc);
         } else {
           tile_product<Along::kIndex, Along::kIndex>(len, da_op, x_op, tile, acc);
         }
       }
-    } else {  // rows (k, n) of P, or (k, b, n) of Z_P
-      const acc_t* x = (s == 0 ? in.prompts : in.prompt_out) + begin * D;
-      const acc_t* da = (s == 0 ? scratch.da_e : scratch.da_p) + begin * H;
-      tile_product<Along::kIndex, Along::kIndex>(end - begin, Operand<acc_t>{da + h0, 1, H, H - h0},
-                                                 Operand<acc_t>{x + d0, 1, D, D - d0, D - d0}, tile, acc);
+    } else if (s == 1) {  // rows (k, b, n) of Z_P
+      const Operand<acc_t> da_op{scratch.da_p + begin * H + h0, 1, H, H - h0};
+      const Operand<scalar_t> x_op{in.prompt_out + begin * D + d0, 1, D, D - d0, D - d0};
+      if constexpr (kTensorCores<acc_t>) {
+        da_rows_product(end - begin, da_op, x_op, tile, acc);
+      } else {
+        tile_product<Along::kIndex, Along::kIndex>(end - begin, da_op, x_op, tile, acc);
+      }
+    } else {  // rows (k, n) of P
+      tile_product<Along::kIndex, Along::kIndex>(end - begin, Operand<acc_t>{scratch.da_e + begin * H + h0, 1, H, H - h0},
+                                                 Operand<acc_t>{in.prompts + begin * D + d0, 1, D, D - d0, D - d0},
+                                                 tile, acc);
     }
     // A block's partial sums go to its slot in thread order: output i of thread t at t + i * kThreads.
     const auto store = [&](int i, acc_t value) {
@@ -1070,16 +1085,11 @@ __global__ void __launch_bounds__(kThreads)
   // chain over all the group's rows, 873 of them at K = 6, B = 32, Np = 50 for source p.)
   constexpr int kW2Cols = 64, kW2Slices = kThreads / kW2Cols, kW2Experts = 8;
   __shared__ acc_t slice_sums[kW2Slices][kW2Experts][kW2Cols + 1];  // column kW2Cols: the bias's
-  const acc_t* dl = nullptr;
-  const acc_t* pre = nullptr;
-  const acc_t* inputs = nullptr;
-  if (s == 0) {
-    dl = scratch.dl_e, pre = scratch.pre_e, inputs = in.prompts;
-  } else if (s == 1) {
-    dl = scratch.dlogits, pre = scratch.pre_p, inputs = in.prompt_out;
-  } else {
-    dl = scratch.dl_z;
-  }
+  const acc_t* dl = s == 0 ? scratch.dl_e : s == 1 ? scratch.dlogits : scratch.dl_z;
+  const acc_t* pre = s == 0 ? scratch.pre_e : s == 1 ? scratch.pre_p : nullptr;
+  const auto input = [&](int64_t r, int64_t h) {  // f's input h of row r, when H = 0
+    return s == 0 ? in.prompts[r * D + h] : static_cast<acc_t>(in.prompt_out[r * D + h]);
+  };
   const int64_t outputs = K * (Hz + 1);
   const auto store = [&](int64_t o, acc_t value) {
     const int64_t j = o / (Hz + 1), h = o % (Hz + 1);
@@ -1096,7 +1106,7 @@ __global__ void __launch_bounds__(kThreads)
       acc_t sum[kW2Experts] = {}, bias[kW2Experts] = {};
       for (int64_t r = begin + slice; r < end; r += kW2Slices) {
         acc_t feature = 0;
-        if (h < Hz) feature = s == 2 ? z_mean_ptr[r * Hz + h] : hidden ? gelu(pre[r * H + h]) : inputs[r * D + h];
+        if (h < Hz) feature = s == 2 ? z_mean_ptr[r * Hz + h] : hidden ? gelu(pre[r * H + h]) : input(r, h);
 #pragma unroll
         for (int e = 0; e < kW2Experts; ++e) {
           const acc_t d = j0 + e < K ? dl[r * K + j0 + e] : acc_t(0);
@@ -1177,7 +1187,7 @@ int64_t token_chunks(at::IntArrayRef tok_start, at::IntArrayRef tok_end) {
 
 // The inputs as the kernels read them, kept alive until the launches are queued.
 struct KernelTensors {
-  at::Tensor prompts, tokens, prompt_out;  // prompts, prompt_out: acc, contiguous; tokens: strided
+  at::Tensor prompts, tokens, prompt_out;  // prompts: acc, contiguous; tokens: strided; prompt_out: tokens' dtype, contiguous
   at::Tensor w1[kNumSources], b1[kNumSources], w2[kNumSources], b2[kNumSources];
 };
 
@@ -1189,10 +1199,12 @@ KernelTensors kernel_tensors(at::ScalarType acc, const at::Tensor& prompts, cons
                              at::TensorList w2, at::TensorList b2) {
   KernelTensors kt;
   kt.prompts = to_acc(prompts, acc);
-  // The kernels compute in at::opmath_type of the tokens' dtype, which must be acc.
+  // The kernels compute in at::opmath_type of the tokens' dtype, which must be acc, and read
+  // prompt_out in the tokens' dtype.
   const bool tokens_fp64 = tokens.scalar_type() == at::kDouble;
-  kt.tokens = tokens_fp64 == (acc == at::kDouble) ? tokens : tokens.to(acc);
-  if (prompt_out.has_value()) kt.prompt_out = to_acc(*prompt_out, acc);
+  const bool same_dtypes = !prompt_out.has_value() || prompt_out->scalar_type() == tokens.scalar_type();
+  kt.tokens = tokens_fp64 == (acc == at::kDouble) && same_dtypes ? tokens : tokens.to(acc);
+  if (prompt_out.has_value()) kt.prompt_out = prompt_out->to(kt.tokens.scalar_type()).contiguous();
   for (int s = 0; s < kNumSources; ++s) {
     const std::optional<at::Tensor> w = w1.get(s), b = b1.get(s);
     if (w.has_value()) {
@@ -1219,7 +1231,7 @@ Inputs<scalar_t, acc_t> kernel_inputs(const KernelTensors& kt, const DispatchSiz
   in.stride_z_k = kt.tokens.stride(0);
   in.stride_z_b = kt.tokens.stride(1);
   in.stride_z_t = kt.tokens.stride(2);
-  in.prompt_out = ptr_or_null<acc_t>(kt.prompt_out);
+  in.prompt_out = ptr_or_null<scalar_t>(kt.prompt_out);
   for (int i = 0; i < kNumSources; ++i) {
     in.f[i] = {ptr_or_null<acc_t>(kt.w1[i]), ptr_or_null<acc_t>(kt.b1[i]),
                kt.w2[i].const_data_ptr<acc_t>(), kt.b2[i].const_data_ptr<acc_t>(), nullptr, nullptr};
