@@ -25,6 +25,7 @@ import torch
 from test_cpp_dispatch import CASES, Case, assert_parity, forward_backward, make_case
 
 from pmoe_fast._ext import extension_status
+from pmoe_fast.fused_dispatch import dispatch_mlp
 
 # Two C++ builds (~35 s and, with the sanitizers, ~50 s on 2 cores), then 256 fibers a block:
 # ~3 minutes in all, the sanitizer build and run beside the other tests (sanitizer_run).
@@ -290,6 +291,29 @@ def test_dispatch_bf16_tokens_copied_as_they_are_or_converted(case, dispatch_ker
     aligned vectors (D = 96) and convert them otherwise (D = 98, rows 196 bytes apart), beside W1's
     bfloat16 parts padded to whole vectors (D and H = 20 not multiples of 8)."""
     assert_parity(case, "cpu", cuda_kernels=True)
+
+
+def test_dispatch_bf16_rows_copied_or_converted_give_the_same_bits(dispatch_kernels):
+    """The same bfloat16 tokens, their rows 192 bytes apart (whole aligned vectors: copied into the
+    tiles as they are) or 196 (converted), give the same bits: a bfloat16 value is its own only
+    bfloat16 part."""
+    c = Case(token_dtype=torch.bfloat16, D=96, H=36)
+    torch.manual_seed(0)
+    disp, prompts, tokens, prompt_out, grad_ipt = make_case(c, "cpu")
+    params = [cpp_tests.source_params(disp, s) for s in ("e", "p", "z")]
+    parameters = [t for source in params for t in source if t is not None]
+    leaves = [t.requires_grad_() for t in (prompts, prompt_out, *parameters)]
+    starts, ends = c.ranges()
+    results = []
+    for width in (c.D, c.D + 2):
+        rows = torch.zeros(c.K, c.B, c.T, width, dtype=tokens.dtype)
+        rows[..., : c.D] = tokens
+        rows.requires_grad_()
+        ipt, weights = dispatch_mlp(prompts, rows[..., : c.D], starts, ends, prompt_out, *params)
+        grads = torch.autograd.grad(ipt, [rows, *leaves], grad_ipt)
+        results.append([ipt, weights, grads[0][..., : c.D], *grads[1:]])
+    for copied, converted in zip(*results):
+        assert torch.equal(copied, converted)
 
 
 def test_dispatch_parity_at_the_most_experts_the_kernels_take(dispatch_kernels):
