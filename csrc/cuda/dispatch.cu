@@ -182,8 +182,17 @@ struct Scratch {
   acc_t* dl_e;     // (K, Np, K)     sum over b of dL/dlogits: the gradient of f_e
   acc_t* pre_e;    // (K, Np, H)     pre-activations of source e
   acc_t* da_e;     // (K, Np, H)     their gradient
-  uint16_t* da_z_parts;  // (K, B, T, 3, padded(H)) da_z's bfloat16 parts, zero past H: with tensor cores
+  // With tensor cores, the bfloat16 parts of da_z and da_p (store_parts), zero past H:
+  uint16_t* da_z_parts;  // (K, B, T, 3, padded(H))
+  uint16_t* da_p_parts;  // (K, B, Np, 3, padded(H))
 };
+
+// value's three bfloat16 parts (split_bf16) at out[0], out[part_stride] and out[2 * part_stride].
+__device__ inline void store_parts(float value, uint16_t* out, int64_t part_stride) {
+  uint16_t parts[3];
+  split_bf16(value, parts);
+  for (int p = 0; p < 3; ++p) out[p * part_stride] = parts[p];
+}
 
 // ---- Tiles ------------------------------------------------------------------------------
 
@@ -542,9 +551,9 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
 }
 
 // out[r] = W1^T da[r] for rows r0 <= r < r1: an MLP's input gradient (D wide) from its dA (H wide),
-// row r of each at r times its width. With tensor cores, da_parts (unless nullptr) holds dA's
-// bfloat16 parts, row r's part p at da_parts[(3 r + p) * padded(H)], zero past H, and the tiles
-// copy them as they are. Every thread of the block must call it.
+// row r of each at r times its width. With tensor cores the tiles copy dA's bfloat16 parts instead,
+// row r's part p at da_parts[(3 r + p) * padded(H)], zero past H. Every thread of the block must
+// call it.
 template <typename out_t, typename acc_t>
 __device__ void input_gradient(const acc_t* da, const uint16_t* da_parts, int64_t r0, int64_t r1, const Mlp<acc_t>& f,
                                int64_t H, int64_t D, Tile<acc_t>& sm, out_t* out) {
@@ -552,17 +561,13 @@ __device__ void input_gradient(const acc_t* da, const uint16_t* da_parts, int64_
     const int rows = tile_rows(row0, r1);
     for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
       acc_t acc[kOutputs] = {};
-      const Operand<acc_t> da_op{da + row0 * H, H, 1, rows};
       if constexpr (kTensorCores<acc_t>) {
         const int64_t Hp = padded(H);
-        const RawChunk<kTileCols, 3> w1t(f.w1t_parts + d0 * Hp, Hp, D * Hp, D - d0);
-        if (da_parts != nullptr) {
-          chunk_product(H, RawChunk<kTileRows, 3>(da_parts + row0 * 3 * Hp, 3 * Hp, Hp, rows), w1t, sm, acc);
-        } else {
-          product_by_parts(H, da_op, w1t, sm, acc);
-        }
+        chunk_product(H, RawChunk<kTileRows, 3>(da_parts + row0 * 3 * Hp, 3 * Hp, Hp, rows),
+                      RawChunk<kTileCols, 3>(f.w1t_parts + d0 * Hp, Hp, D * Hp, D - d0), sm, acc);
       } else {
-        tile_product<Along::kReduction, Along::kIndex>(H, da_op, Operand<acc_t>{f.w1 + d0, 1, D, D - d0}, sm, acc);
+        tile_product<Along::kReduction, Along::kIndex>(H, Operand<acc_t>{da + row0 * H, H, 1, rows},
+                                                       Operand<acc_t>{f.w1 + d0, 1, D, D - d0}, sm, acc);
       }
       for (int i = 0; i < kOutputs; ++i) {
         const int row = out_row(i);
@@ -857,11 +862,7 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
       const int h = e % width;
       const acc_t value = h < H ? coef[h] * gelu_grad(z_act[t * H + h]) : acc_t(0);
       if (h < H) scratch.da_z[(kb * T + t) * H + h] = value;
-      if constexpr (kTensorCores<acc_t>) {
-        uint16_t parts[3];
-        split_bf16(value, parts);
-        for (int p = 0; p < 3; ++p) scratch.da_z_parts[((kb * T + t) * 3 + p) * Hp + h] = parts[p];
-      }
+      if constexpr (kTensorCores<acc_t>) store_parts(value, scratch.da_z_parts + (kb * T + t) * 3 * Hp + h, Hp);
     }
     __syncthreads();
   }
@@ -900,6 +901,12 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
   }
   acc_t* pre_p = scratch.pre_p + kb * Np * H;
   acc_t* da_p = scratch.da_p + kb * Np * H;
+  uint16_t* da_p_parts = kTensorCores<acc_t> ? scratch.da_p_parts + kb * Np * 3 * Hp : nullptr;
+  if (kTensorCores<acc_t> && Hp > H) {  // the parts' padding
+    for (int64_t idx = threadIdx.x; idx < Np * 3 * (Hp - H); idx += kThreads) {
+      da_p_parts[idx / (Hp - H) * Hp + H + idx % (Hp - H)] = 0;
+    }
+  }
   acc_t pre[kOutputs];
   for (int64_t h0 = 0; h0 < H; h0 += kTileCols) {
     for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
@@ -910,14 +917,16 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
         if (n - n0 < rows && h < H) {
           acc_t up = 0;  // (W2_p^T dl[n])[h]
           for (int64_t j = 0; j < K; ++j) up += f.w2[j * H + h] * dl[n * K + j];
+          const acc_t value = up * gelu_grad(pre[i]);
           pre_p[n * H + h] = pre[i];
-          da_p[n * H + h] = up * gelu_grad(pre[i]);
+          da_p[n * H + h] = value;
+          if constexpr (kTensorCores<acc_t>) store_parts(value, da_p_parts + n * 3 * Hp + h, Hp);
         }
       }
     }
   }
   __syncthreads();
-  if (gzp != nullptr) input_gradient(da_p, nullptr, 0, Np, f, H, D, tile, gzp);
+  if (gzp != nullptr) input_gradient(da_p, da_p_parts, 0, Np, f, H, D, tile, gzp);
 }
 
 // Launch 2, its prompt blocks: block (j, n) owns prompt P[j, n]: source e's backward for it, and
@@ -1357,6 +1366,8 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
   const bool float_parts = acc == at::kFloat && s.H > 0;  // what the kernels' tensor cores read, if any
   const at::Tensor da_z_parts =
       at::empty({float_parts ? s.K * s.B * s.T * 3 * padded(s.H) : 0}, options.dtype(at::kBFloat16));
+  const at::Tensor da_p_parts = at::empty({float_parts && s.has_prompt_out ? s.K * s.B * s.Np * 3 * padded(s.H) : 0},
+                                          options.dtype(at::kBFloat16));
   // dL/dZ in the dtype the kernels read the tokens in; outputs are converted at the end.
   at::Tensor grad_tokens = need_tokens ? at::empty({s.K, s.B, s.T, s.D}, kt.tokens.options()) : at::Tensor();
   at::Tensor grad_prompts = need_prompts ? at::empty({s.K, s.Np, s.D}, options) : at::Tensor();
@@ -1394,7 +1405,8 @@ dispatch_mlp_backward_cuda(const at::Tensor& grad_ipt, const at::Tensor& prompts
         coef_z.mutable_data_ptr<acc_t>(),  da_z.mutable_data_ptr<acc_t>(),
         pre_p.mutable_data_ptr<acc_t>(),   da_p.mutable_data_ptr<acc_t>(),
         dl_e.mutable_data_ptr<acc_t>(),    pre_e.mutable_data_ptr<acc_t>(),
-        da_e.mutable_data_ptr<acc_t>(),    reinterpret_cast<uint16_t*>(da_z_parts.mutable_data_ptr<at::BFloat16>())};
+        da_e.mutable_data_ptr<acc_t>(),    reinterpret_cast<uint16_t*>(da_z_parts.mutable_data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint16_t*>(da_p_parts.mutable_data_ptr<at::BFloat16>())};
     const Split<acc_t> split{partial.mutable_data_ptr<acc_t>(), arrivals.mutable_data_ptr<int>(), slot};
     ParamGrads<acc_t> param_grads{};
     for (int i = 0; i < kNumSources; ++i) {
