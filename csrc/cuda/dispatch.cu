@@ -5,9 +5,8 @@
 // shared-memory chunks, whose next chunk loads, coalesced, while this one multiplies, on tensor
 // cores for float (mma.sync on bfloat16 parts of each operand, to float's accuracy; sm_80 and
 // later: W1's parts are split once a call, bfloat16 tokens copied as they are) and with FMAs for
-// double; every reduction in a fixed order, so results are bitwise
-// reproducible on one GPU (the atomics, in the forward and launch 3, count arrivals; they order
-// no sum).
+// double; every reduction in a fixed order, so results are bitwise reproducible on one GPU (the
+// atomics, in the forward and launch 3, count arrivals; they order no sum).
 // Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float
 // otherwise); prompts, parameters and grad_ipt are converted to acc_t up front (small tensors),
 // the tokens are read in place through their strides when at::opmath_type of their dtype is
@@ -228,7 +227,8 @@ template <typename acc_t>
 struct Tile<acc_t, true> {
   // The operands' chunks as bfloat16 parts: [part][row of A or column of B][reduction], the
   // layout mma_bf16's fragments take in pairs along the reduction. A row of kTileK + 8 halves
-  // (20 banks apart) puts the 32 lanes of a fragment's load on 32 different banks.
+  // (20 banks apart) puts the 32 lanes of a fragment's load on 32 different banks; rows start
+  // 16-byte aligned for RawChunk's vectors.
   alignas(16) uint16_t a[3][kTileRows][kTileK + 8];
   alignas(16) uint16_t b[3][kTileCols][kTileK + 8];
 };
@@ -463,8 +463,8 @@ __device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutput
 }
 
 // acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile,
-// the operands' chunks loaded by a and b (OperandChunk, RawChunk). The next chunk's operands are
-// loaded into registers while this one's products run.
+// the operands' chunks loaded by a and b (OperandChunk, RawChunk, PairChunk). The next chunk's
+// operands are loaded into registers while this one's products run.
 template <typename ChunkA, typename ChunkB, typename acc_t>
 __device__ void chunk_product(int64_t len, const ChunkA& a, const ChunkB& b, Tile<acc_t>& sm, acc_t (&acc)[kOutputs]) {
   typename ChunkA::template Regs<acc_t> next_a;
@@ -510,7 +510,7 @@ __device__ void product_by_parts(int64_t len, const Operand<TA>& a_op, const Raw
 // the inputs, bfloat16 rows that pair_chunk_fits takes copied as they are, others converted.
 template <typename TB>
 __device__ void da_rows_product(int64_t len, const Operand<float>& da_op, const Operand<TB>& x_op, Tile<float>& sm,
-                                  float (&acc)[kOutputs]) {
+                                float (&acc)[kOutputs]) {
   const OperandChunk<kTileRows, Along::kIndex, float> a(da_op);
   if constexpr (std::is_same_v<TB, c10::BFloat16>) {
     if (pair_chunk_fits<kTileCols>(x_op.ptr, x_op.stride_r, x_op.extent)) {
