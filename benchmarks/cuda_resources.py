@@ -61,8 +61,13 @@ def resources(source: Path, arch: str) -> list[tuple[str, int, int, int, int, in
         result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"cuda_resources: nvcc failed on {source}:\n{result.stderr[-4000:]}")
+    return parse(result.stderr)
+
+
+def parse(ptxas_output: str) -> list[tuple[str, int, int, int, int, int]]:
+    """resources()' rows from what ptxas -v printed."""
     rows, kernel, props = [], None, None
-    for line in result.stderr.splitlines():
+    for line in ptxas_output.splitlines():
         if match := KERNEL.search(line):
             kernel = short_name(match.group(1))
         elif (match := PROPERTIES.search(line)) and kernel:

@@ -202,3 +202,25 @@ def test_import_without_extension():
     for needle in needles:
         assert needle in error, f"{needle!r} missing from: {error}"
     assert report["reference_shape"] == [3, 2, 3, 8]
+
+
+def test_cuda_resources_lists_kernels_with_and_without_shared_memory(monkeypatch):
+    """benchmarks/cuda_resources.py's rows from ptxas -v, which names shared memory only for the
+    kernels that use some: a kernel without any is listed with 0 bytes, not left out."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cuda_resources
+
+    ptxas = textwrap.dedent(
+        """\
+        ptxas info    : Compiling entry function '_Z4copyPf' for 'sm_90'
+        ptxas info    : Function properties for _Z4copyPf
+            0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+        ptxas info    : Used 19 registers, used 0 barriers
+        ptxas info    : Compiling entry function '_Z6reducePf' for 'sm_90'
+        ptxas info    : Function properties for _Z6reducePf
+            8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+        ptxas info    : Used 31 registers, used 1 barriers, 32 bytes smem
+        """
+    )
+    monkeypatch.setattr(cuda_resources, "short_name", lambda mangled: mangled)
+    assert cuda_resources.parse(ptxas) == [("_Z4copyPf", 19, 0, 0, 0, 0), ("_Z6reducePf", 31, 8, 4, 12, 32)]
