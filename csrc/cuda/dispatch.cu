@@ -507,18 +507,19 @@ __device__ void product_by_parts(int64_t len, const Operand<TA>& a_op, const Raw
 }
 
 // dL/dW1's tile product over len rows of a source's inputs, tokens or prompt outputs: A = dA^T by
-// the inputs, bfloat16 rows that pair_chunk_fits takes copied as they are, others converted.
-template <typename TB>
-__device__ void da_rows_product(int64_t len, const Operand<float>& da_op, const Operand<TB>& x_op, Tile<float>& sm,
-                                float (&acc)[kOutputs]) {
-  const OperandChunk<kTileRows, Along::kIndex, float> a(da_op);
-  if constexpr (std::is_same_v<TB, c10::BFloat16>) {
+// the inputs, both along their index. On tensor cores, bfloat16 rows that pair_chunk_fits takes
+// are copied as they are; other rows are converted.
+template <typename acc_t, typename TB>
+__device__ void da_rows_product(int64_t len, const Operand<acc_t>& da_op, const Operand<TB>& x_op, Tile<acc_t>& sm,
+                                acc_t (&acc)[kOutputs]) {
+  if constexpr (kTensorCores<acc_t> && std::is_same_v<TB, c10::BFloat16>) {
     if (pair_chunk_fits<kTileCols>(x_op.ptr, x_op.stride_r, x_op.extent)) {
-      chunk_product(len, a, PairChunk<kTileCols>(reinterpret_cast<const uint16_t*>(x_op.ptr), x_op.stride_r), sm, acc);
+      const PairChunk<kTileCols> x(reinterpret_cast<const uint16_t*>(x_op.ptr), x_op.stride_r);
+      chunk_product(len, OperandChunk<kTileRows, Along::kIndex, acc_t>(da_op), x, sm, acc);
       return;
     }
   }
-  chunk_product(len, a, OperandChunk<kTileCols, Along::kIndex, TB>(x_op), sm, acc);
+  tile_product<Along::kIndex, Along::kIndex>(len, da_op, x_op, sm, acc);
 }
 
 // This thread's pre-activations pre[i] of feature h0 + out_col(i) for row out_row(i) of x (row
@@ -1044,26 +1045,16 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t kb = begin; kb < end; ++kb) {
         const int64_t k = kb / B, b = kb % B, start = in.tok_start[k];
         const int64_t len = in.tok_end[k] - start;
-        const Operand<acc_t> da_op{scratch.da_z + (kb * T + start) * H + h0, 1, H, H - h0};
-        const Operand<scalar_t> x_op{in.token_row(k, b, start) + d0, 1, in.stride_z_t, D - d0, D - d0};
-        if constexpr (kTensorCores<acc_t>) {
-          da_rows_product(len, da_op, x_op, tile, acc);
-        } else {
-          tile_product<Along::kIndex, Along::kIndex>(len, da_op, x_op, tile, acc);
-        }
+        da_rows_product(len, Operand<acc_t>{scratch.da_z + (kb * T + start) * H + h0, 1, H, H - h0},
+                        Operand<scalar_t>{in.token_row(k, b, start) + d0, 1, in.stride_z_t, D - d0, D - d0}, tile,
+                        acc);
       }
     } else if (s == 1) {  // rows (k, b, n) of Z_P
-      const Operand<acc_t> da_op{scratch.da_p + begin * H + h0, 1, H, H - h0};
-      const Operand<scalar_t> x_op{in.prompt_out + begin * D + d0, 1, D, D - d0, D - d0};
-      if constexpr (kTensorCores<acc_t>) {
-        da_rows_product(end - begin, da_op, x_op, tile, acc);
-      } else {
-        tile_product<Along::kIndex, Along::kIndex>(end - begin, da_op, x_op, tile, acc);
-      }
+      da_rows_product(end - begin, Operand<acc_t>{scratch.da_p + begin * H + h0, 1, H, H - h0},
+                      Operand<scalar_t>{in.prompt_out + begin * D + d0, 1, D, D - d0, D - d0}, tile, acc);
     } else {  // rows (k, n) of P
-      tile_product<Along::kIndex, Along::kIndex>(end - begin, Operand<acc_t>{scratch.da_e + begin * H + h0, 1, H, H - h0},
-                                                 Operand<acc_t>{in.prompts + begin * D + d0, 1, D, D - d0, D - d0},
-                                                 tile, acc);
+      da_rows_product(end - begin, Operand<acc_t>{scratch.da_e + begin * H + h0, 1, H, H - h0},
+                      Operand<acc_t>{in.prompts + begin * D + d0, 1, D, D - d0, D - d0}, tile, acc);
     }
     // A block's partial sums go to its slot in thread order: output i of thread t at t + i * kThreads.
     const auto store = [&](int i, acc_t value) {
