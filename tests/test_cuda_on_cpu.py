@@ -125,6 +125,25 @@ def test_mma_multiplies_the_fragments_of_the_documented_layout(cuda_on_cpu_ops):
     assert not torch.allclose(cuda_on_cpu_ops.selftest_mma(a, b.flip(0), c), expected, rtol=1e-3, atol=1e-3)
 
 
+def test_ldmatrix_fragments_are_the_documented_layout(cuda_on_cpu_ops):
+    """load_a and load_b (csrc/cuda/mma.cuh): the rows each lane gives ldmatrix.x4, read as the
+    PTX ISA says ldmatrix hands them out, are mma_bf16's documented fragments: for A the block
+    itself, for B the block as [column][reduction], columns 0-7 in b[0] and 8-15 in b[1]."""
+    ld, col0 = 40, 8
+    torch.manual_seed(0)
+    x = torch.randn(16, ld).bfloat16()
+    block = x.float()[:, col0 : col0 + 16]
+    got = cuda_on_cpu_ops.selftest_fragments(x, col0)
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    half = torch.arange(2)
+    a = torch.stack([block[(g + 8 * (i % 2))[:, None], (2 * t + 8 * (i // 2))[:, None] + half] for i in range(4)], 1)
+    b = torch.stack(
+        [block[(8 * j + g)[:, None], (2 * t + 8 * r)[:, None] + half] for j in range(2) for r in range(2)], 1
+    )
+    assert torch.equal(got, torch.cat([a.reshape(32, 8), b.reshape(32, 8)], 1))
+
+
 def test_bfloat16_parts_hold_each_dtype_to_its_precision(cuda_on_cpu_ops):
     """split_bf16: bfloat16 values are their first part, half values their first two, and floats
     the sum of three to float's precision (2^-24 relative, where two parts leave about 2^-17)."""

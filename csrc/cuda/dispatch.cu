@@ -226,9 +226,9 @@ struct Tile {
 template <typename acc_t>
 struct Tile<acc_t, true> {
   // The operands' chunks as bfloat16 parts: [part][row of A or column of B][reduction], the
-  // layout mma_bf16's fragments take in pairs along the reduction. A row of kTileK + 8 halves
-  // (20 banks apart) puts the 32 lanes of a fragment's load on 32 different banks; rows start
-  // 16-byte aligned for RawChunk's vectors.
+  // layout mma_bf16's fragments take in pairs along the reduction (load_a, load_b). A row of
+  // kTileK + 8 halves (20 banks apart) puts the 8 rows of each 8 x 8 matrix that ldmatrix reads on
+  // 32 different banks; rows start 16-byte aligned, for ldmatrix and RawChunk's vectors.
   alignas(16) uint16_t a[3][kTileRows][kTileK + 8];
   alignas(16) uint16_t b[3][kTileCols][kTileK + 8];
 };
@@ -433,30 +433,26 @@ __device__ void multiply_chunk(const Tile<acc_t, false>& sm, acc_t (&acc)[kOutpu
 
 // The same on tensor cores, A and B of kPartsA and kPartsB bfloat16 parts: for each 16 of the
 // reduction, each of the warp's two 16 x 8 tiles takes the products of parts (pa, pb),
-// pa + pb <= 2, in the order of pb, then pa.
+// pa + pb <= 2, in the order of pb, then pa. A warp loads each part's 16 x 16 block of A, and of
+// B, with one ldmatrix (load_a, load_b).
 template <int kPartsA, int kPartsB>
 __device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutputs]) {
-  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  constexpr int kLd = kTileK + 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int m0 = 16 * (warp / 4), n0 = 16 * (warp % 4);
-  const auto pair = [](const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); };
 #pragma unroll
   for (int k0 = 0; k0 < kTileK; k0 += 16) {
-    const int k = k0 + 2 * t;
     uint32_t a[kPartsA][4];
 #pragma unroll
-    for (int p = 0; p < kPartsA; ++p) {
-      a[p][0] = pair(&sm.a[p][m0 + g][k]);
-      a[p][1] = pair(&sm.a[p][m0 + g + 8][k]);
-      a[p][2] = pair(&sm.a[p][m0 + g][k + 8]);
-      a[p][3] = pair(&sm.a[p][m0 + g + 8][k + 8]);
-    }
+    for (int p = 0; p < kPartsA; ++p) load_a(&sm.a[p][m0][k0], kLd, lane, a[p]);
 #pragma unroll
     for (int pb = 0; pb < kPartsB; ++pb) {
+      uint32_t b[2][2];
+      load_b(&sm.b[pb][n0][k0], kLd, lane, b);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const uint32_t b[2] = {pair(&sm.b[pb][n0 + 8 * j + g][k]), pair(&sm.b[pb][n0 + 8 * j + g][k + 8])};
 #pragma unroll
-        for (int pa = 0; pa < kPartsA && pa + pb <= 2; ++pa) mma_bf16(&acc[4 * j], a[pa], b);
+        for (int pa = 0; pa < kPartsA && pa + pb <= 2; ++pa) mma_bf16(&acc[4 * j], a[pa], b[j]);
       }
     }
   }

@@ -10,6 +10,8 @@
 // products when the warp next meets at a barrier (a __syncthreads or a shuffle), each lane's part
 // in float from all 32 lanes' fragments: so a kernel must not read or write an mma's d between
 // the call and the next barrier (csrc/cuda's do not), and all 32 lanes must make the same calls.
+// ldmatrix (mma.cuh's ldmatrix_x4) needs no exchange: each lane reads its pairs from the rows
+// the other lanes would give.
 // atomicAdd and __threadfence are plain reads and writes, as nothing runs concurrently. A barrier
 // that some thread never reaches (a __syncthreads under divergent control flow) raises instead of
 // hanging. That is all csrc/cuda uses, and what this file supports.

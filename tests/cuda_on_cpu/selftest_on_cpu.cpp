@@ -1,6 +1,6 @@
 // Kernels that check cuda_on_cpu.h itself, as ops pmoe_fast_cuda_on_cpu::selftest_*: shared
 // memory across a block's threads, the barrier, the warp shuffle, the tensor cores' mma_bf16 with
-// csrc/cuda/mma.cuh's bfloat16 parts, the grid's three dimensions, the order of the blocks, and a
+// csrc/cuda/mma.cuh's bfloat16 parts and its ldmatrix fragments (load_a, load_b), the grid's three dimensions, the order of the blocks, and a
 // barrier that some threads never reach. Also the op that sets
 // that order for the launches after it: set_block_order(0 by index, 1 reversed, 2 shuffled).
 #include "cuda_on_cpu.h"
@@ -40,6 +40,18 @@ __global__ void mma_kernel(const float* a, const float* b, const float* c, float
   pmoe_fast::mma_bf16(acc, af, bf);
   __syncthreads();  // cuda_on_cpu.h computes the products when the warp meets
   for (int i = 0; i < 4; ++i) d[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = acc[i];
+}
+
+// out[lane] = the values of this lane's load_a and load_b fragments (csrc/cuda/mma.cuh) of the
+// 16 x 16 block at x + col0, x's rows ld values apart: a[0..3], then b[0][0..1], b[1][0..1], each
+// register's low half first.
+__global__ void fragments_kernel(const uint16_t* x, int ld, int col0, float* out) {
+  const int lane = threadIdx.x;
+  uint32_t a[4], b[2][2];
+  pmoe_fast::load_a(x + col0, ld, lane, a);
+  pmoe_fast::load_b(x + col0, ld, lane, b);
+  const uint32_t regs[8] = {a[0], a[1], a[2], a[3], b[0][0], b[0][1], b[1][0], b[1][1]};
+  for (int i = 0; i < 16; ++i) out[lane * 16 + i] = pmoe_fast::bf16_value(static_cast<uint16_t>(regs[i / 2] >> (16 * (i % 2))));
 }
 
 // out[i, p] = part p of x[i] (split_bf16 into 3 parts), as a float.
@@ -94,6 +106,16 @@ at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) { 
   return d;
 }
 
+at::Tensor fragments(const at::Tensor& x, int64_t col0) {  // bfloat16 (16, ld), col0 + 16 <= ld
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) == 16 && 0 <= col0 && col0 + 16 <= x.size(1),
+              "selftest_fragments: x bfloat16 (16, ld) and 0 <= col0 <= ld - 16");
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty({32, 16}, in.options().dtype(at::kFloat));
+  pmoe_fast::launch(fragments_kernel, dim3(1), 32, nullptr, reinterpret_cast<const uint16_t*>(in.const_data_ptr()),
+                    static_cast<int>(in.size(1)), static_cast<int>(col0), out.mutable_data_ptr<float>());
+  return out;
+}
+
 at::Tensor split(const at::Tensor& x) {  // (n) float
   const at::Tensor in = x.contiguous();
   at::Tensor out = at::empty({in.numel(), 3}, in.options());
@@ -128,6 +150,7 @@ TORCH_LIBRARY_FRAGMENT(pmoe_fast_cuda_on_cpu, m) {
   m.def("selftest_reverse", &reverse);
   m.def("selftest_shuffle", &shuffle);
   m.def("selftest_mma", &mma);
+  m.def("selftest_fragments", &fragments);
   m.def("selftest_split_bf16", &split);
   m.def("selftest_indices", &indices);
   m.def("selftest_order", &order);
