@@ -1150,7 +1150,7 @@ struct WeightParts {
 };
 
 // Grid (ceil(n / kThreads), MLPs), n = H * padded(D) + D * padded(H), block kThreads: W1 of MLP
-// blockIdx.y as its three bfloat16 parts (split_bf16) in both layouts, zero in the padding.
+// blockIdx.y as its three bfloat16 parts (store_parts) in both layouts, zero in the padding.
 __global__ void __launch_bounds__(kThreads) split_weights_kernel(const WeightParts wp, int64_t H, int64_t D) {
   const int m = blockIdx.y;
   const int64_t Dp = padded(D), Hp = padded(H);
@@ -1159,10 +1159,7 @@ __global__ void __launch_bounds__(kThreads) split_weights_kernel(const WeightPar
   const bool transposed = idx >= H * Dp;
   const int64_t j = transposed ? idx - H * Dp : idx, plane = transposed ? D * Hp : H * Dp;
   const int64_t h = transposed ? j % Hp : j / Dp, d = transposed ? j / Hp : j % Dp;
-  uint16_t parts[kBf16Parts<float>] = {};
-  if (h < H && d < D) split_bf16(wp.w1[m][h * D + d], parts);
-  uint16_t* out = (transposed ? wp.parts_t[m] : wp.parts[m]) + j;
-  for (int p = 0; p < kBf16Parts<float>; ++p) out[p * plane] = parts[p];
+  store_parts(h < H && d < D ? wp.w1[m][h * D + d] : 0.0f, (transposed ? wp.parts_t[m] : wp.parts[m]) + j, plane);
 }
 
 // ---- Host side ---------------------------------------------------------------------------
