@@ -11,6 +11,8 @@ of bounds and any undefined behaviour (a signed index overflowing, say).
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import os
 import subprocess
 import sys
@@ -265,6 +267,16 @@ def test_dispatch_parity_with_dispatcher(case, dispatch_kernels):
     assert_parity(case, "cpu", cuda_kernels=True)
 
 
+@functools.cache
+def kernel_results(name):
+    """Case `name`'s inputs (seed 0) and what the kernels give for them, their blocks by index: run
+    once for the tests below that look at them."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    inputs = make_case(case, "cpu")
+    return inputs, forward_backward(case, "op", *inputs)
+
+
 @pytest.mark.parametrize("order", [1, 2], ids=["reversed", "shuffled"])
 @pytest.mark.parametrize("name", ["odd-shared", "H0-separate-no-prompt-out", "images-per-group", "multi-tile"])
 def test_dispatch_results_do_not_depend_on_the_block_order(name, order, cuda_on_cpu_ops, dispatch_kernels):
@@ -274,9 +286,7 @@ def test_dispatch_results_do_not_depend_on_the_block_order(name, order, cuda_on_
     "multi-tile") and a tile's last row group. Reversed, f_e's blocks come last; shuffled, every
     role finishes some image. The results must be the same bits whichever it is."""
     case = CASES[name]
-    torch.manual_seed(0)
-    inputs = make_case(case, "cpu")
-    by_index = forward_backward(case, "op", *inputs)
+    inputs, by_index = kernel_results(name)
     with block_order(cuda_on_cpu_ops, order):
         reordered = forward_backward(case, "op", *inputs)
     for key, value in by_index.items():
@@ -289,11 +299,8 @@ def test_dispatch_float32_tiles_keep_float_accuracy(name, dispatch_kernels):
     operand) err as float arithmetic does: every result within 2e-6 of its largest reference
     value, where two parts of each operand leave up to 7e-6 here, both under the parity tests'
     1e-5 floor."""
-    case = CASES[name]
-    torch.manual_seed(0)
-    inputs = make_case(case, "cpu")
-    ref = forward_backward(case, "dispatcher", *inputs, dtype=torch.float64)
-    ours = forward_backward(case, "op", *inputs)
+    inputs, ours = kernel_results(name)
+    ref = forward_backward(CASES[name], "dispatcher", *inputs, dtype=torch.float64)
     for key, r in ref.items():
         if r is not None:
             err = (ours[key].double() - r).abs().max().item() / r.abs().max().item()
@@ -362,13 +369,23 @@ def test_dispatch_float64_matches_the_dispatcher_to_roundoff(name, dispatch_kern
         torch.testing.assert_close(ours[key], r, rtol=1e-10, atol=1e-12, msg=lambda m: f"{key}: {m}")
 
 
-def test_dispatch_output_dtypes_match_the_torch_backend_for_every_dtype_mix(dispatch_kernels):
-    cpp_tests.test_output_dtypes_match_the_torch_backend_for_every_dtype_mix("cpu")
+def test_dispatch_output_dtypes_match_the_torch_backend_across_dtype_mixes(dispatch_kernels):
+    """Every mix of the prompts', tokens' and prompt_out's dtypes, which choose the kernels' paths
+    (the accumulation dtype, tokens read in place or converted, prompt_out converted or not), with
+    the parameters' dtype, which is only converted, meeting each dtype of each of the other three:
+    64 mixes of the 256, which took 68 s in CI here."""
+    dtypes = cpp_tests.DTYPES
+    mixes = [
+        (p, z, zp, dtypes[(i + j + m) % len(dtypes)])
+        for (i, p), (j, z), (m, zp) in itertools.product(enumerate(dtypes), repeat=3)
+    ]
+    cpp_tests.test_output_dtypes_match_the_torch_backend_for_every_dtype_mix("cpu", mixes)
 
 
 @pytest.mark.parametrize("H", [3, 0], ids=["H3", "H0"])
 def test_dispatch_gradcheck_float64(H, dispatch_kernels):
-    cpp_tests.test_gradcheck_float64(H, "cpu")
+    """gradcheck's fast mode: the full check took 50 s here, a launch per output and two per input."""
+    cpp_tests.test_gradcheck_float64(H, "cpu", fast_mode=True)
 
 
 @pytest.mark.parametrize(
@@ -420,7 +437,8 @@ def test_fusion_float64_accumulates_in_float64(fusion_kernels):
 
 
 def test_fusion_gradcheck_float64(fusion_kernels):
-    fusion_tests.test_gradcheck_float64("cpu")
+    """gradcheck's fast mode: the full check took 54 s here."""
+    fusion_tests.test_gradcheck_float64("cpu", fast_mode=True)
 
 
 def test_fusion_ops_run_the_kernels(fusion_kernels):

@@ -121,9 +121,11 @@ def test_float64_accumulates_in_float64(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_float64(device):
+def test_gradcheck_float64(device, fast_mode=False):
+    """fast_mode as in test_cpp_dispatch.test_gradcheck_float64."""
     weights, prompts = make_inputs(3, 2, 3, 5, torch.float64, torch.float64, device)
-    assert torch.autograd.gradcheck(prompt_fusion, (weights.requires_grad_(), prompts.requires_grad_()))
+    inputs = (weights.requires_grad_(), prompts.requires_grad_())
+    assert torch.autograd.gradcheck(prompt_fusion, inputs, fast_mode=fast_mode)
 
 
 @pytest.mark.parametrize("device", DEVICES)
