@@ -58,6 +58,9 @@ struct dim3 {
 
 using cudaStream_t = void*;
 
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+
 namespace cuda_on_cpu {
 
 struct Barrier {
@@ -90,6 +93,7 @@ struct Block {
   std::vector<uint64_t> waiting_for;    // the generation it waits to end
   std::vector<char> done;
   ucontext_t scheduler;
+  ucontext_t fresh;  // what each fiber starts from: one getcontext a launch (each costs a system call)
   std::function<void()> body;  // the kernel with its arguments
   int running = 0;
 };
@@ -162,6 +166,19 @@ inline void wait(Barrier& barrier) {
   const int me = block.running;
   block.waiting_on[me] = &barrier;
   block.waiting_for[me] = barrier.generation;
+  // Straight to the next fiber that can run, as the scheduler would take it (a swapcontext costs a
+  // system call, and through the scheduler it takes two); to the scheduler when none can.
+  const int threads = static_cast<int>(block.contexts.size());
+  for (int i = 1; i < threads; ++i) {
+    const int t = (me + i) % threads;
+    const Barrier* other = block.waiting_on[t];
+    if (block.done[t] || (other != nullptr && other->generation == block.waiting_for[t])) continue;
+    block.waiting_on[t] = nullptr;
+    block.running = t;
+    threadIdx = {static_cast<unsigned>(t), 0, 0};
+    swapcontext(&block.contexts[me], &block.contexts[t]);
+    return;
+  }
   swapcontext(&block.contexts[me], &block.scheduler);
 }
 
@@ -172,9 +189,6 @@ inline void fiber_entry() {
 }
 
 }  // namespace cuda_on_cpu
-
-inline thread_local uint3 threadIdx, blockIdx;
-inline thread_local dim3 blockDim, gridDim;
 
 inline void __syncthreads() { cuda_on_cpu::wait(cuda_on_cpu::current_block->sync); }
 
@@ -227,13 +241,14 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t, Arg
   cuda_on_cpu::current_block = &block;
   blockDim = dim3(threads);
   gridDim = grid;
+  getcontext(&block.fresh);
   const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
   for (const int64_t linear : cuda_on_cpu::block_sequence(blocks)) {
     const unsigned x = linear % grid.x, y = linear / grid.x % grid.y, z = linear / grid.x / grid.y;
     blockIdx = {x, y, z};
     for (int t = 0; t < threads; ++t) {
       ucontext_t& context = block.contexts[t];
-      getcontext(&context);
+      context = block.fresh;
       context.uc_stack.ss_sp = block.stacks[t].get();
       context.uc_stack.ss_size = cuda_on_cpu::Block::kStackBytes;
       context.uc_link = &block.scheduler;
