@@ -551,6 +551,25 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
 // row r of each at r times its width. With tensor cores the tiles copy dA's bfloat16 parts instead,
 // row r's part p at da_parts[(3 r + p) * padded(H)], zero past H. Every thread of the block must
 // call it.
+// Stores this thread's outputs of a tile at out (rows ld values apart), those in its first rows
+// rows and cols columns. Outputs i and i + 1 (i even) lie side by side in one row: in a whole tile
+// whose pairs out and ld leave aligned, each pair goes in one store.
+template <typename out_t, typename acc_t>
+__device__ void store_tile(const acc_t (&acc)[kOutputs], out_t* out, int64_t ld, int rows, int64_t cols) {
+  if (rows == kTileRows && cols >= kTileCols && ld % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * sizeof(out_t)) == 0) {
+#pragma unroll
+    for (int i = 0; i < kOutputs; i += 2) {
+      *reinterpret_cast<Vec<out_t, 2>*>(out + out_row(i) * ld + out_col(i)) = {
+          {static_cast<out_t>(acc[i]), static_cast<out_t>(acc[i + 1])}};
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kOutputs; ++i) {
+    if (out_row(i) < rows && out_col(i) < cols) out[out_row(i) * ld + out_col(i)] = static_cast<out_t>(acc[i]);
+  }
+}
+
 template <typename out_t, typename acc_t>
 __device__ void input_gradient(const acc_t* da, const uint16_t* da_parts, int64_t r0, int64_t r1, const Mlp<acc_t>& f,
                                int64_t H, int64_t D, Tile<acc_t>& sm, out_t* out) {
@@ -566,11 +585,7 @@ __device__ void input_gradient(const acc_t* da, const uint16_t* da_parts, int64_
         tile_product<Along::kReduction, Along::kIndex>(H, Operand<acc_t>{da + row0 * H, H, 1, rows},
                                                        Operand<acc_t>{f.w1 + d0, 1, D, D - d0}, sm, acc);
       }
-      for (int i = 0; i < kOutputs; ++i) {
-        const int row = out_row(i);
-        const int64_t d = d0 + out_col(i);
-        if (row < rows && d < D) out[(row0 + row) * D + d] = static_cast<out_t>(acc[i]);
-      }
+      store_tile(acc, out + row0 * D + d0, D, rows, D - d0);
     }
   }
 }
