@@ -547,16 +547,13 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
   }
 }
 
-// out[r] = W1^T da[r] for rows r0 <= r < r1: an MLP's input gradient (D wide) from its dA (H wide),
-// row r of each at r times its width. With tensor cores the tiles copy dA's bfloat16 parts instead,
-// row r's part p at da_parts[(3 r + p) * padded(H)], zero past H. Every thread of the block must
-// call it.
 // Stores this thread's outputs of a tile at out (rows ld values apart), those in its first rows
 // rows and cols columns. Outputs i and i + 1 (i even) lie side by side in one row: in a whole tile
 // whose pairs out and ld leave aligned, each pair goes in one store.
 template <typename out_t, typename acc_t>
 __device__ void store_tile(const acc_t (&acc)[kOutputs], out_t* out, int64_t ld, int rows, int64_t cols) {
-  if (rows == kTileRows && cols >= kTileCols && ld % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * sizeof(out_t)) == 0) {
+  const bool aligned = ld % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * sizeof(out_t)) == 0;
+  if (rows == kTileRows && cols >= kTileCols && aligned) {
 #pragma unroll
     for (int i = 0; i < kOutputs; i += 2) {
       *reinterpret_cast<Vec<out_t, 2>*>(out + out_row(i) * ld + out_col(i)) = {
@@ -570,6 +567,10 @@ __device__ void store_tile(const acc_t (&acc)[kOutputs], out_t* out, int64_t ld,
   }
 }
 
+// out[r] = W1^T da[r] for rows r0 <= r < r1: an MLP's input gradient (D wide) from its dA (H wide),
+// row r of each at r times its width. With tensor cores the tiles copy dA's bfloat16 parts instead,
+// row r's part p at da_parts[(3 r + p) * padded(H)], zero past H. Every thread of the block must
+// call it.
 template <typename out_t, typename acc_t>
 __device__ void input_gradient(const acc_t* da, const uint16_t* da_parts, int64_t r0, int64_t r1, const Mlp<acc_t>& f,
                                int64_t H, int64_t D, Tile<acc_t>& sm, out_t* out) {

@@ -1,6 +1,7 @@
 // Tensor-core arithmetic for csrc/cuda's float tiles: bfloat16 parts of float values, the warp-wide
 // ldmatrix that loads them from shared memory as fragments, and the mma.sync.m16n8k16 (bfloat16
-// inputs, float accumulation, sm_80 and later) that multiplies them. Under PMOE_CUDA_ON_CPU tests/cuda_on_cpu/cuda_on_cpu.h supplies mma_bf16.
+// inputs, float accumulation, sm_80 and later) that multiplies them. Under PMOE_CUDA_ON_CPU
+// tests/cuda_on_cpu/cuda_on_cpu.h supplies mma_bf16.
 #pragma once
 
 #include <c10/util/BFloat16.h>

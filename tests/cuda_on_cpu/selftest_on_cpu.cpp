@@ -1,8 +1,8 @@
 // Kernels that check cuda_on_cpu.h itself, as ops pmoe_fast_cuda_on_cpu::selftest_*: shared
 // memory across a block's threads, the barrier, the warp shuffle, the tensor cores' mma_bf16 with
-// csrc/cuda/mma.cuh's bfloat16 parts and its ldmatrix fragments (load_a, load_b), the grid's three dimensions, the order of the blocks, and a
-// barrier that some threads never reach. Also the op that sets
-// that order for the launches after it: set_block_order(0 by index, 1 reversed, 2 shuffled).
+// csrc/cuda/mma.cuh's bfloat16 parts and its ldmatrix fragments (load_a, load_b), the grid's three
+// dimensions, the order of the blocks, and a barrier that some threads never reach. Also the op
+// that sets that order for the launches after it: set_block_order(0 by index, 1 reversed, 2 shuffled).
 #include "cuda_on_cpu.h"
 
 #include <ATen/ATen.h>
@@ -51,7 +51,9 @@ __global__ void fragments_kernel(const uint16_t* x, int ld, int col0, float* out
   pmoe_fast::load_a(x + col0, ld, lane, a);
   pmoe_fast::load_b(x + col0, ld, lane, b);
   const uint32_t regs[8] = {a[0], a[1], a[2], a[3], b[0][0], b[0][1], b[1][0], b[1][1]};
-  for (int i = 0; i < 16; ++i) out[lane * 16 + i] = pmoe_fast::bf16_value(static_cast<uint16_t>(regs[i / 2] >> (16 * (i % 2))));
+  for (int i = 0; i < 16; ++i) {
+    out[lane * 16 + i] = pmoe_fast::bf16_value(static_cast<uint16_t>(regs[i / 2] >> (16 * (i % 2))));
+  }
 }
 
 // out[i, p] = part p of x[i] (split_bf16 into 3 parts), as a float.
@@ -107,7 +109,8 @@ at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) { 
 }
 
 at::Tensor fragments(const at::Tensor& x, int64_t col0) {  // bfloat16 (16, ld), col0 + 16 <= ld
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) == 16 && 0 <= col0 && col0 + 16 <= x.size(1),
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) == 16 && 0 <= col0 &&
+                  col0 + 16 <= x.size(1),
               "selftest_fragments: x bfloat16 (16, ld) and 0 <= col0 <= ld - 16");
   const at::Tensor in = x.contiguous();
   at::Tensor out = at::empty({32, 16}, in.options().dtype(at::kFloat));
