@@ -152,6 +152,21 @@ inline void run_mmas(Block& block, int w) {
   for (int lane = 0; lane < 32; ++lane) block.mmas[w * 32 + lane].clear();
 }
 
+// Whether fiber t waits at a barrier that has not released it yet.
+inline bool blocked(const Block& block, int t) {
+  const Barrier* barrier = block.waiting_on[t];
+  return barrier != nullptr && barrier->generation == block.waiting_for[t];
+}
+
+// Switches from the context `from` (the scheduler's or a waiting fiber's) to fiber t, which has
+// not returned and is not blocked.
+inline void resume(Block& block, int t, ucontext_t* from) {
+  block.waiting_on[t] = nullptr;
+  block.running = t;
+  threadIdx = {static_cast<unsigned>(t), 0, 0};
+  swapcontext(from, &block.contexts[t]);
+}
+
 inline void wait(Barrier& barrier) {
   Block& block = *current_block;
   if (++barrier.arrived == barrier.count) {  // the last to arrive runs the warps' products, releases the others
@@ -171,12 +186,8 @@ inline void wait(Barrier& barrier) {
   const int threads = static_cast<int>(block.contexts.size());
   for (int i = 1; i < threads; ++i) {
     const int t = (me + i) % threads;
-    const Barrier* other = block.waiting_on[t];
-    if (block.done[t] || (other != nullptr && other->generation == block.waiting_for[t])) continue;
-    block.waiting_on[t] = nullptr;
-    block.running = t;
-    threadIdx = {static_cast<unsigned>(t), 0, 0};
-    swapcontext(&block.contexts[me], &block.contexts[t]);
+    if (block.done[t] || blocked(block, t)) continue;
+    resume(block, t, &block.contexts[me]);
     return;
   }
   swapcontext(&block.contexts[me], &block.scheduler);
@@ -261,16 +272,12 @@ void launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t, Arg
       bool progress = false;
       finished = 0;
       for (int t = 0; t < threads; ++t) {
-        cuda_on_cpu::Barrier* barrier = block.waiting_on[t];
         if (block.done[t]) {
           ++finished;
           continue;
         }
-        if (barrier != nullptr && barrier->generation == block.waiting_for[t]) continue;
-        block.waiting_on[t] = nullptr;
-        block.running = t;
-        threadIdx = {static_cast<unsigned>(t), 0, 0};
-        swapcontext(&block.scheduler, &block.contexts[t]);
+        if (cuda_on_cpu::blocked(block, t)) continue;
+        cuda_on_cpu::resume(block, t, &block.scheduler);
         progress = true;
       }
       TORCH_CHECK(progress || finished == threads, "cuda_on_cpu: block (", x, ", ", y, ", ", z,
