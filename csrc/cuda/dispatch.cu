@@ -35,10 +35,10 @@
 //       were launch 1: at Np = 50 each read all of P, 922 KB, from L2.)
 //    2. grid K*B*C + K*Np: block (k, b, c) computes dA = coef * gelu'(z_act) of its 64 tokens,
 //       once, into scratch (2.4 MB in all; for float also its bfloat16 parts, 3.6 MB, which the
-//       tensor cores' tiles read), and dL/dZ = dA W1_z for them; the block of the
-//       image's last chunk also does dL/dZ_P. Writes dL/dZ (29 MB). Block (j, n) of the last
-//       K*Np owns dL/dP[j, n]: the mixture part, sum_{k,b} weights[k, b, n, j] grad_ipt[k, b, n],
-//       and source e's part through f_e.
+//       tensor cores' tiles read: at H <= 64, each 32-row tile's once, for all of D's tiles),
+//       and dL/dZ = dA W1_z for them; the block of the image's last chunk also does dL/dZ_P.
+//       Writes dL/dZ (29 MB). Block (j, n) of the last K*Np owns dL/dP[j, n]: the mixture
+//       part, sum_{k,b} weights[k, b, n, j] grad_ipt[k, b, n], and source e's part through f_e.
 //    3. grid (tiles + 1, 3 sources, G row groups): a block sums one output tile, a 32 x 64 tile
 //       of dL/dW1_s (its column D is dL/db1_s: a constant-1 input) or all of dL/dW2_s and
 //       dL/db2_s, over one of G runs of the source's rows; the last of a tile's G blocks adds
@@ -333,13 +333,14 @@ struct RawChunk {
   const uint16_t* first[kCount];  // this thread's vectors at reduction 0
   bool in[kCount];                // whether their rows are in the operand (i < extent)
   int r;                          // their reduction offset in the chunk (the same for all)
+  int64_t stride_i, extent;       // the operand's, for the chunks of other rows (load(i0, ...))
 
   // Vector e of this thread: part, then row i, then reduction, as consecutive threads go.
   __device__ static int part(int e) { return (threadIdx.x + e * kThreads) / (kRowVectors * kN); }
   __device__ static int row(int e) { return (threadIdx.x + e * kThreads) / kRowVectors % kN; }
 
   __device__ RawChunk(const uint16_t* ptr, int64_t stride_i, int64_t part_stride, int64_t extent)
-      : r(threadIdx.x % kRowVectors * kVec) {
+      : r(threadIdx.x % kRowVectors * kVec), stride_i(stride_i), extent(extent) {
 #pragma unroll
     for (int e = 0; e < kCount; ++e) {
       first[e] = ptr + part(e) * part_stride + row(e) * stride_i + r;
@@ -351,6 +352,22 @@ struct RawChunk {
     const bool in_r = r0 + r < len;
 #pragma unroll
     for (int e = 0; e < kCount; ++e) v[e] = in_r && in[e] ? *reinterpret_cast<const V*>(first[e] + r0) : V{};
+  }
+
+  // The same for the chunk of the operand's rows i0 + [0, kN), in 32-bit arithmetic: the caller
+  // sees that extent * stride_i fits in an int. A chunk inside the operand loads without masks.
+  __device__ void load(int i0, int r0, int len, V (&v)[kCount]) const {
+    const int offset = i0 * static_cast<int>(stride_i) + r0, rows = static_cast<int>(extent);
+    if (i0 + kN <= rows && r0 + kTileK <= len) {
+#pragma unroll
+      for (int e = 0; e < kCount; ++e) v[e] = *reinterpret_cast<const V*>(first[e] + offset);
+      return;
+    }
+    const bool in_r = r0 + r < len;
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) {
+      v[e] = in_r && i0 + row(e) < rows ? *reinterpret_cast<const V*>(first[e] + offset) : V{};
+    }
   }
 
   template <int kLd>
@@ -431,24 +448,25 @@ __device__ void multiply_chunk(const Tile<acc_t, false>& sm, acc_t (&acc)[kOutpu
   }
 }
 
-// The same on tensor cores, A and B of kPartsA and kPartsB bfloat16 parts: for each 16 of the
-// reduction, each of the warp's two 16 x 8 tiles takes the products of parts (pa, pb),
-// pa + pb <= 2, in the order of pb, then pa. A warp loads each part's 16 x 16 block of A, and of
-// B, with one ldmatrix (load_a, load_b).
-template <int kPartsA, int kPartsB>
-__device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutputs]) {
-  constexpr int kLd = kTileK + 8;
+// The same on tensor cores, A and B of kPartsA and kPartsB bfloat16 parts, A's chunk at reduction
+// ka of its rows (kLdA values apart; ka a multiple of 16): for each 16 of the reduction, each of
+// the warp's two 16 x 8 tiles takes the products of parts (pa, pb), pa + pb <= 2, in the order of
+// pb, then pa. A warp loads each part's 16 x 16 block of A, and of B, with one ldmatrix (load_a,
+// load_b).
+template <int kPartsA, int kPartsB, int kLdA, int kLdB>
+__device__ void multiply_parts(const uint16_t (&sm_a)[3][kTileRows][kLdA], int ka,
+                               const uint16_t (&sm_b)[3][kTileCols][kLdB], float (&acc)[kOutputs]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int m0 = 16 * (warp / 4), n0 = 16 * (warp % 4);
 #pragma unroll
   for (int k0 = 0; k0 < kTileK; k0 += 16) {
     uint32_t a[kPartsA][4];
 #pragma unroll
-    for (int p = 0; p < kPartsA; ++p) load_a(&sm.a[p][m0][k0], kLd, lane, a[p]);
+    for (int p = 0; p < kPartsA; ++p) load_a(&sm_a[p][m0][ka + k0], kLdA, lane, a[p]);
 #pragma unroll
     for (int pb = 0; pb < kPartsB; ++pb) {
       uint32_t b[2][2];
-      load_b(&sm.b[pb][n0][k0], kLd, lane, b);
+      load_b(&sm_b[pb][n0][k0], kLdB, lane, b);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -456,6 +474,11 @@ __device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutput
       }
     }
   }
+}
+
+template <int kPartsA, int kPartsB>
+__device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutputs]) {
+  multiply_parts<kPartsA, kPartsB>(sm.a, 0, sm.b, acc);
 }
 
 // acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile,
@@ -567,13 +590,74 @@ __device__ void store_tile(const acc_t (&acc)[kOutputs], out_t* out, int64_t ld,
   }
 }
 
+// input_gradient's widest dA that stays in shared memory for all of D's tiles (the paper's H).
+constexpr int kResidentH = 64;
+
+// A row tile's dA parts in shared memory, rows laid out as Tile's: 16-byte aligned, no bank
+// conflicts for ldmatrix. One for the block, whichever input_gradient_resident uses it.
+struct ResidentParts {
+  alignas(16) uint16_t a[3][kTileRows][kResidentH + 8];
+};
+__device__ inline ResidentParts& resident_parts() {
+  __shared__ ResidentParts parts;
+  return parts;
+}
+
+// input_gradient on tensor cores for H <= kResidentH, in 32-bit arithmetic (D * padded(H) fits in
+// an int): a row tile's dA parts are copied into shared memory once and serve every 64-column
+// tile of D, while W1's parts stream through sm.b, the next chunk (of this tile, or the next)
+// loading while this one multiplies.
+template <typename out_t>
+__device__ void input_gradient_resident(const uint16_t* da_parts, int64_t r0, int64_t r1, const Mlp<float>& f,
+                                        int H, int D, Tile<float, true>& sm, out_t* out) {
+  constexpr int kRowVectors = kResidentH / 8;
+  ResidentParts& da_tile = resident_parts();
+  using V = Vec<uint32_t, 4>;
+  const int Hp = static_cast<int>(padded(H));
+  const RawChunk<kTileCols, 3> w1(f.w1t_parts, Hp, D * Hp, D);
+  typename RawChunk<kTileCols, 3>::template Regs<float> next;
+  w1.load(0, 0, H, next);
+  for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
+    const int rows = tile_rows(row0, r1);
+    // Row r's parts lie one after another (3 x Hp values): zeros past them, and in the rows past
+    // the tile's.
+    for (int e = threadIdx.x; e < kTileRows * 3 * kRowVectors; e += kThreads) {
+      const int row = e / (3 * kRowVectors), p = e / kRowVectors % 3, c = e % kRowVectors * 8;
+      const bool in = row < rows && c < Hp;
+      *reinterpret_cast<V*>(&da_tile.a[p][row][c]) =
+          in ? *reinterpret_cast<const V*>(da_parts + ((row0 + row) * 3 + p) * Hp + c) : V{};
+    }
+    for (int d0 = 0; d0 < D; d0 += kTileCols) {
+      float acc[kOutputs] = {};
+      for (int k0 = 0; k0 < H; k0 += kTileK) {
+        w1.store(next, sm.b);
+        __syncthreads();
+        const bool last_k = k0 + kTileK >= H, last_d = d0 + kTileCols >= D;
+        if (!last_k || !last_d || row0 + kTileRows < r1) {
+          w1.load(last_k ? (last_d ? 0 : d0 + kTileCols) : d0, last_k ? 0 : k0 + kTileK, H, next);
+        }
+        multiply_parts<3, 3>(da_tile.a, k0, sm.b, acc);
+        __syncthreads();
+      }
+      store_tile(acc, out + row0 * D + d0, D, rows, D - d0);
+    }
+  }
+}
+
 // out[r] = W1^T da[r] for rows r0 <= r < r1: an MLP's input gradient (D wide) from its dA (H wide),
 // row r of each at r times its width. With tensor cores the tiles copy dA's bfloat16 parts instead,
-// row r's part p at da_parts[(3 r + p) * padded(H)], zero past H. Every thread of the block must
-// call it.
+// row r's part p at da_parts[(3 r + p) * padded(H)], zero past H: for H <= kResidentH
+// input_gradient_resident, which copies them once a row tile. Every thread of the block must call
+// it.
 template <typename out_t, typename acc_t>
 __device__ void input_gradient(const acc_t* da, const uint16_t* da_parts, int64_t r0, int64_t r1, const Mlp<acc_t>& f,
                                int64_t H, int64_t D, Tile<acc_t>& sm, out_t* out) {
+  if constexpr (kTensorCores<acc_t>) {
+    if (H <= kResidentH && D * padded(H) <= std::numeric_limits<int>::max()) {
+      input_gradient_resident(da_parts, r0, r1, f, static_cast<int>(H), static_cast<int>(D), sm, out);
+      return;
+    }
+  }
   for (int64_t row0 = r0; row0 < r1; row0 += kTileRows) {
     const int rows = tile_rows(row0, r1);
     for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
