@@ -127,15 +127,19 @@ def test_mma_multiplies_the_fragments_of_the_documented_layout(cuda_on_cpu_ops):
     assert not torch.allclose(cuda_on_cpu_ops.selftest_mma(a, b.flip(0), c), expected, rtol=1e-3, atol=1e-3)
 
 
-def test_ldmatrix_fragments_are_the_documented_layout(cuda_on_cpu_ops):
+@pytest.mark.parametrize("by_reduction", [False, True], ids=["along-reduction", "by-reduction"])
+def test_ldmatrix_fragments_are_the_documented_layout(by_reduction, cuda_on_cpu_ops):
     """load_a and load_b (csrc/cuda/mma.cuh): the rows each lane gives ldmatrix.x4, read as the
-    PTX ISA says ldmatrix hands them out, are mma_bf16's documented fragments: for A the block
-    itself, for B the block as [column][reduction], columns 0-7 in b[0] and 8-15 in b[1]."""
+    PTX ISA says ldmatrix hands them out (transposed with .trans), are mma_bf16's documented
+    fragments: for A the block itself, for B the block as [column][reduction], columns 0-7 in b[0]
+    and 8-15 in b[1]; load_a<true> and load_b<true> take the block transposed."""
     ld, col0 = 40, 8
     torch.manual_seed(0)
     x = torch.randn(16, ld).bfloat16()
     block = x.float()[:, col0 : col0 + 16]
-    got = cuda_on_cpu_ops.selftest_fragments(x, col0)
+    got = cuda_on_cpu_ops.selftest_fragments(x, col0, by_reduction)
+    if by_reduction:
+        block = block.T
     lane = torch.arange(32)
     g, t = lane // 4, lane % 4
     half = torch.arange(2)

@@ -67,34 +67,62 @@ __device__ inline void split_bf16(float x, uint16_t (&parts)[kParts]) {
 
 // ldmatrix.x4 for the calling warp, every lane of which must call it: lane j gives row(j), the
 // 16-byte aligned address in shared memory of row j % 8 of the 8 x 8 matrix j / 8 of bfloat16
-// values, and r[i] receives the pair at row lane / 4, columns 2 (lane % 4) + [0, 2) of matrix i.
-// The CPU build reads each pair from the row its lane would give. sm_75 and later.
-template <typename Row>
+// values, and r[i] receives the pair at row lane / 4, columns 2 (lane % 4) + [0, 2) of matrix i;
+// with kTrans (ldmatrix's .trans), the pair at rows 2 (lane % 4) + [0, 2), column lane / 4, the
+// lower row in the low half. The CPU build reads each pair from the rows its lanes would give.
+// sm_75 and later.
+template <bool kTrans = false, typename Row>
 __device__ void ldmatrix_x4(int lane, Row row, uint32_t (&r)[4]) {
 #ifdef PMOE_CUDA_ON_CPU
-  for (int i = 0; i < 4; ++i) std::memcpy(&r[i], row(8 * i + lane / 4) + 2 * (lane % 4), sizeof(uint32_t));
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (kTrans) {
+      uint16_t pair[2];
+      for (int h = 0; h < 2; ++h) std::memcpy(&pair[h], row(8 * i + 2 * (lane % 4) + h) + lane / 4, sizeof(uint16_t));
+      r[i] = pair[0] | static_cast<uint32_t>(pair[1]) << 16;
+    } else {
+      std::memcpy(&r[i], row(8 * i + lane / 4) + 2 * (lane % 4), sizeof(uint32_t));
+    }
+  }
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(row(lane)));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
 #else
   __trap();  // the tiles take this path only where kTensorCoreArch holds
 #endif
 }
 
 // mma_bf16's a for the 16 x 16 tile of A at p in shared memory: rows ld values apart, each row's
-// 16 values (along the reduction) contiguous.
+// 16 values (along the reduction) contiguous; with kByReduction, stored by column: one 16-value
+// column for each step of the reduction, ld values apart.
+template <bool kByReduction = false>
 __device__ inline void load_a(const uint16_t* p, int ld, int lane, uint32_t (&a)[4]) {
-  ldmatrix_x4(lane, [=](int j) { return p + j % 16 * ld + 8 * (j / 16); }, a);
+  if constexpr (kByReduction) {
+    ldmatrix_x4<true>(lane, [=](int j) { return p + (j % 8 + 8 * (j / 16)) * ld + 8 * (j / 8 % 2); }, a);
+  } else {
+    ldmatrix_x4(lane, [=](int j) { return p + j % 16 * ld + 8 * (j / 16); }, a);
+  }
 }
 
 // mma_bf16's b for the two 16 x 8 tiles of B at p in shared memory, stored by column: columns ld
-// values apart, each column's 16 values (along the reduction) contiguous; b[0] for columns [0, 8),
-// b[1] for [8, 16).
+// values apart, each column's 16 values (along the reduction) contiguous; with kByReduction,
+// stored by row: one 16-value row for each step of the reduction, ld values apart. b[0] for
+// columns [0, 8), b[1] for [8, 16).
+template <bool kByReduction = false>
 __device__ inline void load_b(const uint16_t* p, int ld, int lane, uint32_t (&b)[2][2]) {
   uint32_t r[4];
-  ldmatrix_x4(lane, [=](int j) { return p + (j % 8 + 8 * (j / 16)) * ld + 8 * (j / 8 % 2); }, r);
+  if constexpr (kByReduction) {
+    ldmatrix_x4<true>(lane, [=](int j) { return p + j % 16 * ld + 8 * (j / 16); }, r);
+  } else {
+    ldmatrix_x4(lane, [=](int j) { return p + (j % 8 + 8 * (j / 16)) * ld + 8 * (j / 8 % 2); }, r);
+  }
   b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 

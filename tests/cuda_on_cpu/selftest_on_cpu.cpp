@@ -43,13 +43,19 @@ __global__ void mma_kernel(const float* a, const float* b, const float* c, float
 }
 
 // out[lane] = the values of this lane's load_a and load_b fragments (csrc/cuda/mma.cuh) of the
-// 16 x 16 block at x + col0, x's rows ld values apart: a[0..3], then b[0][0..1], b[1][0..1], each
-// register's low half first.
-__global__ void fragments_kernel(const uint16_t* x, int ld, int col0, float* out) {
+// 16 x 16 block at x + col0, x's rows ld values apart (with by_reduction, load_a<true> and
+// load_b<true>: the block holds A by column and B by row): a[0..3], then b[0][0..1], b[1][0..1],
+// each register's low half first.
+__global__ void fragments_kernel(const uint16_t* x, int ld, int col0, bool by_reduction, float* out) {
   const int lane = threadIdx.x;
   uint32_t a[4], b[2][2];
-  pmoe_fast::load_a(x + col0, ld, lane, a);
-  pmoe_fast::load_b(x + col0, ld, lane, b);
+  if (by_reduction) {
+    pmoe_fast::load_a<true>(x + col0, ld, lane, a);
+    pmoe_fast::load_b<true>(x + col0, ld, lane, b);
+  } else {
+    pmoe_fast::load_a(x + col0, ld, lane, a);
+    pmoe_fast::load_b(x + col0, ld, lane, b);
+  }
   const uint32_t regs[8] = {a[0], a[1], a[2], a[3], b[0][0], b[0][1], b[1][0], b[1][1]};
   for (int i = 0; i < 16; ++i) {
     out[lane * 16 + i] = pmoe_fast::bf16_value(static_cast<uint16_t>(regs[i / 2] >> (16 * (i % 2))));
@@ -108,14 +114,14 @@ at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) { 
   return d;
 }
 
-at::Tensor fragments(const at::Tensor& x, int64_t col0) {  // bfloat16 (16, ld), col0 + 16 <= ld
+at::Tensor fragments(const at::Tensor& x, int64_t col0, bool by_reduction) {  // bfloat16 (16, ld), col0 + 16 <= ld
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) == 16 && 0 <= col0 &&
                   col0 + 16 <= x.size(1),
               "selftest_fragments: x bfloat16 (16, ld) and 0 <= col0 <= ld - 16");
   const at::Tensor in = x.contiguous();
   at::Tensor out = at::empty({32, 16}, in.options().dtype(at::kFloat));
   pmoe_fast::launch(fragments_kernel, dim3(1), 32, nullptr, reinterpret_cast<const uint16_t*>(in.const_data_ptr()),
-                    static_cast<int>(in.size(1)), static_cast<int>(col0), out.mutable_data_ptr<float>());
+                    static_cast<int>(in.size(1)), static_cast<int>(col0), by_reduction, out.mutable_data_ptr<float>());
   return out;
 }
 
