@@ -44,7 +44,8 @@
 //       dL/db2_s, over one of G runs of the source's rows; the last of a tile's G blocks adds
 //       their partial sums in group order. G gives every SM two of source z's tiles (2 x 13 of
 //       them at H = 64, D = 768: G = 11 on 132 SMs), where one block per tile summed all 9456
-//       rows. Reads the tokens ceil(H/32) times (58 MB) and dA once per 64-column tile.
+//       rows. Reads the tokens ceil(H/32) times (58 MB) and dA once per 64-column tile: for
+//       float, with bf16 tokens and prompt outputs, the bfloat16 parts launch 2 stored.
 //
 // The CPU build of this file (tests/cuda_on_cpu) runs these kernels in the test suite.
 
@@ -433,6 +434,80 @@ __device__ bool pair_chunk_fits(const void* ptr, int64_t stride_r, int64_t exten
   return reinterpret_cast<uintptr_t>(ptr) % (2 * kVec) == 0 && stride_r % kVec == 0 && extent >= kN;
 }
 
+// For tensor cores, dL/dW1's tiles whose operands both lie along their index (dA's parts as A,
+// bfloat16 inputs as B): the chunks by reduction step, [part][reduction][row of A or column of B],
+// read by load_a<true> and load_b<true> (ldmatrix's .trans). Rows 80 and 144 bytes long: 16-byte
+// aligned, and ldmatrix's 8 rows of a matrix on 32 different banks.
+struct RowsTile {
+  alignas(16) uint16_t a[3][kTileK][kTileRows + 8];
+  alignas(16) uint16_t b[1][kTileK][kTileCols + 8];
+};
+__device__ inline RowsTile& rows_tile() {
+  __shared__ RowsTile tile;
+  return tile;
+}
+
+// For tensor cores: the chunks of an operand in kParts bfloat16 parts that lies along its index,
+// copied into a RowsTile as they are, kVec values along the index at a time. Element (i, r) of part
+// p is ptr[r * stride_r + p * part_stride + i] for i < extent, 0 past it, whole vectors at a time:
+// ptr must be 2 * kVec bytes aligned, stride_r and part_stride multiples of kVec, and the memory
+// readable up to extent rounded up to kVec (index_chunk_fits).
+template <int kN, int kParts_>
+struct IndexChunk {
+  static constexpr int kParts = kParts_;
+  static constexpr int kVec = raw_vector<kN, kParts>();
+  static constexpr int kRowVectors = kN / kVec;
+  static constexpr int kCount = kParts * kTileK * kRowVectors / kThreads;
+  static_assert(kVec >= 2 && kCount * kThreads == kParts * kTileK * kRowVectors);
+  using V = Vec<uint32_t, kVec / 2>;
+  template <typename>
+  using Regs = V[kCount];
+  const uint16_t* first[kCount];  // this thread's vectors at reduction 0
+  bool in[kCount];                // whether they are in the operand (index < extent)
+  bool whole;                     // whether all of the chunk's indices are (extent >= kN)
+  int64_t stride_r;
+
+  // Vector e of this thread: index, then part, then reduction step, as consecutive threads go.
+  __device__ static int index(int e) { return (threadIdx.x + e * kThreads) % kRowVectors * kVec; }
+  __device__ static int part(int e) { return (threadIdx.x + e * kThreads) / kRowVectors % kParts; }
+  __device__ static int step(int e) { return (threadIdx.x + e * kThreads) / (kRowVectors * kParts); }
+
+  __device__ IndexChunk(const uint16_t* ptr, int64_t stride_r, int64_t part_stride, int64_t extent)
+      : whole(extent >= kN), stride_r(stride_r) {
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) {
+      first[e] = ptr + step(e) * stride_r + part(e) * part_stride + index(e);
+      in[e] = index(e) < extent;
+    }
+  }
+
+  // A chunk inside the operand loads without masks.
+  __device__ void load(int64_t r0, int64_t len, V (&v)[kCount]) const {
+    if (whole && r0 + kTileK <= len) {
+#pragma unroll
+      for (int e = 0; e < kCount; ++e) v[e] = *reinterpret_cast<const V*>(first[e] + r0 * stride_r);
+      return;
+    }
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) {
+      v[e] = r0 + step(e) < len && in[e] ? *reinterpret_cast<const V*>(first[e] + r0 * stride_r) : V{};
+    }
+  }
+
+  template <int kP, int kLd>
+  __device__ void store(const V (&v)[kCount], uint16_t (&chunk)[kP][kTileK][kLd]) const {
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) *reinterpret_cast<V*>(&chunk[part(e)][step(e)][index(e)]) = v[e];
+  }
+};
+
+// Whether an IndexChunk<kN, kParts> may read the operand at ptr: aligned vectors.
+template <int kN, int kParts>
+__device__ bool index_chunk_fits(const void* ptr, int64_t stride_r, int64_t part_stride) {
+  constexpr int kVec = IndexChunk<kN, kParts>::kVec;
+  return reinterpret_cast<uintptr_t>(ptr) % (2 * kVec) == 0 && stride_r % kVec == 0 && part_stride % kVec == 0;
+}
+
 // acc[i] += sum_{r < kTileK} A(out_row(i), r) * B(r, out_col(i)) over one chunk, r in increasing
 // order: FMAs (the parts' counts are the tensor cores').
 template <int kPartsA, int kPartsB, typename acc_t>
@@ -449,24 +524,27 @@ __device__ void multiply_chunk(const Tile<acc_t, false>& sm, acc_t (&acc)[kOutpu
 }
 
 // The same on tensor cores, A and B of kPartsA and kPartsB bfloat16 parts, A's chunk at reduction
-// ka of its rows (kLdA values apart; ka a multiple of 16): for each 16 of the reduction, each of
-// the warp's two 16 x 8 tiles takes the products of parts (pa, pb), pa + pb <= 2, in the order of
-// pb, then pa. A warp loads each part's 16 x 16 block of A, and of B, with one ldmatrix (load_a,
-// load_b).
-template <int kPartsA, int kPartsB, int kLdA, int kLdB>
-__device__ void multiply_parts(const uint16_t (&sm_a)[3][kTileRows][kLdA], int ka,
-                               const uint16_t (&sm_b)[3][kTileCols][kLdB], float (&acc)[kOutputs]) {
+// ka (a multiple of 16) of its shared-memory rows: for each 16 of the reduction, each of the
+// warp's two 16 x 8 tiles takes the products of parts (pa, pb), pa + pb <= 2, in the order of pb,
+// then pa. A warp loads each part's 16 x 16 block of A, and of B, with one ldmatrix (load_a,
+// load_b). The operands lie [part][row of A or column of B][reduction] (Tile), or with
+// kByReduction [part][reduction][row of A or column of B] (RowsTile).
+template <int kPartsA, int kPartsB, bool kByReduction = false, typename SmA, typename SmB>
+__device__ void multiply_parts(const SmA& sm_a, int ka, const SmB& sm_b, float (&acc)[kOutputs]) {
+  constexpr int kLdA = std::extent_v<SmA, 2>, kLdB = std::extent_v<SmB, 2>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int m0 = 16 * (warp / 4), n0 = 16 * (warp % 4);
 #pragma unroll
   for (int k0 = 0; k0 < kTileK; k0 += 16) {
     uint32_t a[kPartsA][4];
 #pragma unroll
-    for (int p = 0; p < kPartsA; ++p) load_a(&sm_a[p][m0][ka + k0], kLdA, lane, a[p]);
+    for (int p = 0; p < kPartsA; ++p) {
+      load_a<kByReduction>(kByReduction ? &sm_a[p][ka + k0][m0] : &sm_a[p][m0][ka + k0], kLdA, lane, a[p]);
+    }
 #pragma unroll
     for (int pb = 0; pb < kPartsB; ++pb) {
       uint32_t b[2][2];
-      load_b(&sm_b[pb][n0][k0], kLdB, lane, b);
+      load_b<kByReduction>(kByReduction ? &sm_b[pb][k0][n0] : &sm_b[pb][n0][k0], kLdB, lane, b);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -481,11 +559,17 @@ __device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutput
   multiply_parts<kPartsA, kPartsB>(sm.a, 0, sm.b, acc);
 }
 
+template <int kPartsA, int kPartsB>
+__device__ void multiply_chunk(const RowsTile& sm, float (&acc)[kOutputs]) {
+  multiply_parts<kPartsA, kPartsB, true>(sm.a, 0, sm.b, acc);
+}
+
 // acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile,
-// the operands' chunks loaded by a and b (OperandChunk, RawChunk, PairChunk). The next chunk's
-// operands are loaded into registers while this one's products run.
-template <typename ChunkA, typename ChunkB, typename acc_t>
-__device__ void chunk_product(int64_t len, const ChunkA& a, const ChunkB& b, Tile<acc_t>& sm, acc_t (&acc)[kOutputs]) {
+// the operands' chunks loaded by a and b (OperandChunk, RawChunk, PairChunk into a Tile,
+// IndexChunk into a RowsTile). The next chunk's operands are loaded into registers while this
+// one's products run.
+template <typename ChunkA, typename ChunkB, typename SmTile, typename acc_t>
+__device__ void chunk_product(int64_t len, const ChunkA& a, const ChunkB& b, SmTile& sm, acc_t (&acc)[kOutputs]) {
   typename ChunkA::template Regs<acc_t> next_a;
   typename ChunkB::template Regs<acc_t> next_b;
   a.load(0, len, next_a);
@@ -526,15 +610,24 @@ __device__ void product_by_parts(int64_t len, const Operand<TA>& a_op, const Raw
 }
 
 // dL/dW1's tile product over len rows of a source's inputs, tokens or prompt outputs: A = dA^T by
-// the inputs, both along their index. On tensor cores, bfloat16 rows that pair_chunk_fits takes
-// are copied as they are; other rows are converted.
+// the inputs, both along their index. On tensor cores, bfloat16 inputs that fill the tile's
+// columns are copied as they are: with dA's bfloat16 parts (da_parts, row r's part p at
+// da_parts[r * 3 * Hp + p * Hp], zero past H; or nullptr) both operands are (IndexChunk),
+// otherwise dA is split chunk by chunk beside inputs that pair_chunk_fits takes. Other inputs are
+// converted.
 template <typename acc_t, typename TB>
-__device__ void da_rows_product(int64_t len, const Operand<acc_t>& da_op, const Operand<TB>& x_op, Tile<acc_t>& sm,
-                                acc_t (&acc)[kOutputs]) {
+__device__ void da_rows_product(int64_t len, const Operand<acc_t>& da_op, const uint16_t* da_parts, int64_t Hp,
+                                const Operand<TB>& x_op, Tile<acc_t>& sm, acc_t (&acc)[kOutputs]) {
   if constexpr (kTensorCores<acc_t> && std::is_same_v<TB, c10::BFloat16>) {
-    if (pair_chunk_fits<kTileCols>(x_op.ptr, x_op.stride_r, x_op.extent)) {
-      const PairChunk<kTileCols> x(reinterpret_cast<const uint16_t*>(x_op.ptr), x_op.stride_r);
-      chunk_product(len, OperandChunk<kTileRows, Along::kIndex, acc_t>(da_op), x, sm, acc);
+    const auto* x = reinterpret_cast<const uint16_t*>(x_op.ptr);
+    if (da_parts != nullptr && x_op.extent >= kTileCols && index_chunk_fits<kTileCols, 1>(x, x_op.stride_r, 0)) {
+      chunk_product(len, IndexChunk<kTileRows, 3>(da_parts, 3 * Hp, Hp, da_op.extent),
+                    IndexChunk<kTileCols, 1>(x, x_op.stride_r, 0, kTileCols), rows_tile(), acc);
+      return;
+    }
+    if (pair_chunk_fits<kTileCols>(x, x_op.stride_r, x_op.extent)) {
+      const PairChunk<kTileCols> b(x, x_op.stride_r);
+      chunk_product(len, OperandChunk<kTileRows, Along::kIndex, acc_t>(da_op), b, sm, acc);
       return;
     }
   }
@@ -1137,19 +1230,25 @@ __global__ void __launch_bounds__(kThreads)
   if (blockIdx.x < w1_tiles) {
     const int64_t h0 = blockIdx.x / d_tiles * kTileRows, d0 = blockIdx.x % d_tiles * kTileCols;
     acc_t acc[kOutputs] = {};
+    const int64_t Hp = padded(H);
+    const auto parts = [&](const uint16_t* da_parts, int64_t row) -> const uint16_t* {  // from unit h0
+      return kTensorCores<acc_t> && end > begin ? da_parts + row * 3 * Hp + h0 : nullptr;
+    };
     if (s == 2) {  // rows (k, b, t) of each image's token range
       for (int64_t kb = begin; kb < end; ++kb) {
         const int64_t k = kb / B, b = kb % B, start = in.tok_start[k];
         const int64_t len = in.tok_end[k] - start;
         da_rows_product(len, Operand<acc_t>{scratch.da_z + (kb * T + start) * H + h0, 1, H, H - h0},
+                        parts(scratch.da_z_parts, kb * T + start), Hp,
                         Operand<scalar_t>{in.token_row(k, b, start) + d0, 1, in.stride_z_t, D - d0, D - d0}, tile,
                         acc);
       }
     } else if (s == 1) {  // rows (k, b, n) of Z_P
       da_rows_product(end - begin, Operand<acc_t>{scratch.da_p + begin * H + h0, 1, H, H - h0},
+                      parts(scratch.da_p_parts, begin), Hp,
                       Operand<scalar_t>{in.prompt_out + begin * D + d0, 1, D, D - d0, D - d0}, tile, acc);
-    } else {  // rows (k, n) of P
-      da_rows_product(end - begin, Operand<acc_t>{scratch.da_e + begin * H + h0, 1, H, H - h0},
+    } else {  // rows (k, n) of P, whose dA launch 2 keeps in floats only
+      da_rows_product(end - begin, Operand<acc_t>{scratch.da_e + begin * H + h0, 1, H, H - h0}, nullptr, Hp,
                       Operand<acc_t>{in.prompts + begin * D + d0, 1, D, D - d0, D - d0}, tile, acc);
     }
     // A block's partial sums go to its slot in thread order: output i of thread t at t + i * kThreads.
