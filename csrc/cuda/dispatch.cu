@@ -21,12 +21,13 @@
 // (split_weights_kernel, one small launch writing 0.6 MB an MLP at H = 64, D = 768).
 //  * forward, ONE launch (after zeroing K * B arrival counters), grid K + K*B + K*B*C, block
 //    256: block k runs f_e on P[k], once for all of expert k's images; block (k, b) f_p on
-//    Z_P[k, b] (with prompt_out); block (k, b, c) computes W1_z Z + b1_z for its 64 tokens tile by
-//    tile (32 tokens x 64 units, D in chunks of 32 through shared memory), writes them to z_act
-//    and the sum of their gelu to scratch. The last of an image's blocks to finish, whichever it
-//    is, takes the mean over the chunks in chunk order, adds the three logits, takes the softmax
-//    and mixes the prompts. Reads the tokens once (29 MB) and W1 once per tile of 32 tokens (from
-//    L2); writes z_act (2.4 MB) and the small outputs. 0.93 GFLOP.
+//    Z_P[k, b] (with prompt_out); block (k, b, c) computes W1_z Z + b1_z for its 64 tokens in tiles
+//    of 32 tokens x 64 units, D in chunks of 32 through shared memory (bf16 tokens: both tiles
+//    from each chunk of W1's parts), writes them to z_act and the sum of their gelu to scratch.
+//    The last of an image's blocks to finish, whichever it is, takes the mean over the chunks in
+//    chunk order, adds the three logits, takes the softmax and mixes the prompts. Reads the tokens
+//    once (29 MB) and W1 once per tile of 32 tokens, or of 64 (from L2); writes z_act (2.4 MB) and
+//    the small outputs. 0.93 GFLOP.
 //  * backward, THREE launches:
 //    1. grid K*B*ceil(Np/8): a block takes 8 of an image's prompt rows through the mixture and
 //       the softmax backward (a warp per (n, j), lanes along D); the last of an image's blocks
@@ -564,6 +565,37 @@ __device__ void multiply_chunk(const RowsTile& sm, float (&acc)[kOutputs]) {
   multiply_parts<kPartsA, kPartsB, true>(sm.a, 0, sm.b, acc);
 }
 
+// multiply_chunk for two tiles of A (sm.a, then a1, laid out alike) beside one chunk of B, whose
+// fragments serve both: each tile's products in multiply_parts' order.
+template <int kPartsA, int kPartsB, typename SmA>
+__device__ void multiply_pair(const Tile<float, true>& sm, const SmA& a1, float (&acc)[2][kOutputs]) {
+  constexpr int kLd = kTileK + 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int m0 = 16 * (warp / 4), n0 = 16 * (warp % 4);
+#pragma unroll
+  for (int k0 = 0; k0 < kTileK; k0 += 16) {
+    uint32_t a[2][kPartsA][4];
+#pragma unroll
+    for (int p = 0; p < kPartsA; ++p) {
+      load_a(&sm.a[p][m0][k0], kLd, lane, a[0][p]);
+      load_a(&a1[p][m0][k0], kLd, lane, a[1][p]);
+    }
+#pragma unroll
+    for (int pb = 0; pb < kPartsB; ++pb) {
+      uint32_t b[2][2];
+      load_b(&sm.b[pb][n0][k0], kLd, lane, b);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int pa = 0; pa < kPartsA && pa + pb <= 2; ++pa) mma_bf16(&acc[q][4 * j], a[q][pa], b[j]);
+        }
+      }
+    }
+  }
+}
+
 // acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile,
 // the operands' chunks loaded by a and b (OperandChunk, RawChunk, PairChunk into a Tile,
 // IndexChunk into a RowsTile). The next chunk's operands are loaded into registers while this
@@ -592,6 +624,41 @@ template <Along kAlongA, Along kAlongB, typename acc_t, typename TA, typename TB
 __device__ void tile_product(int64_t len, const Operand<TA>& a_op, const Operand<TB>& b_op, Tile<acc_t>& sm,
                              acc_t (&acc)[kOutputs]) {
   chunk_product(len, OperandChunk<kTileRows, kAlongA, TA>(a_op), OperandChunk<kTileCols, kAlongB, TB>(b_op), sm, acc);
+}
+
+// chunk_product_pair's second tile of A, laid out as Tile's a.
+struct SecondRows {
+  alignas(16) uint16_t a[3][kTileRows][kTileK + 8];
+};
+__device__ inline SecondRows& second_rows() {
+  __shared__ SecondRows rows;
+  return rows;
+}
+
+// chunk_product for two tiles of A rows, a0 into acc[0] and a1 into acc[1], beside one B: each
+// chunk of B is loaded once for both.
+template <typename ChunkA, typename ChunkB>
+__device__ void chunk_product_pair(int64_t len, const ChunkA& a0, const ChunkA& a1, const ChunkB& b,
+                                   Tile<float, true>& sm, float (&acc)[2][kOutputs]) {
+  auto& sm_a1 = second_rows().a;
+  typename ChunkA::template Regs<float> next_a0, next_a1;
+  typename ChunkB::template Regs<float> next_b;
+  a0.load(0, len, next_a0);
+  a1.load(0, len, next_a1);
+  b.load(0, len, next_b);
+  for (int64_t r0 = 0; r0 < len; r0 += kTileK) {
+    a0.store(next_a0, sm.a);
+    a1.store(next_a1, sm_a1);
+    b.store(next_b, sm.b);
+    __syncthreads();
+    if (r0 + kTileK < len) {
+      a0.load(r0 + kTileK, len, next_a0);
+      a1.load(r0 + kTileK, len, next_a1);
+      b.load(r0 + kTileK, len, next_b);
+    }
+    multiply_pair<ChunkA::kParts, ChunkB::kParts>(sm, sm_a1, acc);
+    __syncthreads();
+  }
 }
 
 // A by one of W1's bfloat16 parts (Mlp) as B: bfloat16 rows of A that raw_chunk_fits takes copied
@@ -634,6 +701,15 @@ __device__ void da_rows_product(int64_t len, const Operand<acc_t>& da_op, const 
   tile_product<Along::kIndex, Along::kIndex>(len, da_op, x_op, sm, acc);
 }
 
+// pre[i] += b1[h0 + out_col(i)] for this thread's outputs in a tile's first rows rows and H columns.
+template <typename acc_t>
+__device__ void add_bias(const Mlp<acc_t>& f, int64_t H, int64_t h0, int rows, acc_t (&pre)[kOutputs]) {
+  for (int i = 0; i < kOutputs; ++i) {
+    const int64_t h = h0 + out_col(i);
+    if (out_row(i) < rows && h < H) pre[i] += f.b1[h];
+  }
+}
+
 // This thread's pre-activations pre[i] of feature h0 + out_col(i) for row out_row(i) of x (row
 // stride stride_x): W1 x + b1, or x itself when H = 0 (f = Linear(D, K): its features are its
 // inputs). Zero for rows >= rows and features >= Hz. Every thread of the block must call it.
@@ -657,10 +733,32 @@ __device__ void pre_activation_tile(const x_t* x, int64_t stride_x, int rows, co
   } else {
     tile_product<Along::kReduction, Along::kReduction>(D, x_op, Operand<acc_t>{f.w1 + h0 * D, D, 1, H - h0}, sm, pre);
   }
-  for (int i = 0; i < kOutputs; ++i) {
-    const int64_t h = h0 + out_col(i);
-    if (out_row(i) < rows && h < H) pre[i] += f.b1[h];
+  add_bias(f, H, h0, rows, pre);
+}
+
+// pre_activation_tile for x's first rows0 rows into pre[0] and, where they can share W1's chunks
+// (tensor cores, bfloat16 rows that raw_chunk_fits takes, rows1 > 0), for the rows1 after them
+// into pre[1]: a tile at a time streams all of W1's parts through the block for each tile.
+// Returns the number of tiles done, 1 or 2.
+template <typename x_t, typename acc_t>
+__device__ int pre_activation_tiles(const x_t* x, int64_t stride_x, int rows0, int rows1, const Mlp<acc_t>& f,
+                                    int64_t H, int64_t D, int64_t h0, Tile<acc_t>& sm,
+                                    acc_t (&pre)[2][kOutputs]) {
+  if constexpr (kTensorCores<acc_t> && std::is_same_v<x_t, c10::BFloat16>) {
+    if (H > 0 && rows1 > 0 && raw_chunk_fits<kTileRows, 1>(x, stride_x, D)) {
+      const int64_t Dp = padded(D);
+      const RawChunk<kTileCols, 3> w1(f.w1_parts + h0 * Dp, Dp, H * Dp, H - h0);
+      const auto* rows = reinterpret_cast<const uint16_t*>(x);
+      const RawChunk<kTileRows, 1> x0(rows, stride_x, 0, rows0), x1(rows + kTileRows * stride_x, stride_x, 0, rows1);
+      for (int i = 0; i < kOutputs; ++i) pre[0][i] = pre[1][i] = 0.0f;
+      chunk_product_pair(D, x0, x1, w1, sm, pre);
+      add_bias(f, H, h0, rows0, pre[0]);
+      add_bias(f, H, h0, rows1, pre[1]);
+      return 2;
+    }
   }
+  pre_activation_tile(x, stride_x, rows0, f, H, D, h0, sm, pre[0]);
+  return 1;
 }
 
 // Stores this thread's outputs of a tile at out (rows ld values apart), those in its first rows
@@ -925,7 +1023,7 @@ __global__ void __launch_bounds__(kThreads)
     b_lo = kb % B;
     b_hi = b_lo + 1;
     const bool hidden = H > 0;
-    acc_t pre[kOutputs];
+    acc_t pre[2][kOutputs];
     const int64_t start = in.tok_start[k], end = in.tok_end[k], count = end - start;
     acc_t* z_act = z_act_ptr + kb * in.T * H;
     if (chunk == 0) {
@@ -939,17 +1037,22 @@ __global__ void __launch_bounds__(kThreads)
     acc_t* chunk_sums = chunk_sums_ptr + kb * C * Hz;
     for (int64_t h0 = 0; h0 < Hz; h0 += kTileCols) {
       acc_t sum[kOutputs] = {};  // per tile position, over the chunk's token tiles in order
-      for (int64_t t0 = chunk_start; t0 < chunk_end; t0 += kTileRows) {
-        const int rows = tile_rows(t0, chunk_end);
-        pre_activation_tile(in.token_row(k, b_lo, t0), in.stride_z_t, rows, in.f[2], H, D, h0, tile, pre);
-        for (int i = 0; i < kOutputs; ++i) {
-          const int row = out_row(i);
-          const int64_t h = h0 + out_col(i);
-          if (row < rows && h < Hz) {
-            if (hidden) z_act[(t0 + row) * H + h] = pre[i];
-            sum[i] += activation(pre[i], hidden);
+      for (int64_t t0 = chunk_start; t0 < chunk_end;) {
+        const int rows[2] = {tile_rows(t0, chunk_end),
+                             t0 + kTileRows < chunk_end ? tile_rows(t0 + kTileRows, chunk_end) : 0};
+        const int tiles = pre_activation_tiles(in.token_row(k, b_lo, t0), in.stride_z_t, rows[0], rows[1], in.f[2],
+                                               H, D, h0, tile, pre);
+        for (int q = 0; q < tiles; ++q) {
+          for (int i = 0; i < kOutputs; ++i) {
+            const int row = out_row(i);
+            const int64_t h = h0 + out_col(i);
+            if (row < rows[q] && h < Hz) {
+              if (hidden) z_act[(t0 + q * kTileRows + row) * H + h] = pre[q][i];
+              sum[i] += activation(pre[q][i], hidden);
+            }
           }
         }
+        t0 += tiles * kTileRows;
       }
       for (int i = 0; i < kOutputs; ++i) features[out_row(i)][out_col(i)] = sum[i];
       __syncthreads();
