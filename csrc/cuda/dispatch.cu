@@ -768,9 +768,12 @@ template <typename out_t, typename acc_t>
 __device__ void store_tile(const acc_t (&acc)[kOutputs], out_t* out, int64_t ld, int rows, int64_t cols) {
   const bool aligned = ld % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * sizeof(out_t)) == 0;
   if (rows == kTileRows && cols >= kTileCols && aligned) {
+    // Output i's place from output 0's: 8 rows down for i / 2 odd, 8 columns on from i = 4.
+    out_t* const first = out + out_row(0) * ld + out_col(0);
+    const int64_t down = 8 * ld;
 #pragma unroll
     for (int i = 0; i < kOutputs; i += 2) {
-      *reinterpret_cast<Vec<out_t, 2>*>(out + out_row(i) * ld + out_col(i)) = {
+      *reinterpret_cast<Vec<out_t, 2>*>(first + (i / 2 % 2) * down + 8 * (i / 4)) = {
           {static_cast<out_t>(acc[i]), static_cast<out_t>(acc[i + 1])}};
     }
     return;
