@@ -1198,11 +1198,6 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
   acc_t* pre_p = scratch.pre_p + kb * Np * H;
   acc_t* da_p = scratch.da_p + kb * Np * H;
   uint16_t* da_p_parts = kTensorCores<acc_t> ? scratch.da_p_parts + kb * Np * 3 * Hp : nullptr;
-  if (kTensorCores<acc_t> && Hp > H) {  // the parts' padding
-    for (int64_t idx = threadIdx.x; idx < Np * 3 * (Hp - H); idx += kThreads) {
-      da_p_parts[idx / (Hp - H) * Hp + H + idx % (Hp - H)] = 0;
-    }
-  }
   acc_t pre[kOutputs];
   for (int64_t h0 = 0; h0 < H; h0 += kTileCols) {
     for (int64_t n0 = 0; n0 < Np; n0 += kTileRows) {
@@ -1210,14 +1205,16 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
       pre_activation_tile(x + n0 * D, D, rows, f, H, D, h0, tile, pre);
       for (int i = 0; i < kOutputs; ++i) {
         const int64_t n = n0 + out_row(i), h = h0 + out_col(i);
-        if (n - n0 < rows && h < H) {
+        if (n - n0 >= rows || h >= Hp) continue;
+        acc_t value = 0;  // and the parts' padding, h >= H, zero
+        if (h < H) {
           acc_t up = 0;  // (W2_p^T dl[n])[h]
           for (int64_t j = 0; j < K; ++j) up += f.w2[j * H + h] * dl[n * K + j];
-          const acc_t value = up * gelu_grad(pre[i]);
+          value = up * gelu_grad(pre[i]);
           pre_p[n * H + h] = pre[i];
           da_p[n * H + h] = value;
-          if constexpr (kTensorCores<acc_t>) store_parts(value, da_p_parts + n * 3 * Hp + h, Hp);
         }
+        if constexpr (kTensorCores<acc_t>) store_parts(value, da_p_parts + n * 3 * Hp + h, Hp);
       }
     }
   }
