@@ -524,32 +524,41 @@ __device__ void multiply_chunk(const Tile<acc_t, false>& sm, acc_t (&acc)[kOutpu
   }
 }
 
-// The same on tensor cores, A and B of kPartsA and kPartsB bfloat16 parts, A's chunk at reduction
-// ka (a multiple of 16) of its shared-memory rows: for each 16 of the reduction, each of the
-// warp's two 16 x 8 tiles takes the products of parts (pa, pb), pa + pb <= 2, in the order of pb,
-// then pa. A warp loads each part's 16 x 16 block of A, and of B, with one ldmatrix (load_a,
-// load_b). The operands lie [part][row of A or column of B][reduction] (Tile), or with
+// The same on tensor cores, A and B of kPartsA and kPartsB bfloat16 parts, for kTiles tiles of A
+// beside one chunk of B, whose fragments serve them all: tile q's chunk at reduction ka (a
+// multiple of 16) of sm_a[q]'s rows, its products into acc[q]. For each 16 of the reduction, each
+// of the warp's two 16 x 8 tiles takes the products of parts (pa, pb), pa + pb <= 2, in the order
+// of pb, then pa. A warp loads each part's 16 x 16 block of A, and of B, with one ldmatrix
+// (load_a, load_b). The operands lie [part][row of A or column of B][reduction] (Tile), or with
 // kByReduction [part][reduction][row of A or column of B] (RowsTile).
-template <int kPartsA, int kPartsB, bool kByReduction = false, typename SmA, typename SmB>
-__device__ void multiply_parts(const SmA& sm_a, int ka, const SmB& sm_b, float (&acc)[kOutputs]) {
+template <int kPartsA, int kPartsB, bool kByReduction = false, int kTiles, typename SmA, typename SmB>
+__device__ void multiply_parts(const SmA* const (&sm_a)[kTiles], int ka, const SmB& sm_b,
+                               float* const (&acc)[kTiles]) {
   constexpr int kLdA = std::extent_v<SmA, 2>, kLdB = std::extent_v<SmB, 2>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int m0 = 16 * (warp / 4), n0 = 16 * (warp % 4);
 #pragma unroll
   for (int k0 = 0; k0 < kTileK; k0 += 16) {
-    uint32_t a[kPartsA][4];
+    uint32_t a[kTiles][kPartsA][4];
 #pragma unroll
-    for (int p = 0; p < kPartsA; ++p) {
-      load_a<kByReduction>(kByReduction ? &sm_a[p][ka + k0][m0] : &sm_a[p][m0][ka + k0], kLdA, lane, a[p]);
+    for (int q = 0; q < kTiles; ++q) {
+      const SmA& t = *sm_a[q];
+#pragma unroll
+      for (int p = 0; p < kPartsA; ++p) {
+        load_a<kByReduction>(kByReduction ? &t[p][ka + k0][m0] : &t[p][m0][ka + k0], kLdA, lane, a[q][p]);
+      }
     }
 #pragma unroll
     for (int pb = 0; pb < kPartsB; ++pb) {
       uint32_t b[2][2];
       load_b<kByReduction>(kByReduction ? &sm_b[pb][k0][n0] : &sm_b[pb][n0][k0], kLdB, lane, b);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int q = 0; q < kTiles; ++q) {
 #pragma unroll
-        for (int pa = 0; pa < kPartsA && pa + pb <= 2; ++pa) mma_bf16(&acc[4 * j], a[pa], b[j]);
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int pa = 0; pa < kPartsA && pa + pb <= 2; ++pa) mma_bf16(acc[q] + 4 * j, a[q][pa], b[j]);
+        }
       }
     }
   }
@@ -557,43 +566,12 @@ __device__ void multiply_parts(const SmA& sm_a, int ka, const SmB& sm_b, float (
 
 template <int kPartsA, int kPartsB>
 __device__ void multiply_chunk(const Tile<float, true>& sm, float (&acc)[kOutputs]) {
-  multiply_parts<kPartsA, kPartsB>(sm.a, 0, sm.b, acc);
+  multiply_parts<kPartsA, kPartsB>({&sm.a}, 0, sm.b, {acc});
 }
 
 template <int kPartsA, int kPartsB>
 __device__ void multiply_chunk(const RowsTile& sm, float (&acc)[kOutputs]) {
-  multiply_parts<kPartsA, kPartsB, true>(sm.a, 0, sm.b, acc);
-}
-
-// multiply_chunk for two tiles of A (sm.a, then a1, laid out alike) beside one chunk of B, whose
-// fragments serve both: each tile's products in multiply_parts' order.
-template <int kPartsA, int kPartsB, typename SmA>
-__device__ void multiply_pair(const Tile<float, true>& sm, const SmA& a1, float (&acc)[2][kOutputs]) {
-  constexpr int kLd = kTileK + 8;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int m0 = 16 * (warp / 4), n0 = 16 * (warp % 4);
-#pragma unroll
-  for (int k0 = 0; k0 < kTileK; k0 += 16) {
-    uint32_t a[2][kPartsA][4];
-#pragma unroll
-    for (int p = 0; p < kPartsA; ++p) {
-      load_a(&sm.a[p][m0][k0], kLd, lane, a[0][p]);
-      load_a(&a1[p][m0][k0], kLd, lane, a[1][p]);
-    }
-#pragma unroll
-    for (int pb = 0; pb < kPartsB; ++pb) {
-      uint32_t b[2][2];
-      load_b(&sm.b[pb][n0][k0], kLd, lane, b);
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-#pragma unroll
-          for (int pa = 0; pa < kPartsA && pa + pb <= 2; ++pa) mma_bf16(&acc[q][4 * j], a[q][pa], b[j]);
-        }
-      }
-    }
-  }
+  multiply_parts<kPartsA, kPartsB, true>({&sm.a}, 0, sm.b, {acc});
 }
 
 // acc[i] += sum_{r < len} A(out_row(i), r) * B(r, out_col(i)) for this thread's outputs of a tile,
@@ -656,7 +634,7 @@ __device__ void chunk_product_pair(int64_t len, const ChunkA& a0, const ChunkA& 
       a1.load(r0 + kTileK, len, next_a1);
       b.load(r0 + kTileK, len, next_b);
     }
-    multiply_pair<ChunkA::kParts, ChunkB::kParts>(sm, sm_a1, acc);
+    multiply_parts<ChunkA::kParts, ChunkB::kParts>({&sm.a, &sm_a1}, 0, sm.b, {acc[0], acc[1]});
     __syncthreads();
   }
 }
@@ -830,7 +808,7 @@ __device__ void input_gradient_resident(const uint16_t* da_parts, int64_t r0, in
         if (!last_k || !last_d || row0 + kTileRows < r1) {
           w1.load(last_k ? (last_d ? 0 : d0 + kTileCols) : d0, last_k ? 0 : k0 + kTileK, H, next);
         }
-        multiply_parts<3, 3>(da_tile.a, k0, sm.b, acc);
+        multiply_parts<3, 3>({&da_tile.a}, k0, sm.b, {acc});
         __syncthreads();
       }
       store_tile(acc, out + row0 * D + d0, D, rows, D - d0);
