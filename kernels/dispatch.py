@@ -93,10 +93,10 @@ D=768, bf16) they are 58 MB, against 0.6 MB for P and Np/T of that for Z_P. So:
 Numerics. Every reduction accumulates in float32. Matrix products take their operands in the
 parameters' dtype, as ``Dispatcher`` does (``x.to(param.dtype)``): fp32 parameters with bf16
 tokens multiply to fp32 accuracy on tensor cores (``_dot``): tf32x3, three tf32 products of
-heads and rests (plain tf32 would give 1e-3 relative errors; the forward splits them itself,
-``_dot_fwd``, with fewer instructions), or two where one operand comes
-from 16-bit tokens, which tf32 holds exactly. The one exception is the tokens' gradient when it
-is stored in bf16: one tf32 product errs well below bf16's rounding. The backward over bf16
+heads and rests (plain tf32 would give 1e-3 relative errors; a small batch's forward splits
+them itself, ``_dot_fwd``, with fewer instructions), or two where one operand comes
+from 16-bit tokens, which tf32 holds exactly. The one exception is the gradient of the tokens
+and of Z_P when it is stored in bf16: one tf32 product errs well below bf16's rounding. The backward over bf16
 activations splits its float32 operand into three bfloat16 parts instead (``_bf16x3``), whose
 exact products with the bf16 tiles sum to float32's accuracy (three of nine products for dZ and
 dZ_P, which are stored in bf16), and so do the forward's token chunks of bf16 tokens (W1 cut into
@@ -611,7 +611,8 @@ def _dispatch_fwd_kernel(
     hidden_e_ptr,  # (K, Np, H) out, float32: f_e's pre-activations; the three are placeholders
     hidden_p_ptr,  # (K, B, Np, H) out: f_p's     when save_hidden is 0 or HAS_HIDDEN is False,
     slopes_z_ptr,  # (K, B, T, H) out: f_z's GELU slopes gelu'(x W1^T + b1)   and hidden_p when
-    #                has_prompt_out is 0
+    #                has_prompt_out is 0; float32, or (K, B, T, 3, H) bfloat16 parts where
+    #                ``splits_bf16`` (``_store_split``)
     act_sums_z_ptr,  # (K, B, H) out, float32: each (k, b)'s sum over its tokens of gelu(x W1^T + b1);
     #                  a placeholder, as the three above
     scratch_ptr,  # float32: at 0 each token chunk's sums over its tokens: of gelu(x W1^T + b1)
@@ -1282,7 +1283,6 @@ def _store_partial(
         tl.store(partial_ptr + off_b2 + offs_k, acc_b2, mask=k_mask)
 
 
-# Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
 @triton.jit
 def _store_grad_tokens(
     dx,  # (BLOCK_T, BLOCK_DW) float32: dZ of tokens t, columns offs_dw
@@ -1303,6 +1303,7 @@ def _store_grad_tokens(
     tl.store(grad_base + t[:, None] * stride_grad_tokens_t + offs_dw[None, :], dx.to(grad_base.dtype.element_ty), mask=mask)
 
 
+# Triton would compile a flag equal to 1 as a constant, a second variant of the whole kernel.
 @triton.jit(do_not_specialize=["has_prompt_out", "need_grad_tokens", "add_grad"])
 def _dispatch_bwd_kernel(
     prompts_ptr,  # (K, Np, D)
@@ -1314,7 +1315,7 @@ def _dispatch_bwd_kernel(
     dlogits_ptr,  # (K, B, Np, K) float32, contiguous, from _dispatch_bwd_softmax_kernel
     hidden_e_ptr,  # (K, Np, H) float32, as the forward stored them: pre-activations of P,
     hidden_p_ptr,  # (K, B, Np, H)    of Z_P,
-    slopes_z_ptr,  # (K, B, T, H)     the tokens' GELU slopes,
+    slopes_z_ptr,  # (K, B, T, H)     the tokens' GELU slopes (``slopes_shape``),
     act_sums_z_ptr,  # (K, B, H)      and each (k, b)'s sum over its tokens of gelu; the four are
     #                  placeholders when HAS_HIDDEN is False, and hidden_p when has_prompt_out is 0
     dh_p_ptr,  # (K, B, Np, 3, H) bfloat16: f_p's dL/dh from _dispatch_bwd_softmax_kernel (bf16
@@ -1629,8 +1630,8 @@ def _forward_warps(Np: int, block_n: int, small_batch: bool) -> int:
     ``_NUM_WARPS["fwd"]`` while the prompts fit one BLOCK_N tile, else
     ``_NUM_WARPS["fwd_many_prompts"]`` (timed at Np = 10 and 50 only; see ``_NUM_WARPS``).
 
-    A small batch takes ``_NUM_WARPS["fwd_small_batch"]``, 8: its grid is about a program an SM (90
-    programs at K = 6, B = 1), each a chain of dependent D steps, and the forward's latency is the
+    A small batch takes ``_NUM_WARPS["fwd_small_batch"]``, 8: its grid is about a program an SM (108
+    programs at K = 6, B = 1, Np = 10), each a chain of dependent D steps, and the forward's latency is the
     longest chain (a token chunk's or f_p's since f_e runs in pieces, then the mixture of the group
     it completes). 8 warps split each step's tiles over twice the threads; in the sm_90a SASS of the
     B = 1 launch (K = 6, Np = 10, Triton 3.8) a warp's D step takes 368 instructions in f_e's
@@ -1659,7 +1660,7 @@ def _prompt_blocks(
     instructions a warp for 16 rows, 192 programs of one tile; it takes 204 for 64 rows, 30
     programs (167 registers, was 166, no spills). At Np = 50, 192 programs of two 32-row tiles
     (8 warps, 208 instructions a step) became 150 of one 64-row tile (181), 178 registers where
-    the launch took 182, and with 8 warps' two warpgroups 75 of one 128-row tile (164
+    the launch took 182, and with 8 warps' two warpgroups 78 of one 128-row tile (164
     instructions a step, 4 barriers where 64 rows took 16; ``_forward_blocks``). A small batch
     keeps BLOCK_P rows: B = 1 takes f_p's one tile an expert as before; so does H > 64, whose
     generic 4-warp variants spilled up to 120 bytes a thread with 64 rows against none.
@@ -1739,8 +1740,8 @@ def _forward_blocks(block_h: int, small_batch: bool, warps: int) -> tuple[int, i
 
     A small batch (B = 1 at inference; ``default_blocks`` says when) leaves most SMs idle: the
     forward's latency is the chain of dependent D steps each program walks. Chunks of 16 tokens
-    share the tokens among 4x the programs (14 an image at T = 197: with K*B <= SMs / 8 the grid
-    still fits one wave at two programs an SM), and with their smaller token tiles a W1 tile of
+    share the tokens among 4x the programs (13 an image at T = 197, beside an expert's f_p tile
+    and 4 f_e pieces: 108 programs at K = 6, under one wave at two programs an SM), and with their smaller token tiles a W1 tile of
     4096 elements, half the steps, fits: the model's B = 1 launch takes 255 registers without
     spills and 60 KB of shared memory (the generic variants spill up to 136 bytes). CUDA-graph
     replays of one forward on an H100 (T=197, D=768, H=64, Np=10, bf16 tokens;
@@ -1758,7 +1759,7 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
     """Block sizes and work split for one shape, without autotuning."""
     block_h = _hidden_blocks(H)
     # Registers of the backward: dW1's accumulator (BLOCK_H x BLOCK_DW) and the W1 tile at 4096
-    # floats each, 16 a thread at 8 warps, beside the hidden tiles (BLOCK_T x BLOCK_H) and the
+    # floats each, 32 a thread at the backward's 4 warps, beside the hidden tiles (BLOCK_T x BLOCK_H) and the
     # heads and rests of their split products; BLOCK_H = 128 takes a narrower d-tile and half the rows.
     block_dw = 4096 // max(block_h, 64)
     block_t = 32 if block_h <= 64 else 16
@@ -1813,8 +1814,9 @@ def default_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device
 
 def dispatch_blocks(K: int, B: int, Np: int, D: int, H: int, device: torch.device) -> Mapping[str, int]:
     """The block sizes the launchers use (read-only): ``default_blocks``, with any of them pinned by
-    ``PMOE_TRITON_BLOCKS="BLOCK_D=32,B_PER_PROG=1"`` for debugging (tl.dot needs BLOCK_T,
-    BLOCK_N, BLOCK_D, BLOCK_DW, BLOCK_H and BLOCK_KB >= 16 on a GPU)."""
+    ``PMOE_TRITON_BLOCKS="BLOCK_D=32,B_PER_PROG=1"`` for debugging (tl.dot needs every row,
+    column and step key >= 16 on a GPU: BLOCK_T, BLOCK_T_FWD, BLOCK_T_FWD_T, BLOCK_T_SPLIT, BLOCK_N,
+    BLOCK_P, BLOCK_ZP, BLOCK_D, BLOCK_D_FWD, BLOCK_DW, BLOCK_H and BLOCK_KB)."""
     key = (K, B, Np, D, H, device, os.environ.get(BLOCK_ENV, "").strip())
     if key not in _BLOCKS:
         if len(_BLOCKS) >= 256:  # shapes that keep changing: forget the old ones
@@ -1968,8 +1970,8 @@ def dispatch_fwd(
     """One launch. Returns ipt (K, B, Np, D) in the prompts' dtype (or ``ipt_out``), weights
     (K, B, Np, K) float32, and what the backward needs of the hidden layer, float32: (hidden_e
     (K, Np, H) and hidden_p (K, B, Np, H), the pre-activations x W1^T + b1 of P and Z_P; slopes_z
-    (K, B, T, H), the GELU slopes gelu'(x W1^T + b1) of the tokens (for bf16 tokens (K, B, T, 3, H)
-    bf16, ``slopes_shape``), rows outside each expert's token range not written; act_sums_z (K, B, H),
+    (K, B, T, H), the GELU slopes gelu'(x W1^T + b1) of the tokens (for bf16 tokens and H <= 64
+    (K, B, T, 3, H) bf16, ``slopes_shape``), rows outside each expert's token range not written; act_sums_z (K, B, H),
     each (k, b)'s sum over its tokens of gelu(x W1^T + b1)), each None without a
     hidden layer (hidden_p also without prompt_out) or without ``save_hidden`` (nothing will
     differentiate this call).
@@ -2227,7 +2229,7 @@ def unpack_groups(out: torch.Tensor, groups: Mapping[str, int], unpack) -> dict:
 # For torch.compile, the launchers as two operators (torch.library.custom_op), with autograd
 # registered on the forward: Dynamo sees each as one opaque call with a fake implementation, and
 # keeps a model's prompt layers in one graph, where tracing into the launchers would break it.
-# Their schema is that of the C++ ops (pmoe_fast/fused_dispatch.py). An operator may not return
+# Their inputs follow the C++ ops' (csrc/dispatch_cpu.cpp); their outputs differ. An operator may not return
 # None or tensors that alias each other: an output dispatch_fwd leaves None is an empty tensor,
 # and the parameter gradients come packed, one row of C floats per group. Eagerly the
 # autograd Function FusedDispatch calls the launchers itself, for less host time.
@@ -2569,11 +2571,13 @@ def triton_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p
     H = _hidden_width(params_e)
     if H > MAX_HIDDEN:
         reasons.append(f"The hidden width H={H} is more than {MAX_HIDDEN}, the widest the kernels are built for.")
-    if tokens.dim() == 4 and tokens.shape[:3].numel() * H >= 2**31:
-        reasons.append(
-            f"The tokens' pre-activations (K, B, T, H={H}) the forward keeps would span 2**31 elements or more; "
-            "the kernels index with 32-bit offsets: split the batch."
-        )
+    if tokens.dim() == 4:
+        parts = 3 if splits_bf16(tokens.dtype, H) else 1
+        if tokens.shape[:3].numel() * parts * H >= 2**31:
+            reasons.append(
+                f"The tokens' GELU slopes (K, B, T, {'3, ' if parts == 3 else ''}H={H}) the forward keeps for a "
+                "backward would span 2**31 elements or more; the kernels index with 32-bit offsets: split the batch."
+            )
     return reasons
 
 
@@ -2626,7 +2630,8 @@ def _variant(
 def _kernel_variants() -> list[dict]:
     """Every (kernel, constexprs, dtype signature) the launchers produce on a GPU with the default
     block sizes: BLOCK_H (and with it BLOCK_T, BLOCK_D and BLOCK_DW) takes one of three values (H = 0,
-    H <= 64, H <= 128), the forward's token chunk and D step one of two (small batches or not),
+    H <= 64, H <= 128), the forward's token chunk and D step follow from the batch (small or
+    not), the warps (more prompts than BLOCK_N take 8) and ``tokens_transposed`` (``_forward_blocks``),
     the dtypes one of DTYPE_SIGNATURES; BLOCK_K, BLOCK_N, BLOCK_KB and BLOCK_C are fixed, and
     prompt_out is a run-time switch. Triton specialises
     integer arguments further at run time (a value of 1 becomes a constant, multiples of 16 an

@@ -533,10 +533,13 @@ def test_reasons_dtypes_and_sizes():
     ]
     assert "K=17 experts" in " ".join(kd.triton_not_supported_reasons(*reason_inputs(K=17, device=DEVICE)))
     assert "H=129" in " ".join(kd.triton_not_supported_reasons(*reason_inputs(H=129, device=DEVICE)))
-    # 2**25 token rows of H = 64 pre-activations; expanded, so nothing is allocated.
+    # The GELU slopes of 2**25 token rows at H = 64 (expanded tokens: nothing is allocated), and of
+    # 2**24 rows of bf16 tokens, which keep three bf16 parts a slope: 3 * 2**30 elements.
     prompts, _, _, *params = reason_inputs(H=64, device=DEVICE)
-    tokens = torch.zeros(1, 1, 1, 16, device=DEVICE).expand(2, 2**16, 2**8, 16)
-    assert ["pre-activations" in r for r in kd.triton_not_supported_reasons(prompts, tokens, None, *params)] == [True]
+    for dtype, rows, refused in ((torch.float32, 2**16, True), (torch.float32, 2**15, False), (torch.bfloat16, 2**15, True)):
+        tokens = torch.zeros(1, 1, 1, 16, dtype=dtype, device=DEVICE).expand(2, rows, 2**8, 16)
+        reasons = kd.triton_not_supported_reasons(prompts, tokens, None, *params)
+        assert ["GELU slopes" in r for r in reasons] == ([True] if refused else []), (dtype, rows, reasons)
 
 
 # --- the variants the launchers produce, and that each builds for sm_90 ---------------------

@@ -6,7 +6,7 @@
 // cores for float (mma.sync on bfloat16 parts of each operand, to float's accuracy; sm_80 and
 // later: W1's parts are split once a call, bfloat16 tokens copied as they are) and with FMAs for
 // double; every reduction in a fixed order, so results are bitwise reproducible on one GPU (the
-// atomics, in the forward and launch 3, count arrivals; they order no sum).
+// atomics, in the forward, launch 1 and launch 3, count arrivals; they order no sum).
 // Arithmetic is in the accumulation dtype acc_t (dispatch.h: double for fp64 prompts, float
 // otherwise); prompts, parameters and grad_ipt are converted to acc_t up front (small tensors),
 // the tokens are read in place through their strides when at::opmath_type of their dtype is
