@@ -38,8 +38,10 @@ from pmoe_fast.fusion import _check_dtype, _check_same_device
 from pmoe_fast.kernels import TWICE_WITH_TORCH_DISPATCHER, first_order_only
 
 SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the order of every parameter list
-# The CUDA kernels keep the token ranges of all experts in their launch arguments.
+# The CUDA kernels keep the token ranges of all experts in their launch arguments, and walk a
+# chunk of 64 tokens' hidden units with a 32-bit index (csrc/cuda/dispatch.cu: kMaxExperts, kMaxHidden).
 MAX_CUDA_EXPERTS = 64
+MAX_CUDA_HIDDEN = (2**31 - 1) // 64 // 8 * 8
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # One source's f: (W1 (H, D) or None, b1 (H) or None, W2 (K, H) or (K, D) when H = 0, b2 (K)).
@@ -105,6 +107,8 @@ def cuda_not_supported_reasons(
         reasons.append(f"the CUDA op needs every tensor on one CUDA device, got tensors on {devices}")
     if prompts.dim() >= 1 and prompts.shape[0] > MAX_CUDA_EXPERTS:
         reasons.append(f"K = {prompts.shape[0]} experts; the CUDA kernels take at most {MAX_CUDA_EXPERTS}")
+    if params_e[0] is not None and params_e[0].dim() == 2 and params_e[0].shape[0] > MAX_CUDA_HIDDEN:
+        reasons.append(f"H = {params_e[0].shape[0]} hidden units; the CUDA kernels take at most {MAX_CUDA_HIDDEN}")
     return reasons + _input_reasons(prompts, tokens, prompt_out, params)
 
 

@@ -24,10 +24,10 @@ import test_cpp_dispatch as cpp_tests
 import test_dispatch_backends as backend_tests
 import test_prompt_fusion as fusion_tests
 import torch
-from test_cpp_dispatch import CASES, Case, assert_parity, forward_backward, make_case
+from test_cpp_dispatch import CASES, Case, assert_parity, forward_backward, make_case, source_params
 
 from pmoe_fast._ext import extension_status
-from pmoe_fast.fused_dispatch import dispatch_mlp
+from pmoe_fast.fused_dispatch import MAX_CUDA_HIDDEN, cuda_not_supported_reasons, dispatch_mlp
 
 # Two C++ builds (~35 s and, with the sanitizers, ~50 s on 2 cores), then 256 fibers a block:
 # ~3 minutes in all, the sanitizer build and run beside the other tests (sanitizer_run).
@@ -356,6 +356,20 @@ def test_dispatch_rejects_more_experts_than_the_kernels_take(dispatch_kernels):
     c = Case(K=65, B=1, Np=2, T=5, D=8, H=4)
     with pytest.raises(RuntimeError, match="the CUDA kernels take at most 64 experts, got K = 65"):
         forward_backward(c, "op", *make_case(c, "cpu"))
+
+
+def test_dispatch_rejects_a_hidden_layer_wider_than_the_kernels_index(dispatch_kernels):
+    """Launch 2 walks a chunk's 64 tokens x padded(H) values of dA with a 32-bit index: one unit
+    past MAX_CUDA_HIDDEN is named among the reasons and refused by the op before it allocates
+    anything H-sized (W1 alone is 134 MB here)."""
+    for H, refused in ((MAX_CUDA_HIDDEN, False), (MAX_CUDA_HIDDEN + 1, True)):
+        c = Case(K=1, B=1, Np=1, T=2, D=1, H=H)
+        disp, prompts, seq, prompt_out, grad_ipt = make_case(c, "cpu")
+        params = [source_params(disp, s) for s in "epz"]
+        reasons = " ".join(cuda_not_supported_reasons(prompts, seq, *c.ranges(), prompt_out, *params))
+        assert (f"take at most {MAX_CUDA_HIDDEN}" in reasons) == refused
+    with pytest.raises(RuntimeError, match=f"take a hidden width of at most {MAX_CUDA_HIDDEN}, got H = {H}"):
+        forward_backward(c, "op", disp, prompts, seq, prompt_out, grad_ipt)
 
 
 @pytest.mark.parametrize("name", ["odd-separate", "H0", "multi-tile"])

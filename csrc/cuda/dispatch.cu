@@ -89,6 +89,9 @@ constexpr int kSoftmaxRows = 8;
 // The token ranges of all experts travel in the launch arguments (no host-to-device copy).
 constexpr int kMaxExperts = 64;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+// The widest hidden layer: launch 2 walks a chunk's kChunkTokens x padded(H) values of dA with a
+// 32-bit index.
+constexpr int64_t kMaxHidden = std::numeric_limits<int32_t>::max() / kChunkTokens / 8 * 8;
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
@@ -1131,7 +1134,7 @@ __device__ void token_chunk_backward(const Inputs<scalar_t, acc_t>& in, int64_t 
     const acc_t* z_act = z_act_ptr + kb * T * H;
     const int width = static_cast<int>(kTensorCores<acc_t> ? Hp : H);
     const int elements = static_cast<int>(chunk_end - chunk_start) * width;
-    for (int e = threadIdx.x; e < elements; e += kThreads) {  // 32-bit index: at most kChunkTokens * Hp
+    for (int e = threadIdx.x; e < elements; e += kThreads) {  // 32-bit: H <= kMaxHidden (check_cuda_limits)
       const int64_t t = chunk_start + e / width;
       const int h = e % width;
       const acc_t value = h < H ? coef[h] * gelu_grad(z_act[t * H + h]) : acc_t(0);
@@ -1449,6 +1452,8 @@ void check_cuda_limits(const char* op, const DispatchSizes& s) {
               " experts, got K = ", s.K);
   TORCH_CHECK(s.K * s.B <= kMaxGridX && s.K * s.Np <= kMaxGridX, op,
               ": problem too large for the CUDA launch grid (K * B = ", s.K * s.B, ")");
+  TORCH_CHECK(s.H <= kMaxHidden, op, ": the CUDA kernels take a hidden width of at most ", kMaxHidden,
+              ", got H = ", s.H, "; use the cpp or torch backend");
 }
 
 // The forward's and launch 1's token chunks per image: enough for the longest token range.
