@@ -1431,7 +1431,7 @@ def _dispatch_bwd_kernel(
                             mask=n_mask[:, None] & dw_mask[None, :],
                         )
             _store_partial(
-                partials_ptr + (row_p0 + pid_g) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
+                partials_ptr + (row_p0 + pid_g).to(tl.int64) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
                 K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
             )
 
@@ -1517,7 +1517,7 @@ def _dispatch_bwd_kernel(
                         offs_dw, dw_mask, stride_grad_tokens_t, stride_grad_add_t, add_grad,
                     )
         _store_partial(
-            partials_ptr + (row_z0 + pid_g) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
+            partials_ptr + (row_z0 + pid_g).to(tl.int64) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
             K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
         )
     else:
@@ -1566,7 +1566,7 @@ def _dispatch_bwd_kernel(
                 mask=k_mask[:, None] & dw_mask[None, :],
             )
         _store_partial(
-            partials_ptr + (row_e0 + group) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
+            partials_ptr + (row_e0 + group).to(tl.int64) * C, acc_w1, acc_b1, acc_w2, acc_b2, offs_dw, is_first_d_tile,
             K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K,
         )
 
@@ -1596,14 +1596,14 @@ def _dispatch_bwd_reduce_kernel(
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if group_e == group:
         for r in range(row_e0, row_e1):
-            acc += tl.load(partials_ptr + r * C + cols, mask=mask, other=0.0)
+            acc += tl.load(partials_ptr + tl.cast(r, tl.int64) * C + cols, mask=mask, other=0.0)
     if group_p == group:
         for r in range(row_p0, row_p1):
-            acc += tl.load(partials_ptr + r * C + cols, mask=mask, other=0.0)
+            acc += tl.load(partials_ptr + tl.cast(r, tl.int64) * C + cols, mask=mask, other=0.0)
     if group_z == group:
         for r in range(row_z0, row_z1):
-            acc += tl.load(partials_ptr + r * C + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + group * C + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(partials_ptr + tl.cast(r, tl.int64) * C + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + group.to(tl.int64) * C + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2105,6 +2105,7 @@ def dispatch_bwd(
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     H = _hidden_width(params_e)
+    grad_ipt = _within_32_bits(grad_ipt)
     if H and hidden[0] is None:
         raise ValueError("dispatch_bwd needs the pre-activations the forward keeps: run dispatch_fwd with save_hidden=True")
     if prompt_out is not None and prompt_out.dtype != tokens.dtype:
@@ -2559,7 +2560,21 @@ def input_reasons(prompts, tokens, prompt_out, sources, interpreted: bool, modul
         )
     if prompts.shape[0] > MAX_EXPERTS:
         reasons.append(f"K={prompts.shape[0]} experts is more than {MAX_EXPERTS}: the logits tile is BLOCK_K=16 columns wide.")
+    if prompts.dim() == 3 and tokens.dim() == 4 and prompts.shape[0] * tokens.shape[1] * prompts.shape[1] * prompts.shape[2] >= 2**31:
+        reasons.append(
+            "The IPTs (K, B, Np, D) and their gradient would span 2**31 elements or more; the kernels index with "
+            "32-bit offsets: split the batch."
+        )
     return reasons
+
+
+def _within_32_bits(grad_ipt: torch.Tensor) -> torch.Tensor:
+    """grad_ipt, or a contiguous copy where its strides (a view into a larger gradient, say) span
+    2**31 elements or more: the kernels index it with 32-bit offsets, and ``input_reasons`` bounds
+    the contiguous (K, B, Np, D)."""
+    if sum((n - 1) * abs(st) for n, st in zip(grad_ipt.shape, grad_ipt.stride())) >= 2**31:
+        return grad_ipt.contiguous()
+    return grad_ipt
 
 
 def triton_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p, params_z) -> list[str]:
@@ -2577,6 +2592,11 @@ def triton_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p
             reasons.append(
                 f"The tokens' GELU slopes (K, B, T, {'3, ' if parts == 3 else ''}H={H}) the forward keeps for a "
                 "backward would span 2**31 elements or more; the kernels index with 32-bit offsets: split the batch."
+            )
+        if prompt_out is not None and prompt_out.dim() == 4 and prompt_out.shape[:3].numel() * parts * H >= 2**31:
+            reasons.append(
+                f"f_p's saved rows (K, B, Np, {'3, ' if parts == 3 else ''}H={H}) would span 2**31 elements or more; "
+                "the kernels index with 32-bit offsets: split the batch."
             )
     return reasons
 

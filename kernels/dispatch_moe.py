@@ -926,7 +926,7 @@ def _dispatch_moe_bwd_kernel(
                         mask=mask,
                     )
         _store_moe_partial(
-            partials_ptr + partial_row * C, role, acc_rw, acc_rb, acc_w1, acc_b1, acc_w2, acc_b2,
+            partials_ptr + partial_row.to(tl.int64) * C, role, acc_rw, acc_rb, acc_w1, acc_b1, acc_w2, acc_b2,
             offs_dw, is_first_d_tile, M, K, D, H, HAS_HIDDEN, BLOCK_H, BLOCK_K, BLOCK_M,
         )
     if is_expert & writes_dx & (need_grad_tokens != 0):
@@ -1106,6 +1106,7 @@ def dispatch_moe_bwd(
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     M, H = _moe_sizes(params_e)
+    grad_ipt = kd._within_32_bits(grad_ipt)
     device = prompts.device
     blocks = moe_blocks(K, B, Np, D, H, M, device)
     has_prompt_out = prompt_out is not None

@@ -540,6 +540,21 @@ def test_reasons_dtypes_and_sizes():
         tokens = torch.zeros(1, 1, 1, 16, dtype=dtype, device=DEVICE).expand(2, rows, 2**8, 16)
         reasons = kd.triton_not_supported_reasons(prompts, tokens, None, *params)
         assert ["GELU slopes" in r for r in reasons] == ([True] if refused else []), (dtype, rows, reasons)
+    # The IPTs (K, B, Np, D) and f_p's saved rows (K, B, Np, H) of 2**31 elements, though the tokens
+    # (expanded) span none.
+    for B, Np, refused in ((2**16, 2**14, ["IPTs", "f_p's saved rows"]), (2**10, 2**14, ["f_p's saved rows"]), (2**9, 2**14, [])):
+        prompts = torch.zeros(1, 1, 16, device=DEVICE).expand(2, Np, 16)
+        tokens = torch.zeros(1, 1, 1, 16, device=DEVICE).expand(2, B, 1, 16)
+        prompt_out = torch.zeros(1, 1, 1, 16, device=DEVICE).expand(2, B, Np, 16)
+        reasons = kd.triton_not_supported_reasons(prompts, tokens, prompt_out, *params)
+        assert [r.split(" (")[0].removeprefix("The ") for r in reasons] == refused, (B, Np, reasons)
+
+
+def test_a_gradient_spanning_2_31_elements_is_copied_for_32_bit_offsets():
+    wide = torch.empty(2, 2**31, device="meta")[:, :3]  # a view into a larger gradient
+    assert kd._within_32_bits(wide).stride() == (3, 1)
+    narrow = torch.empty(2, 3)
+    assert kd._within_32_bits(narrow) is narrow
 
 
 # --- the variants the launchers produce, and that each builds for sm_90 ---------------------
