@@ -198,6 +198,7 @@ class Dispatcher(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Choose the backend: one of BACKENDS; "auto" defers to PMOE_BACKEND when it is set."""
+        self.requested_backend = backend
         if backend == "auto":
             backend = os.environ.get("PMOE_BACKEND", "auto")
         if backend not in BACKENDS:
@@ -426,10 +427,12 @@ class Dispatcher(nn.Module):
             return next(b for b in order if not self.not_supported_reasons(b, prompts, tokens, prompt_out))
         reasons = self.not_supported_reasons(self.backend, prompts, tokens, prompt_out)
         if reasons:
+            chosen = "" if self.requested_backend != "auto" else f" (PMOE_BACKEND={self.backend})"
+            fix = "unset PMOE_BACKEND" if chosen else "use backend='auto'"
             raise RuntimeError(
-                f"dispatcher backend {self.backend!r} cannot serve these inputs: "
+                f"dispatcher backend {self.backend!r}{chosen} cannot serve these inputs: "
                 + "; ".join(r.rstrip(".") for r in reasons)
-                + ". Use backend='auto' to fall back to one that can."
+                + f". {fix[0].upper()}{fix[1:]} to fall back to one that can."
             )
         return self.backend
 

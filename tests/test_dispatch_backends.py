@@ -153,6 +153,16 @@ def test_reasons_join_into_one_sentence(monkeypatch):
     assert "serve these inputs: the first reason; the second. Use backend='auto'" in str(info.value)
 
 
+def test_a_backend_the_environment_chose_is_named_as_such(monkeypatch):
+    """backend="auto" with PMOE_BACKEND=cuda on CPU tensors: the error says where "cuda" came
+    from, and that unsetting the variable, not backend='auto' (already given), falls back."""
+    monkeypatch.setenv("PMOE_BACKEND", "cuda")
+    disp = Dispatcher(D, K, hidden=H).double()
+    prompts, seq, _ = make_inputs()
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' \(PMOE_BACKEND=cuda\) cannot serve .*\. Unset PMOE_BACKEND"):
+        disp(prompts, seq[:, :, NP:])
+
+
 def test_environment_variable_overrides_auto_only(monkeypatch):
     monkeypatch.setenv("PMOE_BACKEND", "torch")
     assert Dispatcher(D, K).backend == "torch"
