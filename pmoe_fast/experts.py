@@ -22,7 +22,7 @@ from torch import nn
 
 from . import attention as attention_backends
 from .frozen_linear import qkv_heads
-from .vit import PatchEmbed
+from .vit import PatchEmbed, VisionTransformer
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -161,10 +161,19 @@ class Expert:
     @property
     def pool_reads_first_token(self) -> bool:
         """Whether ``pool`` reads only the first token (class-token pooling after a token-wise
-        final norm), so the last block's other outputs are never used. Read from the module, as
+        final norm, through timm's or pmoe_fast.vit's own ``forward_head``: a subclass may read
+        more, as timm's distilled DeiT reads two), so the last block's other outputs are never used. Read from the module, as
         ``pool`` does: ``reset_classifier(..., global_pool=...)`` may change it after wrapping."""
         norm = self.module.norm
-        return getattr(self.module, "global_pool", "token") == "token" and isinstance(norm, (nn.LayerNorm, nn.Identity))
+        timm_vit = getattr(sys.modules.get("timm.models.vision_transformer"), "VisionTransformer", None)
+        stock_head = any(
+            cls is not None and all(getattr(type(self.module), f, None) is getattr(cls, f, None) for f in ("forward_head", "pool"))
+            for cls in (VisionTransformer, timm_vit)
+        )
+        return (
+            stock_head and getattr(self.module, "global_pool", "token") == "token"
+            and isinstance(norm, (nn.LayerNorm, nn.Identity))
+        )
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and pooling of the non-prompt tokens x (B, Q + N, D) -> (B, D)."""

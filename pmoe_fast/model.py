@@ -9,8 +9,11 @@ how the forward runs, chosen once when the model is built and reported by ``exec
   parameters become views into the stacks (no second copy), every linear layer is one batched
   matmul and attention one call over K x B sequences. Change those parameters in place (as
   ``load_state_dict`` does); where one is replaced instead (``assign=True``, a new
-  ``nn.Parameter``, ``.data = ...``), the next batched forward finds it and stacks them anew
-  (under ``torch.compile``, replace before compiling).
+  ``nn.Parameter``, ``.data = ...``), or a block module or a norm's eps, the next batched forward
+  finds it and stacks them anew, or runs on streams (``"auto"``) where the blocks can no longer
+  run batched (under ``torch.compile``, replace before compiling). Batched blocks are plain ones:
+  LayerNorms, timm's attention and ``Mlp``, an activation without parameters
+  (``batched_reasons``).
   "streams" runs each expert's block on its own CUDA stream (in sequence on a CPU), for experts
   that differ; under ``torch.compile`` in sequence too, in the compiled graph. PyTorch's
   compiled user streams are not reliable yet: Inductor has refused ``record_stream`` (torch 2.9),
@@ -51,6 +54,7 @@ of concatenating new sequences at every layer.
 from __future__ import annotations
 
 import operator
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -61,6 +65,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import attention as attention_backends
+from . import vit
 from .frozen_linear import linear, qkv_heads
 from .reference import PMoE as ReferencePMoE
 
@@ -108,7 +113,8 @@ class PMoE(ReferencePMoE):
         dispatcher_backend: "auto", "torch", "triton", "cuda" or "cpp"; "auto" defers to
             ``PMOE_BACKEND`` when set, then picks per device.
         checkpoint: 0 for none, n >= 1 to checkpoint every segment of n layers.
-        expert_dtype: None (keep the experts' dtype), torch.float32, torch.bfloat16 or torch.float16.
+        expert_dtype: None (keep the experts' dtype), torch.float32, torch.bfloat16 or torch.float16;
+            the experts given are converted in place, as ``module.to`` does.
     """
 
     def __init__(
@@ -126,6 +132,8 @@ class PMoE(ReferencePMoE):
     ):
         if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
             raise ValueError(f"expert_dtype must be None or one of {EXPERT_DTYPES}, got {expert_dtype}")
+        if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
+            raise TypeError(f"experts must be a list of expert modules, got one {type(experts).__name__}: pass [expert]")
         experts = list(experts)
         if expert_dtype is not None:
             for expert in experts:
@@ -195,8 +203,8 @@ class PMoE(ReferencePMoE):
         shapes = {self._architecture(k) for k in range(self.num_experts)}
         if len(shapes) > 1:
             reasons.append(
-                "the experts differ in architecture (prefix tokens, patch count, heads, block parameters "
-                "or layers): " + "; ".join(f"expert {k}: {self._adapters[k].info}" for k in range(self.num_experts))
+                "the experts differ in architecture (prefix tokens, patch count, heads, block parameters, "
+                "activations, the norms' eps or layers): " + "; ".join(f"expert {k}: {self._adapters[k].info}" for k in range(self.num_experts))
             )
         for part in IDENTITY_PARTS:
             for block in self.experts[0].blocks:
@@ -204,6 +212,9 @@ class PMoE(ReferencePMoE):
                 if not isinstance(module, (nn.Identity, nn.Dropout)):
                     reasons.append(f"block part {part} is a {type(module).__name__}; the batched path needs an identity")
                     break
+        for k, expert in enumerate(self.experts):
+            plain = [_plain_block_reason(block) for block in expert.blocks]
+            reasons += [f"expert {k}, block {l}: {r}" for l, r in enumerate(plain) if r][:1]
         return reasons
 
     def execution_for(self, device_type: str) -> str:
@@ -220,7 +231,7 @@ class PMoE(ReferencePMoE):
         info = self._adapters[k].info
         blocks = tuple(
             tuple((name, tuple(p.shape)) for name, p in b.named_parameters())
-            + (type(b.mlp.act).__name__, b.norm1.eps, b.norm2.eps, b.attn.num_heads)
+            + (repr(getattr(b.mlp, "act", None)), b.norm1.eps, b.norm2.eps, b.attn.num_heads)
             for b in m.blocks
         )
         return info.num_prefix_tokens, info.num_patches, info.embed_dim, blocks
@@ -245,6 +256,7 @@ class PMoE(ReferencePMoE):
         self._tied_params: list[nn.Parameter] = []
         self._tied_slots: list[tuple[dict, str]] = []
         self._tied_addresses: list[int] = []
+        self._tied_structure = self._block_structure()
         for l, names in enumerate(self._stack_names):
             stacks = {name: self.get_buffer(_buffer_name(l, name)) for name in names}
             for name, stack in stacks.items():
@@ -258,25 +270,60 @@ class PMoE(ReferencePMoE):
                     self._tied_addresses.append(param.data_ptr())
             self._stacked_blocks.append(_StackedBlock.of(self.experts[0].blocks[l], stacks))
 
+    def _block_structure(self) -> list[tuple[dict, str, Any]]:
+        """What the stacks and ``_StackedBlock`` were made from, as (dict, key, value) whose
+        ``dict.get(key)`` must stay ``value``: each expert, its blocks, their modules whose
+        parameters, activation and eps the batched path reads (``_modules`` entries), and the
+        norms' eps (``__dict__`` entries)."""
+        out = []
+        for k, expert in enumerate(self.experts):
+            out.append((self.experts._modules, str(k), expert))
+            out.append((expert._modules, "blocks", expert.blocks))
+            for l, block in enumerate(expert.blocks):
+                out.append((expert.blocks._modules, str(l), block))
+                children = {"": ("attn", "mlp", "norm1", "norm2", "ls1", "ls2"), "attn": ("qkv", "proj"), "mlp": ("fc1", "act", "fc2")}
+                for parent, names in children.items():
+                    owner = block._modules.get(parent) if parent else block
+                    out += [(owner._modules, name, owner._modules.get(name)) for name in names if owner is not None]
+                norms = [block._modules.get(name) for name in ("norm1", "norm2")]
+                out += [(norm.__dict__, "eps", norm.__dict__.get("eps")) for norm in norms if norm is not None]
+        return out
+
     def _stacks_tied(self) -> bool:
         """Whether every expert's block parameter is still the tensor tied to its row of its
-        stack: a new parameter (``block.attn.qkv.weight = nn.Parameter(...)``), new data
-        (``.data = ...``) or ``load_state_dict(..., assign=True)`` unties it. 288 identity and
-        address checks for K = 2 ViT-B/16 experts: about 50 us on a 2-core VM."""
+        stack, in the modules the stacks were made from: a new parameter
+        (``block.attn.qkv.weight = nn.Parameter(...)``), new data (``.data = ...``),
+        ``load_state_dict(..., assign=True)`` or a new module (``block.mlp.act = nn.ReLU()``) or
+        eps unties it. 288 identity and address checks, and 362 dictionary lookups of the
+        structure, for K = 2 ViT-B/16 experts: about 80 us on a 2-core VM."""
         current = [params.get(attr) for params, attr in self._tied_slots]
-        return all(map(operator.is_, current, self._tied_params)) and [
-            p.data_ptr() for p in self._tied_params
-        ] == self._tied_addresses
+        return (
+            all(map(operator.is_, current, self._tied_params))
+            and [p.data_ptr() for p in self._tied_params] == self._tied_addresses
+            and all(d.get(key) is value for d, key, value in self._tied_structure)
+        )
 
     def _restack_if_untied(self) -> None:
-        """Stack the experts' parameters anew where any was replaced: the batched path reads the
-        stacks, and would otherwise run the old weights."""
-        if not self._stacks_tied():
-            self._stack_names = []
-            # Under torch.inference_mode the stacks would be inference tensors, which a later
-            # training forward could not save for backward.
-            with torch.inference_mode(False):
-                self._stack_expert_weights()
+        """Stack the experts' parameters anew where any was replaced, or their blocks changed:
+        the batched path reads the stacks, and would otherwise run the old weights. Blocks that
+        changed are checked again (``batched_reasons``): where they can no longer run batched,
+        "auto" runs them on streams from then on, and "batched" raises."""
+        if self._stacks_tied():
+            return
+        self._batched_reasons = self.batched_reasons()
+        if self._batched_reasons:
+            if self.execution == "batched":
+                raise ValueError(
+                    "execution='batched' cannot serve these experts since their blocks changed: "
+                    + "; ".join(self._batched_reasons)
+                )
+            self._tied_structure = self._block_structure()  # checked once; "auto" no longer batches
+            return
+        self._stack_names = []
+        # Under torch.inference_mode the stacks would be inference tensors, which a later
+        # training forward could not save for backward.
+        with torch.inference_mode(False):
+            self._stack_expert_weights()
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() convert parameters and buffers separately: re-point the
@@ -291,14 +338,14 @@ class PMoE(ReferencePMoE):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         self._check_images(images)
         dtype = self._expert_dtype()
+        if self.execution_for(images.device.type) == "batched" and not torch.compiler.is_compiling():
+            self._restack_if_untied()  # compiled graphs do not see parameter swaps
         self.last_execution = self.execution_for(images.device.type)
         # Each expert's sequence, prompt-first: Np prompt slots, empty until block 0's prompts
         # enter, then Z_k^0, its own embedding (B, Q_k + N_k, D). Stacked when batched.
         slots = (0, 0, self.num_prompts, 0)
         images = images.to(dtype)
         self._last_rows = self._pooled_rows()  # an expert's pooling may have changed since
-        if self.last_execution == "batched" and not torch.compiler.is_compiling():
-            self._restack_if_untied()  # compiled graphs do not see parameter swaps
         if self.last_execution == "batched" and torch.is_grad_enabled() and any(p.requires_grad for p in self._tied_params):
             self.last_execution = self._per_expert_for_trainable_blocks(images.device.type)
         if self.last_execution == "streams" and torch.compiler.is_compiling():
@@ -528,6 +575,37 @@ def _restack_after_assigning_load(model: PMoE, incompatible_keys) -> None:
 
 def _buffer_name(layer: int, name: str) -> str:
     return f"_stacked_{layer}_{name.replace('.', '_')}"
+
+
+def _plain_block_reason(block: nn.Module) -> str | None:
+    """Why the batched path cannot run this block as its own arithmetic (LayerNorm, timm's
+    attention, then fc1, the activation, fc2), or None: it stacks the parameters by those names,
+    runs one expert's activation for all, and skips the modules' forwards."""
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name, None)
+        if not _stock(norm, "forward", nn.LayerNorm) or norm.weight is None or norm.bias is None:
+            return f"{name} is a {type(norm).__name__}; the batched path needs a LayerNorm with a weight and a bias"
+    if not _stock(getattr(block, "attn", None), "forward", vit.Attention, "timm.models.vision_transformer"):
+        return f"attn is a {type(getattr(block, 'attn', None)).__name__}; the batched path runs timm's Attention"
+    mlp = getattr(block, "mlp", None)
+    if not _stock(mlp, "forward", vit.Mlp, "timm.layers"):
+        return f"mlp is a {type(mlp).__name__}; the batched path runs fc1, the activation and fc2 (timm's Mlp)"
+    if any(True for _ in mlp.act.parameters()):
+        return f"the activation {mlp.act} has parameters; the batched path runs one expert's activation for all"
+    return None
+
+
+def _stock(module: nn.Module | None, method: str, ours: type, timm_module: str = "timm.layers") -> bool:
+    """Whether ``module``'s class takes ``method`` from ``ours`` (pmoe_fast.vit's class, or
+    torch's) or from timm's class of the same name: a subclass that overrides it may compute
+    anything."""
+    if module is None:
+        return False
+    stock = {getattr(ours, method)}
+    timm_class = getattr(sys.modules.get(timm_module), ours.__name__, None)
+    if timm_class is not None:
+        stock.add(getattr(timm_class, method))
+    return getattr(type(module), method, None) in stock
 
 
 def _has_submodule(module: nn.Module, path: str) -> bool:

@@ -89,6 +89,8 @@ class PMoE(nn.Module):
             bools=dict(separate_mlps=separate_mlps),
             reals=dict(gate_init=gate_init),
         )
+        if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
+            raise TypeError(f"experts must be a list of expert modules, got one {type(experts).__name__}: pass [expert]")
         experts = list(experts)
         adapters = [Expert(m) for m in experts]
         infos = [a.info for a in adapters]
@@ -234,6 +236,12 @@ class PMoE(nn.Module):
         return self._adapters[0].module.patch_embed.proj.weight.dtype
 
     def _check_images(self, images: torch.Tensor) -> None:
+        for k, adapter in enumerate(self._adapters):
+            if self.experts[k] is not adapter.module:
+                raise RuntimeError(
+                    f"model.experts[{k}] was replaced after the model was built, which set each expert up "
+                    "(frozen, wrapped, its prompts and pooling): build a new PMoE with the new experts"
+                )
         self._adapters[0].check_images(images)
         if images.device != self.prompts.device:
             raise ValueError(

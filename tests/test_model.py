@@ -257,6 +257,87 @@ def test_batched_experts_run_replaced_parameters(how):
     assert fc1.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("how", ["new-module", "new-eps"])
+def test_batched_experts_run_replaced_modules_and_settings(how):
+    """A block module replaced (here qkv, by one of the same shape) or a norm's eps changed
+    after the model was built: the batched path made its stacks and blocks from the old ones,
+    and the next forward must find the change and run the new ones."""
+    ref = Reference(same_arch(), **CONFIG)
+    fast = PMoE(same_arch(), **CONFIG, execution="batched")
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        fast(x)
+        for model in (ref, fast):
+            torch.manual_seed(3)
+            if how == "new-module":
+                qkv = model.experts[1].blocks[2].attn.qkv
+                model.experts[1].blocks[2].attn.qkv = torch.nn.Linear(qkv.in_features, qkv.out_features).requires_grad_(False)
+            else:
+                for expert in model.experts:
+                    expert.blocks[1].norm2.eps = 0.25
+        torch.testing.assert_close(fast(x), ref(x))
+
+
+def test_blocks_changed_so_they_cannot_batch_any_more():
+    """One expert's activation replaced by another kind: the blocks no longer share one
+    architecture. "batched" raises and names it; "auto" runs the experts on streams from then on."""
+    x = torch.randn(2, 3, IMG, IMG)
+    for execution in ("batched", "auto"):
+        fast = PMoE(same_arch(), **CONFIG, execution=execution)
+        fast.experts[1].blocks[0].mlp.act = torch.nn.ReLU()
+        if execution == "batched":
+            with pytest.raises(ValueError, match="cannot serve these experts since their blocks changed"):
+                fast(x)
+        else:
+            fast._restack_if_untied()  # what a forward on a GPU does first
+            assert fast.execution_for("cuda") == "streams"
+            assert "activations" in fast.execution_plan()["why"]
+
+
+def test_a_replaced_expert_is_refused():
+    """model.experts[k] = another module after the model was built: the model set the old one up
+    (frozen, wrapped, pooled); both models refuse to run rather than run the old one."""
+    for cls in (Reference, PMoE):
+        model = cls(same_arch(2), **CONFIG)
+        model.experts[1] = small_vit("p16")
+        with pytest.raises(RuntimeError, match=r"model.experts\[1\] was replaced"):
+            model(torch.randn(1, 3, IMG, IMG))
+
+
+def test_experts_whose_blocks_the_batched_path_cannot_run_run_per_expert():
+    """Gated MLPs (timm's SwiGLU, GluMlp), activations with parameters and other norms: the fast
+    model names why it cannot batch them, builds, and matches the reference per expert."""
+    import timm
+    from timm.layers import SwiGLU, SwiGLUPacked
+
+    def timm_vit(**kwargs):
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, depth=2, num_classes=0, **kwargs)
+
+    for kwargs, reason in (
+        (dict(mlp_layer=SwiGLU, act_layer=torch.nn.SiLU), "mlp is a SwiGLU"),
+        (dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2), "mlp is a GluMlp"),
+        (dict(act_layer=torch.nn.PReLU), "has parameters"),
+        (dict(norm_layer=torch.nn.RMSNorm), "norm1 is a RMSNorm"),
+    ):
+        torch.manual_seed(0)
+        fast = assert_matches_reference([timm_vit(**kwargs) for _ in range(2)], execution="auto")
+        assert reason in " ".join(fast.batched_reasons()), fast.batched_reasons()
+        with pytest.raises(ValueError, match=reason):
+            PMoE([timm_vit(**kwargs) for _ in range(2)], **CONFIG, execution="batched")
+
+
+def test_an_expert_whose_head_reads_more_than_the_class_token_runs_its_last_block_whole():
+    """timm's distilled DeiT pools its class and distillation tokens (its own forward_head): the
+    last block must give every token."""
+    import timm
+
+    experts = [timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=IMG, depth=2, num_classes=0)
+               for _ in range(2)]
+    fast = assert_matches_reference(experts)
+    assert "every token" in fast.execution_plan()["last_block"]
+
+
 def test_replaced_parameters_restack_under_inference_mode_for_training_too():
     """A restack inside torch.inference_mode must not leave inference tensors as the stacks (and
     the experts' parameters): a later training forward saves them for backward."""
