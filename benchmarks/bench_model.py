@@ -18,7 +18,7 @@ whole device time. Peak memory and its split (frozen weights, trainable state, a
 from ``pmoe_fast.memory.measure_step`` in a separate, untimed step, so tracking memory does not
 slow the timed ones. Two more steps of each fast training case run under ``torch.profiler``
 (``pmoe_fast.profiling``): the time of the dispatcher's kernels (GPU) or operators (CPU) per
-step, which issue 4's dispatcher-share target divides by the timed median. On a CPU the compiled models' memory is not measured: the CPU tracker is
+step, which the dispatcher-share target divides by the timed median. On a CPU the compiled models' memory is not measured: the CPU tracker is
 a TorchDispatchMode, and dynamo runs a compiled model eagerly under one.
 """
 
@@ -114,7 +114,7 @@ def test_model(benchmark, model_case, profile, environment):
                       activation_bytes=m.activation_bytes, memory_source=m.source)
     timing = {}
     if case.mode == "train" and case.provider.startswith("fast"):
-        # The dispatcher's share of the step (issue 4), from two more steps under torch.profiler.
+        # The dispatcher's share of the step (a target), from two more steps under torch.profiler.
         prof = profile_runs(step, runs=2, device=device, warmup=0)
         timing = dict(dispatcher_time_s=prof.group_us("dispatcher") / 1e6, profiled_time_s=prof.total_us / 1e6,
                       profiled_time_source=prof.source)

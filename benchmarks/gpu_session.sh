@@ -4,7 +4,7 @@
 #   OUT=gpu-out bash benchmarks/gpu_session.sh check   # build, then the test suite on the GPU
 #   OUT=gpu-out bash benchmarks/gpu_session.sh tune    # the Triton dispatcher's launch settings
 #       (then the tuning script's options, e.g. --prompts 10)
-#   OUT=gpu-out bash benchmarks/gpu_session.sh bench   # the issues' GPU targets, side by side
+#   OUT=gpu-out bash benchmarks/gpu_session.sh bench   # the project's GPU targets, side by side
 #   OUT=gpu-out bash benchmarks/gpu_session.sh profile # the fast training step's kernels, by group
 #   OUT=gpu-out bash benchmarks/gpu_session.sh ncu     # Nsight Compute on the Triton dispatcher's kernels
 #
@@ -17,7 +17,7 @@
 # benchmarks/bench_dispatch_into.py (IPTs written in place against concatenated sequences) and
 # benchmarks/bench_qkv.py (the q, k, v gradients stacked or taken one product each) and
 # benchmarks/bench_layer_norm.py (the batched LayerNorm: composite against the Triton kernels);
-# `profile` runs benchmarks/profile_step.py (issue 4's step, K = 6 ViT-B/16, B = 32, bf16), then
+# `profile` runs benchmarks/profile_step.py (the targets' training step, K = 6 ViT-B/16, B = 32, bf16), then
 # with --infer (K = 2, B = 1 inference beside one plain ViT), eagerly and under CUDA graphs, then
 # benchmarks/forward_small_batch.py (the dispatcher's forward at small batches, per tiling); `ncu` runs Nsight Compute's full set
 # on one forward+backward of the Triton dispatcher (benchmarks/ncu_dispatch.py) at Np = 10 and 50,

@@ -2,7 +2,7 @@
 
     python benchmarks/model_host_time.py > benchmarks/results/model_host_time_cpu.txt
 
-Issue 4's latency target compares ``PMoE`` with K = 2 experts at B = 1 against one plain ViT-B/16
+The latency target compares ``PMoE`` with K = 2 experts at B = 1 against one plain ViT-B/16
 forward. At B = 1 a GPU waits for the host: the time is the Python and dispatch work of every op,
 not the arithmetic (on the H100 the ratio was 2.33x where the kernels' work is about 1x). This
 script measures that host work without a GPU: both models are 12 blocks deep but only 32 wide

@@ -1,4 +1,4 @@
-"""One forward+backward of the fused dispatcher at issue 3's shape, for Nsight Compute: the call
+"""One forward+backward of the fused dispatcher at the targets' shape, for Nsight Compute: the call
 is bracketed by ``torch.cuda.profiler.start()`` and ``stop()``, after warm-up calls that compile
 the kernels, so that ncu sees that call's kernels alone.
 

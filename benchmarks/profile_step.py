@@ -1,12 +1,12 @@
 """Where the fast model's training step spends its device time, by kernel group.
 
-    python benchmarks/profile_step.py            # issue 4's step: K = 6 ViT-B/16, B = 32, Np = 10, bf16 experts
+    python benchmarks/profile_step.py            # the targets' training step: K = 6 ViT-B/16, B = 32, Np = 10, bf16 experts
     python benchmarks/profile_step.py --small    # 2 tiny experts: runs anywhere, in seconds
-    python benchmarks/profile_step.py --infer    # issue 4's latency case: inference, K = 2, B = 1
+    python benchmarks/profile_step.py --infer    # the latency target's case: inference, K = 2, B = 1
     python benchmarks/profile_step.py --infer --graphs   # the same under torch.compile(mode="reduce-overhead")
 
 Runs 3 warm-up steps (forward, backward, AdamW), then profiles 3 more with ``torch.profiler`` and
-prints the time per step of each group of kernels: the dispatcher's own (issue 4 wants them
+prints the time per step of each group of kernels: the dispatcher's own (the targets want them
 under 3% of the step), matrix products, attention, LayerNorm, copies and the rest, then the 25
 costliest kernels (``pmoe_fast.profiling``: on a GPU CUDA kernels' device time; on a CPU
 operators' self time, each in its outermost named caller's group). The wall time per step is that of the 3 profiled steps, profiler overhead included.
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="2 tiny experts at 32 px, B = 2, float32")
     parser.add_argument("--checkpoint", type=int, default=0, help="PMoE(checkpoint=...)")
     parser.add_argument("--infer", action="store_true",
-                        help="issue 4's latency case instead: inference, K = 2, B = 1, beside one plain expert's forward")
+                        help="the latency target's case instead: inference, K = 2, B = 1, beside one plain expert's forward")
     parser.add_argument("--graphs", action="store_true", help='with --infer: both under torch.compile(mode="reduce-overhead")')
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

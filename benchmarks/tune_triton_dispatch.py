@@ -2,7 +2,7 @@
 
     python benchmarks/tune_triton_dispatch.py > benchmarks/results/triton_tuning_h100.txt
 
-At the issue's shape (K=6, B=32, Np 50 and 10, T=197, D=768, H=64; bf16 tokens as a strided view
+At the targets' shape (K=6, B=32, Np 50 and 10, T=197, D=768, H=64; bf16 tokens as a strided view
 of the experts' sequences, fp32 prompts and dispatcher, as in the model), for each setting: the
 number of warps of the forward and of the main backward kernel; then, at the default warps, the
 forward's token chunk, D step or images per finishing program, the backward's token tile or

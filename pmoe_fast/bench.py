@@ -102,7 +102,7 @@ class Profile:
     own), K, B and Np, the dtype, the providers, and how many rounds each case is timed.
 
     ``points``, when given, replaces the sweep by these cases (a target profile: the shapes an
-    issue's targets name). ``dispatch_arch`` sizes the dispatcher op (T, D) by another
+    project's targets name). ``dispatch_arch`` sizes the dispatcher op (T, D) by another
     architecture than the model's."""
 
     name: str
@@ -186,7 +186,7 @@ PROFILES = {
             rounds=10, warmup=2,
         ),
         Profile(
-            "targets-cpu", "the CPU targets of the issues, side by side (minutes on 2 cores): a training step at "
+            "targets-cpu", "the project's CPU targets, side by side (minutes on 2 cores): a training step at "
             "K=3 ViT-Ti/16, B=8 and inference at B=1; the dispatcher at ViT-B/16 size, K=6, B=8",
             "cpu", "vit_tiny_patch16_224", img_size=224, depth=None, Ks=(), batches=(), prompts=(), dtype="float32",
             providers=("reference", "fast"), rounds=11, warmup=2, dispatch_arch="vit_base_patch16_224",
@@ -197,7 +197,7 @@ PROFILES = {
             ),
         ),
         Profile(
-            "targets-gpu", "the GPU targets of the issues, side by side (minutes on one GPU): ViT-B/16, bf16, "
+            "targets-gpu", "the project's GPU targets, side by side (minutes on one GPU): ViT-B/16, bf16, "
             "training at K=6 and K=9, B=32; inference at K=2, B=1 beside one plain ViT-B/16; the dispatcher at K=6, B=32",
             "cuda", "vit_base_patch16_224", img_size=224, depth=None, Ks=(), batches=(), prompts=(), dtype="bfloat16",
             providers=("reference", "reference-compiled", "fast", "fast-checkpoint", "single-vit"), rounds=10, warmup=2,
@@ -363,7 +363,7 @@ def _text_table(header: list[str], body: list[list[str]]) -> list[str]:
     return [line(header), *(line(r) for r in body)]
 
 
-# -- the issues' targets ----------------------------------------------------------------------
+# -- the project's targets ---------------------------------------------------------------------
 
 # Peak HBM bandwidth by GPU name (NVIDIA's datasheets), for the dispatcher's bandwidth target; the
 # first name contained in the device's name wins.
@@ -372,7 +372,7 @@ HBM_BYTES_PER_S = (("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12)
 
 @dataclass(frozen=True)
 class Target:
-    """One target of the issues, checked on a run of its target profile: ``measure`` maps the
+    """One of the project's targets, checked on a run of its target profile: ``measure`` maps the
     run's cases ({Case: extra_info plus "median"}) to (value, how it was measured), or to
     (None, why not); met when the value is at least ``bound`` (``at_least``) or at most it, or
     with ``strict`` above or below it."""
@@ -475,9 +475,9 @@ def _cpu_targets() -> tuple[Target, ...]:
     infer = (Case("model", "infer", 3, 1, 10, "reference"), Case("model", "infer", 3, 1, 10, "fast"))
     disp = (Case("dispatch", "fwd+bwd", 6, 8, 10, "torch"), Case("dispatch", "fwd+bwd", 6, 8, 10, "cpp"))
     return (
-        Target("issue 3: cpp forward+backward vs torch, K=6 B=8 Np=10 fp32", _speedup(*disp), 3.0, True, "x"),
-        Target("issue 4: fast training step no slower than the reference, K=3 ViT-Ti B=8", _speedup(*train), 1.0, True, "x"),
-        Target("issue 4: fast inference faster than the reference, K=3 ViT-Ti B=1", _speedup(*infer), 1.0, True, "x", strict=True),
+        Target("dispatcher: cpp forward+backward vs torch, K=6 B=8 Np=10 fp32", _speedup(*disp), 3.0, True, "x"),
+        Target("model: fast training step no slower than the reference, K=3 ViT-Ti B=8", _speedup(*train), 1.0, True, "x"),
+        Target("model: fast inference faster than the reference, K=3 ViT-Ti B=1", _speedup(*infer), 1.0, True, "x", strict=True),
     )
 
 
@@ -489,29 +489,29 @@ def _gpu_targets() -> tuple[Target, ...]:
         return Case("dispatch", mode, 6, 32, Np, backend)
 
     out = [
-        Target(f"issue 3: {b} forward+backward vs torch, K=6 B=32 Np=50 bf16", _speedup(disp("fwd+bwd", 50, "torch"), disp("fwd+bwd", 50, b)), 10.0, True, "x")
+        Target(f"dispatcher: {b} forward+backward vs torch, K=6 B=32 Np=50 bf16", _speedup(disp("fwd+bwd", 50, "torch"), disp("fwd+bwd", 50, b)), 10.0, True, "x")
         for b in ("triton", "cuda")
     ]
     # Wall time includes the host's work; where a backend's wall time is its host's, the kernels' own
     # device time (benchmarks/bench_dispatch.py, profiled) says how far the kernels are from the target.
     out += [
-        Target(f"issue 3 (kernels' device time alone, not the target's wall time): {b} forward+backward vs torch, K=6 B=32 Np=50",
+        Target(f"dispatcher (kernels' device time alone, not the target's wall time): {b} forward+backward vs torch, K=6 B=32 Np=50",
                _quotient(disp("fwd+bwd", 50, "torch"), disp("fwd+bwd", 50, b), "kernel_time_s"), 10.0, True, "x")
         for b in ("triton", "cuda")
     ]
     out += [
-        Target(f"issue 3: {b} {mode} share of peak HBM bandwidth, K=6 B=32 Np=50", _bandwidth_share(disp(mode, 50, b)), 60.0, True, "%")
+        Target(f"dispatcher: {b} {mode} share of peak HBM bandwidth, K=6 B=32 Np=50", _bandwidth_share(disp(mode, 50, b)), 60.0, True, "%")
         for b in ("triton", "cuda") for mode in ("fwd", "fwd+bwd")
     ]
     out += [
-        Target("issue 4: fast training step vs reference eager, K=6 ViT-B/16 B=32 bf16", _speedup(train(6, "reference"), train(6, "fast")), 1.5, True, "x"),
-        Target("issue 4: fast training step vs torch.compile(reference), K=6 B=32", _speedup(train(6, "reference-compiled"), train(6, "fast")), 1.15, True, "x"),
-        Target("issue 4: the same, both under torch.compile", _speedup(train(6, "reference-compiled"), train(6, "fast-compiled")), 1.15, True, "x"),
-        Target("issue 4: dispatcher share of the fast training step, K=6 B=32", _dispatcher_share(train(6, "fast")), 3.0, False, "%", strict=True),
-        Target("issue 4: peak memory with checkpointing / reference's, K=6 B=32", _quotient(train(6, "fast-checkpoint"), train(6, "reference"), "peak_memory_bytes"), 0.35, False, "x"),
-        Target("issue 4: K=9 ViT-B/16 at B=32 trains in under 16 GB (lowest fast peak)", _lowest_peak((train(9, "fast"), train(9, "fast-checkpoint"))), 16.0, False, " GB", strict=True),
-        Target("issue 4: inference latency K=2 B=1 / one plain ViT-B/16", _quotient(Case("model", "infer", 2, 1, 10, "fast"), Case("model", "infer", 1, 1, 10, "single-vit"), "median"), 1.3, False, "x"),
-        Target("issue 4: the same, both under CUDA graphs (torch.compile reduce-overhead)", _quotient(Case("model", "infer", 2, 1, 10, "fast-graphed"), Case("model", "infer", 1, 1, 10, "single-vit-graphed"), "median"), 1.3, False, "x"),
+        Target("model: fast training step vs reference eager, K=6 ViT-B/16 B=32 bf16", _speedup(train(6, "reference"), train(6, "fast")), 1.5, True, "x"),
+        Target("model: fast training step vs torch.compile(reference), K=6 B=32", _speedup(train(6, "reference-compiled"), train(6, "fast")), 1.15, True, "x"),
+        Target("model: the same, both under torch.compile", _speedup(train(6, "reference-compiled"), train(6, "fast-compiled")), 1.15, True, "x"),
+        Target("model: dispatcher share of the fast training step, K=6 B=32", _dispatcher_share(train(6, "fast")), 3.0, False, "%", strict=True),
+        Target("model: peak memory with checkpointing / reference's, K=6 B=32", _quotient(train(6, "fast-checkpoint"), train(6, "reference"), "peak_memory_bytes"), 0.35, False, "x"),
+        Target("model: K=9 ViT-B/16 at B=32 trains in under 16 GB (lowest fast peak)", _lowest_peak((train(9, "fast"), train(9, "fast-checkpoint"))), 16.0, False, " GB", strict=True),
+        Target("model: inference latency K=2 B=1 / one plain ViT-B/16", _quotient(Case("model", "infer", 2, 1, 10, "fast"), Case("model", "infer", 1, 1, 10, "single-vit"), "median"), 1.3, False, "x"),
+        Target("model: the same, both under CUDA graphs (torch.compile reduce-overhead)", _quotient(Case("model", "infer", 2, 1, 10, "fast-graphed"), Case("model", "infer", 1, 1, 10, "single-vit-graphed"), "median"), 1.3, False, "x"),
     ]
     return tuple(out)
 

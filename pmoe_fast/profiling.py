@@ -7,9 +7,9 @@ operators' self CPU time, each operator in the group of its outermost caller tha
 matrix products inside the C++ dispatcher op (``pmoe_fast::dispatch_mlp``) are the dispatcher's
 time, not the matrix products', and the self times of a run add up to its operators' time once.
 
-``benchmarks/profile_step.py`` prints these groups for issue 4's training step;
+``benchmarks/profile_step.py`` prints these groups for the targets' training step;
 ``benchmarks/bench_model.py`` records the dispatcher's time of each fast training step from them,
-which issue 4's "dispatcher under 3% of the step" target reads.
+which the "dispatcher under 3% of the step" target reads.
 """
 
 from __future__ import annotations

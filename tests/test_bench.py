@@ -96,9 +96,9 @@ def test_targets_report_met_missed_and_missing_data():
         entry("dispatch", "fwd+bwd", provider="torch", median=0.036, **K6),
     ], "pmoe_fast": {"profile": {"name": "targets-cpu"}}}
     report = bench.format_targets(run)
-    assert "met      issue 4: fast training step no slower than the reference, K=3 ViT-Ti B=8: 1.2x (target >= 1x" in report
-    assert "missed   issue 4: fast inference faster than the reference, K=3 ViT-Ti B=1: 1x (target > 1x" in report
-    assert "no data  issue 3: cpp forward+backward vs torch" in report and "(skipped or failed)" in report
+    assert "met      model: fast training step no slower than the reference, K=3 ViT-Ti B=8: 1.2x (target >= 1x" in report
+    assert "missed   model: fast inference faster than the reference, K=3 ViT-Ti B=1: 1x (target > 1x" in report
+    assert "no data  dispatcher: cpp forward+backward vs torch" in report and "(skipped or failed)" in report
     assert report in bench.format_table(run)
     assert bench.format_targets({"benchmarks": [], "pmoe_fast": {"profile": {"name": "quick"}}}) == ""
 
@@ -120,25 +120,25 @@ def test_gpu_targets_bandwidth_dispatcher_share_and_memory():
         entry("dispatch", "fwd+bwd", K=6, B=32, Np=50, provider="triton", median=0.001, kernel_time_s=0.0004, **gpu),
     ], "pmoe_fast": {"profile": {"name": "targets-gpu"}}}
     report = bench.format_targets(run)
-    assert "met      issue 4: fast training step vs reference eager, K=6 ViT-B/16 B=32 bf16: 2x (target >= 1.5x" in report
-    assert ("met      issue 4: dispatcher share of the fast training step, K=6 B=32: 2.4% "
+    assert "met      model: fast training step vs reference eager, K=6 ViT-B/16 B=32 bf16: 2x (target >= 1.5x" in report
+    assert ("met      model: dispatcher share of the fast training step, K=6 B=32: 2.4% "
             "(target < 3%; triton 36.0 ms of 1.50 s, profiled)") in report
     # the wall times' ratio misses the target where the kernels' device times meet it
-    assert "missed   issue 3: triton forward+backward vs torch, K=6 B=32 Np=50 bf16: 5x (target >= 10x" in report
-    assert ("met      issue 3 (kernels' device time alone, not the target's wall time): triton forward+backward vs torch, "
+    assert "missed   dispatcher: triton forward+backward vs torch, K=6 B=32 Np=50 bf16: 5x (target >= 10x" in report
+    assert ("met      dispatcher (kernels' device time alone, not the target's wall time): triton forward+backward vs torch, "
             "K=6 B=32 Np=50: 10x (target >= 10x; torch 4.0 ms, triton 400.0 us)") in report
-    assert "met      issue 4: peak memory with checkpointing / reference's, K=6 B=32: 0.3x (target <= 0.35x" in report
+    assert "met      model: peak memory with checkpointing / reference's, K=6 B=32: 0.3x (target <= 0.35x" in report
     # 16 GB, not GiB: 15 GiB (16.1 GB) would miss it
-    assert "met      issue 4: K=9 ViT-B/16 at B=32 trains in under 16 GB (lowest fast peak): 15 GB (target < 16 GB; fast-checkpoint)" in report
-    assert "met      issue 3: cuda fwd share of peak HBM bandwidth, K=6 B=32 Np=50: 70% (target >= 60%; 2345 GB/s of 3350)" in report
-    assert "no data  issue 3: triton fwd share of peak HBM bandwidth" in report
-    assert "no data  issue 4: fast training step vs torch.compile(reference)" in report
+    assert "met      model: K=9 ViT-B/16 at B=32 trains in under 16 GB (lowest fast peak): 15 GB (target < 16 GB; fast-checkpoint)" in report
+    assert "met      dispatcher: cuda fwd share of peak HBM bandwidth, K=6 B=32 Np=50: 70% (target >= 60%; 2345 GB/s of 3350)" in report
+    assert "no data  dispatcher: triton fwd share of peak HBM bandwidth" in report
+    assert "no data  model: fast training step vs torch.compile(reference)" in report
     # a step that ran the torch dispatcher, or was not profiled, has no share
     for plan, time_s, why in (({"dispatcher_backend_last_run": "torch"}, 0.036, "ran the torch dispatcher"),
                               (plan, None, "was not profiled")):
         step = entry("model", K=6, provider="fast", median=1.5, execution_plan=plan, dispatcher_time_s=time_s, **train, **gpu)
         report = bench.format_targets({"benchmarks": [step], "pmoe_fast": {"profile": {"name": "targets-gpu"}}})
-        assert re.search(r"no data  issue 4: dispatcher share of the fast training step.*" + why, report), report
+        assert re.search(r"no data  model: dispatcher share of the fast training step.*" + why, report), report
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU default and the error without a GPU")
