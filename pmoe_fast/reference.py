@@ -109,6 +109,10 @@ class PMoE(nn.Module):
                 f"all experts must hold one floating dtype, got {listing}: convert them (expert.to(dtype)), "
                 "or let pmoe_fast.PMoE(expert_dtype=...) do it"
             )
+        devices = [sorted({str(p.device) for p in m.parameters()}) for m in experts]
+        if len({d for expert in devices for d in expert}) > 1:
+            listing = ", ".join(f"expert {k}: {' and '.join(d)}" for k, d in enumerate(devices))
+            raise ValueError(f"all experts must be on one device, got {listing}: move them there (expert.to(device))")
         if base not in BASES:
             hint = " (LSPT is not in scope: SPEC.md)" if base == "lspt" else ""
             raise ValueError(f"unknown base method {base!r}; choose one of {BASES}{hint}")
@@ -243,6 +247,12 @@ class PMoE(nn.Module):
                     "(frozen, wrapped, its prompts and pooling): build a new PMoE with the new experts"
                 )
         self._adapters[0].check_images(images)
+        experts_on = self._adapters[0].module.patch_embed.proj.weight.device
+        if experts_on != self.prompts.device:
+            raise ValueError(
+                f"the experts are on {experts_on} but the prompts, dispatchers and head on {self.prompts.device}: "
+                f"move the whole model, model.to({str(experts_on)!r})"
+            )
         if images.device != self.prompts.device:
             raise ValueError(
                 f"images are on {images.device} but the model is on {self.prompts.device}: "

@@ -230,10 +230,12 @@ def test_experts_stay_in_eval_mode():
         (lambda: PMoE([small_vit("p16")], num_classes=2, dispatcher_hidden="64"), "dispatcher_hidden must be an int"),
         (lambda: PMoE([small_vit("p16")], num_classes=2, base="gapt", gate_init="five"), "gate_init must be a number"),
         (lambda: PMoE(small_vit("p16"), num_classes=2), r"got one VisionTransformer: pass \[expert\]"),
+        (lambda: PMoE([small_vit("p16"), small_vit("p16").to("meta")], num_classes=2),
+         "all experts must be on one device, got expert 0: cpu, expert 1: meta"),
     ],
     ids=["K0", "width", "depth", "Np0", "Lp-too-deep", "Lp0", "dispatcher-name", "pool-name", "lspt",
          "gapt-deep", "gate-without-gapt", "top-k", "not-a-vit", "image-size", "expert-dtypes",
-         "separate-str", "Np-float", "hidden-str", "gate-init-str", "one-expert-not-a-list"],
+         "separate-str", "Np-float", "hidden-str", "gate-init-str", "one-expert-not-a-list", "expert-devices"],
 )
 def test_bad_configs_raise_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -255,6 +257,15 @@ def test_bad_images_raise_clear_errors(x, match):
     model = PMoE([small_vit("p16"), small_vit("p14reg")], num_classes=2, num_prompts=2)
     with pytest.raises(ValueError, match=match):
         model(x)
+
+
+def test_experts_on_another_device_than_the_model_are_named():
+    """Experts moved to a device after (or before) the model was built, the prompts left behind:
+    the error names both devices and model.to, not a move of the images."""
+    model = PMoE([small_vit("p16", depth=1)], num_classes=2, num_prompts=2)
+    model.experts.to("meta")
+    with pytest.raises(ValueError, match=r"the experts are on meta but the prompts, dispatchers and head on cpu: .*model.to\('meta'\)"):
+        model(images())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=["fp64", "fp16", "bf16"])
