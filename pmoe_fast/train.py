@@ -201,12 +201,16 @@ def _normalised(key: str, value: Any) -> Any:
 
 
 def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
-    """Weight files and the data folder as absolute paths, so eval finds them from anywhere."""
+    """Weight files, the data folder and the output folder as absolute paths, so eval and a resume
+    find them from anywhere."""
     config = dict(config)
-    config["experts"] = [{**e, "weights": os.path.abspath(e["weights"]) if e.get("weights") else None}
-                         for e in config["experts"]]
+    if "experts" in config:
+        config["experts"] = [{**e, "weights": os.path.abspath(e["weights"]) if e.get("weights") else None}
+                             for e in config["experts"]]
     if config.get("data") and config["data"] != "demo":
         config["data"] = os.path.abspath(config["data"])
+    if config.get("output"):
+        config["output"] = os.path.abspath(config["output"])
     return config
 
 
@@ -293,6 +297,13 @@ def check_attention(attention: str, device: torch.device) -> None:
                          "Choose --attention auto, sdpa or math")
 
 
+def check_dispatcher_backend(backend: str, device: torch.device, command: str) -> None:
+    """Exit with one line when --dispatcher-backend names a GPU backend and the device is a CPU."""
+    if device.type == "cpu" and backend in ("cuda", "triton"):
+        raise SystemExit(f"pmoe-fast {command}: --dispatcher-backend {backend} runs on CUDA devices; "
+                         "on a CPU use auto, cpp or torch")
+
+
 def check_device(device: str | None, command: str) -> torch.device:
     """``training.resolve_device(device)``, exiting with one line naming --device when torch cannot
     use that device here: not a device name, CUDA without a visible GPU or past its last index, a
@@ -373,7 +384,8 @@ def run(args: argparse.Namespace) -> None:
         if not saved.config.get("experts"):
             raise SystemExit(f"pmoe-fast train: {args.resume} records no configuration to resume")
     config, fixed = resolve_config(args, saved.config if saved else None)
-    if saved is not None and not config.get("output"):
+    if saved is not None and "output" not in fixed:
+        # Beside the checkpoint resumed, wherever the run (or a copy of it) now is.
         config["output"] = os.path.dirname(os.path.abspath(args.resume))
     if not config["experts"]:
         raise SystemExit("pmoe-fast train: give at least one --expert NAME[:PATH] (or 'experts' in --config)")
@@ -381,6 +393,10 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("pmoe-fast train: give --data DIR (one sub-folder per class) or --data demo")
     if not config["output"]:
         raise SystemExit("pmoe-fast train: give --output DIR for the checkpoints and metrics")
+    last = os.path.join(config["output"], "last.safetensors")
+    if saved is None and os.path.exists(last):
+        raise SystemExit(f"pmoe-fast train: --output {config['output']} already holds a run ({last}): continue it "
+                         f"with --resume {last}, or give another folder")
     check_model_arguments(config)
 
     torch.manual_seed(config["seed"])  # the initial prompts, dispatchers and head; experts without weight files
@@ -401,6 +417,7 @@ def run(args: argparse.Namespace) -> None:
     config["classes"], config["num_classes"] = data.classes, len(data.classes)
     device = check_device(config["device"], "train")
     check_attention(config["attention"], device)
+    check_dispatcher_backend(config["dispatcher_backend"], device, "train")
     if config["memory_budget"] and saved is None:
         print(apply_memory_budget(config, experts[0], device, fixed))
     model = build_model(config, experts)

@@ -96,6 +96,8 @@ class PatchEmbed(nn.Module):
         self.patch_size = _to_2tuple(patch_size)
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if self.num_patches == 0:
+            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}: no patch fits")
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
         self.norm = nn.Identity()
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -303,6 +304,49 @@ def test_train_stop_resume_eval_plot(tmp_path, weights, capsys):
         main(["eval", "--checkpoint", str(out / "best.safetensors"), "--expert", weights[1], "--expert", weights[0]])
     with pytest.raises(SystemExit, match=r"keeps its recorded settings; these differ: lr"):
         main(["train", "--resume", str(out / "last.safetensors"), "--lr", "0.5"])
+
+
+def test_resume_writes_beside_the_checkpoint_and_takes_the_recorded_data(tmp_path, weights, monkeypatch):
+    """A copy of a run resumes into the copy, not into the folder it was written to; the original
+    command with --resume added (its --data, a relative --output) resumes; a new run refuses a
+    folder that holds a run."""
+    root = write_images(tmp_path / "imgs", ("cat", "dog"), per_class=6)
+    monkeypatch.chdir(tmp_path)
+    main(train_args(weights, root, "run", "--epochs", "1"))
+    first = (tmp_path / "run" / "last.safetensors").read_bytes()
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    main(["train", "--resume", "copy/last.safetensors", "--epochs", "2", "--no-progress"])
+    assert (tmp_path / "run" / "last.safetensors").read_bytes() == first
+    assert ckpt_io.load(tmp_path / "copy" / "last.safetensors").state["epoch"] == 2
+    main(train_args(weights, root, "run", "--epochs", "2", "--resume", "run/last.safetensors"))
+    assert ckpt_io.load(tmp_path / "run" / "last.safetensors").state["epoch"] == 2
+    with pytest.raises(SystemExit, match=r"--output .*run already holds a run .*: continue it with --resume"):
+        main(train_args(weights, root, "run", "--epochs", "1"))
+
+
+def test_a_checkpoint_tuned_with_a_gpu_backend_evaluates_on_a_cpu(tmp_path, weights, capsys):
+    root = write_images(tmp_path / "imgs", ("cat", "dog"), per_class=6)
+    out = tmp_path / "run"
+    main(train_args(weights, root, out, "--epochs", "1"))
+    model, saved = training.model_from_checkpoint(out / "last.safetensors")
+    ckpt_io.save(out / "gpu.safetensors", model, config={**saved.config, "dispatcher_backend": "cuda"},
+                 experts=saved.experts, state=saved.state)
+    capsys.readouterr()
+    main(["eval", "--checkpoint", str(out / "gpu.safetensors"), "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["images"] == 2
+    assert "dispatcher_backend 'cuda' runs on CUDA devices; on this CPU 'auto'" in captured.err
+    with pytest.raises(SystemExit, match="--dispatcher-backend cuda runs on CUDA devices; on a CPU use auto"):
+        main(train_args(weights, root, tmp_path / "other", "--epochs", "1", "--device", "cpu",
+                        "--dispatcher-backend", "cuda"))
+
+
+@pytest.mark.parametrize("setting", [dict(lr=0.0), dict(save_every=-1), dict(warmup_steps=-1), dict(aux_weight=-0.5)],
+                         ids=["lr0", "save-every-negative", "warmup-negative", "aux-negative"])
+def test_fit_refuses_settings_that_would_train_wrongly(setting):
+    """lr = 0 trains nothing, save_every = -1 saves every step (step % -1 == 0): refused up front."""
+    with pytest.raises(ValueError, match="lr must be > 0 and weight_decay, aux_weight, warmup_steps and save_every >= 0"):
+        training.fit(None, [0], None, **{"epochs": 1, "batch_size": 1, "lr": 1e-3, **setting})
 
 
 def test_config_file_and_flags(tmp_path, weights, capsys):

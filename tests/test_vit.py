@@ -394,3 +394,8 @@ def test_load_weights_errors(tmp_path):
     missing = tmp_path / "nowhere.safetensors"
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         load_weights(_tiny(), missing)
+
+
+def test_images_smaller_than_a_patch_are_refused():
+    with pytest.raises(ValueError, match=r"img_size \(8, 8\) is smaller than patch_size \(16, 16\): no patch fits"):
+        VisionTransformer(img_size=8, patch_size=16, embed_dim=32, depth=1, num_heads=2)
