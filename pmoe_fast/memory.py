@@ -1115,13 +1115,18 @@ def recommend(
                    f"{batch}, with {_describe_option(fit)} (predicted peak {format_bytes(fit.estimate.peak_bytes)})")
         return Recommendation(False, fit, batch, K, tuple(every), budget_bytes, usable, message)
 
-    for k in range(K - 1, 0, -1):
-        fitting = [o for o in options(describe(list(experts)[:k]), batch_size) if o.fits]
-        if fitting:
-            message = (f"not even one image fits {format_bytes(usable)} with {K} experts; the first {k} experts fit "
-                       f"batch {batch_size} with {_describe_option(fitting[0])} "
-                       f"(predicted peak {format_bytes(fitting[0].estimate.peak_bytes)})")
-            return Recommendation(False, fitting[0], batch_size, k, tuple(every), budget_bytes, usable, message)
+    # The most experts that fit, by bisection (peaks grow with K): each count describes a model.
+    lo, hi, first_fit = 0, K - 1, None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        fitting = [o for o in options(describe(list(experts)[:mid]), batch_size) if o.fits]
+        lo, hi, first_fit = (mid, hi, fitting[0]) if fitting else (lo, mid - 1, first_fit)
+    if lo > 0:
+        k = lo
+        message = (f"not even one image fits {format_bytes(usable)} with {K} experts; the first {k} experts fit "
+                   f"batch {batch_size} with {_describe_option(first_fit)} "
+                   f"(predicted peak {format_bytes(first_fit.estimate.peak_bytes)})")
+        return Recommendation(False, first_fit, batch_size, k, tuple(every), budget_bytes, usable, message)
     smallest = min(every, key=lambda o: o.estimate.peak_bytes)
     message = (f"nothing fits {format_bytes(usable)}: the smallest predicted peak, one expert or not, is above it "
                f"({_describe_option(smallest)} needs {format_bytes(smallest.estimate.peak_bytes)} for batch "

@@ -193,6 +193,10 @@ def test_recommend_finds_the_largest_batch_then_the_most_experts():
     one = predict(experts[:1], batch_size=8, checkpoint=1, expert_dtype=torch.bfloat16)
     rec = recommend(experts * 4, batch_size=8, budget_bytes=one.peak_bytes, headroom=0.0)
     assert not rec.fits and 1 <= rec.num_experts < 8 and "experts fit" in rec.message
+    # The most experts that fit (found by bisection): one more does not.
+    for k, fits in ((rec.num_experts, True), (rec.num_experts + 1, False)):
+        options = recommend((experts * 4)[:k], batch_size=8, budget_bytes=one.peak_bytes, headroom=0.0).options
+        assert any(o.fits for o in options) == fits, k
     rec = recommend(experts, batch_size=8, budget_bytes=2**20)
     assert rec.option is None and "nothing fits" in rec.message
 
