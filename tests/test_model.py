@@ -235,33 +235,12 @@ def test_batched_experts_run_the_weights_an_assigning_load_brings():
     assert fast.experts[2].blocks[1].attn.qkv.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("how", ["new-parameter", "new-data"])
-def test_batched_experts_run_replaced_parameters(how):
-    """A parameter replaced rather than changed in place is no longer its row of the stack the
-    batched blocks read: the next forward must find it and run it."""
-    ref = Reference(same_arch(), **CONFIG)
-    fast = PMoE(same_arch(), **CONFIG, execution="batched")
-    fast.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(2, 3, IMG, IMG)
-    with torch.no_grad():
-        fast(x)
-        new = torch.randn_like(ref.experts[1].blocks[2].mlp.fc1.weight)
-        ref.experts[1].blocks[2].mlp.fc1.weight.copy_(new)
-        fc1 = fast.experts[1].blocks[2].mlp.fc1
-        if how == "new-parameter":
-            fc1.weight = torch.nn.Parameter(new.clone(), requires_grad=False)
-        else:
-            fc1.weight.data = new.clone()
-        torch.testing.assert_close(fast(x), ref(x))
-    stack = fast.get_buffer("_stacked_2_mlp_fc1_weight")
-    assert fc1.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
-
-
-@pytest.mark.parametrize("how", ["new-module", "new-eps"])
-def test_batched_experts_run_replaced_modules_and_settings(how):
-    """A block module replaced (here qkv, by one of the same shape) or a norm's eps changed
-    after the model was built: the batched path made its stacks and blocks from the old ones,
-    and the next forward must find the change and run the new ones."""
+@pytest.mark.parametrize("how", ["new-parameter", "new-data", "new-module", "new-eps"])
+def test_batched_experts_run_what_replaced_the_old(how):
+    """A parameter replaced rather than changed in place, a block module replaced (by one of the
+    same shape) or a norm's eps changed after the model was built: the batched path made its
+    stacks and blocks from the old ones, and the next forward must find the change and run the
+    new ones, still from one copy of the weights."""
     ref = Reference(same_arch(), **CONFIG)
     fast = PMoE(same_arch(), **CONFIG, execution="batched")
     fast.load_state_dict(ref.state_dict(), strict=True)
@@ -270,13 +249,19 @@ def test_batched_experts_run_replaced_modules_and_settings(how):
         fast(x)
         for model in (ref, fast):
             torch.manual_seed(3)
-            if how == "new-module":
-                qkv = model.experts[1].blocks[2].attn.qkv
-                model.experts[1].blocks[2].attn.qkv = torch.nn.Linear(qkv.in_features, qkv.out_features).requires_grad_(False)
+            block = model.experts[1].blocks[2]
+            if how == "new-parameter":
+                block.mlp.fc1.weight = torch.nn.Parameter(torch.randn_like(block.mlp.fc1.weight), requires_grad=False)
+            elif how == "new-data":
+                block.mlp.fc1.weight.data = torch.randn_like(block.mlp.fc1.weight)
+            elif how == "new-module":
+                block.attn.qkv = torch.nn.Linear(block.attn.qkv.in_features, block.attn.qkv.out_features).requires_grad_(False)
             else:
                 for expert in model.experts:
                     expert.blocks[1].norm2.eps = 0.25
         torch.testing.assert_close(fast(x), ref(x))
+    stack = fast.get_buffer("_stacked_2_mlp_fc1_weight")
+    assert fast.experts[1].blocks[2].mlp.fc1.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
 
 
 def test_blocks_changed_so_they_cannot_batch_any_more():
