@@ -36,21 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
 
 
-def _recorded_config(path: str, command: str) -> dict:
-    """The configuration a checkpoint records, or exit with one line naming the problem."""
-    from .checkpoint import load
-
-    try:
-        return load(path).config
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"pmoe-fast {command}: {e}")
-
-
 def load_for_eval(args: argparse.Namespace, command: str) -> tuple:
     """(model, checkpoint, the chosen split as a Dataset, the ``DataSplits``, the data source) from
     the shared options; errors exit with a message naming the problem."""
     from . import training
-    from .checkpoint import ExpertMismatchError
+    from .checkpoint import ExpertMismatchError, load
     from .data import DataError, open_data
     from .train import check_device, first_line, parse_expert
 
@@ -58,16 +48,19 @@ def load_for_eval(args: argparse.Namespace, command: str) -> tuple:
         raise SystemExit(f"pmoe-fast {command}: --batch-size must be >= 1, got {args.batch_size}")
     device = check_device(args.device, command)
     overrides = {"precision": args.precision} if args.precision else {}
-    recorded = _recorded_config(args.checkpoint, command)
+    try:
+        saved = load(args.checkpoint)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"pmoe-fast {command}: {e}")
     if device.type == "cpu":
         # Options that only change how the model runs: a run tuned on a GPU evaluates on a CPU.
         for key, gpu_only in (("dispatcher_backend", ("cuda", "triton")), ("attention", ("xformers",))):
-            if recorded.get(key) in gpu_only:
+            if saved.config.get(key) in gpu_only:
                 overrides[key] = "auto"
-                print(f"note: {key} {recorded[key]!r} runs on CUDA devices; on this CPU 'auto'", file=sys.stderr)
+                print(f"note: {key} {saved.config[key]!r} runs on CUDA devices; on this CPU 'auto'", file=sys.stderr)
     experts = [parse_expert(e, command) for e in args.expert] if args.expert else None
     try:
-        model, saved = training.model_from_checkpoint(args.checkpoint, experts=experts, **overrides)
+        model, saved = training.model_from_checkpoint(saved, experts=experts, **overrides)
     except ExpertMismatchError as e:
         raise SystemExit(f"pmoe-fast {command}: {e}")
     except (OSError, ValueError) as e:

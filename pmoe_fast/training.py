@@ -551,22 +551,23 @@ def build_model(config: dict[str, Any], num_classes: int | None = None, *,
     return model
 
 
-def model_from_checkpoint(path: str | os.PathLike, experts: list[dict[str, Any]] | None = None,
+def model_from_checkpoint(path: str | os.PathLike | ckpt_io.Checkpoint, experts: list[dict[str, Any]] | None = None,
                           **overrides) -> tuple[nn.Module, ckpt_io.Checkpoint]:
-    """Rebuild the model a tuned checkpoint records and load its parameters.
+    """Rebuild the model a tuned checkpoint (a path, or one ``checkpoint.load`` read) records and
+    load its parameters.
 
     The experts come from their recorded names, kwargs and weight files (``experts`` replaces
     them, e.g. after moving the weight files); their weights must match the recorded
     fingerprints (``checkpoint.ExpertMismatchError`` lists what differs). ``overrides`` replace
     configuration keys that do not change the function (execution, attention, precision, ...).
     """
-    saved = ckpt_io.load(path)
+    saved, where = (path, "the checkpoint") if isinstance(path, ckpt_io.Checkpoint) else (ckpt_io.load(path), path)
     if not saved.config.get("experts"):
-        raise ValueError(f"{path} records no model configuration; it was not written by pmoe-fast train")
+        raise ValueError(f"{where} records no model configuration; it was not written by pmoe-fast train")
     config = {**saved.config, **overrides}
     if experts is not None:
         if len(experts) != len(saved.experts):
-            raise ValueError(f"{path} was tuned on {len(saved.experts)} experts; {len(experts)} given")
+            raise ValueError(f"{where} was tuned on {len(saved.experts)} experts; {len(experts)} given")
         config["experts"] = [{**old, **{k: v for k, v in new.items() if v}}
                              for old, new in zip(saved.config["experts"], experts)]
     torch.manual_seed(config.get("seed", 0))  # as pmoe-fast train did: experts without weight files are its seed's
