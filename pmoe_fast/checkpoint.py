@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import random
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,10 +363,14 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    # A new name of its own (O_EXCL), and the mode open() gives, 0666 less the umask, kept through
+    # writers that make the file their owner's alone (safetensors' save_file writes 0600).
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -386,6 +390,8 @@ def load(path: str | os.PathLike) -> Checkpoint:
     from safetensors import safe_open
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a folder; give a checkpoint file in it, such as {os.path.join(path, 'last.safetensors')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

@@ -94,6 +94,19 @@ def test_crash_mid_write_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.safetensors"]  # no temporary file left behind
 
 
+def test_checkpoints_take_the_mode_open_gives_and_a_folder_is_named(tmp_path):
+    """Written through a temporary file, a checkpoint still gets 0666 less the umask (not 0600);
+    a folder given for a checkpoint is named as such."""
+    umask = os.umask(0o022)
+    try:
+        ckpt_io.save(tmp_path / "c.safetensors", tiny_model())
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(FileNotFoundError, match=r"is a folder; give a checkpoint file in it, such as .*last.safetensors"):
+        ckpt_io.load(tmp_path)
+
+
 def test_other_experts_are_named_with_what_differs(tmp_path):
     model = tiny_model(seeds=(1, 2))
     ckpt_io.save(tmp_path / "c.safetensors", model)
