@@ -1999,7 +1999,7 @@ def dispatch_fwd(
         ipt_out = torch.empty((K, B, Np, D), dtype=prompts.dtype, device=device)
     elif (
         ipt_out.shape != (K, B, Np, D) or ipt_out.stride(-1) != 1 or ipt_out.dtype not in (prompts.dtype, tokens.dtype)
-        or sum((n - 1) * s for n, s in zip(ipt_out.shape, ipt_out.stride())) >= 2**31
+        or span(ipt_out) >= 2**31
     ):
         raise ValueError(
             f"ipt_out must be (K={K}, B={B}, Np={Np}, D={D}) with stride(-1) == 1 in the prompts' or the tokens' "
@@ -2055,6 +2055,12 @@ def dispatch_fwd(
         num_warps=blocks["FWD_WARPS"], num_stages=_NUM_STAGES["fwd"],
     )
     return ipt_out, weights, hidden
+
+
+def span(t: torch.Tensor) -> int:
+    """How many elements past its first a tensor's last lies, through its strides: what the
+    kernels' 32-bit offsets must hold."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
 
 
 def outer_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -2546,7 +2552,7 @@ def input_reasons(prompts, tokens, prompt_out, sources, interpreted: bool, modul
             reasons.append(f"{name} is bfloat16, which Triton's interpreter computes wrongly (it reads bits as integers).")
         if t.dim() and t.stride(-1) != 1:
             reasons.append(f"{name} has stride {t.stride(-1)} in its last dimension; the kernels need 1 (a contiguous D).")
-        if t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31:
+        if t.numel() and span(t) >= 2**31:
             reasons.append(f"{name} spans 2**31 elements or more; the kernels index with 32-bit offsets.")
     param_dtype = prompts.dtype
     for name, t in tensors:
@@ -2572,7 +2578,7 @@ def _within_32_bits(grad_ipt: torch.Tensor) -> torch.Tensor:
     """grad_ipt, or a contiguous copy where its strides (a view into a larger gradient, say) span
     2**31 elements or more: the kernels index it with 32-bit offsets, and ``input_reasons`` bounds
     the contiguous (K, B, Np, D)."""
-    if sum((n - 1) * abs(st) for n, st in zip(grad_ipt.shape, grad_ipt.stride())) >= 2**31:
+    if span(grad_ipt) >= 2**31:
         return grad_ipt.contiguous()
     return grad_ipt
 

@@ -42,7 +42,7 @@ def load_for_eval(args: argparse.Namespace, command: str) -> tuple:
     from . import training
     from .checkpoint import ExpertMismatchError, load
     from .data import DataError, open_data
-    from .train import check_device, first_line, parse_expert
+    from .train import GPU_ONLY, check_device, first_line, parse_expert
 
     if args.batch_size < 1:
         raise SystemExit(f"pmoe-fast {command}: --batch-size must be >= 1, got {args.batch_size}")
@@ -54,7 +54,7 @@ def load_for_eval(args: argparse.Namespace, command: str) -> tuple:
         raise SystemExit(f"pmoe-fast {command}: {e}")
     if device.type == "cpu":
         # Options that only change how the model runs: a run tuned on a GPU evaluates on a CPU.
-        for key, gpu_only in (("dispatcher_backend", ("cuda", "triton")), ("attention", ("xformers",))):
+        for key, gpu_only in GPU_ONLY.items():
             if saved.config.get(key) in gpu_only:
                 overrides[key] = "auto"
                 print(f"note: {key} {saved.config[key]!r} runs on CUDA devices; on this CPU 'auto'", file=sys.stderr)

@@ -68,6 +68,7 @@ from . import attention as attention_backends
 from . import vit
 from .frozen_linear import linear, qkv_heads
 from .reference import PMoE as ReferencePMoE
+from .reference import expert_list
 
 EXECUTIONS = ("auto", "batched", "streams", "sequential")
 LAYER_NORMS = ("auto", "torch", "triton")
@@ -135,9 +136,7 @@ class PMoE(ReferencePMoE):
     ):
         if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
             raise ValueError(f"expert_dtype must be None or one of {EXPERT_DTYPES}, got {expert_dtype}")
-        if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
-            raise TypeError(f"experts must be a list of expert modules, got one {type(experts).__name__}: pass [expert]")
-        experts = list(experts)
+        experts = expert_list(experts)
         if expert_dtype is not None:
             for expert in experts:
                 expert.to(expert_dtype)

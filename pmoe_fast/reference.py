@@ -44,6 +44,14 @@ def resolve_prompt_layers(prompt_layers: int | str | None, base: str, depth: int
     return lp
 
 
+def expert_list(experts) -> list[nn.Module]:
+    """The experts as a list, refusing one expert module given alone (an easy slip: a ViT is not
+    iterable, and its error would not say so)."""
+    if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(f"experts must be a list of expert modules, got one {type(experts).__name__}: pass [expert]")
+    return list(experts)
+
+
 class PMoE(nn.Module):
     """pMoE over K frozen ViT experts, with a classification head.
 
@@ -89,9 +97,7 @@ class PMoE(nn.Module):
             bools=dict(separate_mlps=separate_mlps),
             reals=dict(gate_init=gate_init),
         )
-        if isinstance(experts, nn.Module) and not isinstance(experts, (nn.ModuleList, nn.Sequential)):
-            raise TypeError(f"experts must be a list of expert modules, got one {type(experts).__name__}: pass [expert]")
-        experts = list(experts)
+        experts = expert_list(experts)
         adapters = [Expert(m) for m in experts]
         infos = [a.info for a in adapters]
         if not adapters:

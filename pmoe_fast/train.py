@@ -297,9 +297,14 @@ def check_attention(attention: str, device: torch.device) -> None:
                          "Choose --attention auto, sdpa or math")
 
 
+# Settings of how the model runs that only CUDA devices serve: train refuses them on a CPU, eval
+# and plot-dispatch run a checkpoint that records one with "auto" there.
+GPU_ONLY = {"dispatcher_backend": ("cuda", "triton"), "attention": ("xformers",)}
+
+
 def check_dispatcher_backend(backend: str, device: torch.device, command: str) -> None:
     """Exit with one line when --dispatcher-backend names a GPU backend and the device is a CPU."""
-    if device.type == "cpu" and backend in ("cuda", "triton"):
+    if device.type == "cpu" and backend in GPU_ONLY["dispatcher_backend"]:
         raise SystemExit(f"pmoe-fast {command}: --dispatcher-backend {backend} runs on CUDA devices; "
                          "on a CPU use auto, cpp or torch")
 
