@@ -55,13 +55,13 @@ SOURCES = ("e", "p", "z")  # EPTs, prompt outputs, other tokens: the names used 
 def check_argument_types(
     ints: dict[str, object] | None = None, bools: dict[str, object] | None = None, reals: dict[str, object] | None = None
 ) -> None:
-    """Raises a TypeError naming each argument that is not an int, or not a real number (a bool is
+    """Raises a TypeError naming each argument that is not an int, or not a finite real number (a bool is
     neither here), or not True/False: a string such as "no" would otherwise pass as a true flag,
     or fail somewhere deep."""
     wrong = [f"{name} must be an int, got {value!r}" for name, value in (ints or {}).items()
              if isinstance(value, bool) or not isinstance(value, numbers.Integral)]
-    wrong += [f"{name} must be a number, got {value!r}" for name, value in (reals or {}).items()
-              if isinstance(value, bool) or not isinstance(value, numbers.Real)]
+    wrong += [f"{name} must be a finite number, got {value!r}" for name, value in (reals or {}).items()
+              if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)]
     wrong += [f"{name} must be True or False, got {value!r}" for name, value in (bools or {}).items()
               if not isinstance(value, bool)]
     if wrong:
@@ -462,6 +462,8 @@ class Dispatcher(nn.Module):
             got = tuple(prompts.shape) if isinstance(prompts, torch.Tensor) else type(prompts).__name__
             raise ValueError(f"prompts must be (K={K}, Np, D={D}), got {got}")
         Np = prompts.shape[1]
+        if Np == 0:
+            raise ValueError(f"prompts must hold at least one prompt token (Np >= 1), got shape {tuple(prompts.shape)}")
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() != 4 or tokens.shape[0] != K or tokens.shape[3] != D:
                 raise ValueError(f"tokens must be (K={K}, B, T, D={D}) or a list of K (B, T_k, D), got {tuple(tokens.shape)}")
@@ -485,11 +487,11 @@ class Dispatcher(nn.Module):
         if prompt_out is not None and (not isinstance(prompt_out, torch.Tensor) or tuple(prompt_out.shape) != (K, B, Np, D)):
             got = tuple(prompt_out.shape) if isinstance(prompt_out, torch.Tensor) else type(prompt_out).__name__
             raise ValueError(f"prompt_out must be None or a tensor (K={K}, B={B}, Np={Np}, D={D}), got {got}")
-        prefix = [num_prefix_tokens] * K if isinstance(num_prefix_tokens, int) else list(num_prefix_tokens)
+        prefix = [num_prefix_tokens] * K if isinstance(num_prefix_tokens, numbers.Integral) else list(num_prefix_tokens)
         if len(prefix) != K:
             raise ValueError(f"num_prefix_tokens must be one int or K={K} ints, got {len(prefix)}")
         for k, (count, q) in enumerate(zip(token_counts, prefix)):
-            if not isinstance(q, numbers.Integral) or q < 0:
+            if isinstance(q, bool) or not isinstance(q, numbers.Integral) or q < 0:
                 raise ValueError(f"expert {k}: num_prefix_tokens must be an int >= 0, got {q!r}")
             if q >= count:
                 raise ValueError(f"expert {k}: num_prefix_tokens={q} leaves no tokens out of T_k={count}")

@@ -255,9 +255,10 @@ def fit(
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
-    if not lr > 0 or weight_decay < 0 or aux_weight < 0 or warmup_steps < 0 or (save_every or 0) < 0:
+    finite = all(math.isfinite(v) for v in (lr, weight_decay, aux_weight))
+    if not (finite and lr > 0) or weight_decay < 0 or aux_weight < 0 or warmup_steps < 0 or (save_every or 0) < 0:
         raise ValueError(
-            f"lr must be > 0 and weight_decay, aux_weight, warmup_steps and save_every >= 0, got lr={lr}, "
+            f"lr must be > 0, weight_decay, aux_weight, warmup_steps and save_every >= 0, and all finite, got lr={lr}, "
             f"weight_decay={weight_decay}, aux_weight={aux_weight}, warmup_steps={warmup_steps}, save_every={save_every}"
         )
     if len(train_set) == 0:

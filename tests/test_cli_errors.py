@@ -109,7 +109,7 @@ def test_plot_dispatch_output_mistakes(tmp_path, checkpoint, output, message):
 @pytest.mark.parametrize("pmoe_args, message", [
     ({"gate_layers": "x"}, "gate_layers must be an int, got 'x'"),
     ({"gate_layers": -1}, r"gate_layers must be in \[0, depth-1=0\], got -1"),
-    ({"gate_init": "five"}, "gate_init must be a number, got 'five'"),
+    ({"gate_init": "five"}, "gate_init must be a finite number, got 'five'"),
     ({"dispatch_pool": 3}, "unknown dispatch pool 3"),
     ({"separate_mlps": "no"}, "separate_mlps must be True or False, got 'no'"),
 ], ids=["wrong type", "negative", "not a number", "unknown value", "string flag"])

@@ -1,5 +1,6 @@
 """The Dispatcher module's contract: shapes, input forms, kinds and errors (torch backend)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,13 @@ def test_gradients_match_finite_differences_in_float64():
     assert torch.autograd.gradcheck(lambda p, z, zp: disp(p, z, zp, 1)[0], (prompts, tokens, prompt_out))
 
 
+def test_numpy_prefix_count_is_one_int_for_every_expert():
+    disp = Dispatcher(D, K, hidden=4, backend="torch")
+    prompts, tokens, prompt_out = inputs()
+    ipt, _ = disp(prompts, tokens, prompt_out, np.int64(1))
+    torch.testing.assert_close(ipt, disp(prompts, tokens, prompt_out, 1)[0], rtol=0, atol=0)
+
+
 def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
     disp = Dispatcher(D, K, hidden=4, backend="torch")
     prompts, tokens, prompt_out = inputs()
@@ -88,6 +96,8 @@ def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
         (lambda d, p, z, zp: d(p, z, zp, [1, 1]), "one int or K=3 ints"),
         (lambda d, p, z, zp: d(p, z, zp, T), "leaves no tokens"),
         (lambda d, p, z, zp: d(p, z, zp, -1), "num_prefix_tokens must be an int >= 0, got -1"),
+        (lambda d, p, z, zp: d(p, z, zp, True), "num_prefix_tokens must be an int >= 0, got True"),
+        (lambda d, p, z, zp: d(p[:, :0], z, None), r"at least one prompt token \(Np >= 1\)"),
         (lambda d, p, z, zp: d(p, z[:, :0], None), r"at least one image \(B >= 1\)"),
         (lambda d, p, z, zp: d(p, z.long(), zp), "tokens must be floating point, got torch.int64"),
         (lambda d, p, z, zp: d(p, [z[0], z[1].int(), z[2]], zp), r"tokens\[1\] must be floating point"),
@@ -95,7 +105,7 @@ def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
     ],
     ids=["prompts", "tokens-width", "tokens-count", "tokens-batch", "prompt-out", "prompt-out-list", "tokens-device",
          "token-list-device", "prompt-out-device", "parameters-device", "prefix-count", "prefix-too-long",
-         "prefix-negative", "no-images", "tokens-dtype", "token-list-dtype", "prompts-dtype"],
+         "prefix-negative", "prefix-bool", "no-prompts", "no-images", "tokens-dtype", "token-list-dtype", "prompts-dtype"],
 )
 def test_bad_inputs_raise_clear_errors(call, match):
     disp = Dispatcher(D, K, hidden=4, backend="torch")

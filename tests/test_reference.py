@@ -228,14 +228,15 @@ def test_experts_stay_in_eval_mode():
         (lambda: PMoE([small_vit("p16")], num_classes=2, separate_mlps="no"), "separate_mlps must be True or False"),
         (lambda: PMoE([small_vit("p16")], num_classes=2, num_prompts=2.5), "num_prompts must be an int, got 2.5"),
         (lambda: PMoE([small_vit("p16")], num_classes=2, dispatcher_hidden="64"), "dispatcher_hidden must be an int"),
-        (lambda: PMoE([small_vit("p16")], num_classes=2, base="gapt", gate_init="five"), "gate_init must be a number"),
+        (lambda: PMoE([small_vit("p16")], num_classes=2, base="gapt", gate_init="five"), "gate_init must be a finite number"),
+        (lambda: PMoE([small_vit("p16")], num_classes=2, base="gapt", gate_init=float("nan")), "gate_init must be a finite number, got nan"),
         (lambda: PMoE(small_vit("p16"), num_classes=2), r"got one VisionTransformer: pass \[expert\]"),
         (lambda: PMoE([small_vit("p16"), small_vit("p16").to("meta")], num_classes=2),
          "all experts must be on one device, got expert 0: cpu, expert 1: meta"),
     ],
     ids=["K0", "width", "depth", "Np0", "Lp-too-deep", "Lp0", "dispatcher-name", "pool-name", "lspt",
          "gapt-deep", "gate-without-gapt", "top-k", "not-a-vit", "image-size", "expert-dtypes",
-         "separate-str", "Np-float", "hidden-str", "gate-init-str", "one-expert-not-a-list", "expert-devices"],
+         "separate-str", "Np-float", "hidden-str", "gate-init-str", "gate-init-nan", "one-expert-not-a-list", "expert-devices"],
 )
 def test_bad_configs_raise_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -341,11 +341,13 @@ def test_a_checkpoint_tuned_with_a_gpu_backend_evaluates_on_a_cpu(tmp_path, weig
                         "--dispatcher-backend", "cuda"))
 
 
-@pytest.mark.parametrize("setting", [dict(lr=0.0), dict(save_every=-1), dict(warmup_steps=-1), dict(aux_weight=-0.5)],
-                         ids=["lr0", "save-every-negative", "warmup-negative", "aux-negative"])
+@pytest.mark.parametrize("setting", [dict(lr=0.0), dict(save_every=-1), dict(warmup_steps=-1), dict(aux_weight=-0.5),
+                                     dict(lr=float("inf")), dict(weight_decay=float("nan"))],
+                         ids=["lr0", "save-every-negative", "warmup-negative", "aux-negative", "lr-inf", "decay-nan"])
 def test_fit_refuses_settings_that_would_train_wrongly(setting):
-    """lr = 0 trains nothing, save_every = -1 saves every step (step % -1 == 0): refused up front."""
-    with pytest.raises(ValueError, match="lr must be > 0 and weight_decay, aux_weight, warmup_steps and save_every >= 0"):
+    """lr = 0 trains nothing, save_every = -1 saves every step (step % -1 == 0), a NaN weight decay
+    turns every parameter to NaN: refused up front."""
+    with pytest.raises(ValueError, match="lr must be > 0, weight_decay, aux_weight, warmup_steps and save_every >= 0, and all finite"):
         training.fit(None, [0], None, **{"epochs": 1, "batch_size": 1, "lr": 1e-3, **setting})
 
 
