@@ -149,6 +149,19 @@ void zero_outside(at::Tensor& x, const TokenRanges& r, const DispatchSizes& s) {
   }
 }
 
+// Whether every token outside the ranges is finite. The one-GEMM backward multiplies those rows
+// by zero gradients, and 0 * inf is NaN, where the torch backend never reads them.
+bool finite_outside(const at::Tensor& tokens, const TokenRanges& r, const DispatchSizes& s) {
+  for (int64_t k = 0; k < s.K; ++k) {
+    const at::Tensor rows = tokens.select(0, k);
+    if (!rows.narrow(1, 0, r.start[k]).isfinite().all().item<bool>() ||
+        !rows.narrow(1, r.end[k], s.T - r.end[k]).isfinite().all().item<bool>()) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // Source z, fused. For every (k, b) over its token range:
 //   z_act[k, b, t] = W1_z Z[k, b, t] + b1_z, written by BLAS straight into the output,
 //   z_mean[k, b]   = mean_t gelu(z_act[k, b, t])   (mean_t Z[k, b, t] when H = 0).
@@ -200,7 +213,9 @@ void z_backward(const Mlp& f, const at::Tensor& tokens, const TokenRanges& r,
   const at::Tensor coef =
       dl.matmul(f.w2) * at::tensor(inv_count, z_mean.options()).view({s.K, 1, 1});  // (K, B, Hz)
   const at::Tensor rows = token_rows(tokens, s, acc);
-  if (rows.defined() && f.hidden()) {  // one GEMM each for dL/dZ and dL/dW1_z over every token row
+  // One GEMM each for dL/dZ and dL/dW1_z over every token row, unless a token outside the ranges
+  // would turn dL/dW1_z into NaN.
+  if (rows.defined() && f.hidden() && finite_outside(tokens, r, s)) {
     at::Tensor da = at::gelu_backward(coef.unsqueeze(2).expand({s.K, s.B, s.T, s.H}), z_act);
     zero_outside(da, r, s);  // so rows outside the ranges get zero gradients
     const at::Tensor da_rows = da.view({KB * s.T, s.H});

@@ -70,6 +70,32 @@ def test_fused_backend_matches_torch_in_float64(backend, hidden, separate, pool,
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["one-matrix", "strided"])
+def test_tokens_outside_the_pool_are_never_read(backend, contiguous):
+    """pool="patches" leaves the prefix tokens out, so a NaN or inf there changes no result and no
+    gradient, as in the torch backend (the C++ op's one-GEMM dL/dW1_z multiplied them by zero)."""
+    torch.manual_seed(0)
+    ref = Dispatcher(D, K, hidden=H, separate_mlps=True, pool="patches", backend="torch")
+    fused = Dispatcher(D, K, hidden=H, separate_mlps=True, pool="patches", backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    prompts, seq, prompt_out = make_inputs(prefix_slots=0 if contiguous else NP)
+    tokens = seq.float() if contiguous else seq.float()[:, :, NP:]
+    tokens[:, :, 0] = float("nan")
+    tokens[:, :, 1] = float("inf")
+    out = []
+    for disp in (ref, fused):
+        disp.zero_grad()
+        p = prompts.float().requires_grad_()
+        z = tokens.detach().requires_grad_()
+        ipt, w = disp(p, z, prompt_out.float(), 2)
+        (ipt.sum() + w.sum()).backward()
+        out.append([ipt, w, p.grad, z.grad[:, :, 2:]] + [q.grad for q in disp.parameters()])
+    for gold, got in zip(*out):
+        assert gold.isfinite().all() and got.isfinite().all()
+        torch.testing.assert_close(got, gold, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fused_backend_runs_as_written_under_autocast(backend):
     """Autocast must not reach inside a fused op: it computes in float32 whatever autocast does
     around it, forward and backward (autocast inside its C++ kernel once made backward fail)."""
