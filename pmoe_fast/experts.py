@@ -22,7 +22,7 @@ from torch import nn
 
 from . import attention as attention_backends
 from .frozen_linear import qkv_heads
-from .vit import PatchEmbed, VisionTransformer
+from .vit import Attention, Block, PatchEmbed, VisionTransformer
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -44,6 +44,39 @@ class ExpertInfo:
 
 def _missing(obj: object, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if not hasattr(obj, n)]
+
+
+def is_stock(module: nn.Module | None, method: str, ours: type, timm_module: str = "timm.layers") -> bool:
+    """Whether ``module``'s class takes ``method`` from ``ours`` (pmoe_fast.vit's class, or
+    torch's) or from timm's class of the same name: a subclass that overrides it may compute
+    anything."""
+    if module is None:
+        return False
+    stock = {getattr(ours, method)}
+    timm_class = getattr(sys.modules.get(timm_module), ours.__name__, None)
+    if timm_class is not None:
+        stock.add(getattr(timm_class, method))
+    return getattr(type(module), method, None) in stock
+
+
+def _block_reason(block: nn.Module) -> str | None:
+    """Why ``Expert.block`` cannot run this block as the block itself would, or None. It runs the
+    pre-norm block's parts (norm1, the attention's qkv, norms and proj, ls1, drop_path1, norm2,
+    mlp, ls2, drop_path2) with its own attention kernel, so a block or attention class that
+    computes its own forward would be silently replaced."""
+    lacks = _missing(block, ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"))
+    attn = getattr(block, "attn", None)
+    if attn is not None:
+        lacks += [f"attn.{n}" for n in _missing(attn, ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim"))]
+    if lacks:
+        return f"it lacks {lacks}"
+    if getattr(attn, "gate", None) is not None:
+        return "its attention is gated"
+    if not is_stock(block, "forward", Block, "timm.models.vision_transformer"):
+        return f"{type(block).__name__} has its own forward, not the pre-norm ViT block's"
+    if not is_stock(attn, "forward", Attention, "timm.models.vision_transformer"):
+        return f"its attention {type(attn).__name__} has its own forward, not timm's Attention's"
+    return None
 
 
 class Expert:
@@ -74,20 +107,24 @@ class Expert:
             )
         if getattr(model, "dynamic_img_size", False):
             raise ValueError("experts with dynamic_img_size=True are not supported; create them with a fixed img_size")
+        if not is_stock(model.patch_embed, "forward", PatchEmbed):
+            raise TypeError(
+                f"the patch embedding of {type(model).__name__} is a {type(model.patch_embed).__name__}, not a "
+                "plain PatchEmbed: hybrid (CNN-stem) ViTs and other embeddings are not supported as experts"
+            )
         for i, block in enumerate(model.blocks):
-            lacks = _missing(block, ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"))
-            lacks += [f"attn.{n}" for n in _missing(block.attn, ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim"))]
-            if lacks or getattr(block.attn, "gate", None) is not None:
+            reason = _block_reason(block)
+            if reason:
                 raise TypeError(
                     f"block {i} of {type(model).__name__} ({type(block).__name__}) is not a pre-norm ViT "
-                    f"block pMoE supports (missing {lacks or ['an ungated attention']})"
+                    f"block pMoE supports: {reason}. Use timm's or pmoe_fast.vit's Block and Attention."
                 )
 
         model.requires_grad_(False)
         model.eval()
         self.module = model
         pe = model.patch_embed
-        self.patch_projection = patch_projection(pe)
+        self._projected, self._projection = pe.proj, patch_projection(pe)
         self.info = ExpertInfo(
             embed_dim=int(model.embed_dim),
             depth=len(model.blocks),
@@ -125,13 +162,23 @@ class Expert:
         convolution, whose kernel covers one patch); otherwise, and in the reference, the backbone's
         own ``patch_embed`` runs."""
         m = self.module
-        if patches_as_matmul and self.patch_projection is not None:
-            x = m.patch_embed.norm(patch_tokens(images, self.patch_projection))
+        proj = self.patch_projection if patches_as_matmul else None
+        if proj is not None:
+            x = m.patch_embed.norm(patch_tokens(images, proj))
         else:
             x = m.patch_embed(images)
         x = m._pos_embed(x)
         x = m.patch_drop(x) if hasattr(m, "patch_drop") else x
         return m.norm_pre(x) if hasattr(m, "norm_pre") else x
+
+    @property
+    def patch_projection(self) -> nn.Conv2d | None:
+        """``patch_projection`` of the backbone's patch embedding, found again when its ``proj``
+        was replaced since the last call."""
+        current = getattr(self.module.patch_embed, "proj", None)
+        if current is not self._projected:
+            self._projected, self._projection = current, patch_projection(self.module.patch_embed)
+        return self._projection
 
     def block(
         self,

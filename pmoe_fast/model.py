@@ -54,7 +54,6 @@ of concatenating new sequences at every layer.
 from __future__ import annotations
 
 import operator
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -66,6 +65,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import attention as attention_backends
 from . import vit
+from .experts import is_stock
 from .frozen_linear import linear, qkv_heads
 from .reference import PMoE as ReferencePMoE
 from .reference import expert_list
@@ -582,29 +582,16 @@ def _plain_block_reason(block: nn.Module) -> str | None:
     runs one expert's activation for all, and skips the modules' forwards."""
     for name in ("norm1", "norm2"):
         norm = getattr(block, name, None)
-        if not _stock(norm, "forward", nn.LayerNorm) or norm.weight is None or norm.bias is None:
+        if not is_stock(norm, "forward", nn.LayerNorm) or norm.weight is None or norm.bias is None:
             return f"{name} is a {type(norm).__name__}; the batched path needs a LayerNorm with a weight and a bias"
-    if not _stock(getattr(block, "attn", None), "forward", vit.Attention, "timm.models.vision_transformer"):
+    if not is_stock(getattr(block, "attn", None), "forward", vit.Attention, "timm.models.vision_transformer"):
         return f"attn is a {type(getattr(block, 'attn', None)).__name__}; the batched path runs timm's Attention"
     mlp = getattr(block, "mlp", None)
-    if not _stock(mlp, "forward", vit.Mlp, "timm.layers"):
+    if not is_stock(mlp, "forward", vit.Mlp, "timm.layers"):
         return f"mlp is a {type(mlp).__name__}; the batched path runs fc1, the activation and fc2 (timm's Mlp)"
     if any(True for _ in mlp.act.parameters()):
         return f"the activation {mlp.act} has parameters; the batched path runs one expert's activation for all"
     return None
-
-
-def _stock(module: nn.Module | None, method: str, ours: type, timm_module: str = "timm.layers") -> bool:
-    """Whether ``module``'s class takes ``method`` from ``ours`` (pmoe_fast.vit's class, or
-    torch's) or from timm's class of the same name: a subclass that overrides it may compute
-    anything."""
-    if module is None:
-        return False
-    stock = {getattr(ours, method)}
-    timm_class = getattr(sys.modules.get(timm_module), ours.__name__, None)
-    if timm_class is not None:
-        stock.add(getattr(timm_class, method))
-    return getattr(type(module), method, None) in stock
 
 
 def _has_submodule(module: nn.Module, path: str) -> bool:

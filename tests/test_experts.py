@@ -1,13 +1,27 @@
 """The expert adapter serves timm's ViT and ours alike, frozen, with timm's state_dict keys."""
 
 import pytest
+import timm
 import torch
+from timm.models.vision_transformer import Attention as TimmAttention
+from timm.models.vision_transformer import Block as TimmBlock
+from timm.models.vision_transformer import ParallelScalingBlock
 from helpers import IMG, small_vit
 
 from pmoe_fast import attention as attention_backends
 from pmoe_fast import vit
 from pmoe_fast.experts import Expert, attention
 from pmoe_fast.reference import PMoE
+
+
+class OwnBlock(TimmBlock):
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return 0.5 * super().forward(x)
+
+
+class OwnAttention(TimmAttention):
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return 2.0 * super().forward(x, attn_mask, is_causal)
 
 
 def our_twin(timm_model, **kwargs):
@@ -108,6 +122,17 @@ def test_patch_embeddings_the_product_cannot_compute_run_as_they_are():
         assert torch.equal(e.embed(x, patches_as_matmul=True), e.embed(x))
 
 
+def test_a_replaced_patch_projection_is_the_one_that_runs():
+    """Replacing the backbone's patch convolution after wrapping: the product runs the new one."""
+    model = small_vit("p16").double()
+    e = Expert(model)
+    new = torch.nn.Conv2d(3, 48, 16, 16).double().requires_grad_(False)
+    model.patch_embed.proj = new
+    assert e.patch_projection is new
+    x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    torch.testing.assert_close(e.embed(x, patches_as_matmul=True), e.embed(x), rtol=1e-12, atol=1e-12)
+
+
 def test_adapter_freezes_in_place():
     m = small_vit("p16").train()
     Expert(m)
@@ -120,9 +145,17 @@ def test_adapter_freezes_in_place():
         (lambda: torch.nn.Linear(4, 4), "not a ViT"),
         (lambda: vit.VisionTransformer(img_size=IMG, embed_dim=48, depth=1, num_heads=3, global_pool=""), "pooling"),
         (lambda: "vit_base_patch16_224", "nn.Module"),
+        (lambda: small_vit("p16", block_fn=OwnBlock), "OwnBlock has its own forward, not the pre-norm ViT block's"),
+        (lambda: small_vit("p16", attn_layer=OwnAttention), "its attention OwnAttention has its own forward"),
+        (lambda: small_vit("p16", attn_layer="diff"), "its attention DiffAttention has its own forward"),
+        (lambda: small_vit("p16", block_fn=ParallelScalingBlock), r"it lacks \['norm1', 'attn', 'ls1'"),
+        (lambda: timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64, depth=1, num_classes=0),
+         "is a HybridEmbed, not a plain PatchEmbed"),
     ],
-    ids=["linear", "no-pool", "name"],
+    ids=["linear", "no-pool", "name", "own-block", "own-attention", "diff-attention", "parallel-block", "hybrid"],
 )
 def test_adapter_rejects_what_it_cannot_serve(make, match):
+    """Blocks and attentions that compute their own forward would be silently replaced by the
+    adapter's pre-norm block (it runs the parts with its own attention kernel): refused."""
     with pytest.raises((TypeError, ValueError), match=match):
         Expert(make())
