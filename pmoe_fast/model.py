@@ -202,6 +202,14 @@ class PMoE(ReferencePMoE):
         if self.num_experts == 1:
             return ["there is one expert: nothing to batch"]
         reasons = []
+        first = {}
+        for k, expert in enumerate(self.experts):
+            j = first.setdefault(id(expert), k)
+            if j != k:
+                reasons.append(
+                    f"expert {k} is the same module as expert {j}: each expert's weights become a row of "
+                    "the stacks; pass distinct experts (copy.deepcopy)"
+                )
         shapes = {self._architecture(k) for k in range(self.num_experts)}
         if len(shapes) > 1:
             reasons.append(

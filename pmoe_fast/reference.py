@@ -133,6 +133,11 @@ class PMoE(nn.Module):
         self.prompt_layers = resolve_prompt_layers(prompt_layers, base, L)
         self.experts = nn.ModuleList(experts)  # state_dict: experts.{k}.<timm key>
         self._adapters = adapters
+        # What would drop at random if an expert were put back in train mode: _check_images.
+        self._random_drops = [
+            (k, name, module) for k, expert in enumerate(experts) for name, module in expert.named_modules()
+            if _drops_at_random(module)
+        ]
 
         # EPTs, initialised as VPT does, each expert with its own patch size.
         self.prompts = nn.Parameter(torch.empty(self.prompt_layers, K, num_prompts, D))
@@ -252,6 +257,13 @@ class PMoE(nn.Module):
                     f"model.experts[{k}] was replaced after the model was built, which set each expert up "
                     "(frozen, wrapped, its prompts and pooling): build a new PMoE with the new experts"
                 )
+        for k, name, module in self._random_drops:
+            if module.training:
+                raise ValueError(
+                    f"expert {k}'s {name} ({type(module).__name__}) is in train mode, where it drops at random: "
+                    "pMoE runs its frozen experts in eval mode; call model.experts.eval() (model.train() "
+                    "leaves the experts in eval mode)"
+                )
         self._adapters[0].check_images(images)
         experts_on = self._adapters[0].module.patch_embed.proj.weight.device
         if experts_on != self.prompts.device:
@@ -264,3 +276,11 @@ class PMoE(nn.Module):
                 f"images are on {images.device} but the model is on {self.prompts.device}: "
                 f"move them with images.to({str(self.prompts.device)!r})"
             )
+
+
+def _drops_at_random(module: nn.Module) -> bool:
+    """Whether ``module`` draws random numbers in train mode: dropout with p > 0, or drop-path
+    (timm's and pmoe_fast.vit's) with drop_prob > 0."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    return isinstance(getattr(module, "drop_prob", None), (int, float)) and module.drop_prob > 0

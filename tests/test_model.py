@@ -312,6 +312,16 @@ def test_experts_whose_blocks_the_batched_path_cannot_run_run_per_expert():
             PMoE([timm_vit(**kwargs) for _ in range(2)], **CONFIG, execution="batched")
 
 
+def test_one_expert_passed_twice_does_not_run_batched():
+    """Each expert's weights become a row of the stacks: one module cannot be two rows (it was
+    restacked on every forward)."""
+    expert = small_vit("p16")
+    fast = assert_matches_reference([expert, expert], execution="auto")
+    assert "expert 1 is the same module as expert 0" in " ".join(fast.batched_reasons())
+    with pytest.raises(ValueError, match="expert 1 is the same module as expert 0"):
+        PMoE([expert, expert], **CONFIG, execution="batched")
+
+
 def test_an_expert_whose_head_reads_more_than_the_class_token_runs_its_last_block_whole():
     """timm's distilled DeiT pools its class and distillation tokens (its own forward_head): the
     last block must give every token."""

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import IMG, small_vit, spec_dispatch, spec_forward
 
+from pmoe_fast import PMoE as FastPMoE
 from pmoe_fast.reference import PMoE
 
 
@@ -204,6 +205,18 @@ def test_experts_stay_in_eval_mode():
     assert not any(m.training for m in model.experts.modules())
     x = images()
     torch.testing.assert_close(model(x), model(x))  # no dropout in the frozen experts
+
+
+@pytest.mark.parametrize("model_class", [PMoE, FastPMoE], ids=["reference", "fast"])
+def test_experts_put_back_in_train_mode_are_refused(model_class):
+    """The fast model's blocks skip dropout and drop-path (the batched ones all of it), where the
+    reference's would draw them: an expert put back in train mode is refused by both."""
+    model = model_class([small_vit("p16", drop_path_rate=0.5), small_vit("p16")], num_classes=2, num_prompts=2)
+    model.experts[0].blocks[1].train()
+    with pytest.raises(ValueError, match=r"expert 0's blocks\.1\.drop_path1 \(DropPath\) is in train mode"):
+        model(images())
+    model.experts.eval()
+    model(images())
 
 
 @pytest.mark.parametrize(
