@@ -69,10 +69,10 @@ that no row of a tile chose is skipped.
 
 Numerics. As kernels/dispatch.py: matrix products take their operands in the parameters' dtype
 (fp32 with ``input_precision="tf32x3"``); every reduction, both softmaxes and the mixture run in
-float32. The torch backend picks the top-k from gates in the parameters' dtype (ties in an order
-torch.topk leaves unspecified), this op from float32 gates (ties to the lower index): the two
-agree unless two gates of a row are within rounding of each other. aux_loss is float32 whatever
-the dtype (the torch backend returns it in the parameters' dtype).
+float32. Both this op and the torch backend break ties to the lower index, but the torch backend
+picks the top-k from gates in the parameters' dtype and this op from float32 gates: with 16-bit
+parameters the two can differ where two gates of a row are within 16-bit rounding of each other.
+aux_loss is float32 whatever the dtype (float64 for float64), in both.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ import types
 
 import torch
 import torch.nn.functional as F
+
+from pmoe_fast.dispatcher import RoutingStats, top_k_gates
 
 from . import dispatch as kd
 from . import TWICE_WITH_TORCH_DISPATCHER, first_order_only, import_triton
@@ -118,23 +120,20 @@ def dispatch_moe_reference(
     """The op in plain PyTorch, differentiable, in the prompts' dtype (float64 for a float64
     truth). Returns ipt (K, B, Np, D), weights (K, B, Np, K) and aux_loss (a 0-d tensor)."""
     acc = torch.float64 if prompts.dtype == torch.float64 else torch.float32
-    stats = {}  # id of the f -> [gate_sum, routed, rows]
+    stats = {}  # id of the f -> its RoutingStats
 
     def f(x, params):
         rw, rb, w1, b1, w2, b2 = params
         x = x.reshape(-1, x.shape[-1]).to(rw.dtype)
         gates = torch.softmax(F.linear(x, rw, rb), dim=-1)  # (R, M)
-        top, chosen = gates.topk(top_k, dim=-1)
+        top, chosen = top_k_gates(gates, top_k)
         if w1 is not None:
             x = F.gelu(torch.einsum("rd,mhd->rmh", x, w1) + b1)
             outs = torch.einsum("rmh,mkh->rmk", x, w2) + b2
         else:
             outs = torch.einsum("rd,mkd->rmk", x, w2) + b2
         picked = outs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outs.shape[-1]))
-        s = stats.setdefault(id(rw), [0.0, 0.0, 0])
-        s[0] = s[0] + gates.sum(0)
-        s[1] = s[1] + F.one_hot(chosen, gates.shape[-1]).sum((0, 1)).to(gates.dtype)
-        s[2] += gates.shape[0]
+        stats.setdefault(id(rw), RoutingStats()).add(gates, chosen)
         return (top.unsqueeze(-1) * picked).sum(1)
 
     K, Np, D = prompts.shape
@@ -146,9 +145,7 @@ def dispatch_moe_reference(
     logits = logits + torch.stack(means).unsqueeze(2)
     weights = torch.softmax(logits.to(acc), dim=-1)
     ipt = torch.einsum("kbnj,jnd->kbnd", weights, prompts.to(acc)).to(prompts.dtype)
-    M = params_e[0].shape[0]
-    losses = [M * (routed / (rows * top_k) * gate_sum / rows).sum() for gate_sum, routed, rows in stats.values()]
-    return ipt, weights, torch.stack(losses).mean()
+    return ipt, weights, torch.stack([s.loss(top_k) for s in stats.values()]).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +295,9 @@ def _moe_rows(
                     K, D, BLOCK_R, BLOCK_D, BLOCK_K,
                 )
             f += tl.where(w_m[:, None] > 0, w_m[:, None] * o, 0.0)
-    return f, g, chosen
+    # A row with a NaN gate (a NaN or inf in x) chose nothing above: NaN, as in the torch backend.
+    lost = tl.max(tl.where(g != g, 1.0, 0.0), axis=1) > 0
+    return tl.where((lost & row_mask)[:, None], float("nan"), f), g, chosen
 
 
 # Triton would compile an integer equal to 1 as a constant, a second variant of the whole kernel.

@@ -110,8 +110,19 @@ def token_fn_modules(kind: str, dim: int, hidden: int, out: int, num_mlps: int) 
     return {"router": nn.Linear(dim, num_mlps), "experts": StackedMLPs(num_mlps, dim, hidden, out)}
 
 
+def top_k_gates(gates: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top_k largest gates of each row of gates (R, M) and their indices, (R, top_k) each,
+    largest first and ties to the lower index, as the Triton kernel picks them: torch.topk
+    leaves the order of ties unspecified (on a CPU, from M = 4 it took a higher index), and tied
+    gates are common (a zero-initialised router, saturated softmaxes, 16-bit gates)."""
+    chosen = torch.sort(gates, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    return gates.gather(-1, chosen), chosen
+
+
 class RoutingStats:
-    """Accumulates what the Switch load-balancing loss needs over every row one MoE f routes."""
+    """Accumulates what the Switch load-balancing loss needs over every row one MoE f routes, in
+    float32 (float64 for float64 gates) whatever the gates' dtype: 16-bit counts round from
+    2049 (fp16) or 257 (bf16) rows and overflow fp16 from 65505."""
 
     def __init__(self):
         self.gate_sum = 0.0  # (M,) sum over rows of the router's softmax
@@ -120,8 +131,9 @@ class RoutingStats:
 
     def add(self, gates: torch.Tensor, chosen: torch.Tensor) -> None:
         M = gates.shape[-1]
-        self.gate_sum = self.gate_sum + gates.sum(0)
-        self.routed = self.routed + F.one_hot(chosen, M).sum((0, 1)).to(gates.dtype)
+        acc = torch.float64 if gates.dtype == torch.float64 else torch.float32
+        self.gate_sum = self.gate_sum + gates.sum(0, dtype=acc)
+        self.routed = self.routed + F.one_hot(chosen, M).sum((0, 1)).to(acc)
         self.rows += gates.shape[0]
 
     def loss(self, top_k: int) -> torch.Tensor:
@@ -173,6 +185,8 @@ class Dispatcher(nn.Module):
             raise ValueError(f"dim and num_experts must be >= 1, got dim={dim}, num_experts={num_experts}")
         if hidden < 0:
             raise ValueError(f"hidden must be >= 0 (0: a single Linear(D, K)), got {hidden}")
+        if kind == "moe" and num_dispatch_experts < 1:
+            raise ValueError(f"num_dispatch_experts (M, the MoE's MLPs) must be >= 1, got {num_dispatch_experts}")
         if kind == "moe" and not 1 <= top_k <= num_dispatch_experts:
             raise ValueError(
                 f"top_k must be in [1, num_dispatch_experts={num_dispatch_experts}], got {top_k}"
@@ -232,7 +246,8 @@ class Dispatcher(nn.Module):
                 int for all, or K ints); ``pool="patches"`` leaves them out of the mean.
         Returns:
             ipt (K, B, Np, D) in prompts' dtype, and weights (K, B, Np, K) in float32 (or float64
-            for float64 prompts), each row summing to 1.
+            for float64 prompts), each row summing to 1. Train through ipt (and ``aux_loss``):
+            the fused backends return weights without a gradient, for inspection only.
         """
         B, prefix = self._check(prompts, tokens, prompt_out, num_prefix_tokens)
         K, Np, D = prompts.shape
@@ -446,7 +461,7 @@ class Dispatcher(nn.Module):
                 x = F.gelu(owner.fc1(x))
             return owner.fc2(x)
         gates = torch.softmax(owner.router(x), dim=-1)  # (R, M)
-        top_gates, chosen = gates.topk(self.top_k, dim=-1)  # (R, top_k), no renormalisation
+        top_gates, chosen = top_k_gates(gates, self.top_k)  # (R, top_k), no renormalisation
         outs = owner.experts(x)  # (R, M, K)
         picked = outs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outs.shape[-1]))  # (R, top_k, K)
         stats.setdefault(source if self.separate_mlps else "shared", RoutingStats()).add(gates, chosen)

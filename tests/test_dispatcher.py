@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmoe_fast.dispatcher import Dispatcher
+from pmoe_fast.dispatcher import Dispatcher, top_k_gates
 
 K, B, NP, D, T = 3, 2, 3, 20, 7
 
@@ -72,6 +72,26 @@ def test_numpy_prefix_count_is_one_int_for_every_expert():
     torch.testing.assert_close(ipt, disp(prompts, tokens, prompt_out, 1)[0], rtol=0, atol=0)
 
 
+def test_top_k_gates_break_ties_to_the_lower_index():
+    gates = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0], [0.3, 0.2, 0.3, 0.2]])
+    top, chosen = top_k_gates(gates, 2)
+    assert chosen.tolist() == [[0, 1], [3, 0], [0, 2]]
+    assert torch.equal(top, gates.gather(1, chosen))
+
+
+def test_moe_aux_loss_counts_in_float32_for_half_parameters():
+    """70000 rows routed mostly to one MLP: the count overflowed float16 (aux_loss was inf)."""
+    disp = Dispatcher(4, 1, hidden=0, kind="moe", num_dispatch_experts=2, backend="torch")
+    with torch.no_grad():
+        disp.router.bias.copy_(torch.tensor([4.0, -4.0]))
+    prompts, tokens = torch.randn(1, 1, 4), 0.1 * torch.randn(1, 1, 70000, 4)
+    disp(prompts, tokens)
+    full = disp.aux_loss
+    disp.half()(prompts.half(), tokens.half())
+    assert disp.aux_loss.dtype == torch.float32
+    torch.testing.assert_close(disp.aux_loss, full, rtol=1e-3, atol=0)
+
+
 def test_float32_dispatch_of_half_tokens_keeps_prompt_dtype():
     disp = Dispatcher(D, K, hidden=4, backend="torch")
     prompts, tokens, prompt_out = inputs()
@@ -121,8 +141,9 @@ def test_bad_inputs_raise_clear_errors(call, match):
         (dict(backend="cudnn"), "unknown dispatcher backend"),
         (dict(hidden=-1), "hidden must be >= 0"),
         (dict(kind="moe", num_dispatch_experts=2, top_k=3), "top_k"),
+        (dict(kind="moe", num_dispatch_experts=0), r"num_dispatch_experts \(M, the MoE's MLPs\) must be >= 1, got 0"),
     ],
-    ids=["kind", "pool", "backend", "hidden", "top-k"],
+    ids=["kind", "pool", "backend", "hidden", "top-k", "no-mlps"],
 )
 def test_bad_configs_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

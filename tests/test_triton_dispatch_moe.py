@@ -248,6 +248,40 @@ def test_reference_matches_dispatcher_in_float64():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("M,top_k", [(4, 1), (8, 2)])
+def test_tied_gates_pick_the_same_mlps_in_both_backends(M, top_k):
+    """A zero router ties every gate of every row. torch.topk took a higher index on a CPU from
+    M = 4, the kernel the lowest; both take the lowest now (ipt differed by 0.5)."""
+    torch.manual_seed(0)
+    ref = Dispatcher(16, 2, hidden=4, kind="moe", num_dispatch_experts=M, top_k=top_k, backend="torch").to(DEVICE)
+    torch.nn.init.zeros_(ref.router.weight)
+    torch.nn.init.zeros_(ref.router.bias)
+    fused = copy.deepcopy(ref)
+    fused.set_backend("triton")
+    inputs = [torch.randn(*shape, device=DEVICE) for shape in ((2, 2, 16), (2, 1, 5, 16), (2, 1, 2, 16))]
+    (ipt, _), aux = ref(*inputs), ref.aux_loss
+    (got, _), got_aux = fused(*inputs), fused.aux_loss
+    assert fused.last_backend == "triton"
+    torch.testing.assert_close(got, ipt, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_aux, aux, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_nan_or_inf_token_gives_nan_as_in_the_torch_backend(bad):
+    """A NaN gate chose no MLP in the kernel, so the row added 0 and the output stayed finite
+    while the torch backend's is NaN."""
+    torch.manual_seed(0)
+    ref = Dispatcher(8, 2, hidden=4, kind="moe", num_dispatch_experts=3, backend="torch").to(DEVICE)
+    fused = copy.deepcopy(ref)
+    fused.set_backend("triton")
+    prompts, tokens, prompt_out = (torch.randn(*shape, device=DEVICE) for shape in ((2, 2, 8), (2, 1, 5, 8), (2, 1, 2, 8)))
+    tokens[0, 0, 3, 0] = bad
+    for disp in (ref, fused):
+        ipt, _ = disp(prompts, tokens, prompt_out)
+        assert ipt.isfinite().flatten(1).all(1).tolist() == [False, True]
+        assert disp.aux_loss.isnan()
+
+
 SMALL = Case(M=3, top_k=2, shared=False, K=2, B=1, Np=2, T=5, D=24, prefix=1)
 
 
