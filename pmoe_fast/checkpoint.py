@@ -167,13 +167,46 @@ def expert_identities(experts: list[nn.Module], specs: list[dict[str, Any]] | No
 
 def model_expert_identities(model: nn.Module) -> list[dict[str, Any]]:
     """The model's expert identities: ``model.expert_identities`` when the builder recorded them
-    (``pmoe_fast.training.build_model`` does, before converting the experts' dtype), else computed
-    from ``model.experts``; [] for a model without experts."""
+    (``pmoe_fast.training.build_model`` does, before converting the experts' dtype) and they still
+    name the weights the experts hold, else computed from ``model.experts``; [] for a model
+    without experts.
+
+    The record is checked again whenever an expert parameter was replaced or written in place
+    since it was made or last checked (``load_state_dict``): weights that are no longer the
+    recorded ones get new fingerprints, keep their name and kwargs, and lose the weight file,
+    which no longer holds them."""
     recorded = getattr(model, "expert_identities", None)
-    if recorded is not None:
-        return recorded
     experts = getattr(model, "experts", None)
-    return expert_identities(list(experts)) if experts is not None else []
+    if experts is None:
+        return recorded or []
+    experts = list(experts)
+    if recorded is None:
+        return expert_identities(experts)
+    stamp = _weights_stamp(experts)
+    if getattr(model, "_expert_identities_stamp", None) != stamp:
+        if len(recorded) != len(experts):
+            recorded = expert_identities(experts)
+        else:
+            recorded = [
+                r if r.get("sha256_bf16") == fingerprints(m)[1]
+                else expert_identities([m], [{"name": r.get("name"), "kwargs": r.get("kwargs", {})}])[0]
+                for m, r in zip(experts, recorded)
+            ]
+        model.expert_identities, model._expert_identities_stamp = recorded, stamp
+    return recorded
+
+
+def record_expert_identities(model: nn.Module, identities: list[dict[str, Any]]) -> None:
+    """Record the identities of ``model.experts`` (``expert_identities`` of them as the builder
+    loaded them) for ``model_expert_identities``."""
+    model.expert_identities, model._expert_identities_stamp = identities, _weights_stamp(list(model.experts))
+
+
+def _weights_stamp(experts: list[nn.Module]) -> list[tuple[int, int]]:
+    """Each expert tensor and its version counter: a new parameter is another tensor, an in-place
+    write (``load_state_dict`` copies) bumps the version. ``.to`` keeps both for parameters, and
+    keeps the bfloat16 fingerprint too."""
+    return [(id(t), t._version) for m in experts for t in (*m.parameters(), *m.buffers())]
 
 
 def check_experts(recorded: list[dict[str, Any]], actual: list[dict[str, Any]]) -> None:

@@ -527,7 +527,7 @@ def build_model(config: dict[str, Any], num_classes: int | None = None, *,
 
     ``num_classes`` defaults to ``config["num_classes"]``; ``experts`` takes what
     ``build_experts(config)`` returned, when the caller built them already. The experts'
-    identities are recorded in ``model.expert_identities`` for tuned checkpoints.
+    identities are recorded (``checkpoint.record_expert_identities``) for tuned checkpoints.
     """
     from .model import PMoE
 
@@ -548,7 +548,7 @@ def build_model(config: dict[str, Any], num_classes: int | None = None, *,
         execution=cfg["execution"], attention=cfg["attention"], dispatcher_backend=cfg["dispatcher_backend"],
         checkpoint=int(cfg["grad_checkpoint"]), expert_dtype=torch.bfloat16 if cfg["precision"] == "bf16" else None,
     )
-    model.expert_identities = identities
+    ckpt_io.record_expert_identities(model, identities)
     return model
 
 

@@ -229,6 +229,27 @@ def test_the_same_experts_in_another_dtype_match(tmp_path, saved_dtype, loaded_d
     assert "expert 0" not in str(e.value)
 
 
+def test_recorded_identities_follow_the_weights_the_experts_hold(tmp_path):
+    """A builder's record (name, weight file, fingerprints) names the experts until their weights
+    change: moved or converted it stays, loaded with other weights it gets their fingerprints and
+    loses the file. A stale record once named the old weights, so the model that really held them
+    was refused and one with the old weights accepted."""
+    model = tiny_model()
+    specs = [{"name": "vit_tiny_patch16_224", "weights": f"expert{k}.pt", "kwargs": {}} for k in range(2)]
+    ckpt_io.record_expert_identities(model, ckpt_io.expert_identities(list(model.experts), specs))
+    model.double()
+    assert [r["weights"] for r in ckpt_io.model_expert_identities(model)] == ["expert0.pt", "expert1.pt"]
+    other = tiny_model(seeds=(3, 4)).double()
+    model.experts[1].load_state_dict(other.experts[1].state_dict())
+    ckpt_io.save(tmp_path / "c.safetensors", model)
+    saved = ckpt_io.load(tmp_path / "c.safetensors")
+    assert [r["weights"] for r in saved.experts] == ["expert0.pt", None]
+    assert saved.experts[1]["name"] == "vit_tiny_patch16_224"
+    ckpt_io.load_into(tiny_model(seeds=(1, 4)), saved)
+    with pytest.raises(ckpt_io.ExpertMismatchError, match="expert 1: the frozen weights differ"):
+        ckpt_io.load_into(tiny_model(), saved)
+
+
 def test_records_with_only_the_exact_fingerprint_compare_it(tmp_path):
     """A checkpoint whose expert records hold only ``sha256`` (the weights as held) loads into the
     same experts in the same dtype; in another dtype the error says how to proceed."""
