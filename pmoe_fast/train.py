@@ -11,7 +11,8 @@ long option names, with _ or -; ``experts`` is a list of "NAME[:PATH]" strings o
 {name, weights, kwargs}); options on the command line override the file. --output receives
 last.safetensors (every epoch, and on Ctrl-C: the step in progress finishes, the state is saved,
 the run stops), best.safetensors (best validation accuracy) and metrics.jsonl. A resumed run
-continues exactly: same batches, optimizer, schedule and random state.
+continues exactly: same batches, optimizer, schedule and random state (bit-identical with the
+same device, execution, attention and dispatcher backend).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from . import attention as attention_backends
 from . import training
 from .training import DEFAULT_CONFIG
 
-# Options that may change when resuming: they do not alter the run's arithmetic.
+# Options that may change when resuming: they do not alter the run's math. device, execution,
+# attention and dispatcher_backend change its rounding: the parameters are then no longer
+# bit-identical to an uninterrupted run's.
 RESUMABLE = ("epochs", "device", "workers", "output", "save_every", "execution", "attention", "dispatcher_backend")
 # pmoe_fast.PMoE arguments that training.build_model takes from an option of their own; --pmoe-args may not give them.
 PMOE_OPTIONS = {

@@ -8,8 +8,9 @@
 decay 1e-5, batch 32, 30 epochs; the paper names no learning-rate schedule, so the default keeps
 the rate constant, and ``schedule="cosine"`` offers linear warm-up then cosine decay). The data
 order of each epoch is a permutation seeded by (seed, epoch), so a run stopped and resumed from
-its checkpoint sees the same batches and ends with bit-identical parameters (on the same device
-and library versions; GPU kernels may be non-deterministic).
+its checkpoint sees the same batches and ends with bit-identical parameters (on the same device,
+execution and backends, and library versions; GPU kernels may be non-deterministic). With
+DataLoader workers, each item's random draws are seeded by (seed, epoch, its index).
 
 Datasets are ``torch.utils.data.Dataset`` objects of (float image tensor (C, H, W), int label).
 """
@@ -89,8 +90,29 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def _loader(dataset: Dataset, batches: list[list[int]], device: torch.device, num_workers: int, seed: int) -> DataLoader:
     # The generator seeds the workers; without one, DataLoader would draw from the global RNG.
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda",
+    return DataLoader(_SeededItems(dataset, seed) if num_workers else dataset, batch_sampler=batches,
+                      num_workers=num_workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed))
+
+
+class _SeededItems(Dataset):
+    """``dataset`` read in DataLoader workers, each item's random draws (augmentation) seeded by
+    (seed, its index). Which worker reads an item depends on where the loader started, so a run
+    resumed mid-epoch would otherwise draw other numbers than the run it continues; in the main
+    process (no workers) the global generators draw, and checkpoints restore them."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item_seed = int(np.random.SeedSequence([self.seed % 2**32, int(i)]).generate_state(1)[0])
+        torch.manual_seed(item_seed)
+        np.random.seed(item_seed)
+        random.seed(item_seed)
+        return self.dataset[i]
 
 
 def _num_classes(model: nn.Module, logits: torch.Tensor) -> int:

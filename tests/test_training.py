@@ -116,6 +116,34 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+class NoisyBlobs(Blobs):
+    """Blobs with noise drawn as each item is read, as augmentation does."""
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        return image + 0.1 * torch.randn(image.shape), label
+
+
+def test_resume_mid_epoch_with_workers_draws_the_same_numbers(tmp_path, monkeypatch):
+    """With workers, which worker reads a batch depends on where the loader starts: each item's
+    draws are seeded by (seed, epoch, index), not by the worker's place in its stream."""
+    straight = tiny_model()
+    fit(straight, NoisyBlobs(), 1, num_workers=2)
+    save = ckpt_io.save
+
+    def save_and_keep_step_1(path, *args, state=None, **kwargs):
+        save(path, *args, state=state, **kwargs)
+        if state is not None and state["step"] == 1:
+            shutil.copy(path, tmp_path / "step1.safetensors")
+
+    monkeypatch.setattr(ckpt_io, "save", save_and_keep_step_1)
+    fit(tiny_model(), NoisyBlobs(), 1, num_workers=2, save_every=1, checkpoint_path=tmp_path / "last.safetensors")
+    again = tiny_model()
+    fit(again, NoisyBlobs(), 1, num_workers=2, resume=tmp_path / "step1.safetensors")
+    a, b = trainable(straight), trainable(again)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     fit(tiny_model(), Blobs(), 1, checkpoint_path=tmp_path / "last.safetensors")
     with pytest.raises(ValueError, match=r"batch_size: 4 recorded, 3 given"):
