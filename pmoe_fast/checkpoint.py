@@ -18,6 +18,7 @@ frozen and may be gigabytes. A tuned checkpoint therefore holds only the trainab
 | ``pmoe_fast_version`` | the library version that wrote it |
 | ``config`` | the configuration the model was built from (``pmoe_fast.training.build_model``) |
 | ``experts`` | per expert: name, weight file, kwargs, architecture summary, sha256 of its weights as held and rounded to bfloat16 |
+| ``settings`` | what changes the model's function but owns no parameter: the dispatch pool, the MoE's top_k |
 | ``state`` | epoch, step, position in the epoch, learning-rate schedule, optimizer hyper-parameters, history |
 | ``rng`` | Python's ``random`` state and the scalar part of NumPy's |
 
@@ -69,6 +70,7 @@ class Checkpoint:
         optimizer: per parameter name, its optimizer state tensors by key.
         config: the configuration the model was built from ({} if none was recorded).
         experts: recorded expert identities (``expert_identities``).
+        settings: the model's settings without parameters (``model_settings``; {} if none).
         state: epoch, step, schedule, optimizer hyper-parameters, history ({} if none).
         rng: RNG states to restore with ``restore_rng`` (None if none were saved).
         version: the pmoe_fast version that wrote it.
@@ -78,6 +80,7 @@ class Checkpoint:
     optimizer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     experts: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] | None = None
     version: str = ""
@@ -383,6 +386,7 @@ def save(
         "pmoe_fast_version": __version__,
         "config": json.dumps(config or {}),
         "experts": json.dumps(model_expert_identities(model) if experts is None else experts),
+        "settings": json.dumps(model_settings(model)),
         "state": json.dumps(state),
     }
     if rng_values is not None:
@@ -453,18 +457,37 @@ def load(path: str | os.PathLike) -> Checkpoint:
         optimizer=optimizer,
         config=json.loads(metadata.get("config", "{}")),
         experts=json.loads(metadata.get("experts", "[]")),
+        settings=json.loads(metadata.get("settings", "{}")),
         state=json.loads(metadata.get("state", "{}")),
         rng=rng,
         version=metadata.get("pmoe_fast_version", ""),
     )
 
 
+def model_settings(model: nn.Module) -> dict[str, Any]:
+    """What computes the model's function but owns no parameter, so that a checkpoint's
+    parameters cannot be compared by name and shape alone: the dispatchers' pool (where a
+    dispatcher runs) and the MoE's top_k. {} for a model without dispatchers."""
+    dispatchers = list(getattr(model, "dispatchers", []))
+    if not dispatchers or dispatchers[0].kind == "none":
+        return {}
+    first = dispatchers[0]
+    return {"dispatch_pool": first.pool, **({"top_k": first.top_k} if first.kind == "moe" else {})}
+
+
 def load_into(model: nn.Module, ckpt: Checkpoint, *, check: bool = True) -> None:
     """Copy a checkpoint's trainable parameters into ``model``. With ``check`` (the default) the
     recorded experts must match the model's (``check_experts``). The parameter names and shapes
-    must match the model's trainable parameters exactly; the error lists what differs."""
+    must match the model's trainable parameters exactly, and the settings the checkpoint recorded
+    the model's (``model_settings``); the error lists what differs."""
     if check and ckpt.experts:
         check_experts(ckpt.experts, model_expert_identities(model))
+    mine = model_settings(model)
+    differ = [f"{key} {value!r} in the checkpoint, {mine.get(key)!r} here"
+              for key, value in ckpt.settings.items() if mine.get(key) != value]
+    if differ:
+        raise ValueError("the checkpoint was tuned with other settings, which own no parameter: " + "; ".join(differ)
+                         + ". Build the model with the checkpoint's settings.")
     named = dict(trainable_named_parameters(model))
     missing = sorted(set(named) - set(ckpt.params))
     unexpected = sorted(set(ckpt.params) - set(named))

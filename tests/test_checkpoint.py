@@ -250,6 +250,19 @@ def test_recorded_identities_follow_the_weights_the_experts_hold(tmp_path):
         ckpt_io.load_into(tiny_model(), saved)
 
 
+def test_settings_without_parameters_must_match(tmp_path):
+    """top_k and the dispatch pool own no parameter: a checkpoint's names and shapes fit a model
+    built with others, which computes another function. Refused, listing what differs."""
+    ckpt_io.save(tmp_path / "c.safetensors", tiny_model(dispatcher="moe", num_dispatch_experts=3))
+    saved = ckpt_io.load(tmp_path / "c.safetensors")
+    assert saved.settings == {"dispatch_pool": "all", "top_k": 1}
+    ckpt_io.load_into(tiny_model(dispatcher="moe", num_dispatch_experts=3), saved)
+    other = tiny_model(dispatcher="moe", num_dispatch_experts=3, top_k=2, dispatch_pool="patches")
+    with pytest.raises(ValueError, match=r"other settings, which own no parameter: dispatch_pool 'all' in the "
+                                         r"checkpoint, 'patches' here; top_k 1 in the checkpoint, 2 here"):
+        ckpt_io.load_into(other, saved)
+
+
 def test_records_with_only_the_exact_fingerprint_compare_it(tmp_path):
     """A checkpoint whose expert records hold only ``sha256`` (the weights as held) loads into the
     same experts in the same dtype; in another dtype the error says how to proceed."""
