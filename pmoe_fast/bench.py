@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .checkpoint import output_folder_problem
+
 # glibc hands large freed blocks back to the OS, and each later allocation faults its pages in
 # again. On the 2-core development VM that made a whole-model inference step up to 10x slower,
 # by different amounts for different models (they allocate differently). Keeping freed memory in
@@ -741,7 +743,9 @@ def run(args: argparse.Namespace) -> None:
         if args.compare:
             old = load_run(args.compare)
         out_dir = Path(args.output)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        problem = output_folder_problem(out_dir)
+        if problem:
+            _fail(f"--output: {problem}")
         status = 0
         if args.input:
             new = load_run(args.input)

@@ -422,6 +422,20 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.close(dir_fd)
 
 
+def output_folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into ``folder``, or None: it is created where missing, then a
+    file is created in it and removed, as ``atomic_write`` would. Commands call it before their
+    work, so that a folder they cannot write is named then, not after the work."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".pmoe_fast_probe.{secrets.token_hex(8)}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot write into {os.fspath(folder)}: {e.strerror or e}"
+    return None
+
+
 def load(path: str | os.PathLike) -> Checkpoint:
     """Read a tuned checkpoint (CPU tensors). Raises a ValueError when the file is not one."""
     from safetensors import safe_open

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from . import datasets
+from .checkpoint import output_folder_problem
 
 CACHE_ENV = "PMOE_FAST_CACHE"  # the cache root; the demo keeps its experts in <root>/demo
 # Bump when the code that pre-trains the experts changes what it computes: older caches retrain.
@@ -212,6 +213,10 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"pmoe-fast demo: --{option.replace('_', '-')} must be >= 1, got {value}")
     if args.dispatcher_hidden < 0:
         raise SystemExit(f"pmoe-fast demo: --dispatcher-hidden must be >= 0, got {args.dispatcher_hidden}")
+    for flag, folder in (("--output", args.output), ("--cache", args.cache or default_cache_dir())):
+        problem = output_folder_problem(folder)
+        if problem:
+            raise SystemExit(f"pmoe-fast demo: {flag}: {problem}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -291,7 +296,6 @@ def _run(args: argparse.Namespace) -> None:
     print(f"best: {best['method']} ({p:.3f}); with {len(val_set)} validation images one standard error of an "
           f"accuracy near it is {math.sqrt(p * (1 - p) / len(val_set)):.3f}")
 
-    os.makedirs(args.output, exist_ok=True)
     stats = collect(pmoe_model, val_set, per_class=True, num_classes=C)
     names = [f"{name} (digits {_digits(experts[name]['recipe']['digits'])})" for name in EXPERTS]
     png = os.path.join(args.output, "dispatch.png")

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoint import output_folder_problem
+
 
 @dataclass
 class DispatchStats:
@@ -187,14 +189,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_output(path: str) -> None:
-    """Exit naming --output when the figure cannot go to ``path``: its folder does not exist, or
-    its extension names no format matplotlib writes (without one, matplotlib would add .png)."""
+    """Exit naming --output when the figure cannot go to ``path``: its folder does not exist or
+    cannot be written, or its extension names no format matplotlib writes (without one,
+    matplotlib would add .png)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SystemExit(f"pmoe-fast plot-dispatch: --output {path}: the folder {folder} does not exist; "
                          "create it or write the figure elsewhere")
+    problem = output_folder_problem(folder)
+    if problem:
+        raise SystemExit(f"pmoe-fast plot-dispatch: --output {path}: {problem}")
     formats = FigureCanvasBase.get_supported_filetypes()
     if os.path.splitext(path)[1][1:].lower() not in formats:
         raise SystemExit(f"pmoe-fast plot-dispatch: --output {path}: name a file ending in .png (or another "

@@ -29,6 +29,7 @@ import torch
 
 from . import attention as attention_backends
 from . import training
+from .checkpoint import output_folder_problem
 from .training import DEFAULT_CONFIG
 
 # Options that may change when resuming: they do not alter the run's math. device, execution,
@@ -428,11 +429,10 @@ def run(args: argparse.Namespace) -> None:
     check_dispatcher_backend(config["dispatcher_backend"], device, "train")
     if config["memory_budget"] and saved is None:
         print(apply_memory_budget(config, experts[0], device, fixed))
+    problem = output_folder_problem(config["output"])
+    if problem:
+        raise SystemExit(f"pmoe-fast train: --output: {problem}")
     model = build_model(config, experts)
-    try:
-        os.makedirs(config["output"], exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"pmoe-fast train: --output: cannot create the folder: {e}")
 
     trainable = sum(p.numel() for p in model.trainable_parameters())
     frozen = sum(p.numel() for p in model.experts.parameters())

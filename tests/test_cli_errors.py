@@ -1,6 +1,7 @@
 """A user's mistakes with pmoe-fast train, eval and plot-dispatch end in one line naming the option."""
 
 import json
+import os
 import re
 
 import pytest
@@ -122,11 +123,36 @@ def test_train_pmoe_args_the_constructor_refuses(tmp_path, pmoe_args, message):
 
 @pytest.mark.parametrize("output, extra, message", [
     ("out", ["--expert", "vit:"], r"--expert: expert 'vit:' must be NAME or NAME:PATH"),
-    ("a_file/run", [], r"--output: cannot create the folder: .*a_file"),
+    ("a_file/run", [], r"--output: cannot write into .*a_file/run: Not a directory"),
 ], ids=["bad expert", "output under a file"])
 def test_train_expert_and_output_mistakes(tmp_path, output, extra, message):
     (tmp_path / "a_file").write_text("")
     assert_one_line_error(train_args(tmp_path / output, *extra), message)
+
+
+@pytest.mark.parametrize("command", ["train", "plot-dispatch", "bench", "demo"])
+def test_an_output_folder_that_cannot_be_written_is_named_before_the_work(tmp_path, checkpoint, command, monkeypatch):
+    """A read-only --output was found when the first file was written: after training, the
+    benchmarks or the demo's pre-training. (The tests may run as root, whom file modes do not
+    stop: the probe's open is refused instead.)"""
+    real_open = os.open
+
+    def refuse_probes(path, *args, **kwargs):
+        if ".pmoe_fast_probe." in os.fspath(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_probes)
+    out = tmp_path / "out"
+    argv = {
+        "train": train_args(out),
+        "plot-dispatch": ["plot-dispatch", "--checkpoint", str(checkpoint), "--output", str(out / "d.png")],
+        "bench": ["bench", "--output", str(out)],
+        "demo": ["demo", "--output", str(out)],
+    }[command]
+    if command == "plot-dispatch":
+        out.mkdir()
+    assert_one_line_error(argv, rf"--output.*: cannot write into {re.escape(str(out))}: Permission denied$")
 
 
 @pytest.mark.parametrize("extra, message", [
