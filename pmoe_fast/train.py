@@ -179,7 +179,8 @@ def resolve_config(args: argparse.Namespace, recorded: dict[str, Any] | None = N
     """Defaults, then a resumed run's recorded configuration, then --config, then the flags given;
     also the keys --config and the flags set.
 
-    When resuming, only ``RESUMABLE`` options may differ from the recorded ones."""
+    When resuming, only ``RESUMABLE`` options and the experts' weight files may differ from the
+    recorded ones."""
     config = dict(DEFAULT_CONFIG)
     if recorded:
         config.update(recorded)
@@ -192,12 +193,19 @@ def resolve_config(args: argparse.Namespace, recorded: dict[str, Any] | None = N
             given[key] = value
     if recorded:
         changed = [f"{k} ({recorded.get(k)!r} -> {v!r})" for k, v in given.items()
-                   if k not in RESUMABLE and _normalised(k, v) != recorded.get(k)]
+                   if k not in RESUMABLE and _normalised(k, v) != recorded.get(k)
+                   and not (k == "experts" and _without_files(_normalised(k, v)) == _without_files(recorded.get(k)))]
         if changed:
             raise SystemExit("pmoe-fast train: a resumed run keeps its recorded settings; these differ: "
-                             + ", ".join(changed) + f". Only {', '.join(RESUMABLE)} may change.")
+                             + ", ".join(changed) + f". Only {', '.join(RESUMABLE)} and the experts' weight files may change.")
     config.update(given)
     return _absolute_paths(config), set(given)
+
+
+def _without_files(experts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The experts without their weight files: a resume may find the same weights elsewhere
+    (``checkpoint.check_experts`` compares their fingerprints with the recorded ones)."""
+    return [{**e, "weights": None} for e in experts or []]
 
 
 def _normalised(key: str, value: Any) -> Any:

@@ -352,6 +352,23 @@ def test_resume_writes_beside_the_checkpoint_and_takes_the_recorded_data(tmp_pat
         main(train_args(weights, root, "run", "--epochs", "1"))
 
 
+def test_resume_finds_the_expert_weights_elsewhere(tmp_path, weights):
+    """Weight files moved since the run began: --expert names them anew and the resume checks
+    their fingerprints; other weights at the new path are refused."""
+    root = write_images(tmp_path / "imgs", ("cat", "dog"), per_class=6)
+    main(train_args(weights, root, tmp_path / "run", "--epochs", "1"))
+    moved = []
+    for k, spec in enumerate(weights):
+        name, path = spec.split(":", 1)
+        shutil.move(path, tmp_path / f"moved{k}.safetensors")
+        moved.append(f"{name}:{tmp_path / f'moved{k}.safetensors'}")
+    resume = ["train", "--resume", str(tmp_path / "run" / "last.safetensors"), "--no-progress"]
+    main([*resume, "--epochs", "2", "--expert", moved[0], "--expert", moved[1]])
+    assert ckpt_io.load(tmp_path / "run" / "last.safetensors").state["epoch"] == 2
+    with pytest.raises(SystemExit, match="expert 1: the frozen weights differ"):
+        main([*resume, "--epochs", "3", "--expert", moved[0], "--expert", moved[0]])
+
+
 def test_a_checkpoint_tuned_with_a_gpu_backend_evaluates_on_a_cpu(tmp_path, weights, capsys):
     root = write_images(tmp_path / "imgs", ("cat", "dog"), per_class=6)
     out = tmp_path / "run"
