@@ -190,11 +190,8 @@ def model_expert_identities(model: nn.Module) -> list[dict[str, Any]]:
         if len(recorded) != len(experts):
             recorded = expert_identities(experts)
         else:
-            recorded = [
-                r if r.get("sha256_bf16") == fingerprints(m)[1]
-                else expert_identities([m], [{"name": r.get("name"), "kwargs": r.get("kwargs", {})}])[0]
-                for m, r in zip(experts, recorded)
-            ]
+            held = expert_identities(experts, [{"name": r.get("name"), "kwargs": r.get("kwargs", {})} for r in recorded])
+            recorded = [r if r.get("sha256_bf16") == h["sha256_bf16"] else h for r, h in zip(recorded, held)]
         model.expert_identities, model._expert_identities_stamp = recorded, stamp
     return recorded
 

@@ -59,7 +59,7 @@ def is_stock(module: nn.Module | None, method: str, ours: type, timm_module: str
     return getattr(type(module), method, None) in stock
 
 
-def _block_reason(block: nn.Module) -> str | None:
+def block_reason(block: nn.Module) -> str | None:
     """Why ``Expert.block`` cannot run this block as the block itself would, or None. It runs the
     pre-norm block's parts (norm1, the attention's qkv, norms and proj, ls1, drop_path1, norm2,
     mlp, ls2, drop_path2) with its own attention kernel, so a block or attention class that
@@ -113,7 +113,7 @@ class Expert:
                 "plain PatchEmbed: hybrid (CNN-stem) ViTs and other embeddings are not supported as experts"
             )
         for i, block in enumerate(model.blocks):
-            reason = _block_reason(block)
+            reason = block_reason(block)
             if reason:
                 raise TypeError(
                     f"block {i} of {type(model).__name__} ({type(block).__name__}) is not a pre-norm ViT "

@@ -65,7 +65,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from . import attention as attention_backends
 from . import vit
-from .experts import is_stock
+from .experts import block_reason, is_stock
 from .frozen_linear import linear, qkv_heads
 from .reference import PMoE as ReferencePMoE
 from .reference import expert_list
@@ -587,14 +587,16 @@ def _buffer_name(layer: int, name: str) -> str:
 def _plain_block_reason(block: nn.Module) -> str | None:
     """Why the batched path cannot run this block as its own arithmetic (LayerNorm, timm's
     attention, then fc1, the activation, fc2), or None: it stacks the parameters by those names,
-    runs one expert's activation for all, and skips the modules' forwards."""
+    runs one expert's activation for all, and skips the modules' forwards. A block replaced
+    since the experts were wrapped gets the adapter's checks too (``block_reason``)."""
+    reason = block_reason(block)
+    if reason:
+        return reason
     for name in ("norm1", "norm2"):
-        norm = getattr(block, name, None)
+        norm = getattr(block, name)
         if not is_stock(norm, "forward", nn.LayerNorm) or norm.weight is None or norm.bias is None:
             return f"{name} is a {type(norm).__name__}; the batched path needs a LayerNorm with a weight and a bias"
-    if not is_stock(getattr(block, "attn", None), "forward", vit.Attention, "timm.models.vision_transformer"):
-        return f"attn is a {type(getattr(block, 'attn', None)).__name__}; the batched path runs timm's Attention"
-    mlp = getattr(block, "mlp", None)
+    mlp = block.mlp
     if not is_stock(mlp, "forward", vit.Mlp, "timm.layers"):
         return f"mlp is a {type(mlp).__name__}; the batched path runs fc1, the activation and fc2 (timm's Mlp)"
     if any(True for _ in mlp.act.parameters()):
