@@ -84,7 +84,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from pmoe_fast.dispatcher import RoutingStats, top_k_gates
+from pmoe_fast.dispatcher import RoutingStats, mix_chosen, top_k_gates
 
 from . import dispatch as kd
 from . import TWICE_WITH_TORCH_DISPATCHER, first_order_only, import_triton
@@ -134,7 +134,7 @@ def dispatch_moe_reference(
             outs = torch.einsum("rd,mkd->rmk", x, w2) + b2
         picked = outs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outs.shape[-1]))
         stats.setdefault(id(rw), RoutingStats()).add(gates, chosen)
-        return (top.unsqueeze(-1) * picked).sum(1)
+        return mix_chosen(top, picked)
 
     K, Np, D = prompts.shape
     B = tokens.shape[1]

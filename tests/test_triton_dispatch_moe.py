@@ -266,6 +266,8 @@ def test_tied_gates_pick_the_same_mlps_in_both_backends(M, top_k):
     torch.testing.assert_close(got_aux, aux, rtol=1e-5, atol=0)
 
 
+# The interpreter computes the NaN in NumPy, which warns of it.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_a_nan_or_inf_token_gives_nan_as_in_the_torch_backend(bad):
     """A NaN gate chose no MLP in the kernel, so the row added 0 and the output stayed finite
@@ -280,6 +282,25 @@ def test_a_nan_or_inf_token_gives_nan_as_in_the_torch_backend(bad):
         ipt, _ = disp(prompts, tokens, prompt_out)
         assert ipt.isfinite().flatten(1).all(1).tolist() == [False, True]
         assert disp.aux_loss.isnan()
+
+
+def test_a_chosen_mlp_whose_gate_underflowed_adds_nothing_even_an_inf():
+    """top_k = 2 of 2 MLPs, the second's gate exp(-200) = 0 in float32 and its output inf: the
+    kernel skips it, and the torch backend gave NaN (0 x inf)."""
+    torch.manual_seed(0)
+    ref = Dispatcher(8, 2, hidden=0, kind="moe", num_dispatch_experts=2, top_k=2, backend="torch").to(DEVICE)
+    with torch.no_grad():
+        ref.router.weight.zero_()
+        ref.router.bias.copy_(torch.tensor([100.0, -100.0]))
+        ref.experts.fc2_bias[1].fill_(float("inf"))
+    fused = copy.deepcopy(ref)
+    fused.set_backend("triton")
+    inputs = [torch.randn(*shape, device=DEVICE) for shape in ((2, 2, 8), (2, 1, 5, 8), (2, 1, 2, 8))]
+    inputs[0].requires_grad_()
+    for disp in (ref, fused):
+        ipt, _ = disp(*inputs)
+        (grad,) = torch.autograd.grad(ipt.sum(), inputs[0])
+        assert ipt.isfinite().all() and grad.isfinite().all(), disp.last_backend
 
 
 SMALL = Case(M=3, top_k=2, shared=False, K=2, B=1, Np=2, T=5, D=24, prefix=1)
