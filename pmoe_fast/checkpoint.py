@@ -174,10 +174,11 @@ def model_expert_identities(model: nn.Module) -> list[dict[str, Any]]:
     name the weights the experts hold, else computed from ``model.experts``; [] for a model
     without experts.
 
-    The record is checked again whenever an expert parameter was replaced or written in place
-    since it was made or last checked (``load_state_dict``): weights that are no longer the
-    recorded ones get new fingerprints, keep their name and kwargs, and lose the weight file,
-    which no longer holds them."""
+    The record is checked again whenever an expert parameter was replaced, given new data or
+    written in place since it was made or last checked (``load_state_dict``; ``_weights_stamp``
+    says what is seen): weights that are no longer the recorded ones get new fingerprints, keep
+    their name and kwargs, and lose the weight file, which no longer holds them. Moving or
+    converting the experts (``.to``) hashes them once more and keeps the record."""
     recorded = getattr(model, "expert_identities", None)
     experts = getattr(model, "experts", None)
     if experts is None:
@@ -202,11 +203,13 @@ def record_expert_identities(model: nn.Module, identities: list[dict[str, Any]])
     model.expert_identities, model._expert_identities_stamp = identities, _weights_stamp(list(model.experts))
 
 
-def _weights_stamp(experts: list[nn.Module]) -> list[tuple[int, int]]:
-    """Each expert tensor and its version counter: a new parameter is another tensor, an in-place
-    write (``load_state_dict`` copies) bumps the version. ``.to`` keeps both for parameters, and
-    keeps the bfloat16 fingerprint too."""
-    return [(id(t), t._version) for m in experts for t in (*m.parameters(), *m.buffers())]
+def _weights_stamp(experts: list[nn.Module]) -> list[tuple[int, int, int]]:
+    """Each expert tensor, its version counter and its address: a new parameter is another tensor,
+    an in-place write (``load_state_dict`` copies) bumps the version, new data (``.data = ...``,
+    ``torch.nn.utils.vector_to_parameters``) moves the address. Writes through ``.data``
+    (``p.data.copy_(w)``) change none of them and are not seen: write to the parameter itself,
+    under ``torch.no_grad()``."""
+    return [(id(t), t._version, t.data_ptr()) for m in experts for t in (*m.parameters(), *m.buffers())]
 
 
 def check_experts(recorded: list[dict[str, Any]], actual: list[dict[str, Any]]) -> None:

@@ -250,6 +250,20 @@ def test_recorded_identities_follow_the_weights_the_experts_hold(tmp_path):
         ckpt_io.load_into(tiny_model(), saved)
 
 
+def test_recorded_identities_follow_new_data():
+    """``vector_to_parameters`` gives the parameters new data (``.data = ...``): same tensors, same
+    version counters. The record kept naming the old weights' file."""
+    model = tiny_model()
+    specs = [{"name": "vit_tiny_patch16_224", "weights": f"expert{k}.pt", "kwargs": {}} for k in range(2)]
+    ckpt_io.record_expert_identities(model, ckpt_io.expert_identities(list(model.experts), specs))
+    other = tiny_model(seeds=(3, 4))
+    params = list(model.experts[1].parameters())
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(other.experts[1].parameters()), params)
+    identities = ckpt_io.model_expert_identities(model)
+    assert [r["weights"] for r in identities] == ["expert0.pt", None]
+    assert identities[1] == ckpt_io.expert_identities([other.experts[1]], [{"name": "vit_tiny_patch16_224"}])[0]
+
+
 def test_settings_without_parameters_must_match(tmp_path):
     """top_k and the dispatch pool own no parameter: a checkpoint's names and shapes fit a model
     built with others, which computes another function. Refused, listing what differs."""
