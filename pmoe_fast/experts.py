@@ -13,6 +13,7 @@ The adapter freezes the backbone in place: ``requires_grad=False`` on every weig
 
 from __future__ import annotations
 
+import operator
 import sys
 from dataclasses import dataclass
 
@@ -76,7 +77,27 @@ def block_reason(block: nn.Module) -> str | None:
         return f"{type(block).__name__} has its own forward, not the pre-norm ViT block's"
     if not is_stock(attn, "forward", Attention, "timm.models.vision_transformer"):
         return f"its attention {type(attn).__name__} has its own forward, not timm's Attention's"
+    if not is_stock(attn.qkv, "forward", nn.Linear):
+        return f"its attention's qkv is a {type(attn.qkv).__name__}, not a Linear: its forward would not run"
     return None
+
+
+def _check_block(model: nn.Module, index: int, block: nn.Module) -> tuple:
+    """Raise a TypeError naming the problem when ``block_reason`` refuses block ``index`` of
+    ``model``; else what ``Expert.block`` compares to see it replaced: the block, its attention
+    and qkv."""
+    reason = block_reason(block)
+    if reason:
+        raise TypeError(
+            f"block {index} of {type(model).__name__} ({type(block).__name__}) is not a pre-norm ViT "
+            f"block pMoE supports: {reason}. Use timm's or pmoe_fast.vit's Block and Attention."
+        )
+    return _block_parts(block)
+
+
+def _block_parts(block: nn.Module) -> tuple:
+    attn = block._modules.get("attn")
+    return block, attn, attn._modules.get("qkv") if attn is not None else None
 
 
 class Expert:
@@ -112,13 +133,7 @@ class Expert:
                 f"the patch embedding of {type(model).__name__} is a {type(model.patch_embed).__name__}, not a "
                 "plain PatchEmbed: hybrid (CNN-stem) ViTs and other embeddings are not supported as experts"
             )
-        for i, block in enumerate(model.blocks):
-            reason = block_reason(block)
-            if reason:
-                raise TypeError(
-                    f"block {i} of {type(model).__name__} ({type(block).__name__}) is not a pre-norm ViT "
-                    f"block pMoE supports: {reason}. Use timm's or pmoe_fast.vit's Block and Attention."
-                )
+        self._checked_blocks = [_check_block(model, i, block) for i, block in enumerate(model.blocks)]
 
         model.requires_grad_(False)
         model.eval()
@@ -195,10 +210,16 @@ class Expert:
         ``rows`` returns only the outputs of x[:, rows], (B, R, D): every token is still a key and
         a value of attention, but only those rows are queries and go through the MLP. The output
         equals ``block(x)[:, rows]``; the fast model uses it for the last block, whose pooling
-        reads one token."""
+        reads one token.
+
+        A block, attention or qkv replaced since wrapping is checked as the constructor checks
+        them (``block_reason``) before it runs part by part: one that computes its own forward
+        raises a TypeError rather than be silently skipped."""
         block = self.module.blocks[index]
         if attn_scale is None and attn_backend is None and rows is None:
             return block(x)
+        if not all(map(operator.is_, _block_parts(block), self._checked_blocks[index])):
+            self._checked_blocks[index] = _check_block(self.module, index, block)
         scale = block.attn.head_dim**-0.5 if attn_scale is None else attn_scale
         h = attention(block.attn, block.norm1(x), scale, attn_backend or "sdpa", rows)
         x = x if rows is None else x[:, rows]

@@ -11,9 +11,29 @@ import sys
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention as TimmAttention
+from timm.models.vision_transformer import Block as TimmBlock
 from torch.utils._python_dispatch import TorchDispatchMode
 
 IMG = 112  # divisible by 16 (7x7 patches) and by 14 (8x8 patches)
+
+
+class OwnBlock(TimmBlock):
+    """A ViT block whose forward computes something else than its parts (what an adapter running
+    the parts would silently skip)."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return 0.5 * super().forward(x)
+
+
+class OwnAttention(TimmAttention):
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return 2.0 * super().forward(x, attn_mask, is_causal)
+
+
+class OwnLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
 
 
 def small_vit(kind: str = "p16", dim: int = 48, depth: int = 3, heads: int = 3, **kwargs):

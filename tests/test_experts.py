@@ -3,10 +3,8 @@
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import Attention as TimmAttention
-from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import ParallelScalingBlock
-from helpers import IMG, small_vit
+from helpers import IMG, OwnAttention, OwnBlock, OwnLinear, small_vit
 
 from pmoe_fast import attention as attention_backends
 from pmoe_fast import vit
@@ -14,14 +12,11 @@ from pmoe_fast.experts import Expert, attention
 from pmoe_fast.reference import PMoE
 
 
-class OwnBlock(TimmBlock):
-    def forward(self, x, attn_mask=None, is_causal=False):
-        return 0.5 * super().forward(x)
-
-
-class OwnAttention(TimmAttention):
-    def forward(self, x, attn_mask=None, is_causal=False):
-        return 2.0 * super().forward(x, attn_mask, is_causal)
+def with_own_qkv():
+    model = small_vit("p16")
+    qkv = model.blocks[1].attn.qkv
+    model.blocks[1].attn.qkv = OwnLinear(qkv.in_features, qkv.out_features)
+    return model
 
 
 def our_twin(timm_model, **kwargs):
@@ -148,11 +143,12 @@ def test_adapter_freezes_in_place():
         (lambda: small_vit("p16", block_fn=OwnBlock), "OwnBlock has its own forward, not the pre-norm ViT block's"),
         (lambda: small_vit("p16", attn_layer=OwnAttention), "its attention OwnAttention has its own forward"),
         (lambda: small_vit("p16", attn_layer="diff"), "its attention DiffAttention has its own forward"),
+        (with_own_qkv, "block 1 .* its attention's qkv is a OwnLinear, not a Linear"),
         (lambda: small_vit("p16", block_fn=ParallelScalingBlock), r"it lacks \['norm1', 'attn', 'ls1'"),
         (lambda: timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64, depth=1, num_classes=0),
          "is a HybridEmbed, not a plain PatchEmbed"),
     ],
-    ids=["linear", "no-pool", "name", "own-block", "own-attention", "diff-attention", "parallel-block", "hybrid"],
+    ids=["linear", "no-pool", "name", "own-block", "own-attention", "diff-attention", "own-qkv", "parallel-block", "hybrid"],
 )
 def test_adapter_rejects_what_it_cannot_serve(make, match):
     """Blocks and attentions that compute their own forward would be silently replaced by the

@@ -6,7 +6,7 @@ may be off by at most twice what the reference itself is off in float32, plus a 
 
 import pytest
 import torch
-from helpers import IMG, small_vit
+from helpers import IMG, OwnBlock, OwnLinear, small_vit
 
 from pmoe_fast import PMoE
 from pmoe_fast.reference import PMoE as Reference
@@ -278,6 +278,25 @@ def test_blocks_changed_so_they_cannot_batch_any_more():
             fast._restack_if_untied()  # what a forward on a GPU does first
             assert fast.execution_for("cuda") == "streams"
             assert "activations" in fast.execution_plan()["why"]
+
+
+@pytest.mark.parametrize("part", ["block", "qkv"])
+def test_a_block_that_computes_its_own_forward_swapped_in_after_building_is_refused(part):
+    """Every execution runs a block part by part with its own attention kernel: a block (or
+    qkv) with its own forward, put in after the model was built, was silently skipped per expert."""
+    x = torch.randn(1, 3, IMG, IMG)
+    for execution in ("sequential", "streams", "batched"):
+        fast = PMoE(same_arch(), **CONFIG, execution=execution)
+        old = fast.experts[1].blocks[1]
+        if part == "block":
+            new = OwnBlock(old.attn.qkv.in_features, old.attn.num_heads, qkv_bias=True).eval().requires_grad_(False)
+            new.load_state_dict(old.state_dict())
+            fast.experts[1].blocks[1] = new
+        else:
+            old.attn.qkv = OwnLinear(old.attn.qkv.in_features, old.attn.qkv.out_features).requires_grad_(False)
+        match = "OwnBlock has its own forward" if part == "block" else "qkv is a OwnLinear, not a Linear"
+        with pytest.raises((TypeError, ValueError), match=match):
+            fast(x)
 
 
 def test_a_replaced_expert_is_refused():
