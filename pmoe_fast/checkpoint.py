@@ -21,6 +21,7 @@ frozen and may be gigabytes. A tuned checkpoint therefore holds only the trainab
 | ``settings`` | what changes the model's function but owns no parameter: the dispatch pool, the MoE's top_k |
 | ``state`` | epoch, step, position in the epoch, learning-rate schedule, optimizer hyper-parameters, history |
 | ``rng`` | Python's ``random`` state and the scalar part of NumPy's |
+| ``sha256`` | of every other metadata entry and every tensor (``_checksum``): ``load`` refuses a file whose contents changed since |
 
 Files are written atomically (``save``): to a temporary file in the same directory, flushed to
 disk, then renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
@@ -391,6 +392,7 @@ def save(
     }
     if rng_values is not None:
         metadata["rng"] = json.dumps(rng_values)
+    metadata["sha256"] = _checksum(tensors, metadata)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -420,6 +422,16 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over a checkpoint's metadata entries but ``sha256`` and its tensors, by name."""
+    digest = hashlib.sha256()
+    for key in sorted(metadata.keys() - {"sha256"}):
+        digest.update(f"{key}|{len(metadata[key])}|{metadata[key]}|".encode())
+    for name in sorted(tensors):
+        _hash_tensor(digest, name, tensors[name])
+    return digest.hexdigest()
 
 
 def output_folder_problem(folder: str | os.PathLike) -> str | None:
@@ -455,6 +467,11 @@ def load(path: str | os.PathLike) -> Checkpoint:
         raise ValueError(
             f"{path} is not a pmoe_fast tuned checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r}); "
             "to load a backbone's weights use pmoe_fast.vit.load_weights"
+        )
+    if "sha256" in metadata and _checksum(tensors, metadata) != metadata["sha256"]:
+        raise ValueError(
+            f"{path} is damaged: its contents no longer match the checksum written with them (disk or copy "
+            "error, or an edit); use another copy or an earlier checkpoint of the run"
         )
     params, optimizer, rng_tensors = {}, {}, {}
     for key, tensor in tensors.items():

@@ -1,5 +1,6 @@
 """Tuned checkpoints (pmoe_fast.checkpoint): contents, atomic writes, expert identity checks."""
 
+import json
 import os
 import random
 
@@ -147,6 +148,33 @@ def test_other_files_are_refused(tmp_path):
         ckpt_io.load(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError):
         ckpt_io.load(tmp_path / "absent.safetensors")
+
+
+def test_a_damaged_checkpoint_is_refused(tmp_path):
+    """One flipped bit in a tensor, or a changed digit in the metadata, loaded silently as other
+    prompts or another run position; a file without a checksum (written before it was added)
+    still loads."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "c.safetensors"
+    ckpt_io.save(path, tiny_model(), state={"epoch": 3})
+    data = path.read_bytes()
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    tensor_bit = bytearray(data)
+    tensor_bit[-5] ^= 1
+    metadata_digit = data.replace(b'\\"epoch\\": 3', b'\\"epoch\\": 4')
+    assert metadata_digit != data and metadata_digit.index(b"epoch") < header_end
+    for damaged in (bytes(tensor_bit), metadata_digit):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match="is damaged: its contents no longer match the checksum"):
+            ckpt_io.load(path)
+    path.write_bytes(data)
+    saved = ckpt_io.load(path)
+    metadata = {"format": ckpt_io.FORMAT, "state": json.dumps(saved.state), "experts": json.dumps(saved.experts)}
+    save_file(saved.params, tmp_path / "old.safetensors", metadata=metadata)
+    assert ckpt_io.load(tmp_path / "old.safetensors").state == {"epoch": 3}
 
 
 def adamw_steps(model, groups, steps=2):
