@@ -513,10 +513,11 @@ class PMoE(ReferencePMoE):
         else:
             x = x[:, :, rows]
             R = x.shape[2]
-            q = linear(h[:, :, rows].reshape(K, B * R, D), blk.qkv, slice(0, D))
+            A = heads * hd  # the attention width, D unless the experts' attn_head_dim says otherwise
+            q = linear(h[:, :, rows].reshape(K, B * R, D), blk.qkv, slice(0, A))
             q = q.view(K * B, R, heads, hd).transpose(1, 2)
             weight_t, bias = blk.qkv
-            kv = (weight_t[:, :, D:], None if bias is None else bias[:, :, D:])
+            kv = (weight_t[:, :, A:], None if bias is None else bias[:, :, A:])
             k, v = qkv_heads(h, kv, heads, parts=2)
         R = x.shape[2]
         backend = attention_backends.resolve(self.attention, q)

@@ -331,6 +331,19 @@ def test_experts_whose_blocks_the_batched_path_cannot_run_run_per_expert():
             PMoE([timm_vit(**kwargs) for _ in range(2)], **CONFIG, execution="batched")
 
 
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_an_attention_narrower_than_the_tokens(execution):
+    """timm's attn_head_dim makes heads x head_dim (24) differ from the token width (48): the
+    batched last block, run for the class token alone, split qkv at D and crashed."""
+    from timm.models.vision_transformer import Attention
+
+    experts = same_arch(2)
+    for expert in experts:
+        for block in expert.blocks:
+            block.attn = Attention(48, num_heads=3, attn_head_dim=8, qkv_bias=True).eval().requires_grad_(False)
+    assert_matches_reference(experts, execution=execution)
+
+
 def test_one_expert_passed_twice_does_not_run_batched():
     """Each expert's weights become a row of the stacks: one module cannot be two rows (it was
     restacked on every forward)."""
