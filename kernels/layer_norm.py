@@ -191,6 +191,8 @@ def not_supported_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         )
     elif x.shape[-1] > MAX_D:
         reasons.append(f"D={x.shape[-1]} is more than {MAX_D}: a row is one tile.")
+    elif x.shape[-1] == 0:
+        reasons.append("D=0: rows without features have nothing to normalise.")
     elif weight.stride(-1) != 1 or bias.stride(-1) != 1:
         reasons.append("weight and bias need a contiguous last dimension.")
     if x.device.type != "cuda" and not (_INTERPRETED and x.device.type == "cpu"):

@@ -41,9 +41,9 @@ def _xformers_error() -> str | None:
 
 def not_supported_reasons(backend: str, q: torch.Tensor) -> list[str]:
     """Why ``backend`` cannot run attention on tensors like ``q``; empty when it can."""
-    if backend not in BACKENDS[1:]:
+    if backend not in BACKENDS:
         return [f"unknown attention backend {backend!r}; choose one of {BACKENDS}"]
-    if backend != "xformers":
+    if backend != "xformers":  # "auto" takes SDPA, which serves any tensors
         return []
     reasons = []
     if q.device.type != "cuda":
@@ -76,7 +76,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
         out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
         return out.transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    # Scaled before the product, as SDPA does: a 16-bit q k^T can overflow where the scaled one does not.
+    scores = torch.matmul(q if scale == 1.0 else q * scale, k.transpose(-2, -1))
     # Softmax in float32 at least: 16-bit scores in float32, float64 ones in float64.
     probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
     return torch.matmul(probs.to(q.dtype), v)

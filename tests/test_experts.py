@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import ParallelScalingBlock
 from helpers import IMG, OwnAttention, OwnBlock, OwnLinear, small_vit
 
@@ -72,6 +73,21 @@ def test_math_attention_keeps_float64():
     q, k, v = torch.randn(3, 2, 2, 9, 16, dtype=torch.float64)
     expected = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
     torch.testing.assert_close(attention_backends.attention(q, k, v, 0.25, "math"), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_math_attention_scales_before_the_product_in_float16():
+    """q k^T = 102400 overflows float16 (max 65504); scaled by 1/8 it does not. The written-out
+    softmax gave NaN where SDPA, which the reference runs, stays finite."""
+    q = torch.full((1, 1, 2, 64), 40.0, dtype=torch.float16)
+    v = torch.randn(1, 1, 2, 64, dtype=torch.float16)
+    expected = F.scaled_dot_product_attention(q.double(), q.double(), v.double(), scale=0.125)
+    got = attention_backends.attention(q, q, v, 0.125, "math")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_auto_attention_serves_anything():
+    assert attention_backends.not_supported_reasons("auto", torch.zeros(1, 1, 1, 8)) == []
+    assert "choose one of ('auto', 'sdpa'" in attention_backends.not_supported_reasons("flash", torch.zeros(1))[0]
 
 
 @pytest.mark.parametrize("kind", list(TWINS))

@@ -77,6 +77,7 @@ def test_reasons_name_each_problem():
     assert "float64" in " ".join(ln.not_supported_reasons(x.double(), w.detach().double(), w.detach().double()))
     wide = torch.randn(1, 1, ln.MAX_D + 1)
     assert "is more than" in " ".join(ln.not_supported_reasons(wide, torch.randn(1, ln.MAX_D + 1), torch.randn(1, ln.MAX_D + 1)))
+    assert "D=0" in " ".join(ln.not_supported_reasons(torch.randn(1, 3, 0), torch.randn(1, 0), torch.randn(1, 0)))
     with pytest.raises(ValueError, match="cannot run these inputs"):
         ln.layer_norm(x, torch.randn(3, 8), torch.randn(3, 8), 1e-6)
 
