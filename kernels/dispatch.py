@@ -1860,6 +1860,10 @@ def check_shapes(prompts, tokens, tok_start, tok_end, prompt_out) -> tuple[int, 
     _, B, T, _ = tokens.shape
     if tokens.shape[0] != K or tokens.shape[3] != D:
         raise ValueError(f"tokens must be (K={K}, B, T, D={D}), got {tuple(tokens.shape)}")
+    if Np < 1:
+        raise ValueError(f"prompts must hold at least one prompt token (Np >= 1), got shape {tuple(prompts.shape)}")
+    if B < 1:
+        raise ValueError(f"tokens must hold at least one image (B >= 1), got shape {tuple(tokens.shape)}")
     if prompt_out is not None and tuple(prompt_out.shape) != (K, B, Np, D):
         raise ValueError(f"prompt_out must be (K={K}, B={B}, Np={Np}, D={D}), got {tuple(prompt_out.shape)}")
     if len(tok_start) != K or len(tok_end) != K:
@@ -1871,7 +1875,8 @@ def check_shapes(prompts, tokens, tok_start, tok_end, prompt_out) -> tuple[int, 
 
 
 def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z) -> int:
-    """Raises ValueError for arguments that do not form the op; returns H."""
+    """Raises ValueError for arguments that do not form the op or that the kernels cannot run
+    (``triton_not_supported_reasons``: strides, dtypes, K, sizes); returns H."""
     K, _, _, _, D = check_shapes(prompts, tokens, tok_start, tok_end, prompt_out)
     H = _hidden_width(params_e)
     for name, params in (("params_e", params_e), ("params_p", params_p), ("params_z", params_z)):
@@ -1879,7 +1884,17 @@ def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, param
         got = tuple(None if p is None else tuple(p.shape) for p in params)
         if got != expected:
             raise ValueError(f"{name} must be (W1, b1, W2, b2) shaped {expected} (H={H} as params_e), got {got}")
+    raise_unsupported("the Triton dispatcher", triton_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p, params_z))
     return H
+
+
+def raise_unsupported(what: str, reasons: list[str]) -> None:
+    """Raise a ValueError listing ``reasons`` when there are any."""
+    if reasons:
+        raise ValueError(
+            f"{what} cannot run these inputs: " + " ".join(reasons)
+            + " pmoe_fast.dispatcher.Dispatcher (backend='auto') picks a backend that can."
+        )
 
 
 _TOKEN_RANGES: dict = {}

@@ -1019,6 +1019,7 @@ def _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, param
         )
     if not 1 <= top_k <= M:
         raise ValueError(f"top_k must be in [1, M={M}], got {top_k}")
+    kd.raise_unsupported("the Triton MoE dispatcher", moe_not_supported_reasons(prompts, tokens, prompt_out, params_e, params_p, params_z))
     return M, H
 
 
@@ -1048,13 +1049,20 @@ def _aux_scales(K, B, Np, tok_start, tok_end, has_prompt_out, shared, M, top_k) 
     return tuple(M / (n_f * r * r * top_k) if r else 0.0 for r in rows.values())
 
 
-def dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k, shared=None):
+def dispatch_moe_fwd(
+    prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k, shared=None, check=True
+):
     """One Triton launch and two torch ops (a sum, a dot). Returns ipt (K, B, Np, D) in the prompts'
     dtype, weights (K, B, Np, K) float32, aux_loss () float32 and coef, d aux / d gate_sum: (3, M)
     float32, or (M,) when the sources share one f (then the same for all three), and the gates
     of the rows of each source, (gates_e, gates_p or None, gates_z), for the backward. ``shared``:
-    whether the sources share one f; by default, whether they pass the very same tensors."""
-    M, H = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k)
+    whether the sources share one f; by default, whether they pass the very same tensors.
+    ``check=False`` skips validating the inputs, for a caller that has validated them already
+    (``Dispatcher``)."""
+    if check:
+        M, H = _check_args(prompts, tokens, tok_start, tok_end, prompt_out, params_e, params_p, params_z, top_k)
+    else:
+        M, H = _moe_sizes(params_e)
     K, Np, D = prompts.shape
     B, T = tokens.shape[1:3]
     device = prompts.device

@@ -638,7 +638,10 @@ def _moe_forward(prompts, tokens, tok_start, tok_end, prompt_out, params, top_k)
     backward takes: coef, gates). ``params``: the 18 tensors of sources e, p, z."""
     from pmoe_fast.kernels.dispatch_moe import dispatch_moe_fwd
 
-    return dispatch_moe_fwd(prompts, tokens, tok_start, tok_end, prompt_out, params[0:6], params[6:12], params[12:18], top_k)
+    # Dispatcher has checked the inputs (_check, and the backend's reasons): no second time.
+    return dispatch_moe_fwd(
+        prompts, tokens, tok_start, tok_end, prompt_out, params[0:6], params[6:12], params[12:18], top_k, check=False
+    )
 
 
 def _sequence_grad(grad_seq, Np: int, grad_prompt_out, grad_tokens, added: bool = False) -> torch.Tensor:

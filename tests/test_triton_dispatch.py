@@ -380,6 +380,29 @@ def test_bad_arguments_raise():
         kd.fused_dispatch(P, Z, (0, 3), (5, 3), None, params, params, params)
     with pytest.raises(ValueError, match="prompt_out"):
         kd.fused_dispatch(P, Z, (0, 0), (5, 5), Z, params, params, params)
+    with pytest.raises(ValueError, match=r"at least one image \(B >= 1\)"):
+        kd.fused_dispatch(P, Z[:, :0], (0, 0), (5, 5), None, params, params, params)
+
+
+@pytest.mark.parametrize("what", ["tokens", "weight", "bias", "K"])
+def test_the_functional_entry_refuses_what_the_kernels_cannot_run(what):
+    """The kernels read a contiguous last dimension and at most 16 experts; fused_dispatch ran
+    such inputs anyway, with ipt and every gradient wrong (Dispatcher checked, the op did not)."""
+    K = 17 if what == "K" else 2
+    P = torch.randn(K, 3, 16, device=DEVICE)
+    Z = torch.randn(K, 1, 5, 16, device=DEVICE)
+    w1, b1, w2, b2 = (p.to(DEVICE) for p in make_params(K, 16, 4, torch.float32))
+    if what == "tokens":
+        Z = torch.randn(K, 1, 5, 32, device=DEVICE)[..., ::2]
+    elif what == "weight":
+        w1 = w1.t().contiguous().t()
+    elif what == "bias":
+        b2 = torch.randn(2 * K, device=DEVICE)[::2]
+    params = (w1, b1, w2, b2)
+    match = {"tokens": "tokens has stride 2", "weight": "params_e.0. has stride 4", "bias": r"params_e.3. has stride 2",
+             "K": "K=17 experts is more than 16"}[what]
+    with pytest.raises(ValueError, match="the Triton dispatcher cannot run these inputs: .*" + match):
+        kd.fused_dispatch(P, Z, (0,) * K, (5,) * K, None, params, params, params)
 
 
 def test_small_batches_on_a_gpu_take_the_forwards_small_tiles(monkeypatch):

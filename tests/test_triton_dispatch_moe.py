@@ -345,6 +345,10 @@ def test_bad_arguments_raise():
         km.fused_dispatch_moe(P, Z, (0, 3, 0), (5, 3, 5), None, pe, pp, pz, 1)
     with pytest.raises(ValueError, match="params_p"):
         km.fused_dispatch_moe(P, Z, (0,) * 3, (5,) * 3, None, pe, pp[:4] + (pp[4][:, :2], pp[5]), pz, 1)
+    # What the kernels cannot run, which the functional entry ran with wrong results.
+    strided = torch.randn(3, 1, 5, 200)[..., ::2]
+    with pytest.raises(ValueError, match="the Triton MoE dispatcher cannot run these inputs: tokens has stride 2"):
+        km.fused_dispatch_moe(P, strided, (0,) * 3, (5,) * 3, None, pe, pp, pz, 1)
 
 
 # --- what the kernels refuse ----------------------------------------------------------------
