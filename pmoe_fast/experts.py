@@ -135,10 +135,15 @@ class Expert:
             )
         self._checked_blocks = [_check_block(model, i, block) for i, block in enumerate(model.blocks)]
 
+        pe = model.patch_embed
+        if int(pe.num_patches) < 1:
+            raise ValueError(
+                f"{type(model).__name__} has no patch token: img_size {tuple(pe.img_size)} is smaller than its patch "
+                f"size {tuple(pe.patch_size)}; build it with a larger img_size"
+            )
         model.requires_grad_(False)
         model.eval()
         self.module = model
-        pe = model.patch_embed
         self._projected, self._projection = pe.proj, patch_projection(pe)
         self.info = ExpertInfo(
             embed_dim=int(model.embed_dim),

@@ -81,19 +81,20 @@ def build_expert(name: str, img_size: int) -> torch.nn.Module:
     from . import vit
 
     with torch.device("meta"):
-        try:
+        if name in vit.MODEL_NAMES:
             return vit.create_model(name, img_size=img_size, num_classes=0)
-        except ValueError as ours:
-            try:
-                import timm
-            except ImportError:
-                raise ValueError(f"{ours}; timm is not installed to look further") from None
-            try:
-                return timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0)
-            except RuntimeError as theirs:  # timm's "Unknown model"
-                raise ValueError(f"unknown expert {name!r}: not a pmoe_fast.vit model, and timm says: {theirs}") from None
-            except TypeError as theirs:  # an architecture without img_size: not a ViT
-                raise ValueError(f"timm's {name!r} is not a ViT pMoE can use as an expert ({theirs})") from None
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"unknown expert {name!r}: not a pmoe_fast.vit model, and timm is not installed to look further") from None
+        try:
+            return timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0)
+        except RuntimeError as theirs:  # timm's "Unknown model"
+            raise ValueError(f"unknown expert {name!r}: not a pmoe_fast.vit model, and timm says: {theirs}") from None
+        except TypeError as theirs:  # an architecture without img_size: not a ViT
+            raise ValueError(f"timm's {name!r} is not a ViT pMoE can use as an expert ({theirs})") from None
+        except Exception as theirs:  # noqa: BLE001 - a hub name offline, a bad size: name the expert
+            raise ValueError(f"timm cannot build expert {name!r} ({type(theirs).__name__}: {theirs})") from None
 
 
 def _names(args: argparse.Namespace, error) -> list[str]:

@@ -476,6 +476,9 @@ _MODEL_ARGS = {
 }
 
 
+MODEL_NAMES = tuple(_MODEL_ARGS)
+
+
 def create_model(name: str, **kwargs) -> VisionTransformer:
     """Build the named architecture (randomly initialised); ``kwargs`` override its defaults."""
     if name not in _MODEL_ARGS:

@@ -15,6 +15,7 @@ from pmoe_fast.cli import main
 from pmoe_fast.memory import (
     BYTES_FORMS,
     LiveTensorTracker,
+    format_bytes,
     measure_step,
     parse_bytes,
     predict,
@@ -106,6 +107,9 @@ CASES = {
                                   dict(batch=3, num_prompts=4, checkpoint=1, execution="batched")),
     "K2-bf16-batched": ([("vit", dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2))] * 2,
                         dict(batch=2, num_prompts=2, expert_dtype=torch.bfloat16, execution="batched")),
+    # The batch cast to bfloat16 lives through the forward, the peak here (it was 8% under).
+    "K1-bf16-sequential": ([("vit", dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2))],
+                           dict(batch=8, num_prompts=10, expert_dtype=torch.bfloat16, execution="sequential")),
 }
 
 
@@ -206,9 +210,44 @@ def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * 2**30
     assert parse_bytes("24000MiB") == 24000 * 2**20
     assert parse_bytes(" 1.5 gib ") == 3 * 2**29
-    for bad in ("24", "GiB", "24 G", "-1GiB", "24 parsecs", "0GB", ""):
+    for bad in ("24", "GiB", "24 G", "-1GiB", "24 parsecs", "0GB", "", "9" * 400 + "B"):
         with pytest.raises(ValueError, match="24GiB"):
             parse_bytes(bad)
+
+
+def test_format_bytes_rounds_before_choosing_the_unit():
+    cases = {1023: "1023 B", 1536: "1.50 KiB", 10 * 2**20 - 1: "10.0 MiB", 2**30 - 1024: "1.00 GiB",
+             int(99.96 * 2**30): "100 GiB", 5 * 2**40: "5.00 TiB"}
+    assert {n: format_bytes(n) for n in cases} == cases
+
+
+def test_one_module_passed_as_two_experts_holds_its_weights_once():
+    expert = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    estimate = predict([expert, expert], batch_size=2, device="cuda")
+    assert estimate.frozen_bytes == predict([expert], batch_size=2, device="cuda").frozen_bytes
+    assert estimate.execution == "streams"  # the model does not batch one module twice
+
+
+def test_measure_step_runs_one_step_on_a_warm_optimizer():
+    """With separate MLPs layer 0's f for prompt outputs never gets a gradient, so never optimizer
+    state: the warm-up step ran on every call."""
+    model = PMoE(tiny_experts("vit", 2, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+                 num_classes=3, num_prompts=2, separate_mlps=True)
+    optimizer = torch.optim.AdamW(model.trainable_parameters())
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    measure_step(model, images, labels, optimizer)
+    steps = optimizer.state[model.prompts]["step"].item()
+    measure_step(model, images, labels, optimizer)
+    assert optimizer.state[model.prompts]["step"].item() == steps + 1
+
+
+def test_recommend_batched_looks_for_two_experts_or_more():
+    experts = base_experts(3)
+    two = predict(experts[:2], batch_size=8, checkpoint=1, expert_dtype=torch.bfloat16, execution="batched")
+    rec = recommend(experts, batch_size=8, budget_bytes=two.peak_bytes, headroom=0.0, execution="batched")
+    assert rec.num_experts == 2 and "the first 2 experts fit" in rec.message
+    with pytest.raises(ValueError, match="checkpoints must name at least one"):
+        recommend(experts, batch_size=8, budget_bytes=2**30, checkpoints=[])
 
 
 def test_plan_cli(capsys):
@@ -242,8 +281,11 @@ def test_plan_cli(capsys):
         (["--budget", "24GiB"], "name the experts"),
         (["--budget", "24GiB", "--experts", "vit_tiny_patch16_224"], "go together"),
         (["--budget", "24GiB", "--expert", "vit_tiny_patch16_224", "--dtypes", "fp8"], "--dtypes"),
+        (["--budget", "24GiB", "--expert", "vit_tiny_patch16_224", "--img-size", "8"], "smaller than patch_size"),
+        (["--budget", "24GiB", "--expert", "vit_small_patch14_reg4_dinov2", "--img-size", "8"], "has no patch token"),
     ],
-    ids=["no-unit", "nonsense", "unknown-expert", "not-a-vit", "no-experts", "experts-without-count", "bad-dtype"],
+    ids=["no-unit", "nonsense", "unknown-expert", "not-a-vit", "no-experts", "experts-without-count", "bad-dtype",
+         "ours-too-small", "timm-too-small"],
 )
 def test_plan_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
