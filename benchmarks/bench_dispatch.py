@@ -28,12 +28,14 @@ from pmoe_fast.profiling import profile_runs
 
 def moved_bytes(K: int, B: int, Np: int, T: int, D: int, H: int, elt: int, backward: bool) -> int:
     """Bytes the op must move at least: read tokens, prompts, prompt outputs and parameters once,
-    write the integrated prompts (and weights); backward also reads the tokens and output grads
-    again and writes the token, prompt-output and prompt grads."""
-    tokens, prompt_io = K * B * T * D * elt, K * B * Np * D * elt
+    write the integrated prompts (and weights); backward also reads the tokens, the prompt
+    outputs and the IPTs' gradient, and writes the token, prompt-output and prompt grads. Tokens
+    and prompt outputs have ``elt`` bytes an element; the prompts, their IPTs (in the prompts'
+    dtype) and the parameters are float32."""
+    tokens, prompt_out, ipt = K * B * T * D * elt, K * B * Np * D * elt, K * B * Np * D * 4
     params = 3 * 4 * (H * D + H + K * H + K)
-    fwd = tokens + 2 * prompt_io + K * Np * D * 4 + params + K * B * Np * K * 4
-    bwd = 2 * tokens + 3 * prompt_io + 2 * K * Np * D * 4 + 2 * params
+    fwd = tokens + prompt_out + ipt + K * Np * D * 4 + params + K * B * Np * K * 4
+    bwd = 2 * tokens + 2 * prompt_out + ipt + 2 * K * Np * D * 4 + 2 * params
     return fwd + (bwd if backward else 0)
 
 

@@ -42,7 +42,7 @@ def build(provider: str, K: int, Np: int, profile) -> torch.nn.Module:
     with torch.device(profile.device):
         experts = [vit.create_model(profile.arch, **profile.expert_kwargs()) for _ in range(K)]
         if provider.startswith("single-vit"):
-            model = experts[0].to(getattr(torch, profile.dtype)).eval()
+            model = experts[0].to(getattr(torch, profile.dtype)).eval().requires_grad_(False)  # frozen, as in pMoE
         elif provider.startswith("reference"):
             model = Reference(experts, num_classes=NUM_CLASSES, num_prompts=Np)
         else:

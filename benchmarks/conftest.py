@@ -144,6 +144,9 @@ def pytest_runtest_makereport(item, call):
         else:
             reason = str(report.longrepr).strip().splitlines()[-1]
         item.config.stash[OUTCOMES]["skipped" if report.skipped else "failed"].append({"case": case, "reason": reason})
+        fixture = getattr(item, "funcargs", {}).get("benchmark")
+        if report.failed and fixture is not None:
+            fixture.has_error = True  # timed, then failed: its numbers stay out of the JSON
     return report
 
 

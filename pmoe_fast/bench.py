@@ -98,6 +98,14 @@ class Case:
         return cls(info["bench"], info["mode"], info["K"], info["B"], info["Np"], info["provider"])
 
 
+CASE_KEYS = ("bench", "mode", "K", "B", "Np", "provider")
+# What the report reads of each record besides its case, by benchmark.
+REPORT_KEYS = {
+    "model": ("arch", "depth", "img_size", "dtype", "device_name", "threads", "torch"),
+    "dispatch": ("T", "D", "H", "dtype", "device_name", "threads", "torch"),
+}
+
+
 @dataclass(frozen=True)
 class Profile:
     """A named sweep: the experts (``arch`` at ``img_size``, ``depth`` blocks or the architecture's
@@ -267,9 +275,12 @@ def pytest_command(profile: Profile, suite: Path, json_path: Path, select: str |
 
 def suite_environment() -> dict[str, str]:
     """The environment of the pytest process: glibc keeps freed memory; Triton compiles (its
-    CPU interpreter, which the test suite turns on, is for correctness, not timings)."""
+    CPU interpreter, which the test suite turns on, is for correctness, not timings); no
+    ``PMOE_BACKEND``, which would make the "fast" provider's "auto" dispatcher another backend
+    (each backend has its own provider)."""
     env = {**os.environ, **MALLOC_SETTINGS}
     env.pop("TRITON_INTERPRET", None)
+    env.pop("PMOE_BACKEND", None)
     return env
 
 
@@ -301,17 +312,30 @@ class Row:
 def load_run(path: str | Path) -> dict:
     """A pytest-benchmark JSON file written by this suite; a ValueError names what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the run's file in it, {path / JSON_NAME}")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no benchmark file at {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path} ({e})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e}); pass a file written by pmoe-fast bench") from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ValueError(f"{path} is not a pytest-benchmark file (no 'benchmarks' list); pass a file written by pmoe-fast bench")
     for entry in data["benchmarks"]:
-        if "bench" not in entry.get("extra_info", {}):
-            raise ValueError(f"{path}: benchmark {entry.get('name')!r} was not written by the pmoe_fast suite (no extra_info['bench'])")
+        info = entry.get("extra_info") if isinstance(entry, dict) else None
+        if not isinstance(info, dict) or "bench" not in info:
+            name = entry.get("name") if isinstance(entry, dict) else entry
+            raise ValueError(f"{path}: benchmark {name!r} was not written by the pmoe_fast suite (no extra_info['bench'])")
+        if info["bench"] not in REPORT_KEYS:
+            raise ValueError(f"{path}: benchmark {entry.get('name')!r} is of an unknown kind {info['bench']!r}")
+        missing = [f"extra_info[{key!r}]" for key in (*CASE_KEYS, *REPORT_KEYS[info["bench"]]) if key not in info]
+        if not isinstance(entry.get("stats"), dict) or not isinstance(entry["stats"].get("median"), (int, float)):
+            missing.append("stats['median']")
+        if missing:
+            raise ValueError(f"{path}: benchmark {entry.get('name')!r} lacks {', '.join(missing)}; pass a file written by pmoe-fast bench")
     return data
 
 
@@ -729,6 +753,8 @@ def _fail(message: str) -> None:
 def _status_message(status: int, select: str | None) -> str:
     if status == 5:
         return f"no benchmark case matched -k {select!r}" if select else "the suite collected no case"
+    if status == 0:
+        return "every case it ran was skipped; their reasons are in pytest's output above"
     return f"pytest exited with status {status}; see its output above"
 
 
@@ -746,6 +772,8 @@ def run(args: argparse.Namespace) -> None:
         problem = output_folder_problem(out_dir)
         if problem:
             _fail(f"--output: {problem}")
+        for name in ("table.txt", *PLOT_NAMES.values()):  # an earlier run's: this one may not write them all
+            (out_dir / name).unlink(missing_ok=True)
         status = 0
         if args.input:
             new = load_run(args.input)

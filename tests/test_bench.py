@@ -152,8 +152,9 @@ def test_default_profile_is_quick_on_a_cpu_and_gpu_profile_says_there_is_no_gpu(
 
 def test_the_suite_runs_with_glibc_keeping_memory_and_without_the_triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PMOE_BACKEND", "torch")  # would make "fast" run the torch dispatcher
     env = bench.suite_environment()
-    assert "TRITON_INTERPRET" not in env
+    assert "TRITON_INTERPRET" not in env and "PMOE_BACKEND" not in env
     assert all(env[k] == v for k, v in bench.MALLOC_SETTINGS.items())
     cmd = bench.pytest_command(bench.PROFILES["quick"], ROOT / "benchmarks", Path("/tmp/x.json"), "train")
     assert "--bench-profile=quick" in cmd and "--benchmark-json=/tmp/x.json" in cmd and cmd[-2:] == ["-k", "train"]
@@ -257,6 +258,11 @@ def test_cli_compare_exits_nonzero_on_a_regression_and_zero_without(tmp_path, ca
     assert "change against" in printed and (out / "table.txt").read_text() in printed
     assert (out / "images_per_s_vs_K.png").is_file()
 
+    # A dispatcher-only run into the same folder: the earlier run's plot is removed, not left as this one's.
+    dispatch_only = write_run(tmp_path / "d.json", [entry(bench_name="dispatch", mode="fwd", provider="torch")])
+    cli_main(["bench", "--input", str(dispatch_only), "--output", str(out)])
+    assert not (out / "images_per_s_vs_K.png").exists()
+
 
 # -- argument errors ------------------------------------------------------------------------------
 
@@ -270,18 +276,30 @@ def test_cli_compare_exits_nonzero_on_a_regression_and_zero_without(tmp_path, ca
         (["--input", "{not_benchmark}"], "is not a pytest-benchmark file"),
         (["--input", "{foreign}"], "was not written by the pmoe_fast suite"),
         (["--suite", "{missing}"], "cannot find the benchmark suite.*pip install -e"),
+        (["--input", "{folder}"], "is a folder; give the run's file in it, .*benchmark.json"),
+        (["--input", "{incomplete}"], r"lacks extra_info\['K'\], extra_info\['device_name'\], stats\['median'\]"),
+        (["--input", "{null_info}"], "was not written by the pmoe_fast suite"),
     ],
-    ids=["negative-threshold", "input-with-profile", "missing-input", "not-benchmark-json", "foreign-benchmark", "no-suite"],
+    ids=["negative-threshold", "input-with-profile", "missing-input", "not-benchmark-json", "foreign-benchmark", "no-suite",
+         "folder", "incomplete-record", "null-extra-info"],
 )
 def test_argument_errors_name_the_problem(tmp_path, argv, message):
+    """A run file with a record that lacks what the report reads tracebacked (KeyError, TypeError)."""
     paths = {
         "run": write_run(tmp_path / "run.json", model_run()),
         "missing": tmp_path / "missing",
         "not_benchmark": tmp_path / "x.json",
         "foreign": tmp_path / "foreign.json",
+        "folder": tmp_path,
+        "incomplete": tmp_path / "incomplete.json",
+        "null_info": tmp_path / "null.json",
     }
     paths["not_benchmark"].write_text('{"a": 1}')
     paths["foreign"].write_text(json.dumps({"benchmarks": [{"name": "test_x", "extra_info": {}, "stats": {"median": 1}}]}))
+    incomplete = entry()
+    del incomplete["extra_info"]["K"], incomplete["extra_info"]["device_name"], incomplete["stats"]["median"]
+    write_run(paths["incomplete"], [incomplete])
+    write_run(paths["null_info"], [{**entry(), "extra_info": None}])
     argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in argv]
     with pytest.raises(SystemExit) as exc:
         bench.main([*argv, "--output", str(tmp_path / "out")])
@@ -326,6 +344,8 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert {(i["bench"], i["provider"]) for i in infos} == {
         ("model", "reference"), ("model", "fast"), ("model", "single-vit"), ("dispatch", "torch"), ("dispatch", "cpp")}
     assert {i["mode"] for i in infos if i["provider"] == "single-vit"} == {"infer"}
+    single = next(i for i in infos if i["provider"] == "single-vit")
+    assert single["frozen_bytes"] > 0 and single["trainable_bytes"] == 0  # its weights are frozen, as in pMoE
     assert "single-vit: a frozen expert alone has nothing to train" in table
     for info in infos:
         assert info["images_per_s"] > 0 and info["peak_memory_bytes"] > 0 and info["torch"] == torch.__version__
@@ -339,6 +359,27 @@ def test_smoke_profile_end_to_end(tmp_path):
     for name in bench.PLOT_NAMES.values():
         with Image.open(out / name) as im:
             assert im.format == "PNG"
+
+
+@pytest.mark.slow
+def test_a_case_that_fails_after_timing_is_reported_as_failed(tmp_path):
+    """Its numbers went into the JSON without the record's extra_info, and the report refused the
+    whole run."""
+    (tmp_path / "fail_after_timing.py").write_text(
+        "import sys\n"
+        "def pytest_collection_finish(session):\n"
+        "    module = sys.modules['bench_model']\n"
+        "    def measure_step(model, *args, **kwargs):\n"
+        "        raise RuntimeError('injected after timing')\n"
+        "    module.measure_step = measure_step\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path), "PYTEST_ADDOPTS": "-p fail_after_timing"}
+    proc = subprocess.run([sys.executable, "-m", "pmoe_fast.bench", "--profile", "smoke", "--output", str(tmp_path / "out"),
+                           "-k", "infer and K1 and (reference or single)"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "2 benchmark case(s) failed" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RuntimeError: injected after timing" in (tmp_path / "out" / "table.txt").read_text()
+    assert json.loads((tmp_path / "out" / bench.JSON_NAME).read_text())["benchmarks"] == []
 
 
 @pytest.mark.parametrize("mode", ["step", "infer"])
