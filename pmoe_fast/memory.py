@@ -40,6 +40,9 @@ token rows of width D, MLP width F, h heads, in the experts' dtype (e bytes):
 | fc1 output | GELU (QuickGELU keeps two) | R F e |
 | means and inverse deviations of both norms | norm1, norm2 | 4 R (e on a CPU, 4 on CUDA) |
 
+(Where timm's ``attn_head_dim`` makes heads x head_dim differ from D, that width replaces D in qkv
+and the attention output.)
+
 In a last block run for the class token alone, the input, norm1's statistics and the keys and
 values (one (R, 2D) tensor, replacing qkv) cover every row, the rest the class token's rows only.
 The linear layers keep nothing of their own: their weights are frozen, so autograd keeps only
@@ -365,6 +368,7 @@ class _Description:
     depth: int  # L
     mlp_hidden: tuple[int, ...]  # F of each expert
     heads: tuple[int, ...]  # h of each expert
+    attn_dim: tuple[int, ...]  # heads x head_dim of each expert: D, unless timm's attn_head_dim says otherwise
     tokens: tuple[int, ...]  # T_k = Q_k + N_k
     prefix: tuple[int, ...]  # Q_k
     image_numel: int  # C x H x W of one image
@@ -443,6 +447,7 @@ def _describe(experts: Sequence[nn.Module], num_prompts, num_classes, prompt_lay
         depth=infos[0].depth,
         mlp_hidden=tuple(m.blocks[0].mlp.fc1.out_features for m in copies),
         heads=tuple(i.num_heads for i in infos),
+        attn_dim=tuple(m.blocks[0].attn.num_heads * m.blocks[0].attn.head_dim for m in copies),
         tokens=tuple(i.num_prefix_tokens + i.num_patches for i in infos),
         prefix=tuple(i.num_prefix_tokens for i in infos),
         image_numel=infos[0].in_chans * infos[0].img_size[0] * infos[0].img_size[1],
@@ -612,12 +617,13 @@ def _block_saved(s: _Setup, layer: int) -> dict:
     saved = _block_input(s, layer)
     for g, ks in s.groups():
         rows, queries = _rows(s, ks, layer, queries=False), _rows(s, ks, layer)
-        lse = sum(s.batch * d.heads[k] * s.lse_rows(_seq_rows(s, k, layer), d.dim // d.heads[k]) for k in ks)
+        A = d.attn_dim[ks[0]]  # one architecture in a group
+        lse = sum(s.batch * d.heads[k] * s.lse_rows(_seq_rows(s, k, layer), A // d.heads[k]) for k in ks)
         if rows == queries:
-            width = {"qkv": (rows, 3 * d.dim)}
+            width = {"qkv": (rows, 3 * A)}
         else:
-            width = {"q": (queries, d.dim), "kv": (rows, 2 * d.dim)}
-        width.update(attn_out=(queries, d.dim), residual=(queries, d.dim))
+            width = {"q": (queries, A), "kv": (rows, 2 * A)}
+        width.update(attn_out=(queries, A), residual=(queries, d.dim))
         for name, (r, w) in width.items():
             saved[(name, layer, g)] = s.size(r * w, e)
         saved[("lse", layer, g)] = s.size(lse, 4)

@@ -137,6 +137,27 @@ def test_predict_matches_measured_peak(name):
     assert abs(error) <= CPU_TOLERANCE, f"predicted {estimate.peak_bytes} vs measured {profile.peak_bytes} ({error:+.1%})"
 
 
+def test_predict_covers_an_attention_wider_than_the_tokens():
+    """timm's attn_head_dim: heads x head_dim = 96 for D = 48, so qkv and the attention output are
+    twice as wide as the tokens (the model counted them at D: 11% under)."""
+    from timm.models.vision_transformer import Attention
+
+    def experts(meta):
+        with torch.device("meta" if meta else "cpu"):
+            out = [small_vit("p16", img_size=64) for _ in range(2)]
+            for expert in out:
+                for block in expert.blocks:
+                    block.attn = Attention(48, num_heads=3, attn_head_dim=32, qkv_bias=True)
+        return out
+
+    config = dict(num_classes=5, num_prompts=4, execution="sequential")
+    estimate = predict(experts(meta=True), batch_size=4, device="cpu", **config)
+    torch.manual_seed(0)
+    profile = measure_step(PMoE(experts(meta=False), **config), torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,)))
+    error = (estimate.peak_bytes - profile.peak_bytes) / profile.peak_bytes
+    assert abs(error) <= CPU_TOLERANCE, f"predicted {estimate.peak_bytes} vs measured {profile.peak_bytes} ({error:+.1%})"
+
+
 def base_experts(k=2):
     with torch.device("meta"):
         return [vit.create_model("vit_base_patch16_224", num_classes=0) for _ in range(k)]
