@@ -36,12 +36,15 @@ def checkpoint(tmp_path_factory):
 
 
 def with_config(source, path, **changes):
-    """A copy of checkpoint ``source`` at ``path`` whose recorded configuration has ``changes``."""
+    """A copy of checkpoint ``source`` at ``path`` whose recorded configuration has ``changes``,
+    without a checksum (as files written before checkpoints carried one): an edited checkpoint
+    with its old checksum is refused as damaged."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     with safe_open(source, framework="pt") as f:
         metadata = f.metadata()
+    del metadata["sha256"]
     config = {**json.loads(metadata["config"]), **changes}
     save_file(load_file(source), path, metadata={**metadata, "config": json.dumps(config)})
     return path
