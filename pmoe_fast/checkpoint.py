@@ -471,7 +471,8 @@ def load(path: str | os.PathLike) -> Checkpoint:
     if "sha256" in metadata and _checksum(tensors, metadata) != metadata["sha256"]:
         raise ValueError(
             f"{path} is damaged: its contents no longer match the checksum written with them (disk or copy "
-            "error, or an edit); use another copy or an earlier checkpoint of the run"
+            "error, or an edit); use another copy or an earlier checkpoint of the run (a deliberate edit: write "
+            "the file without its 'sha256' metadata entry)"
         )
     params, optimizer, rng_tensors = {}, {}, {}
     for key, tensor in tensors.items():
