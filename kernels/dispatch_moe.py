@@ -132,9 +132,8 @@ def dispatch_moe_reference(
             outs = torch.einsum("rmh,mkh->rmk", x, w2) + b2
         else:
             outs = torch.einsum("rd,mkd->rmk", x, w2) + b2
-        picked = outs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outs.shape[-1]))
         stats.setdefault(id(rw), RoutingStats()).add(gates, chosen)
-        return mix_chosen(top, picked)
+        return mix_chosen(top, chosen, outs)
 
     K, Np, D = prompts.shape
     B = tokens.shape[1]

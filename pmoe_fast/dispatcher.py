@@ -119,10 +119,12 @@ def top_k_gates(gates: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Te
     return gates.gather(-1, chosen), chosen
 
 
-def mix_chosen(top_gates: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    """sum_j top_gates[:, j] * picked[:, j] -> (R, K), for the chosen MLPs' gates (R, top_k) and
-    outputs (R, top_k, K). A chosen MLP whose gate underflowed to 0 adds nothing, not even when its
-    output overflowed (0 x inf would be NaN), and gets no gradient, as in the Triton kernel."""
+def mix_chosen(top_gates: torch.Tensor, chosen: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
+    """sum_j top_gates[:, j] * outs[:, chosen[:, j]] -> (R, K), for the chosen MLPs' gates and
+    indices (R, top_k) (``top_k_gates``) and every MLP's outputs (R, M, K). A chosen MLP whose gate
+    underflowed to 0 adds nothing, not even when its output overflowed (0 x inf would be NaN), and
+    gets no gradient, as in the Triton kernel."""
+    picked = outs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outs.shape[-1]))  # (R, top_k, K)
     picked = torch.where(top_gates.unsqueeze(-1) > 0, picked, 0)
     return (top_gates.unsqueeze(-1) * picked).sum(1)
 
@@ -471,9 +473,8 @@ class Dispatcher(nn.Module):
         gates = torch.softmax(owner.router(x), dim=-1)  # (R, M)
         top_gates, chosen = top_k_gates(gates, self.top_k)  # (R, top_k), no renormalisation
         outs = owner.experts(x)  # (R, M, K)
-        picked = outs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outs.shape[-1]))  # (R, top_k, K)
         stats.setdefault(source if self.separate_mlps else "shared", RoutingStats()).add(gates, chosen)
-        return mix_chosen(top_gates, picked)
+        return mix_chosen(top_gates, chosen, outs)
 
     def _aux_loss(self, stats: dict[str, RoutingStats]) -> torch.Tensor:
         """The layer's load-balancing loss: one per f over every row it routed, averaged over f's."""
